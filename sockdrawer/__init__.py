@@ -1,0 +1,25 @@
+"""
+sockdrawer: push live events from a backend to browsers over WebSockets,
+with Redis as the broker.
+
+Importing this package (and :mod:`sockdrawer.client`) does not import
+Twisted; the server lives in :mod:`sockdrawer.service`.
+"""
+
+from ._channels import ChannelNameError
+from .client import Client, PublishError
+from .subscriber import BROKER, SOCKET, Source, Subscriber, on
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BROKER",
+    "SOCKET",
+    "ChannelNameError",
+    "Client",
+    "PublishError",
+    "Source",
+    "Subscriber",
+    "on",
+    "__version__",
+]

@@ -1,0 +1,148 @@
+"""
+The internal HTTP API: ``POST /publish/<channel>`` publishes the request body
+through the service's broker; ``GET /health`` reports the service's state.
+
+It listens on loopback by default; with an API key, every request must carry
+``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from ._channels import ChannelNameError, channel_from_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .service import SockDrawerService
+
+_log = Logger(namespace="sockdrawer.api")
+
+_PUBLISH_PREFIX = b"/publish/"
+
+
+class _BoundedRequest(Request):
+    """A request that keeps at most ``max_body`` bytes of its body."""
+
+    max_body = 1024 * 1024
+    body_too_large = False
+    _body_seen = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_seen += len(data)
+        if self._body_seen > self.max_body:
+            self.body_too_large = True
+            return
+        super().handleContentChunk(data)
+
+
+def _respond(request: Request, code: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8") + b"\n"
+
+
+class ApiResource(Resource):
+    """The API's root resource; every path is handled here."""
+
+    isLeaf = True
+
+    def __init__(self, service: SockDrawerService) -> None:
+        super().__init__()
+        self._service = service
+        key = service.settings.api_key
+        self._expected = f"Bearer {key}".encode() if key else None
+
+    def _authorized(self, request: Request) -> bool:
+        if self._expected is None:
+            return True
+        given = request.getHeader(b"authorization") or b""
+        return hmac.compare_digest(given, self._expected)
+
+    def render(self, request: Request) -> Any:
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="sockdrawer"')
+            return _respond(request, 401, {"error": "missing or wrong API key"})
+        path = request.path
+        if path == b"/health":
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                return _respond(request, 405, {"error": "use GET"})
+            return self._health(request)
+        if path.startswith(_PUBLISH_PREFIX) or path == _PUBLISH_PREFIX[:-1]:
+            if request.method != b"POST":
+                request.setHeader(b"allow", b"POST")
+                return _respond(request, 405, {"error": "use POST"})
+            return self._publish(request)
+        return _respond(request, 404, {"error": "not found; use POST /publish/<channel>"})
+
+    def _health(self, request: Request) -> bytes:
+        state = self._service.state()
+        return _respond(request, 200 if state["broker_connected"] else 503, state)
+
+    def _publish(self, request: Request) -> Any:
+        if getattr(request, "body_too_large", False):
+            limit = self._service.settings.max_publish_size
+            return _respond(request, 413, {"error": f"body over the limit of {limit} bytes"})
+        raw_channel = request.path[len(_PUBLISH_PREFIX) - 1 :] or b"/"
+        try:
+            key = channel_from_path(
+                raw_channel.decode("ascii", "replace"), self._service.settings.max_channel_length
+            )
+        except ChannelNameError as e:
+            return _respond(request, 400, {"error": f"bad channel: {e}"})
+        assert request.content is not None
+        request.content.seek(0)
+        body = request.content.read()
+        d = self._service.publish_key(key, body)
+        finished = []
+        request.notifyFinish().addErrback(lambda f: finished.append(True))
+
+        def done(count: int) -> None:
+            if not finished:
+                request.write(
+                    _respond(request, 200, {"channel": key.decode("utf-8"), "subscribers": count})
+                )
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.warn(
+                "publish on {channel!r} failed: {error}",
+                channel=key,
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
+            if not finished:
+                request.write(
+                    _respond(
+                        request,
+                        503,
+                        {"error": "broker unavailable", "broker": self._service.broker.description},
+                    )
+                )
+                request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+
+class ApiSite(Site):
+    """
+    The API's site: request bodies bounded by ``max_body``, no access log
+    (publishers may call it thousands of times a second; failures are logged).
+    """
+
+    def __init__(self, resource: Resource, max_body: int) -> None:
+        request_factory = type("BoundedRequest", (_BoundedRequest,), {"max_body": max_body})
+        super().__init__(resource, requestFactory=request_factory)
+        self.displayTracebacks = False
+        self.noisy = False
+
+    def log(self, request: Request) -> None:
+        pass

@@ -1,0 +1,165 @@
+"""
+The synchronous publisher, for code that does not run Twisted (Django, Flask,
+Celery, scripts)::
+
+    from sockdrawer import Client
+
+    Client().pub("new model!", channel="model_created")
+
+It publishes on Redis (redis-py), or through a sockdrawer node's HTTP API
+when that node runs on its embedded broker.  Importing this module does not
+import Twisted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from ._channels import DEFAULT_NAMESPACE, Namespace, validate_channel
+
+DEFAULT_URL = "redis://localhost:6379/0"
+#: Read when no ``url`` is given.
+URL_ENV = "SOCKDRAWER_URL"
+
+
+class PublishError(Exception):
+    """Publishing failed: the broker is unreachable, refused, or timed out."""
+
+
+class _Publisher(Protocol):
+    def publish(self, channel: Any, message: Any) -> Any: ...
+
+
+class Client:
+    """
+    Publishes messages to sockdrawer channels.
+
+    :param url: ``redis://``, ``rediss://`` or ``unix://`` for Redis;
+        ``http://`` or ``https://`` for a sockdrawer node's API (e.g.
+        ``http://127.0.0.1:8021``).  Default: ``$SOCKDRAWER_URL``, else
+        ``redis://localhost:6379/0``.
+    :param name: the channel namespace, as the server's ``--name``.
+    :param logger: a :class:`logging.Logger`; messages are logged (channel and
+        size, never the body) at DEBUG.
+    :param redis: any object with a ``publish(channel, message)`` method, used
+        instead of ``url`` (as the Ruby client took ``redis:``).
+    :param api_key: the API key, for an HTTP API started with ``--api-key``.
+    :param timeout: seconds to connect and to wait for an answer.
+    :param max_channel_length: the server's ``--max-channel-length``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        name: str = DEFAULT_NAMESPACE,
+        logger: logging.Logger | None = None,
+        redis: _Publisher | None = None,
+        api_key: str | None = None,
+        timeout: float = 5.0,
+        max_channel_length: int = 256,
+    ) -> None:
+        self._namespace = Namespace(name)
+        self._log = logger if logger is not None else logging.getLogger("sockdrawer.client")
+        self._timeout = timeout
+        self._api_key = api_key
+        self._max_channel_length = max_channel_length
+        self._http: str | None = None
+        self._redis: _Publisher | None = None
+        self._owns_redis = False
+        if redis is not None:
+            if url is not None:
+                raise ValueError("give either url or redis, not both")
+            self._redis = redis
+            self.url = f"<{type(redis).__name__}>"
+            return
+        url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+        self.url = url
+        scheme = url.split(":", 1)[0].lower()
+        if scheme in ("http", "https"):
+            self._http = url.rstrip("/")
+        elif scheme in ("redis", "rediss", "unix"):
+            import redis as redis_py
+
+            self._redis = redis_py.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+            self._owns_redis = True
+        else:
+            raise ValueError("url must start with redis://, rediss://, unix://, http:// or https://")
+
+    def pub(self, message: str | bytes, channel: str = "") -> int:
+        """
+        Publish ``message`` on ``channel``.
+
+        :param message: ``str`` (sent as UTF-8, a text frame) or ``bytes``
+            (a binary frame unless it is valid UTF-8).
+        :param channel: the channel without namespace: ``"news"`` reaches
+            sockets on ``/news``; ``""`` (the default) the root ``/``.
+        :return: what the broker reports: for Redis, the number of subscribed
+            sockdrawer nodes; for the HTTP API, the count it answers.
+        :raises ValueError: for a bad channel name or message type.
+        :raises PublishError: when the message could not be published.
+        """
+        key = validate_channel(channel, self._max_channel_length)
+        if isinstance(message, str):
+            payload = message.encode("utf-8")
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            payload = bytes(message)
+        else:
+            raise ValueError(f"message must be str or bytes, not {type(message).__name__}")
+        self._log.debug("publishing %d bytes on channel %r", len(payload), channel)
+        if self._http is not None:
+            return self._pub_http(channel, payload)
+        assert self._redis is not None
+        redis_channel = self._namespace.redis_channel(key)
+        try:
+            result = self._redis.publish(redis_channel, payload)
+        except Exception as e:
+            raise PublishError(f"could not publish on {self._where()}: {type(e).__name__}: {e}") from e
+        return int(result) if result is not None else 0
+
+    def _pub_http(self, channel: str, payload: bytes) -> int:
+        url = f"{self._http}/publish/{quote(channel, safe='/')}"
+        request = urllib.request.Request(url, data=payload, method="POST")
+        request.add_header("Content-Type", "application/octet-stream")
+        if self._api_key:
+            request.add_header("Authorization", f"Bearer {self._api_key}")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                body = json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                reason = json.loads(e.read()).get("error", e.reason)
+            except Exception:
+                reason = e.reason
+            raise PublishError(f"{self._where()} refused the message: HTTP {e.code}: {reason}") from e
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise PublishError(f"could not publish on {self._where()}: {e}") from e
+        return int(body.get("subscribers", 0))
+
+    def _where(self) -> str:
+        if self._http is not None:
+            return self._http
+        if "@" in self.url:
+            scheme, _, rest = self.url.partition("://")
+            return f"{scheme}://***@{rest.rpartition('@')[2]}"
+        return self.url
+
+    def close(self) -> None:
+        """Close the Redis connections this client opened (not a ``redis=`` object)."""
+        if self._owns_redis:
+            close = getattr(self._redis, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

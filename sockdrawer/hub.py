@@ -1,0 +1,127 @@
+"""
+The default channel hub: plain, Deferred-free fan-out lists per channel.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .interfaces import Batch, IBroker, IChannelHub, ISink
+
+_Receive = Callable[[Batch], None]
+
+
+@implementer(IChannelHub)
+class MemoryChannelHub:
+    """
+    Keeps sinks per channel in memory and hands each batch to them in the
+    calling thread (the reactor's).
+
+    Membership is an insertion-ordered ``dict`` per channel, so a mass
+    disconnect removes each socket in constant time; the fan-out itself runs
+    over a tuple of the sinks' ``receive`` methods, built when membership
+    changes and reused for every message until it changes again.
+
+    :ivar messages: messages handed to :meth:`deliver` for a channel with sinks.
+    :ivar deliveries: messages times sinks, fanned out so far.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self._sinks: dict[bytes, dict[ISink, None]] = {}
+        self._fanout: dict[bytes, tuple[_Receive, ...]] = {}
+        self._held = 0
+        self._pending: dict[bytes, list[bytes]] = {}
+        self.messages = 0
+        self.deliveries = 0
+
+    def subscribe(self, key: bytes, sink: ISink) -> None:
+        sinks = self._sinks.get(key)
+        if sinks is None:
+            sinks = self._sinks[key] = {}
+        if sink not in sinks:
+            sinks[sink] = None
+            self._fanout.pop(key, None)
+
+    def unsubscribe(self, key: bytes, sink: ISink) -> None:
+        sinks = self._sinks.get(key)
+        if sinks is None or sink not in sinks:
+            return
+        del sinks[sink]
+        self._fanout.pop(key, None)
+        if not sinks:
+            del self._sinks[key]
+
+    def deliver(self, key: bytes, message: bytes) -> int:
+        sinks = self._sinks.get(key)
+        if sinks is None:
+            return 0
+        self.messages += 1
+        if self._held:
+            pending = self._pending.get(key)
+            if pending is None:
+                self._pending[key] = [message]
+            else:
+                pending.append(message)
+        else:
+            self._fan_out(key, [message])
+        return len(sinks)
+
+    def hold(self) -> None:
+        self._held += 1
+
+    def release(self) -> None:
+        if self._held <= 0:
+            raise RuntimeError("release() without hold()")
+        self._held -= 1
+        if self._held == 0 and self._pending:
+            pending, self._pending = self._pending, {}
+            for key, messages in pending.items():
+                self._fan_out(key, messages)
+
+    def subscribers(self, key: bytes) -> int:
+        sinks = self._sinks.get(key)
+        return 0 if sinks is None else len(sinks)
+
+    def channels(self) -> list[bytes]:
+        return list(self._sinks)
+
+    def _fan_out(self, key: bytes, messages: list[bytes]) -> None:
+        fanout = self._fanout.get(key)
+        if fanout is None:
+            sinks = self._sinks.get(key)
+            if not sinks:
+                return
+            fanout = self._fanout[key] = tuple(sink.receive for sink in sinks)
+        batch = Batch(key, messages)
+        self.deliveries += len(fanout) * len(messages)
+        for receive in fanout:
+            try:
+                receive(batch)
+            except Exception:
+                self._log.failure("sink {sink!r} failed on channel {channel!r}",
+                                  sink=receive, channel=key)
+
+
+@implementer(IBroker)
+class EmbeddedBroker:
+    """
+    The in-process broker used when no Redis is configured: publishing
+    delivers straight to this process's hub.  One process only.
+    """
+
+    description = "embedded"
+
+    def __init__(self, hub: IChannelHub) -> None:
+        self._hub = hub
+
+    def publish(self, key: bytes, message: bytes) -> Deferred[int]:
+        return succeed(self._hub.deliver(key, message))
+
+    def is_connected(self) -> bool:
+        return True

@@ -1,0 +1,140 @@
+"""
+The interfaces that sockdrawer's parts meet through.
+
+The Redis side and the WebSocket side never import each other: the Redis
+subscriber hands messages to an :class:`IChannelHub`, and the hub hands them
+to the :class:`ISink` objects (sockets, listeners) subscribed to a channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+
+class Batch:
+    """
+    The messages for one channel that arrived together, in publish order.
+
+    One batch object is given to every sink on the channel, so work that is
+    the same for all of them (framing the messages for the wire) is done once
+    and kept in :attr:`encoded` by the first sink that needs it.
+
+    :ivar key: the channel key the messages were published on.
+    :ivar messages: the payloads, as bytes, in publish order.
+    :ivar encoded: a cache for the wire encoding of all messages, ``None``
+        until a sink fills it.  All sinks that read it encode the same way.
+    """
+
+    __slots__ = ("key", "messages", "encoded")
+
+    def __init__(self, key: bytes, messages: list[bytes]) -> None:
+        self.key = key
+        self.messages = messages
+        self.encoded: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.key!r} messages={len(self.messages)}>"
+
+
+class ISink(Interface):
+    """
+    Something that receives the messages of the channels it subscribed to: a
+    WebSocket connection, or a listener.
+    """
+
+    def receive(batch: Batch) -> None:
+        """
+        Take the messages of one batch.
+
+        Called in the reactor thread, while the hub is fanning out: it must not
+        block, and it should not raise (the hub logs and carries on if it
+        does).  The sink must not keep ``batch`` beyond the call.
+        """
+
+
+class IChannelHub(Interface):
+    """
+    Keeps, for each channel key, the sinks subscribed to it, and fans messages
+    out to them.
+
+    Channel keys are UTF-8 :class:`bytes` as returned by
+    :func:`sockdrawer._channels.channel_from_path`; the root channel is
+    ``b""``.  A hub does no I/O of its own and holds no Deferreds.
+    """
+
+    def subscribe(key: bytes, sink: ISink) -> None:
+        """
+        Add ``sink`` to the channel ``key``.  Subscribing a sink that is
+        already subscribed to that channel changes nothing (it still receives
+        each message once).  A sink may be subscribed to several channels.
+        """
+
+    def unsubscribe(key: bytes, sink: ISink) -> None:
+        """
+        Remove ``sink`` from the channel ``key``.  An unknown channel or a sink
+        that is not subscribed is ignored.  When the last sink leaves a
+        channel, the hub forgets the channel: it is no longer in
+        :meth:`channels`.
+        """
+
+    def deliver(key: bytes, message: bytes) -> int:
+        """
+        Give ``message`` to every sink subscribed to ``key`` at the moment of
+        the call, in the order of calls.  While the hub is held (see
+        :meth:`hold`), messages are collected and delivered at the matching
+        :meth:`release`, all messages of one channel in one :class:`Batch`.
+
+        :return: the number of sinks the message is for; ``0`` for a channel
+            without sinks, whose message is dropped.
+        """
+
+    def hold() -> None:
+        """
+        Start collecting delivered messages instead of fanning each out at
+        once.  Calls nest; delivery happens when the outermost hold is
+        released.
+        """
+
+    def release() -> None:
+        """
+        End one :meth:`hold`.  At the outermost release, fan out everything
+        collected since the hold: per channel, one batch with its messages in
+        order.  Channels are flushed in the order their first message came.
+        """
+
+    def subscribers(key: bytes) -> int:
+        """
+        :return: the number of sinks subscribed to ``key``; ``0`` for an
+            unknown channel.
+        """
+
+    def channels() -> list[bytes]:
+        """
+        :return: the keys of the channels that have at least one sink.
+        """
+
+
+class IBroker(Interface):
+    """
+    Where messages are published so that every sockdrawer node gets them:
+    Redis, or the embedded in-process broker.
+    """
+
+    description = Attribute("A short text for logs and health checks, e.g. 'redis://host:6379'.")
+
+    def publish(key: bytes, message: bytes) -> Any:
+        """
+        Publish ``message`` on channel ``key``.
+
+        :return: a Deferred that fires with what the broker reports (for
+            Redis, the number of sockdrawer nodes subscribed; for the embedded
+            broker, the number of local sinks), or fails when the broker cannot
+            take the message.
+        """
+
+    def is_connected() -> bool:
+        """
+        :return: whether messages published now are expected to be delivered.
+        """

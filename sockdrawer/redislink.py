@@ -1,0 +1,356 @@
+"""
+The Redis side: one pattern subscription per node, kept alive by Twisted's
+:class:`~twisted.application.internet.ClientService`, feeding the hub; and a
+second connection for publishing.
+
+Payloads stay :class:`bytes` end to end (``charset=None``,
+``convertNumbers=False``), and hiredis parses when it is installed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._channels import Namespace
+from .interfaces import IBroker, IChannelHub
+
+_log = Logger(namespace="sockdrawer.redis")
+
+HIREDIS = txredisapi.RedisProtocol is txredisapi.HiredisProtocol
+
+_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """
+    A parsed ``redis://``, ``rediss://`` or ``unix://`` URL.
+
+    Accepted forms (as redis-py accepts them)::
+
+        redis://[[username]:password@]host[:port][/db]
+        rediss://[[username]:password@]host[:port][/db][?ssl_ca_certs=/path/ca.pem]
+        unix://[[username]:password@]/path/to/redis.sock[?db=0&password=...]
+
+    The database number is accepted and checked, and has no effect: Redis
+    pub/sub channels are the same in every database.
+    """
+
+    scheme: str
+    host: str = "localhost"
+    port: int = 6379
+    path: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl_ca_certs: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisURL:
+        """
+        :raises ValueError: with a one-line reason.
+        """
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"bad Redis URL: {e}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("Redis URL must start with redis://, rediss:// or unix://")
+        query = parse_qs(parts.query)
+
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else one("password")
+        db_text = one("db")
+        if scheme == "unix":
+            if not parts.path:
+                raise ValueError("unix:// Redis URL needs a socket path, e.g. unix:///run/redis.sock")
+            host, path = "", unquote(parts.path)
+            port = 0
+        else:
+            if not parts.hostname:
+                raise ValueError("Redis URL has no host")
+            host, path = parts.hostname, ""
+            port = 6379 if port is None else port
+            dbpath = parts.path.lstrip("/")
+            if dbpath:
+                db_text = dbpath
+        db = 0
+        if db_text is not None:
+            if not db_text.isdigit():
+                raise ValueError("Redis database number must be a non-negative integer")
+            db = int(db_text)
+        ca = one("ssl_ca_certs")
+        if ca is not None and scheme != "rediss":
+            raise ValueError("ssl_ca_certs is only for rediss:// URLs")
+        return cls(scheme, host, port, path, db, username, password, ca)
+
+    def endpoint(self, reactor: Any, timeout: float = 5.0) -> IStreamClientEndpoint:
+        """The client endpoint that connects to this Redis server."""
+        if self.scheme == "unix":
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
+        tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+        if self.scheme == "redis":
+            return tcp
+        if self.ssl_ca_certs:
+            with open(self.ssl_ca_certs, "rb") as f:
+                pems = _PEM.findall(f.read())
+            if not pems:
+                raise ValueError(f"no PEM certificate in {self.ssl_ca_certs}")
+            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
+        else:
+            trust = ssl.platformTrust()
+        options = ssl.optionsForClientTLS(self.host, trustRoot=trust)
+        return wrapClientTLS(options, tcp)
+
+    def __str__(self) -> str:
+        """The URL without its password, for logs."""
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        return f"{self.scheme}://{self.host}:{self.port}/{self.db}"
+
+
+class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """
+    A txredisapi subscriber that PSUBSCRIBEs to the namespace as soon as the
+    connection is ready (after AUTH), and hands every message to the hub.
+
+    Everything parsed from one read of the socket is delivered inside one
+    :meth:`IChannelHub.hold`, so the hub can send each socket the messages of
+    one read in one write.
+    """
+
+    hub: IChannelHub
+    namespace: Namespace
+    link: RedisLink | None = None
+    max_message_size: int = 0
+
+    def connectionMade(self) -> Any:
+        d = super().connectionMade()
+        self.whenConnected().addCallback(self._subscribe)
+        return d
+
+    def _subscribe(self, _: object) -> Deferred[Any]:
+        d: Deferred[Any] = self.psubscribe([self.namespace.pattern])
+        d.addCallback(self._subscribed)
+        d.addErrback(self._subscribe_failed)
+        return d
+
+    def _subscribed(self, reply: Any) -> None:
+        if self.link is not None:
+            self.link._subscribed(self)
+
+    def _subscribe_failed(self, failure: Failure) -> None:
+        _log.failure("PSUBSCRIBE failed; dropping the Redis link to retry", failure)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        hub = self.hub
+        hub.hold()
+        try:
+            super().dataReceived(data, unpause)
+        finally:
+            hub.release()
+
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        key = self.namespace.key_from_redis(channel)
+        if key is None:
+            return
+        if self.max_message_size and len(message) > self.max_message_size:
+            _log.warn(
+                "dropped a {size}-byte message on {channel!r}: over the limit of {limit} bytes",
+                size=len(message),
+                channel=key,
+                limit=self.max_message_size,
+            )
+            return
+        self.hub.deliver(key, message)
+
+    def connectionLost(self, why: Failure = connectionDone) -> None:
+        super().connectionLost(why)
+        if self.link is not None:
+            self.link._lost(self, why)
+
+
+class _LinkFactoryMixin:
+    link: RedisLink
+
+    def connectionError(self, why: str) -> None:
+        # txredisapi reports AUTH and SELECT failures here; the connection is
+        # then closed and ClientService retries with backoff.
+        _log.error("Redis link to {url}: {why}", url=str(self.link.url), why=why)
+
+
+class _SubscriberFactory(_LinkFactoryMixin, txredisapi.SubscriberFactory):  # type: ignore[misc]
+    protocol = RedisSubscriberProtocol
+
+    def __init__(self, link: RedisLink) -> None:
+        super().__init__()
+        self.link = link
+        _configure(self, link)
+
+    def buildProtocol(self, addr: Any) -> RedisSubscriberProtocol:
+        p: RedisSubscriberProtocol = super().buildProtocol(addr)
+        p.hub = self.link.hub
+        p.namespace = self.link.namespace
+        p.link = self.link
+        p.max_message_size = self.link.max_message_size
+        return p
+
+
+class _PublisherFactory(_LinkFactoryMixin, txredisapi.RedisFactory):  # type: ignore[misc]
+    def __init__(self, link: RedisLink) -> None:
+        super().__init__(None, None, 1)
+        self.link = link
+        _configure(self, link)
+
+
+def _configure(factory: Any, link: RedisLink) -> None:
+    factory.charset = None
+    factory.convertNumbers = False
+    factory.password = link.url.password
+    factory.username = link.url.username
+    factory.replyTimeout = link.timeout
+    # SubscriberFactory/RedisFactory report the first AUTH failure through
+    # this Deferred; the link logs it instead.
+    factory.deferred.addErrback(lambda f: None)
+
+
+@implementer(IBroker)
+class RedisLink(MultiService):
+    """
+    The Redis broker: subscribes the hub to ``<namespace>/*`` and publishes
+    through a second connection.
+
+    Both connections are kept by a :class:`ClientService` with capped
+    exponential backoff, and pinged every ``ping_interval`` seconds so that a
+    link silently dropped by a NAT or load balancer is noticed within
+    ``ping_interval + timeout`` seconds.  A new subscriber connection
+    re-issues PSUBSCRIBE, so sockets stay connected through an outage and get
+    the messages published after it.
+
+    :param url: where Redis is.
+    :param namespace: the channel namespace.
+    :param hub: where messages go.
+    :param reactor: the reactor; the global one when ``None``.
+    :param timeout: seconds to connect, and to wait for any reply.
+    :param ping_interval: seconds between liveness PINGs.
+    :param retry_max_delay: the longest wait between reconnection attempts.
+    :param max_message_size: messages larger than this are dropped (logged).
+    """
+
+    def __init__(
+        self,
+        url: RedisURL,
+        namespace: Namespace,
+        hub: IChannelHub,
+        reactor: Any = None,
+        timeout: float = 5.0,
+        ping_interval: float = 30.0,
+        retry_max_delay: float = 30.0,
+        max_message_size: int = 1024 * 1024,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.url = url
+        self.namespace = namespace
+        self.hub = hub
+        self.timeout = timeout
+        self.max_message_size = max_message_size
+        self.description = str(url)
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self._subscribed_once = False
+        self.subscriber: RedisSubscriberProtocol | None = None
+        endpoint = url.endpoint(reactor, timeout)
+        policy = backoffPolicy(initialDelay=0.5, maxDelay=retry_max_delay, factor=2.0)
+        self._sub = ClientService(endpoint, _SubscriberFactory(self), retryPolicy=policy, clock=reactor)
+        self._sub.setServiceParent(self)
+        self._pub = ClientService(endpoint, _PublisherFactory(self), retryPolicy=policy, clock=reactor)
+        self._pub.setServiceParent(self)
+        self._ping = LoopingCall(self._send_pings)
+        self._ping.clock = reactor
+        self._ping_interval = ping_interval
+        if not HIREDIS:
+            _log.warn("hiredis is not installed: Redis parsing is several times slower")
+
+    def startService(self) -> None:
+        _log.info("connecting to Redis at {url}", url=self.description)
+        super().startService()
+        if self._ping_interval > 0:
+            self._ping.start(self._ping_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        if self._ping.running:
+            self._ping.stop()
+        d: Deferred[None] = super().stopService()
+        return d
+
+    # -- IBroker
+
+    def is_connected(self) -> bool:
+        return self.subscriber is not None
+
+    def publish(self, key: bytes, message: bytes) -> Deferred[int]:
+        channel = self.namespace.redis_channel(key)
+        d: Deferred[Any] = self._pub.whenConnected(failAfterFailures=1)
+        d.addCallback(lambda p: p.whenConnected())
+        d.addCallback(lambda p: p.publish(channel, message))
+        d.addTimeout(self.timeout, self._clock)
+        return d
+
+    # -- link state, called by the protocol
+
+    def _subscribed(self, protocol: RedisSubscriberProtocol) -> None:
+        self.subscriber = protocol
+        again = "re" if self._subscribed_once else ""
+        self._subscribed_once = True
+        _log.info(
+            "{again}subscribed to {pattern} on Redis at {url}",
+            again=again,
+            pattern=self.namespace.pattern.decode("utf-8"),
+            url=self.description,
+        )
+
+    def _lost(self, protocol: RedisSubscriberProtocol, why: Failure) -> None:
+        if self.subscriber is protocol:
+            self.subscriber = None
+            if self.running:
+                _log.warn(
+                    "lost the Redis link to {url} ({reason}); reconnecting",
+                    url=self.description,
+                    reason=why.getErrorMessage(),
+                )
+
+    def _send_pings(self) -> None:
+        for service in (self._sub, self._pub):
+            d = service.whenConnected(failAfterFailures=1)
+            d.addCallback(lambda p: p.ping() if p.connected else None)
+            # A timed-out PING aborts the connection (txredisapi), which makes
+            # ClientService reconnect; nothing else to do here.
+            d.addErrback(lambda f: None)

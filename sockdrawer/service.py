@@ -1,0 +1,271 @@
+"""
+The one place that wires the hub, the broker (Redis or embedded), the
+listeners, the WebSocket server and the HTTP API into a service.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._channels import Namespace, validate_channel
+from .api import ApiResource, ApiSite
+from .config import Settings, endpoint_string
+from .hub import EmbeddedBroker, MemoryChannelHub
+from .interfaces import IBroker, IChannelHub
+from .listeners import ListenerRegistry
+from .redislink import RedisLink, RedisURL
+from .websocket import SockDrawerServerFactory
+
+_log = Logger(namespace="sockdrawer")
+
+
+class ListeningService(Service):
+    """
+    Listens on a server endpoint while running.
+
+    Unlike ``StreamServerEndpointService`` it keeps the listening port
+    reachable (:meth:`when_listening`), and a listen failure raises from
+    :meth:`startService` when it happens synchronously (as for TCP), so
+    ``twistd`` stops with the error instead of running without its port.
+
+    :param description: a server endpoint string.
+    :param factory: the protocol factory.
+    :param reactor: the reactor; resolved at start when ``None``.
+    """
+
+    port: IListeningPort | None = None
+
+    def __init__(self, description: str, factory: IProtocolFactory, reactor: Any = None) -> None:
+        self.description = description
+        self.factory = factory
+        self._reactor = reactor
+        self._listening: Deferred[IListeningPort] | None = None
+        self._waiters: list[Deferred[IListeningPort]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        endpoint = serverFromString(reactor, self.description)
+        d = endpoint.listen(self.factory)
+        failures: list[Failure] = []
+        d.addCallbacks(self._listened, failures.append)
+        if failures:
+            failures[0].raiseException()
+        self._listening = d
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(port)
+        return port
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        """A Deferred that fires with the listening port."""
+        if self.port is not None:
+            return defer.succeed(self.port)
+        d: Deferred[IListeningPort] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            yield port.stopListening()
+
+
+class WebSocketService(ListeningService):
+    """
+    The WebSocket listener, with a graceful stop: stop accepting, send every
+    open socket close code 1001, wait up to ``shutdown_timeout`` seconds for
+    them to close, then drop the rest.
+    """
+
+    factory: SockDrawerServerFactory
+
+    def __init__(self, description: str, factory: SockDrawerServerFactory,
+                 shutdown_timeout: float, reactor: Any = None) -> None:
+        super().__init__(description, factory, reactor)
+        self.shutdown_timeout = shutdown_timeout
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        try:
+            yield super().stopService()
+            connections = list(self.factory.connections)
+            if not connections:
+                return
+            _log.info("closing {count} sockets", count=len(connections))
+            all_closed = self.factory.when_all_closed()
+            for proto in connections:
+                proto.close_going_away()
+            all_closed.addTimeout(self.shutdown_timeout, self.factory.clock)
+            try:
+                yield all_closed
+            except defer.TimeoutError:
+                pass
+            for proto in list(self.factory.connections):
+                proto.dropConnection(abort=True)
+        except Exception:
+            _log.failure("error while closing sockets")
+
+
+class SockDrawerService(MultiService):
+    """
+    A complete sockdrawer node, ready to be added to a Twisted application::
+
+        from sockdrawer.service import SockDrawerService
+
+        svc = SockDrawerService(port="tcp:8020", redis="redis://localhost:6379/0")
+        svc.setServiceParent(application)
+        ...
+        svc.publish("hello", channel="news")   # through the broker, to every node
+
+    :param settings: a :class:`Settings`; keyword arguments override its fields.
+    :param reactor: the reactor to use; the global one when ``None``.
+    :raises ValueError: for a bad setting.
+
+    :ivar hub: the :class:`IChannelHub` sockets and listeners subscribe to.
+    :ivar broker: the :class:`IBroker` (Redis link or embedded broker).
+    :ivar factory: the WebSocket server factory.
+    :ivar listeners: the :class:`ListenerRegistry` with listener instances.
+    """
+
+    def __init__(self, settings: Settings | None = None, reactor: Any = None, **overrides: Any) -> None:
+        super().__init__()
+        settings = (settings or Settings()).replace(**overrides) if overrides else (settings or Settings())
+        self.settings = settings.validate()
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.namespace = Namespace(settings.name)
+        self.hub: IChannelHub = MemoryChannelHub()
+        self.listeners = ListenerRegistry(settings.listeners)
+        self.broker: IBroker
+        if settings.redis:
+            link = RedisLink(
+                RedisURL.parse(settings.redis),
+                self.namespace,
+                self.hub,
+                reactor=reactor,
+                timeout=settings.redis_timeout,
+                ping_interval=settings.redis_ping_interval,
+                retry_max_delay=settings.redis_retry_max,
+                max_message_size=settings.max_publish_size,
+            )
+            link.setServiceParent(self)
+            self.broker = link
+        else:
+            self.broker = EmbeddedBroker(self.hub)
+        self.factory = SockDrawerServerFactory(
+            self.hub,
+            self.listeners.dispatch if self.listeners.channels() else None,
+            clock=reactor,
+            max_message_size=settings.max_message_size,
+            max_channel_length=settings.max_channel_length,
+            max_handshake_size=settings.max_handshake_size,
+            max_connections=settings.max_connections,
+            open_handshake_timeout=settings.open_handshake_timeout,
+            close_handshake_timeout=settings.close_handshake_timeout,
+            auto_ping_interval=settings.auto_ping_interval,
+            auto_ping_timeout=settings.auto_ping_timeout,
+            send_buffer=settings.send_buffer,
+            slow_timeout=settings.slow_timeout,
+            allowed_origins=settings.allowed_origins,
+            trust_x_forwarded_for=settings.trust_x_forwarded_for,
+        )
+        self.websocket = WebSocketService(
+            endpoint_string(settings.port), self.factory, settings.shutdown_timeout, reactor
+        )
+        self.websocket.setServiceParent(self)
+        self.api: ListeningService | None = None
+        if settings.api_enabled:
+            assert settings.api is not None
+            site = ApiSite(ApiResource(self), settings.max_publish_size)
+            self.api = ListeningService(endpoint_string(settings.api), site, reactor)
+            self.api.setServiceParent(self)
+
+    def startService(self) -> None:
+        self.listeners.attach(self.hub, self.publish)
+        _log.info(
+            "sockdrawer starting: WebSocket on {port}, API on {api}, broker {broker}, namespace {name!r}, "
+            "{count} listener(s)",
+            port=self.websocket.description,
+            api=self.api.description if self.api else "off",
+            broker=self.broker.description,
+            name=self.namespace.name,
+            count=len(self.listeners.instances),
+        )
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield super().stopService()
+        self.listeners.detach(self.hub)
+
+    def publish(self, message: str | bytes, channel: str = "") -> Deferred[int]:
+        """
+        Publish ``message`` on ``channel`` through the broker: with Redis,
+        every node's sockets get it; with the embedded broker, this node's.
+
+        :param message: ``str`` (sent as UTF-8) or ``bytes``.
+        :param channel: the channel, without namespace; ``""`` is the root.
+        :return: a Deferred firing with what the broker reports, or failing
+            with :class:`ValueError` for a bad channel or an oversized message.
+        """
+        try:
+            key = validate_channel(channel, self.settings.max_channel_length)
+        except ValueError as e:
+            return defer.fail(e)
+        if isinstance(message, str):
+            message = message.encode("utf-8")
+        elif not isinstance(message, bytes):
+            return defer.fail(TypeError("message must be str or bytes"))
+        return self.publish_key(key, message)
+
+    def publish_key(self, key: bytes, message: bytes) -> Deferred[int]:
+        """:meth:`publish` for an already validated channel key."""
+        if len(message) > self.settings.max_publish_size:
+            return defer.fail(
+                ValueError(f"message over the limit of {self.settings.max_publish_size} bytes")
+            )
+        d: Deferred[int] = defer.maybeDeferred(self.broker.publish, key, message)
+        return d
+
+    @defer.inlineCallbacks
+    def when_listening(self) -> Any:
+        """
+        A Deferred firing with ``{"websocket": port, "api": port or None}``
+        once both are listening (useful with ``tcp:0``).
+        """
+        ws = yield self.websocket.when_listening()
+        api = (yield self.api.when_listening()) if self.api is not None else None
+        return {"websocket": ws, "api": api}
+
+    def state(self) -> dict[str, Any]:
+        """What ``GET /health`` reports."""
+        hub = self.hub
+        return {
+            "status": "ok" if self.broker.is_connected() else "degraded",
+            "broker": self.broker.description,
+            "broker_connected": self.broker.is_connected(),
+            "sockets": len(self.factory.connections),
+            "channels": len(hub.channels()),
+        }
+
+
+def makeService(settings: Settings | None = None, reactor: Any = None, **overrides: Any) -> SockDrawerService:
+    """Build a :class:`SockDrawerService`; see its parameters."""
+    return SockDrawerService(settings, reactor, **overrides)

@@ -1,0 +1,293 @@
+"""
+The WebSocket side: an Autobahn server whose sockets subscribe to the hub by
+their path, receive the hub's batches as ready-made frames, and pass the
+frames browsers send to the listeners.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ._channels import DEFAULT_MAX_CHANNEL_LENGTH, ChannelNameError, channel_from_path
+from .interfaces import Batch, IChannelHub, ISink
+from .subscriber import SOCKET, Source
+
+#: Called with each frame a browser sends: returns one Deferred per handler,
+#: each firing with the reply to send back (or ``None``).
+FrameHandler = Callable[[Source, "str | bytes"], Sequence[Deferred[Any]]]
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+
+
+def encode_frame(message: bytes) -> bytes:
+    """
+    One unmasked, unfragmented server frame for ``message``: a text frame
+    when it is valid UTF-8, a binary frame otherwise.  Payload bytes are
+    unchanged.
+    """
+    try:
+        message.decode("utf-8")
+        binary = False
+    except UnicodeDecodeError:
+        binary = True
+    frame: bytes = PreparedMessage(message, binary, False, True).payloadHybi
+    return frame
+
+
+def encode_batch(messages: Sequence[bytes]) -> bytes:
+    """The frames of ``messages``, in order, joined for one write."""
+    if len(messages) == 1:
+        return encode_frame(messages[0])
+    return b"".join([encode_frame(m) for m in messages])
+
+
+@implementer(ISink, IPushProducer)
+class SockDrawerServerProtocol(WebSocketServerProtocol):
+    """
+    One browser connection on one channel.
+
+    It is its own push producer: when Twisted's write buffer for the socket
+    is over its high-water mark the socket is *paused*; messages keep being
+    queued in order, and a socket that stays paused for ``slow_timeout``
+    seconds, or queues more than ``send_buffer`` bytes while paused, is cut
+    off with close code 1008.
+    """
+
+    # Autobahn calls transport.setTcpNoDelay(self.tcpNoDelay) before copying
+    # the factory's options, so the option must exist on the class
+    # (STACK-NOTES 2.3).  A push service wants each event on the wire at once.
+    tcpNoDelay = True
+
+    factory: SockDrawerServerFactory
+    _log = Logger()
+
+    key: bytes | None = None
+    source: Source | None = None
+    _paused = False
+    _paused_bytes = 0
+    _slow_timer: IDelayedCall | None = None
+
+    # -- Twisted
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connections[self] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        # autobahn's own dataReceived formats a debug line per read; skip it.
+        if self.state == self.STATE_CONNECTING:
+            limit = self.factory.max_handshake_size
+            if len(self.data) + len(data) > limit:
+                self.data = b""
+                self.failHandshake("Request Header Fields Too Large", 431)
+                return
+        self._dataReceived(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._leave()
+        super().connectionLost(reason)
+        self.factory._forget(self)
+
+    # -- Autobahn
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        try:
+            key = channel_from_path(request.path, self.factory.max_channel_length)
+        except ChannelNameError as e:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
+        self.key = key
+        return None
+
+    def onOpen(self) -> None:
+        key = self.key
+        assert key is not None
+        self.source = Source(SOCKET, key.decode("utf-8"), self.peer)
+        self.transport.registerProducer(self, True)
+        self.factory.hub.subscribe(key, self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        handler = self.factory.frame_handler
+        if handler is None or self.source is None:
+            return
+        message: str | bytes = payload if isBinary else payload.decode("utf-8")
+        for d in handler(self.source, message):
+            d.addCallback(self._reply)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._leave()
+
+    # -- ISink
+
+    def receive(self, batch: Batch) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        data = batch.encoded
+        if data is None:
+            data = batch.encoded = encode_batch(batch.messages)
+        self.transport.write(data)
+        if self._paused:
+            self._paused_bytes += len(data)
+            if self._paused_bytes > self.factory.send_buffer:
+                self._cut_off("queued too much")
+
+    # -- IPushProducer
+
+    def pauseProducing(self) -> None:
+        # Twisted calls this on every write while over the buffer's mark.
+        if self._paused:
+            return
+        self._paused = True
+        self._paused_bytes = 0
+        timeout = self.factory.slow_timeout
+        if timeout > 0:
+            self._slow_timer = self.factory.clock.callLater(timeout, self._cut_off, "stayed paused")
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._paused_bytes = 0
+        self._cancel_slow_timer()
+
+    def stopProducing(self) -> None:
+        self._cancel_slow_timer()
+
+    # -- own
+
+    def close_going_away(self) -> None:
+        """Start a clean close with code 1001, as at server shutdown."""
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
+        elif self.state == self.STATE_CONNECTING:
+            self.dropConnection(abort=True)
+
+    def _cut_off(self, why: str) -> None:
+        self._slow_timer = None
+        if self.state != self.STATE_OPEN:
+            return
+        self._log.info(
+            "cutting off a slow reader on {channel!r} from {peer}: {why}",
+            channel=self.key,
+            peer=self.peer,
+            why=why,
+        )
+        self.factory.slow_cut_offs += 1
+        self._leave()
+        self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow reader", isReply=False)
+        if not self.closeHandshakeTimeout:
+            self.dropConnection(abort=True)
+
+    def _cancel_slow_timer(self) -> None:
+        timer, self._slow_timer = self._slow_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _leave(self) -> None:
+        self._cancel_slow_timer()
+        if self.source is not None and self.key is not None:
+            self.factory.hub.unsubscribe(self.key, self)
+            self.source = None
+
+    def _reply(self, result: Any) -> None:
+        if result is None or self.state != self.STATE_OPEN:
+            return
+        if isinstance(result, str):
+            self.sendMessage(result.encode("utf-8"), isBinary=False)
+        elif isinstance(result, (bytes, bytearray, memoryview)):
+            self.sendMessage(bytes(result), isBinary=True)
+        elif isinstance(result, (dict, list)):
+            self.sendMessage(json.dumps(result).encode("utf-8"), isBinary=False)
+        else:
+            self._log.error(
+                "listener reply on {channel!r} has type {type}; return str, bytes, dict, list or None",
+                channel=self.key,
+                type=type(result).__name__,
+            )
+
+    def __repr__(self) -> str:
+        return f"<SockDrawerServerProtocol {self.key!r} {self.peer}>"
+
+
+class SockDrawerServerFactory(WebSocketServerFactory):
+    """
+    Builds :class:`SockDrawerServerProtocol` connections with safe, finite
+    options: no status page (no open redirect), no ``Server`` header, size
+    limits on incoming frames and messages, handshake timeouts, auto-ping.
+
+    :param hub: where sockets subscribe.
+    :param frame_handler: gets the frames browsers send; ``None`` ignores them.
+    :param clock: the reactor, for the slow-reader timer.
+    """
+
+    protocol = SockDrawerServerProtocol
+
+    def __init__(
+        self,
+        hub: IChannelHub,
+        frame_handler: FrameHandler | None = None,
+        *,
+        clock: Any = None,
+        max_message_size: int = 64 * 1024,
+        max_channel_length: int = DEFAULT_MAX_CHANNEL_LENGTH,
+        max_handshake_size: int = 16 * 1024,
+        max_connections: int = 50_000,
+        open_handshake_timeout: float = 5.0,
+        close_handshake_timeout: float = 1.0,
+        auto_ping_interval: float = 25.0,
+        auto_ping_timeout: float = 10.0,
+        send_buffer: int = 1024 * 1024,
+        slow_timeout: float = 10.0,
+        allowed_origins: Sequence[str] = ("*",),
+        trust_x_forwarded_for: int = 0,
+    ) -> None:
+        super().__init__(server="")
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.hub = hub
+        self.frame_handler = frame_handler
+        self.clock = clock
+        self.max_channel_length = max_channel_length
+        self.max_handshake_size = max_handshake_size
+        self.send_buffer = send_buffer
+        self.slow_timeout = slow_timeout
+        self.connections: dict[SockDrawerServerProtocol, None] = {}
+        self.slow_cut_offs = 0
+        self._empty_waiters: list[Deferred[None]] = []
+        self.setProtocolOptions(
+            webStatus=False,
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            maxConnections=max_connections,
+            openHandshakeTimeout=open_handshake_timeout,
+            closeHandshakeTimeout=close_handshake_timeout,
+            autoPingInterval=auto_ping_interval,
+            autoPingTimeout=auto_ping_timeout,
+            allowedOrigins=list(allowed_origins),
+            allowNullOrigin="*" in allowed_origins,
+            trustXForwardedFor=trust_x_forwarded_for,
+            tcpNoDelay=True,
+        )
+
+    def when_all_closed(self) -> Deferred[None]:
+        """A Deferred that fires once no connection is left."""
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._empty_waiters.append(d)
+        return d
+
+    def _forget(self, proto: SockDrawerServerProtocol) -> None:
+        self.connections.pop(proto, None)
+        if not self.connections and self._empty_waiters:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for d in waiters:
+                d.callback(None)
