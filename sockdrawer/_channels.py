@@ -91,6 +91,8 @@ def channel_from_path(path: str, max_length: int = DEFAULT_MAX_CHANNEL_LENGTH) -
         channel = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise ChannelNameError("path is not valid UTF-8") from None
+    if channel.startswith("/"):
+        raise ChannelNameError("empty segment in channel name")
     return validate_channel(channel, max_length)
 
 

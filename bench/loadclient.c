@@ -1,0 +1,657 @@
+/*
+ * loadclient: a WebSocket load client for the sockdrawer benchmark.
+ *
+ * Opens N WebSocket connections to one server (raw HTTP upgrade, no
+ * library), spread over channel paths "/<prefix><c>", then only reads.  It
+ * parses server frames from one large read buffer (one read() per readable
+ * socket, no per-frame syscall), answers pings with masked pongs and close
+ * frames with a masked close, and checks each data frame's payload, written
+ * by bench/publisher.c:
+ *
+ *     "SSSS QQQQQQQQQQQQ TTTTTTTTTTTTTTTT CCCCCCCC " + padding
+ *      step  per-channel   CLOCK_MONOTONIC  channel
+ *            sequence      ns at publish    index      (all lowercase hex)
+ *
+ * Per connection it tracks the next expected sequence number of the current
+ * step and a 64-message window behind it, counting losses (gaps),
+ * duplicates and late (reordered) frames.  Latency (now - publish time,
+ * read once per read() call) goes into a log-scale histogram with 16
+ * sub-buckets per power of two (at most 6% wide).
+ *
+ * Output: JSON lines on stdout.  One "connected" line when every connection
+ * is open or has failed, then one line per command read on stdin:
+ *     r   report the counters since the last "r" and reset them
+ *     p   peek: cumulative frame count only (cheap, no reset)
+ *     q   final report, close everything, exit (also on EOF, SIGTERM, SIGINT)
+ *
+ * Build: gcc -O2 -o loadclient loadclient.c      (libc only)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define RBUF_SIZE (1 << 20)
+#define HIST_N 1024
+#define MAX_EVENTS 1024
+#define HDR_LEN 44
+#define MAX_ATTEMPTS 5
+#define HS_BUF 2048
+
+enum { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_CLOSED, ST_FAILED };
+
+typedef struct {
+    int fd;
+    uint8_t state;
+    uint8_t attempts;
+    uint8_t in_frag;       /* inside a fragmented data message */
+    uint32_t chan;         /* channel index */
+    uint32_t step;         /* publisher step of the sequence being tracked */
+    uint64_t next;         /* next expected sequence number */
+    uint64_t win;          /* bit i: seq next-1-i was received */
+    uint64_t t_start;      /* ns, connect() of the current attempt */
+    uint64_t step_frames;  /* data frames since the last report */
+    uint32_t left_len, left_cap;
+    unsigned char *left;   /* unparsed tail (handshake or partial frame) */
+} conn_t;
+
+typedef struct {
+    uint64_t frames, bytes, lost, dup, late, wrong_chan, bad_payload, fragments;
+    uint64_t pings, closes, reads;
+    uint64_t lat_min, lat_max, lat_sum;
+    uint64_t hist[HIST_N];
+} stats_t;
+
+static conn_t *conns;
+static int nconns;
+static const char *host = "127.0.0.1";
+static int port;
+static uint32_t offset, nchannels = 1;
+static const char *prefix = "bench";
+static int concurrency = 64;
+static double max_seconds = 3600;
+static int client_id;
+static int epfd;
+static unsigned char *rbuf;
+static stats_t st, tot;  /* per step, cumulative */
+static volatile sig_atomic_t stop_flag;
+static uint64_t t_begin, t_connected;
+static int n_open, n_failed, n_closed, in_flight, next_to_start;
+static uint64_t hs_hist[HIST_N];
+static uint64_t hs_max;
+static int fail_status[6];  /* 0 refused/reset, 1 timeout, 2 http non-101, 3 other */
+static char last_http_status[64];
+static uint32_t mask_seed = 0x9e3779b9u;
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static double cpu_seconds(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+}
+
+static inline int hist_index(uint64_t v) {
+    if (v < 16) return (int)v;
+    int msb = 63 - __builtin_clzll(v);
+    return (msb - 3) * 16 + (int)((v >> (msb - 4)) & 15);
+}
+
+static inline uint64_t hist_low(int idx) {
+    if (idx < 16) return (uint64_t)idx;
+    int msb = idx / 16 + 3, sub = idx % 16;
+    return (uint64_t)(16 + sub) << (msb - 4);
+}
+
+static uint64_t hist_quantile(const uint64_t *h, double q) {
+    uint64_t total = 0;
+    for (int i = 0; i < HIST_N; i++) total += h[i];
+    if (!total) return 0;
+    uint64_t want = (uint64_t)(q * (double)total);
+    if (want >= total) want = total - 1;
+    uint64_t acc = 0;
+    for (int i = 0; i < HIST_N; i++) {
+        acc += h[i];
+        if (acc > want) return (hist_low(i) + hist_low(i + 1)) / 2;
+    }
+    return 0;
+}
+
+static inline uint64_t hexn(const unsigned char *p, int n, int *bad) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) {
+        unsigned c = p[i];
+        unsigned d;
+        if (c - '0' < 10) d = c - '0';
+        else if ((c | 0x20) - 'a' < 6) d = (c | 0x20) - 'a' + 10;
+        else { *bad = 1; d = 0; }
+        v = (v << 4) | d;
+    }
+    return v;
+}
+
+static void ep_mod(conn_t *c, uint32_t events) {
+    struct epoll_event ev = {.events = events, .data.u32 = (uint32_t)(c - conns)};
+    epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static void conn_close(conn_t *c, int new_state) {
+    if (c->fd >= 0) {
+        epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+    }
+    free(c->left);
+    c->left = NULL;
+    c->left_len = c->left_cap = 0;
+    if (c->state == ST_OPEN) n_open--;
+    c->state = (uint8_t)new_state;
+}
+
+static void start_connect(conn_t *c);
+
+static void handshake_failed(conn_t *c, int why) {
+    int was_hs = (c->state == ST_CONNECTING || c->state == ST_HANDSHAKE);
+    conn_close(c, ST_IDLE);
+    if (was_hs) in_flight--;
+    if (why != 2 && c->attempts < MAX_ATTEMPTS) {
+        start_connect(c);
+        return;
+    }
+    fail_status[why]++;
+    c->state = ST_FAILED;
+    n_failed++;
+}
+
+static void start_connect(conn_t *c) {
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, host, &sa.sin_addr);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        perror("socket");
+        fail_status[3]++;
+        c->state = ST_FAILED;
+        n_failed++;
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    c->attempts++;
+    c->t_start = now_ns();
+    c->state = ST_CONNECTING;
+    in_flight++;
+    struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)(c - conns)};
+    epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) {
+        handshake_failed(c, 0);
+    }
+}
+
+static void start_more(void) {
+    while (in_flight < concurrency && next_to_start < nconns) {
+        start_connect(&conns[next_to_start++]);
+    }
+}
+
+static void send_handshake(conn_t *c) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err) {
+        handshake_failed(c, 0);
+        return;
+    }
+    char req[512];
+    int n = snprintf(req, sizeof req,
+                     "GET /%s%u HTTP/1.1\r\n"
+                     "Host: %s:%d\r\n"
+                     "Upgrade: websocket\r\n"
+                     "Connection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n",
+                     prefix, c->chan, host, port);
+    ssize_t w = write(c->fd, req, (size_t)n);
+    if (w != n) {
+        handshake_failed(c, 0);
+        return;
+    }
+    c->state = ST_HANDSHAKE;
+    ep_mod(c, EPOLLIN);
+}
+
+/* Send a small masked control frame (pong/close); best effort. */
+static void send_control(conn_t *c, int opcode, const unsigned char *payload, size_t len) {
+    unsigned char f[2 + 4 + 125];
+    if (len > 125) len = 125;
+    f[0] = (unsigned char)(0x80 | opcode);
+    f[1] = (unsigned char)(0x80 | len);
+    mask_seed = mask_seed * 1664525u + 1013904223u;
+    memcpy(f + 2, &mask_seed, 4);
+    for (size_t i = 0; i < len; i++) f[6 + i] = payload[i] ^ f[2 + (i & 3)];
+    ssize_t w = write(c->fd, f, 6 + len);
+    (void)w;
+}
+
+static inline void count_data(conn_t *c, const unsigned char *p, uint64_t len, uint64_t now) {
+    st.frames++;
+    st.bytes += len;
+    c->step_frames++;
+    if (len < HDR_LEN || p[4] != ' ' || p[17] != ' ' || p[34] != ' ' || p[43] != ' ') {
+        st.bad_payload++;
+        return;
+    }
+    int bad = 0;
+    uint32_t step = (uint32_t)hexn(p, 4, &bad);
+    uint64_t seq = hexn(p + 5, 12, &bad);
+    uint64_t ts = hexn(p + 18, 16, &bad);
+    uint32_t chan = (uint32_t)hexn(p + 35, 8, &bad);
+    if (bad) {
+        st.bad_payload++;
+        return;
+    }
+    if (chan != c->chan) st.wrong_chan++;
+    uint64_t lat = now > ts ? now - ts : 0;
+    st.hist[hist_index(lat)]++;
+    st.lat_sum += lat;
+    if (lat > st.lat_max) st.lat_max = lat;
+    if (lat < st.lat_min) st.lat_min = lat;
+    if (step != c->step) {
+        if (step < c->step) {  /* a frame of an older step */
+            st.late++;
+            return;
+        }
+        c->step = step;
+        c->next = 0;
+        c->win = 0;
+    }
+    if (seq == c->next) {
+        c->win = (c->win << 1) | 1;
+        c->next++;
+    } else if (seq > c->next) {
+        uint64_t gap = seq - c->next;
+        st.lost += gap;
+        c->win = gap + 1 >= 64 ? 1 : ((c->win << (gap + 1)) | 1);
+        c->next = seq + 1;
+    } else {
+        uint64_t d = c->next - 1 - seq;
+        if (d < 64 && (c->win >> d) & 1) {
+            st.dup++;
+        } else {
+            if (d < 64) c->win |= 1ull << d;
+            st.late++;
+            if (st.lost) st.lost--;  /* it was counted as a gap */
+        }
+    }
+}
+
+/* Parse frames in buf[0..len); keep the incomplete tail in c->left. */
+static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now) {
+    size_t pos = 0;
+    while (len - pos >= 2) {
+        unsigned char b0 = buf[pos], b1 = buf[pos + 1];
+        size_t hl = 2;
+        uint64_t plen = b1 & 0x7f;
+        if (plen == 126) {
+            if (len - pos < 4) break;
+            plen = ((uint64_t)buf[pos + 2] << 8) | buf[pos + 3];
+            hl = 4;
+        } else if (plen == 127) {
+            if (len - pos < 10) break;
+            plen = 0;
+            for (int i = 0; i < 8; i++) plen = (plen << 8) | buf[pos + 2 + i];
+            hl = 10;
+        }
+        int masked = b1 & 0x80;
+        if (masked) hl += 4;
+        if (len - pos < hl + plen) {
+            if (hl + plen > (uint64_t)RBUF_SIZE / 2) {  /* would never fit */
+                fprintf(stderr, "loadclient: frame of %llu bytes too large\n", (unsigned long long)plen);
+                conn_close(c, ST_CLOSED);
+                n_closed++;
+                return;
+            }
+            break;
+        }
+        unsigned char *p = buf + pos + hl;
+        if (masked) {  /* servers must not mask; unmask anyway */
+            unsigned char *m = buf + pos + hl - 4;
+            for (uint64_t i = 0; i < plen; i++) p[i] ^= m[i & 3];
+            st.bad_payload++;
+        }
+        int op = b0 & 0x0f;
+        switch (op) {
+        case 0x1:
+        case 0x2:
+            c->in_frag = !(b0 & 0x80);
+            count_data(c, p, plen, now);
+            break;
+        case 0x0:
+            st.fragments++;
+            if (b0 & 0x80) c->in_frag = 0;
+            break;
+        case 0x9:
+            st.pings++;
+            send_control(c, 0xA, p, (size_t)plen);
+            break;
+        case 0xA:
+            break;
+        case 0x8:
+            st.closes++;
+            send_control(c, 0x8, p, plen >= 2 ? 2 : 0);
+            if (plen >= 2) fprintf(stderr, "loadclient %d: close code %d from server\n", client_id, (p[0] << 8) | p[1]);
+            conn_close(c, ST_CLOSED);
+            n_closed++;
+            return;
+        default:
+            st.bad_payload++;
+        }
+        pos += hl + plen;
+    }
+    size_t rest = len - pos;
+    if (rest) {
+        if (c->left_cap < rest) {
+            free(c->left);
+            c->left_cap = (uint32_t)(rest < 256 ? 256 : rest);
+            c->left = malloc(c->left_cap);
+        }
+        memmove(c->left, buf + pos, rest);
+    }
+    c->left_len = (uint32_t)rest;
+}
+
+static void on_readable(conn_t *c) {
+    size_t have = c->left_len;
+    if (have) memcpy(rbuf, c->left, have);
+    ssize_t n = read(c->fd, rbuf + have, RBUF_SIZE - have);
+    if (n <= 0) {
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        if (c->state == ST_OPEN) {
+            conn_close(c, ST_CLOSED);
+            n_closed++;
+        } else {
+            handshake_failed(c, 0);
+        }
+        return;
+    }
+    uint64_t now = now_ns();
+    st.reads++;
+    size_t len = have + (size_t)n;
+    if (c->state == ST_HANDSHAKE) {
+        unsigned char *end = memmem(rbuf, len, "\r\n\r\n", 4);
+        if (!end) {
+            if (len > HS_BUF) {
+                handshake_failed(c, 2);
+                return;
+            }
+            if (c->left_cap < len) {
+                free(c->left);
+                c->left_cap = HS_BUF + 1;
+                c->left = malloc(c->left_cap);
+            }
+            memcpy(c->left, rbuf, len);
+            c->left_len = (uint32_t)len;
+            return;
+        }
+        if (len < 12 || memcmp(rbuf, "HTTP/1.1 101", 12) != 0) {
+            size_t l = 0;
+            while (l < len && l < sizeof last_http_status - 1 && rbuf[l] != '\r') l++;
+            memcpy(last_http_status, rbuf, l);
+            last_http_status[l] = 0;
+            handshake_failed(c, 2);
+            return;
+        }
+        uint64_t dt = now - c->t_start;
+        hs_hist[hist_index(dt)]++;
+        if (dt > hs_max) hs_max = dt;
+        c->state = ST_OPEN;
+        n_open++;
+        in_flight--;
+        c->left_len = 0;
+        size_t hdr = (size_t)(end + 4 - rbuf);
+        if (len > hdr) parse_frames(c, rbuf + hdr, len - hdr, now);
+        return;
+    }
+    parse_frames(c, rbuf, len, now);
+}
+
+static void check_handshake_timeouts(uint64_t now) {
+    for (int i = 0; i < next_to_start; i++) {
+        conn_t *c = &conns[i];
+        if ((c->state == ST_CONNECTING || c->state == ST_HANDSHAKE) && now - c->t_start > 10000000000ull)
+            handshake_failed(c, 1);
+    }
+}
+
+static void print_hist(const uint64_t *h) {
+    int first = 1;
+    putchar('[');
+    for (int i = 0; i < HIST_N; i++) {
+        if (!h[i]) continue;
+        printf("%s[%d,%llu]", first ? "" : ",", i, (unsigned long long)h[i]);
+        first = 0;
+    }
+    putchar(']');
+}
+
+static void report(const char *event, stats_t *s) {
+    uint64_t fmin = UINT64_MAX, fmax = 0;
+    int nopen = 0;
+    for (int i = 0; i < nconns; i++) {
+        if (conns[i].state != ST_OPEN) continue;
+        nopen++;
+        if (conns[i].step_frames < fmin) fmin = conns[i].step_frames;
+        if (conns[i].step_frames > fmax) fmax = conns[i].step_frames;
+    }
+    if (!nopen) fmin = 0;
+    printf("{\"event\":\"%s\",\"id\":%d,\"t\":%.6f,\"cpu_s\":%.6f,\"open\":%d,\"closed\":%d,"
+           "\"frames\":%llu,\"bytes\":%llu,\"lost\":%llu,\"dup\":%llu,\"late\":%llu,"
+           "\"wrong_chan\":%llu,\"bad_payload\":%llu,\"fragments\":%llu,\"pings\":%llu,\"closes\":%llu,"
+           "\"reads\":%llu,\"conn_frames_min\":%llu,\"conn_frames_max\":%llu,"
+           "\"lat_min_ns\":%llu,\"lat_max_ns\":%llu,\"lat_sum_ns\":%llu,\"total_frames\":%llu,\"hist\":",
+           event, client_id, (now_ns() - t_begin) / 1e9, cpu_seconds(), n_open, n_closed,
+           (unsigned long long)s->frames, (unsigned long long)s->bytes, (unsigned long long)s->lost,
+           (unsigned long long)s->dup, (unsigned long long)s->late, (unsigned long long)s->wrong_chan,
+           (unsigned long long)s->bad_payload, (unsigned long long)s->fragments,
+           (unsigned long long)s->pings, (unsigned long long)s->closes, (unsigned long long)s->reads,
+           (unsigned long long)fmin, (unsigned long long)fmax,
+           (unsigned long long)(s->frames ? s->lat_min : 0), (unsigned long long)s->lat_max,
+           (unsigned long long)s->lat_sum, (unsigned long long)(tot.frames + st.frames));
+    print_hist(s->hist);
+    printf("}\n");
+    fflush(stdout);
+}
+
+static void fold_step(void) {
+    tot.frames += st.frames;
+    tot.bytes += st.bytes;
+    tot.lost += st.lost;
+    tot.dup += st.dup;
+    tot.late += st.late;
+    tot.wrong_chan += st.wrong_chan;
+    tot.bad_payload += st.bad_payload;
+    tot.fragments += st.fragments;
+    tot.pings += st.pings;
+    tot.closes += st.closes;
+    tot.reads += st.reads;
+    memset(&st, 0, sizeof st);
+    st.lat_min = UINT64_MAX;
+    for (int i = 0; i < nconns; i++) conns[i].step_frames = 0;
+}
+
+static void report_connected(void) {
+    double secs = (t_connected - t_begin) / 1e9;
+    printf("{\"event\":\"connected\",\"id\":%d,\"conns\":%d,\"open\":%d,\"failed\":%d,"
+           "\"failed_refused\":%d,\"failed_timeout\":%d,\"failed_http\":%d,\"failed_other\":%d,"
+           "\"last_http_status\":\"%s\",\"connect_s\":%.6f,\"conn_per_s\":%.1f,"
+           "\"hs_p50_us\":%.1f,\"hs_p99_us\":%.1f,\"hs_max_us\":%.1f,\"cpu_s\":%.6f,\"hs_hist\":",
+           client_id, nconns, n_open, n_failed, fail_status[0], fail_status[1], fail_status[2], fail_status[3],
+           last_http_status, secs, secs > 0 ? n_open / secs : 0.0, hist_quantile(hs_hist, 0.5) / 1e3,
+           hist_quantile(hs_hist, 0.99) / 1e3, hs_max / 1e3, cpu_seconds());
+    print_hist(hs_hist);
+    printf("}\n");
+    fflush(stdout);
+}
+
+static void on_signal(int sig) {
+    (void)sig;
+    stop_flag = 1;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: loadclient --port P --conns N [--host 127.0.0.1] [--offset O] [--channels M]\n"
+            "                  [--prefix bench] [--concurrency 64] [--max-seconds 3600] [--id K]\n"
+            "connection i (global index O+i) opens ws://HOST:P/<prefix><(O+i) %% M>\n"
+            "stdin commands: r (report and reset), p (peek), q (quit)\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) usage();
+        if (!strcmp(a, "--port")) port = atoi(v);
+        else if (!strcmp(a, "--host")) host = v;
+        else if (!strcmp(a, "--conns")) nconns = atoi(v);
+        else if (!strcmp(a, "--offset")) offset = (uint32_t)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--channels")) nchannels = (uint32_t)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--prefix")) prefix = v;
+        else if (!strcmp(a, "--concurrency")) concurrency = atoi(v);
+        else if (!strcmp(a, "--max-seconds")) max_seconds = atof(v);
+        else if (!strcmp(a, "--id")) client_id = atoi(v);
+        else usage();
+        i++;
+    }
+    if (port <= 0 || nconns <= 0 || nchannels == 0 || concurrency <= 0) usage();
+
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rlim_t want = (rlim_t)nconns + 64;
+    if (rl.rlim_cur < want) {
+        rl.rlim_cur = want <= rl.rlim_max ? want : rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    if (rl.rlim_cur < want) {
+        fprintf(stderr, "loadclient: RLIMIT_NOFILE %llu too low for %d connections (hard limit %llu)\n",
+                (unsigned long long)rl.rlim_cur, nconns, (unsigned long long)rl.rlim_max);
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    conns = calloc((size_t)nconns, sizeof *conns);
+    rbuf = malloc(RBUF_SIZE);
+    if (!conns || !rbuf) return 1;
+    for (int i = 0; i < nconns; i++) {
+        conns[i].fd = -1;
+        conns[i].chan = (offset + (uint32_t)i) % nchannels;
+    }
+    memset(&st, 0, sizeof st);
+    st.lat_min = UINT64_MAX;
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
+    struct epoll_event sev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
+    int stdin_polled = epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &sev) == 0;
+
+    t_begin = now_ns();
+    uint64_t deadline = t_begin + (uint64_t)(max_seconds * 1e9);
+    int connected_reported = 0;
+    uint64_t last_timeout_check = t_begin;
+    start_more();
+    struct epoll_event evs[MAX_EVENTS];
+    char cmdbuf[256];
+    size_t cmdlen = 0;
+    int quit = 0;
+
+    while (!quit && !stop_flag) {
+        int n = epoll_wait(epfd, evs, MAX_EVENTS, connected_reported ? 200 : 50);
+        if (n < 0 && errno != EINTR) {
+            perror("epoll_wait");
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            uint32_t id = evs[i].data.u32;
+            if (id == UINT32_MAX) {
+                ssize_t r = read(0, cmdbuf + cmdlen, sizeof cmdbuf - 1 - cmdlen);
+                if (r == 0) { quit = 1; break; }
+                if (r < 0) continue;
+                cmdlen += (size_t)r;
+                size_t k = 0;
+                for (size_t j = 0; j < cmdlen; j++) {
+                    if (cmdbuf[j] != '\n') continue;
+                    char cmd = cmdbuf[k];
+                    k = j + 1;
+                    if (cmd == 'r') {
+                        report("report", &st);
+                        fold_step();
+                    } else if (cmd == 'p') {
+                        printf("{\"event\":\"peek\",\"id\":%d,\"open\":%d,\"total_frames\":%llu,\"cpu_s\":%.6f}\n",
+                               client_id, n_open, (unsigned long long)(tot.frames + st.frames), cpu_seconds());
+                        fflush(stdout);
+                    } else if (cmd == 'q') {
+                        quit = 1;
+                    }
+                }
+                memmove(cmdbuf, cmdbuf + k, cmdlen - k);
+                cmdlen -= k;
+                if (cmdlen >= sizeof cmdbuf - 1) cmdlen = 0;
+                continue;
+            }
+            conn_t *c = &conns[id];
+            if (c->fd < 0) continue;
+            if (c->state == ST_CONNECTING) {
+                if (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) send_handshake(c);
+            } else if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+                on_readable(c);
+            }
+        }
+        if (!connected_reported) {
+            start_more();
+            uint64_t t = now_ns();
+            if (t - last_timeout_check > 500000000ull) {
+                check_handshake_timeouts(t);
+                start_more();
+                last_timeout_check = t;
+            }
+            if (next_to_start >= nconns && in_flight == 0) {
+                t_connected = now_ns();
+                report_connected();
+                connected_reported = 1;
+            }
+        }
+        if (!stdin_polled && connected_reported && now_ns() > deadline) break;
+        if (now_ns() > deadline) {
+            fprintf(stderr, "loadclient %d: --max-seconds reached\n", client_id);
+            break;
+        }
+    }
+    if (!connected_reported) {
+        t_connected = now_ns();
+        report_connected();
+    }
+    report("final", &st);
+    for (int i = 0; i < nconns; i++)
+        if (conns[i].fd >= 0) close(conns[i].fd);
+    return 0;
+}

@@ -1,0 +1,156 @@
+"""Unit tests for the Redis side: RESP bytes in, hub calls out; URL parsing."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.testing import StringTransport
+
+from sockdrawer._channels import Namespace
+from sockdrawer.hub import MemoryChannelHub
+from sockdrawer.redislink import HIREDIS, RedisSubscriberProtocol, RedisURL
+from sockdrawer.testing import RecordingSink
+
+
+def bulk(*parts: bytes) -> bytes:
+    out = b"*%d\r\n" % len(parts)
+    for p in parts:
+        out += b"$%d\r\n%s\r\n" % (len(p), p)
+    return out
+
+
+def pmessage(channel: bytes, payload: bytes, pattern: bytes = b"sock-drawer/*") -> bytes:
+    return bulk(b"pmessage", pattern, channel, payload)
+
+
+def connected_protocol(max_message_size: int = 0, name: str = "sock-drawer") -> tuple[
+        RedisSubscriberProtocol, StringTransport, MemoryChannelHub]:
+    hub = MemoryChannelHub()
+    p = RedisSubscriberProtocol(charset=None, convertNumbers=False)
+    p.hub = hub
+    p.namespace = Namespace(name)
+    p.max_message_size = max_message_size
+    transport = StringTransport()
+    p.makeConnection(transport)
+    return p, transport, hub
+
+
+def test_hiredis_is_used() -> None:
+    """txredisapi parses with hiredis (a dependency), not its slow pure-Python parser."""
+    assert HIREDIS
+
+
+def test_psubscribes_to_namespace_on_connect() -> None:
+    """On connect the protocol sends exactly one PSUBSCRIBE for '<name>/*'."""
+    _, transport, _ = connected_protocol(name="my-app")
+    assert transport.value() == bulk(b"PSUBSCRIBE", b"my-app/*")
+
+
+def test_pmessage_goes_to_hub_as_bytes() -> None:
+    """A pmessage on '<name>/news' reaches the hub's 'news' sinks with its payload bytes unchanged."""
+    p, _, hub = connected_protocol()
+    sink = RecordingSink()
+    hub.subscribe(b"news", sink)
+    p.dataReceived(b"*3\r\n$10\r\npsubscribe\r\n$13\r\nsock-drawer/*\r\n:1\r\n")
+    for payload in (b"hello", b"123", b"1.5", b"\xff\xfe\x00", b""):
+        p.dataReceived(pmessage(b"sock-drawer/news", payload))
+    assert sink.messages == [b"hello", b"123", b"1.5", b"\xff\xfe\x00", b""]
+    assert all(type(m) is bytes for m in sink.messages)
+
+
+def test_root_and_nested_channels() -> None:
+    """Redis channel '<name>/' is the root key b'' and '<name>/rooms/42' is b'rooms/42'."""
+    p, _, hub = connected_protocol()
+    root, room = RecordingSink(), RecordingSink()
+    hub.subscribe(b"", root)
+    hub.subscribe(b"rooms/42", room)
+    p.dataReceived(pmessage(b"sock-drawer/", b"r") + pmessage(b"sock-drawer/rooms/42", b"x"))
+    assert root.messages == [b"r"] and room.messages == [b"x"]
+
+
+def test_one_read_is_one_batch() -> None:
+    """All messages parsed from one read reach a sink as one batch, in order."""
+    p, _, hub = connected_protocol()
+    news, sport = RecordingSink(), RecordingSink()
+    hub.subscribe(b"news", news)
+    hub.subscribe(b"sport", sport)
+    p.dataReceived(
+        pmessage(b"sock-drawer/news", b"1")
+        + pmessage(b"sock-drawer/sport", b"a")
+        + pmessage(b"sock-drawer/news", b"2")
+    )
+    assert news.batches == [(b"news", [b"1", b"2"])]
+    assert sport.batches == [(b"sport", [b"a"])]
+
+
+def test_message_split_across_reads() -> None:
+    """A message split over two reads is delivered once, whole, after the second read."""
+    p, _, hub = connected_protocol()
+    sink = RecordingSink()
+    hub.subscribe(b"news", sink)
+    data = pmessage(b"sock-drawer/news", b"x" * 1000)
+    p.dataReceived(data[:500])
+    assert sink.messages == []
+    p.dataReceived(data[500:])
+    assert sink.messages == [b"x" * 1000]
+
+
+def test_oversized_message_dropped() -> None:
+    """A message over max_message_size is dropped (and logged); later ones still arrive."""
+    p, _, hub = connected_protocol(max_message_size=10)
+    sink = RecordingSink()
+    hub.subscribe(b"news", sink)
+    p.dataReceived(pmessage(b"sock-drawer/news", b"x" * 11) + pmessage(b"sock-drawer/news", b"ok"))
+    assert sink.messages == [b"ok"]
+
+
+def test_hub_released_when_parsing_fails() -> None:
+    """Even if parsing raises, the hub is not left held: the next message is delivered."""
+    p, _, hub = connected_protocol()
+    sink = RecordingSink()
+    hub.subscribe(b"news", sink)
+    with pytest.raises(Exception):
+        p.dataReceived(b"*1\r\n$x\r\n")
+    hub.deliver(b"news", b"after")
+    assert sink.messages == [b"after"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://localhost", RedisURL("redis", "localhost", 6379)),
+        ("redis://127.0.0.1:7000/3", RedisURL("redis", "127.0.0.1", 7000, db=3)),
+        ("redis://:s%40cret@h:1/0", RedisURL("redis", "h", 1, password="s@cret")),
+        ("redis://user:pw@h", RedisURL("redis", "h", 6379, username="user", password="pw")),
+        ("rediss://h:6380?ssl_ca_certs=/ca.pem", RedisURL("rediss", "h", 6380, ssl_ca_certs="/ca.pem")),
+        ("unix:///run/redis.sock?db=2&password=pw",
+         RedisURL("unix", "", 0, path="/run/redis.sock", db=2, password="pw")),
+    ],
+)
+def test_redis_url_parsing(url: str, expected: RedisURL) -> None:
+    """redis://, rediss:// and unix:// URLs parse into host, port, db, credentials and CA file."""
+    assert RedisURL.parse(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://h", "must start with"),
+        ("redis://", "no host"),
+        ("redis://h:notaport", "bad Redis URL"),
+        ("redis://h/x", "database number"),
+        ("unix://", "socket path"),
+        ("redis://h?ssl_ca_certs=/x", "only for rediss"),
+    ],
+)
+def test_bad_redis_urls(url: str, reason: str) -> None:
+    """A bad Redis URL raises ValueError with a one-line reason."""
+    with pytest.raises(ValueError) as e:
+        RedisURL.parse(url)
+    assert reason in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_redis_url_str_hides_password() -> None:
+    """The URL as logged carries no password."""
+    assert "pw" not in str(RedisURL.parse("redis://user:pw@h:1/2"))
+    assert str(RedisURL.parse("redis://user:pw@h:1/2")) == "redis://h:1/2"

@@ -1,0 +1,135 @@
+"""Unit tests for the command-line options and settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from twisted.python.usage import UsageError
+
+from sockdrawer.config import Settings, load_config_file
+from sockdrawer.tap import Options
+
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def parse(*argv: str) -> Settings:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.settings
+
+
+def test_defaults_are_safe_and_finite() -> None:
+    """With no options: port 8020, embedded broker, loopback API, and every limit finite and nonzero."""
+    s = parse()
+    assert s.port == "tcp:8020"
+    assert s.redis is None
+    assert s.name == "sock-drawer"
+    assert s.api == "tcp:8021:interface=127.0.0.1"
+    assert s.max_message_size == 65536
+    for name in ("max_publish_size", "max_channel_length", "max_handshake_size", "max_connections",
+                 "open_handshake_timeout", "close_handshake_timeout", "auto_ping_interval",
+                 "auto_ping_timeout", "send_buffer", "slow_timeout", "redis_timeout", "shutdown_timeout"):
+        value = getattr(s, name)
+        assert 0 < value < 10**9, name
+
+
+def test_options_reach_settings() -> None:
+    """Every option lands in the matching Settings field, with bare ports made tcp: endpoints."""
+    s = parse("--port", "9000", "--redis", "redis://h:1/2", "--name", "app", "--api", "none",
+              "--max-message-size", "100", "--auto-ping-interval", "0", "--allowed-origin",
+              "https://a.example:443", "--allowed-origin", "https://b.example:443",
+              "--listener", "listeners:Echo", "-l", "listeners:Shout", "--api-key", "k")
+    assert s.port == "9000" and s.redis == "redis://h:1/2" and s.name == "app"
+    assert not s.api_enabled
+    assert s.max_message_size == 100 and s.auto_ping_interval == 0
+    assert s.allowed_origins == ("https://a.example:443", "https://b.example:443")
+    assert [cls.__name__ for cls in s.listeners] == ["Echo", "Shout"]
+    assert s.api_key == "k"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "nonsense:1"], "--port: bad endpoint"),
+        (["--port", "tcp:notaport"], "--port: bad endpoint"),
+        (["--api", "tcp:x"], "--api: bad endpoint"),
+        (["--redis", "http://h"], "--redis: Redis URL must start with"),
+        (["--max-message-size", "big"], "--max-message-size must be an integer"),
+        (["--max-message-size", "0"], "--max-message-size must be an integer >= 1"),
+        (["--auto-ping-interval", "-1"], "--auto-ping-interval must be a number"),
+        (["--name", "a/b"], "--name: namespace must be"),
+        (["--listener", "nomodule_xyz:Foo"], "cannot import listener module 'nomodule_xyz'"),
+        (["--listener", "listeners:Missing"], "has no 'Missing'"),
+        (["--listener", "listeners:NotAListener"], "not a subclass of sockdrawer.Subscriber"),
+        (["--listener", "justamodule"], "must look like 'package.module:ClassName'"),
+        (["--api-key", ""], "--api-key must not be empty"),
+        (["--config", "/nonexistent/sd.toml"], "cannot read config file"),
+    ],
+)
+def test_bad_values_are_one_line_usage_errors(argv: list[str], message: str) -> None:
+    """A bad option value raises UsageError with a one-line message naming the problem."""
+    with pytest.raises(UsageError) as e:
+        parse(*argv)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_config_file_with_command_line_override(tmp_path: pytest.TempPathFactory) -> None:
+    """Values come from --config, and the command line wins over the file."""
+    path = tmp_path / "sd.toml"  # type: ignore[operator]
+    path.write_text(
+        '[sockdrawer]\nport = 9100\nname = "fromfile"\nmax-message-size = 1234\n'
+        'listener = "listeners:Echo"\nallowed_origins = ["https://x.example:443"]\n'
+    )
+    s = parse("--config", str(path), "--name", "fromcli")
+    assert s.port == "9100"
+    assert s.name == "fromcli"
+    assert s.max_message_size == 1234
+    assert [c.__name__ for c in s.listeners] == ["Echo"]
+    assert s.allowed_origins == ("https://x.example:443",)
+
+
+def test_config_file_unknown_key(tmp_path: pytest.TempPathFactory) -> None:
+    """An unknown key in the config file is a usage error naming the key."""
+    path = tmp_path / "sd.toml"  # type: ignore[operator]
+    path.write_text('prot = 1\n')
+    with pytest.raises(ValueError, match="unknown option 'prot'"):
+        load_config_file(str(path))
+
+
+def test_settings_validate_rejects_bad_types() -> None:
+    """Settings built in code are validated too (embedding gets the same checks as the CLI)."""
+    with pytest.raises(ValueError, match="--send-buffer"):
+        Settings(send_buffer=-5).validate()
+    with pytest.raises(ValueError, match="--redis-timeout"):
+        Settings(redis_timeout=0).validate()
+
+
+def test_twistd_usage_error_is_not_a_traceback() -> None:
+    """`twistd sockdrawer` with a bad value exits non-zero with a usage error line and no traceback."""
+    result = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "sockdrawer",
+         "--max-message-size", "huge"],
+        capture_output=True, text=True, timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "--max-message-size must be an integer, not 'huge'" in output
+    assert "Traceback" not in output
+
+
+def test_twistd_help_documents_every_option() -> None:
+    """`twistd sockdrawer --help` lists every Settings field as an option."""
+    result = subprocess.run(
+        [*TWISTD, "sockdrawer", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0
+    from dataclasses import fields
+
+    for f in fields(Settings):
+        option = {"listeners": "listener", "allowed_origins": "allowed-origin"}.get(f.name, f.name)
+        assert "--" + option.replace("_", "-") in result.stdout, option
