@@ -3,7 +3,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(HERE, "_ext"))
 
 import sockdrawer  # noqa: E402
 
@@ -15,6 +17,7 @@ version = release = sockdrawer.__version__
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
+    "zope_interfaces",
 ]
 
 # No intersphinx: the docs build offline.

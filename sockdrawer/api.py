@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -116,7 +117,7 @@ class ApiResource(Resource):
             _log.warn(
                 "publish on {channel!r} failed: {error}",
                 channel=key,
-                error=failure.getErrorMessage() or failure.type.__name__,
+                error=failure.getErrorMessage() or repr(failure.value),
             )
             if not finished:
                 request.write(
@@ -144,5 +145,5 @@ class ApiSite(Site):
         self.displayTracebacks = False
         self.noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass

@@ -4,7 +4,7 @@ The default channel hub: plain, Deferred-free fan-out lists per channel.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger

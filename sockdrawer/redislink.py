@@ -350,7 +350,11 @@ class RedisLink(MultiService):
     def _send_pings(self) -> None:
         for service in (self._sub, self._pub):
             d = service.whenConnected(failAfterFailures=1)
-            d.addCallback(lambda p: p.ping() if p.connected else None)
+            d.addCallback(_ping)
             # A timed-out PING aborts the connection (txredisapi), which makes
             # ClientService reconnect; nothing else to do here.
             d.addErrback(lambda f: None)
+
+
+def _ping(protocol: Any) -> Any:
+    return protocol.ping() if protocol.connected else None

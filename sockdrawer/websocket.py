@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import wildcards2patterns
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, succeed
@@ -70,6 +72,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     tcpNoDelay = True
 
     factory: SockDrawerServerFactory
+    transport: Any
+    closeHandshakeTimeout: float  # copied from the factory by Autobahn
     _log = Logger()
 
     key: bytes | None = None
@@ -106,6 +110,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             key = channel_from_path(request.path, self.factory.max_channel_length)
         except ChannelNameError as e:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
+        if request.origin and not self.factory.origin_allowed(request.origin):
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         self.key = key
         return None
 
@@ -228,7 +234,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
     :param clock: the reactor, for the slow-reader timer.
     """
 
-    protocol = SockDrawerServerProtocol
+    protocol = SockDrawerServerProtocol  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -261,6 +267,8 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.slow_timeout = slow_timeout
         self.connections: dict[SockDrawerServerProtocol, None] = {}
         self.slow_cut_offs = 0
+        self._any_origin = "*" in allowed_origins
+        self._origin_patterns = wildcards2patterns(list(allowed_origins))
         self._empty_waiters: list[Deferred[None]] = []
         self.setProtocolOptions(
             webStatus=False,
@@ -271,11 +279,33 @@ class SockDrawerServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=close_handshake_timeout,
             autoPingInterval=auto_ping_interval,
             autoPingTimeout=auto_ping_timeout,
-            allowedOrigins=list(allowed_origins),
-            allowNullOrigin="*" in allowed_origins,
+            # origins are checked in onConnect, to answer 403 with a fixed reason
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
             trustXForwardedFor=trust_x_forwarded_for,
             tcpNoDelay=True,
+            # send the close code (1002, 1007, 1009) instead of just dropping TCP
+            failByDrop=False,
         )
+
+    def origin_allowed(self, origin: str) -> bool:
+        """
+        Whether a browser from ``origin`` may connect: the origin, as
+        ``scheme://host:port`` with the port always filled in, must match one
+        of the allowed patterns.  ``null`` (file pages, sandboxes) passes only
+        when any origin is allowed.
+        """
+        if self._any_origin:
+            return True
+        try:
+            parts = urlsplit(origin.strip())
+            port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+        except ValueError:
+            return False
+        if not parts.hostname or port is None:
+            return False
+        normalized = f"{parts.scheme.lower()}://{parts.hostname}:{port}"
+        return any(p.match(normalized) for p in self._origin_patterns)
 
     def when_all_closed(self) -> Deferred[None]:
         """A Deferred that fires once no connection is left."""

@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import listeners as test_listeners
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from conftest import RedisServer, wait_for, wait_subscribed
 from twisted.internet.threads import deferToThread
 from websockets.frames import Opcode
-
-import listeners as test_listeners
-from conftest import RedisServer, wait_for, wait_subscribed
-from sockdrawer import Client, PublishError
 from wsclient import connect, connect_refused
+
+from sockdrawer import Client, PublishError
 
 
 def no_message(client: Any) -> bool:
@@ -256,7 +255,7 @@ async def test_listener_replies_to_browser_only(redis_server: RedisServer, run_s
     assert all(src.peer and src.peer.startswith("tcp4:127.0.0.1:") for *_, src in test_listeners.SEEN)
     lobby = await connect(svc.ws_port, "/rooms/lobby")
     lobby.send_text("hi")
-    assert json.loads((await lobby.next_text())) == {"lobby": "hi"}
+    assert json.loads(await lobby.next_text()) == {"lobby": "hi"}
 
 
 @pytest_twisted.ensureDeferred

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import txredisapi
 from twisted.internet.testing import StringTransport
 
 from sockdrawer._channels import Namespace
@@ -108,7 +109,7 @@ def test_hub_released_when_parsing_fails() -> None:
     p, _, hub = connected_protocol()
     sink = RecordingSink()
     hub.subscribe(b"news", sink)
-    with pytest.raises(Exception):
+    with pytest.raises(txredisapi.InvalidData):
         p.dataReceived(b"*1\r\n$x\r\n")
     hub.deliver(b"news", b"after")
     assert sink.messages == [b"after"]

@@ -11,7 +11,6 @@ from twisted.python.usage import UsageError
 from sockdrawer.config import Settings, load_config_file
 from sockdrawer.tap import Options
 
-
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 

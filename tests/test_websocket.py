@@ -1,0 +1,261 @@
+"""
+The WebSocket server's edges: bad input, limits, slow readers, shutdown.
+Real sockets on 127.0.0.1 and the embedded broker.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import pytest_twisted
+from conftest import wait_for
+from twisted.internet import protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.threads import deferToThread
+from websockets.frames import Opcode
+from wsclient import connect, connect_refused
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes (blocking; run in a thread)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+UPGRADE = (
+    b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_response_is_minimal(run_service: Any) -> None:
+    """The 101 response carries no Server header (no version disclosure)."""
+    svc = await run_service()
+    response = await deferToThread(raw_request_first, svc.ws_port, UPGRADE % (b"/news", b""))
+    assert response.startswith(b"HTTP/1.1 101 ")
+    assert b"\r\nserver:" not in response.lower()
+
+
+def raw_request_first(port: int, request: bytes) -> bytes:
+    """Send raw bytes and return the first answer (for connections the server keeps open)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        return s.recv(65536)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_status_page_and_no_open_redirect(run_service: Any) -> None:
+    """A plain GET gets 426 Upgrade Required, never Autobahn's status page or a redirect."""
+    svc = await run_service()
+    for path in (b"/", b"/?redirect=https://evil.example/"):
+        response = await deferToThread(
+            raw_request, svc.ws_port, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
+        assert response.startswith(b"HTTP/1.1 426"), response[:80]
+        assert b"evil.example" not in response and b"Location" not in response
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_handshake_gets_431(run_service: Any) -> None:
+    """A handshake request over --max-handshake-size gets HTTP 431 and is closed."""
+    svc = await run_service(max_handshake_size=2048)
+    padding = b"X-Pad: " + b"a" * 4000 + b"\r\n"
+    response = await deferToThread(raw_request, svc.ws_port, UPGRADE % (b"/news", padding))
+    assert response.startswith(b"HTTP/1.1 431")
+    ok = await connect(svc.ws_port, "/news")
+    assert ok.ws.state.name == "OPEN"
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_message_closes_1009(run_service: Any) -> None:
+    """A message over --max-message-size closes only that socket, with 1009."""
+    svc = await run_service(max_message_size=1000, listeners=("listeners:Echo",))
+    big = await connect(svc.ws_port, "/echo")
+    bystander = await connect(svc.ws_port, "/echo")
+    big.send_text("x" * 1001)
+    code, _ = await big.closed
+    assert code == 1009
+    bystander.send_text("x" * 1000)
+    assert await bystander.next_text() == "x" * 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_utf8_closes_1007(run_service: Any) -> None:
+    """A text frame with invalid UTF-8 closes only that socket, with 1007."""
+    svc = await run_service(listeners=("listeners:Echo",))
+    bad = await connect(svc.ws_port, "/echo")
+    other = await connect(svc.ws_port, "/echo")
+    # a masked text frame whose payload is not UTF-8
+    payload = b"\xff\xfe"
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    bad.send_raw(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    code, _ = await bad.closed
+    assert code == 1007
+    other.send_text("fine")
+    assert await other.next_text() == "fine"
+
+
+@pytest_twisted.ensureDeferred
+async def test_protocol_error_closes_1002(run_service: Any) -> None:
+    """An unmasked client frame (a protocol violation) closes that socket with 1002."""
+    svc = await run_service()
+    bad = await connect(svc.ws_port, "/news")
+    other = await connect(svc.ws_port, "/news")
+    bad.send_raw(b"\x81\x02hi")  # unmasked: clients must mask
+    code, _ = await bad.closed
+    assert code == 1002
+    await svc.publish("still up", "news")
+    assert await other.next_text() == "still up"
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowed_origins(run_service: Any) -> None:
+    """With --allowed-origin set, other browser origins get HTTP 403; listed ones connect."""
+    svc = await run_service(allowed_origins=("https://app.example:443",))
+    refused = await connect_refused(svc.ws_port, "/news", origin="https://evil.example")
+    assert refused.status == 403
+    ok = await connect(svc.ws_port, "/news", origin="https://app.example")
+    assert ok.ws.state.name == "OPEN"
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_gets_503(run_service: Any) -> None:
+    """Past --max-connections, new handshakes get HTTP 503 and existing sockets are untouched."""
+    svc = await run_service(max_connections=2)
+    a = await connect(svc.ws_port, "/n")
+    b = await connect(svc.ws_port, "/n")
+    refused = await connect_refused(svc.ws_port, "/n")
+    assert refused.status == 503
+    await svc.publish("both", "n")
+    assert [await a.next_text(), await b.next_text()] == ["both", "both"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_auto_ping(run_service: Any) -> None:
+    """With --auto-ping-interval, idle sockets are pinged (and a client that pongs stays connected)."""
+    svc = await run_service(auto_ping_interval=0.05, auto_ping_timeout=1)
+    client = await connect(svc.ws_port, "/idle")
+    await wait_for(lambda: client.pings_received >= 2)
+    assert client.ws.state.name == "OPEN"
+
+
+class _SilentPeer(protocol.Protocol):
+    """Completes the handshake with raw bytes, then never reads again."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(UPGRADE % (b"/flood", b""))
+        self.transport.pauseProducing()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_is_cut_off_and_others_unaffected(run_service: Any) -> None:
+    """A socket that stops reading is cut off (1008) once it queues too much; a reading socket gets everything."""
+    svc = await run_service(send_buffer=256 * 1024, slow_timeout=30)
+    peer = _SilentPeer()
+    peer.lost = False
+    factory = protocol.Factory.forProtocol(lambda: peer)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
+    await wait_for(lambda: svc.hub.subscribers(b"flood") == 1)
+    reader = await connect(svc.ws_port, "/flood")
+    chunk = "y" * 16384
+    sent = 0
+    received = 0
+    while svc.hub.subscribers(b"flood") == 2 and sent < 2000:  # bounded: 32 MB at most
+        for _ in range(16):
+            await svc.publish(chunk, "flood")
+            sent += 1
+        # the reader keeps up: wait until it has everything sent so far
+        await wait_for(lambda r=received, s=sent: r + reader.pending() >= s)
+        while reader.pending():
+            assert (await reader.next_text()) == chunk
+            received += 1
+    assert svc.hub.subscribers(b"flood") == 1, "the silent socket was never cut off"
+    assert svc.factory.slow_cut_offs == 1
+    assert sent < 2000
+    while received < sent:
+        assert (await reader.next_text()) == chunk
+        received += 1
+    await wait_for(lambda: len(svc.factory.connections) == 1)  # the server dropped it
+    peer.transport.resumeProducing()
+    await wait_for(lambda: peer.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_cut_off_after_timeout(run_service: Any) -> None:
+    """A socket that stays unable to take data for --slow-timeout seconds is cut off."""
+    svc = await run_service(send_buffer=64 * 1024 * 1024, slow_timeout=0.3)
+    peer = _SilentPeer()
+    peer.lost = False
+    factory = protocol.Factory.forProtocol(lambda: peer)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
+    await wait_for(lambda: svc.hub.subscribers(b"flood") == 1)
+    sent = 0
+    while svc.factory.slow_cut_offs == 0 and sent < 1000:
+        if sent < 400:  # enough to fill the kernel buffers and pause the socket
+            await svc.publish("z" * 16384, "flood")
+            sent += 1
+        else:
+            await wait_for(lambda: svc.factory.slow_cut_offs > 0, timeout=5)
+    assert svc.factory.slow_cut_offs == 1
+    await wait_for(lambda: not svc.factory.connections)  # the server dropped it
+    peer.transport.resumeProducing()
+    await wait_for(lambda: peer.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_closes_sockets_with_1001(run_service: Any, services: list[Any]) -> None:
+    """Stopping the service sends every socket close code 1001 and closes them."""
+    svc = await run_service()
+    clients = [await connect(svc.ws_port, "/news") for _ in range(3)]
+    await svc.stopService()
+    for c in clients:
+        code, reason = await c.closed
+        assert code == 1001 and reason == "server shutting down"
+    assert not svc.factory.connections
+
+
+@pytest_twisted.ensureDeferred
+async def test_mixed_text_and_binary_burst_in_order(run_service: Any) -> None:
+    """A burst of mixed text and binary messages arrives complete and in publish order."""
+    svc = await run_service()
+    client = await connect(svc.ws_port, "/mix")
+    expected = []
+    for i in range(500):
+        payload = (b"\xff%d" % i) if i % 3 == 0 else (b"t%d" % i)
+        expected.append((Opcode.BINARY if i % 3 == 0 else Opcode.TEXT, payload))
+    svc.hub.hold()
+    for _, payload in expected[:250]:
+        svc.hub.deliver(b"mix", payload)
+    svc.hub.release()
+    for _, payload in expected[250:]:
+        await svc.publish(payload, "mix")
+    got = [await client.next_message() for _ in expected]
+    assert got == expected
+
+
+def test_websocket_frame_encoding() -> None:
+    """Server frames: unmasked, FIN set, text opcode for UTF-8 and binary otherwise, 7/16/64-bit lengths."""
+    from sockdrawer.websocket import encode_batch, encode_frame
+
+    assert encode_frame(b"hi") == b"\x81\x02hi"
+    assert encode_frame(b"\xff") == b"\x82\x01\xff"
+    assert encode_frame(b"") == b"\x81\x00"
+    assert encode_frame(b"a" * 126)[:4] == b"\x81\x7e" + struct.pack("!H", 126)
+    assert encode_frame(b"a" * 70000)[:10] == b"\x81\x7f" + struct.pack("!Q", 70000)
+    assert encode_batch([b"a", b"\xff"]) == b"\x81\x01a\x82\x01\xff"
