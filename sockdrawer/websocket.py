@@ -7,6 +7,7 @@ frames browsers send to the listeners.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.util import wildcards2patterns
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
@@ -29,6 +31,7 @@ from .subscriber import SOCKET, Source
 FrameHandler = Callable[[Source, "str | bytes"], Sequence[Deferred[Any]]]
 
 CLOSE_GOING_AWAY = 1001
+_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 CLOSE_POLICY_VIOLATION = 1008
 
 
@@ -78,6 +81,9 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     key: bytes | None = None
     source: Source | None = None
+    #: the socket, when the transport is a plain TCP or UNIX connection whose
+    #: buffer the fast path may bypass (not TLS)
+    _sock: socket.socket | None = None
     _paused = False
     _paused_bytes = 0
     _slow_timer: IDelayedCall | None = None
@@ -119,7 +125,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         key = self.key
         assert key is not None
         self.source = Source(SOCKET, key.decode("utf-8"), self.peer)
-        self.transport.registerProducer(self, True)
+        transport = self.transport
+        if isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen"):
+            self._sock = transport.socket
+        transport.registerProducer(self, True)
         self.factory.hub.subscribe(key, self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -136,12 +145,29 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     # -- ISink
 
     def receive(self, batch: Batch) -> None:
-        if self.state != self.STATE_OPEN:
+        if self.state != _STATE_OPEN:
             return
         data = batch.encoded
         if data is None:
             data = batch.encoded = encode_batch(batch.messages)
-        self.transport.write(data)
+        transport = self.transport
+        sock = self._sock
+        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
+            # Nothing is queued in Twisted for this socket, so nothing can be
+            # reordered: hand the bytes to the kernel now.  This saves the
+            # two epoll_ctl calls of Twisted's startWriting/stopWriting and a
+            # reactor turn per socket.  Whatever the kernel does not take
+            # (or an error, which Twisted then finds on its own send) goes
+            # through the transport as usual.
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            if sent:
+                data = data[sent:]
+        transport.write(data)
         if self._paused:
             self._paused_bytes += len(data)
             if self._paused_bytes > self.factory.send_buffer:
@@ -198,6 +224,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             timer.cancel()
 
     def _leave(self) -> None:
+        self._sock = None
         self._cancel_slow_timer()
         if self.source is not None and self.key is not None:
             self.factory.hub.unsubscribe(self.key, self)

@@ -1,0 +1,1153 @@
+#!/usr/bin/env python3
+"""
+sockdrawer benchmark runner.
+
+Starts a private redis-server, the server under test (sockdrawer by default,
+any command line with --server-cmd) and, in the same run, the plain
+Twisted + Autobahn baseline (bench/baseline_autobahn.py); opens WebSocket
+connections with the C load client (bench/loadclient.c), publishes with the
+C paced publisher (bench/publisher.c), and measures server CPU per delivery,
+latency, loss, RSS per socket and handshake cost.
+
+The server runs pinned to one core (--server-cpu, default 0); Redis, the
+load clients, the publisher and this script share the other (--load-cpu,
+default 1).
+
+Scenarios:
+  fanout    1 channel, 1,000 sockets, 100-byte messages, rate stepped up from 100 msg/s
+  channels  10,000 sockets, one channel each, 100 B, rate stepped up from 5,000 msg/s
+  idle      10,000 idle sockets: RSS per socket, connect rate, handshake CPU
+  large     1,000 sockets on 1 channel, 16 KiB messages, rate stepped up from 10 msg/s
+
+Examples:
+  python bench/run.py --quick                       # smoke run, < 1 minute
+  python bench/run.py --scenario all --plot docs/_static/bench.png --rst
+  python bench/run.py --scenario fanout --clients 2 --no-baseline
+  python bench/run.py --server-cmd "twistd -n --pidfile= sockdrawer --port tcp:{port}:interface=127.0.0.1 \\
+        --api none --redis redis://127.0.0.1:{redis_port}/0" --label mybuild --no-baseline
+  python bench/run.py --from-json bench/results/results.jsonl --rst --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BUILD = BENCH / "build"
+RESULTS = BENCH / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+DEFAULT_SERVER_CMD = (
+    "twistd -n --pidfile= sockdrawer --port tcp:{port}:interface=127.0.0.1 --api none "
+    "--redis redis://127.0.0.1:{redis_port}/0 --max-connections 20000 --auto-ping-interval 0"
+)
+DEFAULT_BASELINE_CMD = "{python} bench/baseline_autobahn.py --port {port} --redis-port {redis_port}"
+
+P99_LIMIT_MS = 250.0
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    sockets: int
+    channels: int
+    size: int = 100
+    start_rate: float = 0.0  # msg/s; 0: no publishing (idle)
+    max_rate: float = 0.0
+
+    @property
+    def fanout(self) -> float:
+        return self.sockets / self.channels
+
+
+SCENARIOS = {
+    "fanout": Scenario("fanout", "1 channel, 1,000 sockets, 100 B", 1000, 1, 100, 100, 10_000),
+    "channels": Scenario("channels", "10,000 sockets, 1 channel each, 100 B", 10_000, 10_000, 100, 5000, 200_000),
+    "idle": Scenario("idle", "10,000 idle sockets", 10_000, 1),
+    "large": Scenario("large", "1 channel, 1,000 sockets, 16 KiB", 1000, 1, 16384, 10, 5000),
+}
+QUICK = {
+    "fanout": dict(sockets=200, start_rate=100),
+    "channels": dict(sockets=1000, channels=1000, start_rate=2000),
+    "idle": dict(sockets=1000),
+    "large": dict(sockets=100, start_rate=20),
+}
+ORDER = ["fanout", "channels", "idle", "large"]
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- /proc helpers
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2 :].split()
+    # fields[0] is state (field 3); utime is field 14 -> index 11
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def proc_rss(pid: int) -> int:
+    """Resident set size in bytes."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def proc_session(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    return int(data[data.rindex(")") + 2 :].split()[3])
+
+
+def core_times() -> dict[int, tuple[float, float, float]]:
+    """Per core: (busy, steal, total) seconds since boot, from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu") or line.startswith("cpu "):
+                continue
+            name, *vals = line.split()
+            v = [int(x) for x in vals[:8]]
+            user, nice, system, idle, iowait, irq, softirq, steal = v
+            busy = user + nice + system + irq + softirq
+            out[int(name[3:])] = (busy / CLK_TCK, steal / CLK_TCK, sum(v) / CLK_TCK)
+    return out
+
+
+def listening_inode(port: int) -> str | None:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    local, state, inode = parts[1], parts[3], parts[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        return inode
+        except OSError:
+            pass
+    return None
+
+
+def find_listener_pid(root_pid: int, port: int) -> int | None:
+    """The process in root_pid's session that holds the listening socket on port."""
+    inode = listening_inode(port)
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    candidates = [root_pid]
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != root_pid:
+            try:
+                if proc_session(int(d)) == root_pid:
+                    candidates.append(int(d))
+            except OSError:
+                pass
+    for pid in candidates:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hist_low(idx: int) -> int:
+    if idx < 16:
+        return idx
+    msb, sub = idx // 16 + 3, idx % 16
+    return (16 + sub) << (msb - 4)
+
+
+def hist_quantile(hist: dict[int, int], q: float) -> float:
+    """Bucket midpoint at quantile q, in ns."""
+    total = sum(hist.values())
+    if not total:
+        return 0.0
+    want = min(int(q * total), total - 1)
+    acc = 0
+    for idx in sorted(hist):
+        acc += hist[idx]
+        if acc > want:
+            return (hist_low(idx) + hist_low(idx + 1)) / 2
+    return 0.0
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Children:
+    """Every child process, each in its own session, killed by process group."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], cpus: set[int] | None, **kw: Any) -> subprocess.Popen[bytes]:
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        p = subprocess.Popen(argv, start_new_session=True, preexec_fn=pin, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        else:
+            # the leader exited; its group may live on
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in reversed(list(self.procs)):
+            try:
+                self.stop(p)
+            except Exception as e:  # keep killing the others
+                print(f"warning: stopping pid {p.pid}: {e}", file=sys.stderr)
+
+
+class LoadClient:
+    def __init__(self, children: Children, idx: int, port: int, conns: int, offset: int, channels: int,
+                 concurrency: int, cpus: set[int] | None, log: Path) -> None:
+        argv = [str(BUILD / "loadclient"), "--port", str(port), "--conns", str(conns), "--offset", str(offset),
+                "--channels", str(channels), "--concurrency", str(concurrency), "--id", str(idx),
+                "--max-seconds", "3600"]
+        self.idx = idx
+        self.conns = conns
+        self.logf = open(log, "wb")
+        self.p = children.start(argv, cpus, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.logf)
+        self.buf = b""
+        self.pid = self.p.pid
+
+    def send(self, cmd: str) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(cmd.encode() + b"\n")
+        self.p.stdin.flush()
+
+    def read_event(self, want: str, timeout: float) -> dict[str, Any]:
+        assert self.p.stdout is not None
+        fd = self.p.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                ev = json.loads(line)
+                if ev.get("event") == want:
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"load client {self.idx}: no '{want}' within {timeout:.0f} s")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise BenchError(f"load client {self.idx} exited (see {self.logf.name})")
+                self.buf += chunk
+
+
+def ask_all(clients: list[LoadClient], cmd: str, event: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    for c in clients:
+        c.send(cmd)
+    return [c.read_event(event, timeout) for c in clients]
+
+
+# ---------------------------------------------------------------- measurement
+
+
+@dataclass
+class Env:
+    args: argparse.Namespace
+    children: Children
+    server_cpus: set[int] | None
+    load_cpus: set[int] | None
+    logdir: Path
+
+
+@dataclass
+class Setup:
+    """One scenario on one server: Redis, the server, the clients."""
+
+    redis_port: int
+    redis_proc: subprocess.Popen[bytes]
+    redis_log: Path
+    server_proc: subprocess.Popen[bytes]
+    server_pid: int
+    port: int
+    clients: list[LoadClient] = field(default_factory=list)
+    step_id: int = 0
+    sub_ids: set[str] = field(default_factory=set)
+
+    def redis(self) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.redis_port, socket_timeout=5, socket_connect_timeout=5)
+
+
+def build() -> None:
+    BUILD.mkdir(exist_ok=True)
+    for name in ("loadclient", "publisher"):
+        src, out = BENCH / f"{name}.c", BUILD / name
+        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+            cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(src)]
+            print("$", " ".join(cmd), file=sys.stderr)
+            subprocess.run(cmd, check=True)
+
+
+def start_redis(env: Env, tag: str) -> tuple[int, subprocess.Popen[bytes], Path]:
+    import redis
+
+    for _attempt in range(5):
+        port = free_port()
+        log = env.logdir / f"{tag}-redis.log"
+        d = env.logdir / f"{tag}-redis"
+        d.mkdir(exist_ok=True)
+        p = env.children.start(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(d), "--logfile", str(log)],
+            env.load_cpus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1).ping()
+                return port, p, log
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        env.children.stop(p)
+    raise BenchError("could not start redis-server")
+
+
+def start_server(env: Env, cmd: str, redis_port: int, tag: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    import redis
+
+    for _attempt in range(3):
+        port = free_port()
+        text = cmd.format(port=port, redis_port=redis_port, python=sys.executable, bench=BENCH, root=ROOT)
+        log = env.logdir / f"{tag}-server.log"
+        logf = open(log, "ab")
+        logf.write(f"$ {text}\n".encode())
+        logf.flush()
+        p = env.children.start(shlex.split(text), env.server_cpus, stdout=logf, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, cwd=ROOT)
+        logf.close()
+        r = redis.Redis(port=redis_port, socket_timeout=5)
+        deadline = time.monotonic() + 60
+        pid = None
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                break
+            if pid is None:
+                pid = find_listener_pid(p.pid, port)
+            if pid is not None and int(r.execute_command("PUBSUB", "NUMPAT")) >= 1:
+                return p, pid, port
+            time.sleep(0.1)
+        env.children.stop(p)
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        if "Address already in use" in "\n".join(tail):
+            continue
+        raise BenchError("server did not start (listening + PSUBSCRIBE) within 60 s; log tail:\n  "
+                         + "\n  ".join(tail))
+    raise BenchError("server did not start: port conflicts")
+
+
+def wait_idle(setup: Setup, limit: float = 20.0, quiet: float = 0.05) -> bool:
+    """Wait until the server uses < quiet of a core over 0.5 s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        c0 = proc_cpu(setup.server_pid)
+        time.sleep(0.5)
+        if proc_cpu(setup.server_pid) - c0 < quiet * 0.5:
+            return True
+    return False
+
+
+def pubsub_clients(r: Any) -> list[dict[str, str]]:
+    out = []
+    for line in r.execute_command("CLIENT", "LIST", "TYPE", "pubsub").decode().splitlines():
+        out.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
+    return out
+
+
+def run_publisher(env: Env, setup: Setup, sc: Scenario, rate: float, duration: float
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Publish; meanwhile watch Redis' subscriber output buffer.  Returns (publisher, redis) results."""
+    setup.step_id += 1
+    argv = [str(BUILD / "publisher"), "--port", str(setup.redis_port), "--rate", f"{rate:g}",
+            "--duration", f"{duration:g}", "--channels", str(sc.channels), "--size", str(sc.size),
+            "--step", str(setup.step_id)]
+    p = env.children.start(argv, env.load_cpus, stdout=subprocess.PIPE,
+                           stderr=open(env.logdir / "publisher.err", "ab"))
+    r = setup.redis()
+    max_omem = 0
+    ids: set[str] = set()
+    while True:
+        try:
+            for c in pubsub_clients(r):
+                max_omem = max(max_omem, int(c.get("omem", 0)))
+                ids.add(c.get("id", "?"))
+        except Exception:
+            pass
+        if setup.server_proc.poll() is not None:
+            env.children.stop(p)
+            raise BenchError("the server exited during the run")
+        try:
+            p.wait(0.2)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    assert p.stdout is not None
+    out = p.stdout.read().decode()
+    env.children.stop(p)
+    try:
+        res = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"publisher failed: {out!r}") from None
+    r.close()
+    return res, {"max_omem": max_omem, "sub_ids": ids}
+
+
+def expected_deliveries(sc: Scenario, sent: int) -> int:
+    """Messages go round-robin over channels; sockets are spread the same way."""
+    total = 0
+    per_chan_socks = [sc.sockets // sc.channels + (1 if c < sc.sockets % sc.channels else 0)
+                      for c in range(min(sc.channels, sc.sockets))]
+    for c, socks in enumerate(per_chan_socks):
+        msgs = sent // sc.channels + (1 if c < sent % sc.channels else 0)
+        total += msgs * socks
+    return total
+
+
+def redis_output_limit_drops(setup: Setup) -> int:
+    try:
+        text = setup.redis_log.read_text(errors="replace")
+    except OSError:
+        return 0
+    return text.count("overcoming of output buffer limits")
+
+
+def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: float, phase: str
+                 ) -> dict[str, Any]:
+    args = env.args
+    clients = setup.clients
+    ask_all(clients, "r", "report")  # reset the clients' step counters
+    drops0 = redis_output_limit_drops(setup)
+    cores0 = core_times()
+    srv0 = proc_cpu(setup.server_pid)
+    redis0 = proc_cpu(setup.redis_proc.pid)
+    t0 = time.monotonic()
+    total0 = sum(e["total_frames"] for e in ask_all(clients, "p", "peek"))
+    pub, red = run_publisher(env, setup, sc, rate, duration)
+    t_pub = time.monotonic()
+    expected = expected_deliveries(sc, pub["sent"])
+    # drain: until every expected frame arrived, or no progress for a while
+    drain_limit = 3.0 if args.quick else 15.0
+    last, last_change, drained = -1, time.monotonic(), False
+    while True:
+        got = sum(e["total_frames"] for e in ask_all(clients, "p", "peek")) - total0
+        now = time.monotonic()
+        if got >= expected:
+            drained = True
+            break
+        if got != last:
+            last, last_change = got, now
+        elif now - last_change > 1.5:
+            break
+        if now - t_pub > drain_limit:
+            break
+        time.sleep(0.05)
+    t1 = time.monotonic()
+    srv1 = proc_cpu(setup.server_pid)
+    redis1 = proc_cpu(setup.redis_proc.pid)
+    cores1 = core_times()
+    reps = ask_all(clients, "r", "report")
+    drops = redis_output_limit_drops(setup) - drops0
+
+    hist: dict[int, int] = {}
+    for e in reps:
+        for idx, n in e["hist"]:
+            hist[idx] = hist.get(idx, 0) + n
+    delivered = sum(e["frames"] for e in reps)
+    wall = t1 - t0
+    server_cpu = srv1 - srv0
+    client_cpu = sum(e["cpu_s"] for e in reps) - sum(c.last_cpu for c in clients)
+    for c, e in zip(clients, reps):
+        c.last_cpu = e["cpu_s"]
+    sid = env.server_cpus and min(env.server_cpus)
+    lid = env.load_cpus and min(env.load_cpus)
+
+    def core_delta(cid: int | None) -> tuple[float, float]:
+        if cid is None or cid not in cores0:
+            return 0.0, 0.0
+        return cores1[cid][0] - cores0[cid][0], cores1[cid][1] - cores0[cid][1]
+
+    core_srv, steal_srv = core_delta(sid if sid is not False else None)
+    core_load, steal_load = core_delta(lid if lid is not False else None)
+    new_sub = bool(setup.sub_ids) and not red["sub_ids"] <= setup.sub_ids
+    setup.sub_ids |= red["sub_ids"]
+    gaps = sum(e["lost"] for e in reps)
+    lost = max(0, expected - delivered)
+    closes = sum(e["closes"] for e in reps)
+    open_now = sum(e["open"] for e in reps)
+    p99 = hist_quantile(hist, 0.99) / 1e6
+    publisher_ok = (pub["sent"] == pub["target"] and not pub["io_error"]
+                    and pub["achieved_rate"] >= 0.95 * rate - 1)
+    problems = []
+    if lost:
+        problems.append(f"lost {lost}")
+    if gaps and not lost:
+        problems.append(f"{gaps} gaps")
+    if drops or new_sub:
+        problems.append("Redis dropped the subscriber")
+    if closes or open_now < sc.sockets - setup.failed:
+        problems.append(f"{sc.sockets - setup.failed - open_now} sockets closed")
+    if p99 > P99_LIMIT_MS:
+        problems.append(f"p99 {p99:.0f} ms > {P99_LIMIT_MS:.0f}")
+    if not drained and not lost:
+        problems.append("not drained")
+    if not publisher_ok:
+        problems.append(f"publisher reached {pub['achieved_rate']:.0f} msg/s")
+    pub_s = max(pub["send_s"], 1e-9)
+    res = {
+        "phase": phase,
+        "rate": rate,
+        "offered_dps": rate * sc.fanout,
+        "window_s": duration,
+        "wall_s": round(wall, 4),
+        "sent": pub["sent"],
+        "expected": expected,
+        "delivered": delivered,
+        "lost": lost,
+        "gaps": gaps,
+        "dup": sum(e["dup"] for e in reps),
+        "late": sum(e["late"] for e in reps),
+        "wrong_chan": sum(e["wrong_chan"] for e in reps),
+        "bad_payload": sum(e["bad_payload"] for e in reps),
+        "closes": closes,
+        "delivered_dps": delivered / max(t1 - t0, 1e-9),
+        "p50_ms": hist_quantile(hist, 0.5) / 1e6,
+        "p99_ms": p99,
+        "p999_ms": hist_quantile(hist, 0.999) / 1e6,
+        "max_ms": max([e["lat_max_ns"] for e in reps] + [0]) / 1e6,
+        "server_cpu_s": round(server_cpu, 4),
+        "server_util": server_cpu / wall,
+        "us_per_delivery": server_cpu / delivered * 1e6 if delivered else None,
+        "server_core_busy_s": round(core_srv, 4),
+        "server_core_us_per_delivery": core_srv / delivered * 1e6 if delivered else None,
+        "server_core_steal_s": round(steal_srv, 4),
+        "client_cpu_s": round(client_cpu, 4),
+        "client_util": client_cpu / wall,
+        "client_ns_per_frame": client_cpu / delivered * 1e9 if delivered else None,
+        "publisher_cpu_s": pub["cpu_s"],
+        "publisher_rate": pub["achieved_rate"],
+        "publisher_max_lag_ms": pub["max_lag_ms"],
+        "publish_s": round(pub_s, 4),
+        "redis_cpu_s": round(redis1 - redis0, 4),
+        "redis_max_omem": red["max_omem"],
+        "load_core_busy_s": round(core_load, 4),
+        "load_core_util": core_load / wall,
+        "load_core_steal_s": round(steal_load, 4),
+        "drained": drained,
+        "ok": not problems,
+        "problems": problems,
+    }
+    return res
+
+
+def fmt_step(s: dict[str, Any]) -> str:
+    us = s["us_per_delivery"]
+    return (f"  {s['phase']:<8} {s['rate']:>9,.0f} msg/s {s['offered_dps']:>12,.0f} dl/s  "
+            f"got {s['delivered']:>10,}  p50 {s['p50_ms']:8.2f} p99 {s['p99_ms']:8.2f} ms  "
+            f"srv {s['server_util'] * 100:4.0f}% {us if us is not None else float('nan'):6.2f} us/dl  "
+            f"cli {s['client_util'] * 100:3.0f}%  load-core {s['load_core_util'] * 100:3.0f}%  "
+            f"{'ok' if s['ok'] else 'FAIL: ' + ', '.join(s['problems'])}")
+
+
+def ramp(env: Env, setup: Setup, sc: Scenario) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Step the rate up until a failure, refine, then confirm the best for --duration."""
+    args = env.args
+    max_rate = args.max_rate or sc.max_rate
+    probe = args.probe
+    steps: list[dict[str, Any]] = []
+    refine_steps = 0 if args.quick else 2
+    max_probes = 3 if args.quick else 14
+
+    def step(rate: float, window: float, phase: str) -> dict[str, Any]:
+        s = measure_step(env, setup, sc, rate, window, phase)
+        steps.append(s)
+        print(fmt_step(s), flush=True)
+        if not s["ok"]:
+            wait_idle(setup)
+        return s
+
+    def clean(s: dict[str, Any]) -> bool:
+        # after these the setup is not comparable any more
+        return not any("closed" in p or "Redis dropped" in p for p in s["problems"])
+
+    rate = sc.start_rate
+    best = fail = None
+    stop_reason = None
+    if args.rates:
+        for r in args.rates:
+            s = step(r, probe, "fixed")
+            if s["ok"]:
+                best = r
+        return steps, {"rates": args.rates}
+    for _ in range(max_probes):
+        s = step(rate, probe, "probe")
+        if s["ok"]:
+            best = rate
+            if rate >= max_rate:
+                stop_reason = f"--max-rate {max_rate:g} reached"
+                break
+            rate = min(rate * 2, max_rate)
+        else:
+            if any(p.startswith("publisher") for p in s["problems"]) and s["lost"] == 0:
+                stop_reason = "publisher could not keep up"
+                break
+            fail = rate
+            if best is not None or not clean(s):
+                break
+            rate = rate / 2  # even the first rate fails: step down
+            if rate < sc.start_rate / 8:
+                break
+    else:
+        stop_reason = "probe limit"
+    if best is not None and fail is not None and clean(steps[-1]):
+        for _ in range(refine_steps):
+            mid = math.sqrt(best * fail)
+            if mid / best < 1.08:
+                break
+            mid = float(f"{mid:.2g}") if mid < 100 else float(round(mid, -int(math.log10(mid)) + 2))
+            if not best < mid < fail:
+                break
+            s = step(mid, probe, "refine")
+            if s["ok"]:
+                best = mid
+            else:
+                fail = mid
+                if not clean(s):
+                    break
+    held = None
+    if best is not None and clean(steps[-1]):
+        r = best
+        for _ in range(3):
+            s = step(r, args.duration, "confirm")
+            if s["ok"]:
+                held = s
+                break
+            if not clean(s):
+                break
+            r = r / 1.25
+    summary = {"best_probe_rate": best, "first_fail_rate": fail, "stop_reason": stop_reason}
+    if held:
+        summary.update(held_rate=held["rate"], held_dps=held["offered_dps"], held=held)
+    return steps, summary
+
+
+def run_one(env: Env, label: str, cmd: str, sc: Scenario) -> dict[str, Any]:
+    args = env.args
+    tag = f"{sc.name}-{label}"
+    print(f"\n== {sc.name} ({sc.title}) on {label}", flush=True)
+    children = env.children
+    redis_port, redis_proc, redis_log = start_redis(env, tag)
+    setup = None
+    try:
+        server_proc, server_pid, port = start_server(env, cmd, redis_port, tag)
+        setup = Setup(redis_port, redis_proc, redis_log, server_proc, server_pid, port)
+        setup.failed = 0  # type: ignore[attr-defined]
+        time.sleep(0.5)
+        rss0 = proc_rss(server_pid)
+        cpu0 = proc_cpu(server_pid)
+        # connect
+        k = max(1, min(args.clients, sc.sockets))
+        t0 = time.monotonic()
+        per = [sc.sockets // k + (1 if i < sc.sockets % k else 0) for i in range(k)]
+        off = 0
+        for i, n in enumerate(per):
+            c = LoadClient(children, i, port, n, off, sc.channels, args.concurrency, env.load_cpus,
+                           env.logdir / f"{tag}-client{i}.log")
+            c.last_cpu = 0.0  # type: ignore[attr-defined]
+            setup.clients.append(c)
+            off += n
+        conn = [c.read_event("connected", 300) for c in setup.clients]
+        t_conn = time.monotonic() - t0
+        cpu1 = proc_cpu(server_pid)
+        opened = sum(e["open"] for e in conn)
+        failed = sum(e["failed"] for e in conn)
+        setup.failed = failed  # type: ignore[attr-defined]
+        for c, e in zip(setup.clients, conn):
+            c.last_cpu = e["cpu_s"]  # type: ignore[attr-defined]
+        hs: dict[int, int] = {}
+        for e in conn:
+            for idx, n in e["hs_hist"]:
+                hs[idx] = hs.get(idx, 0) + n
+        time.sleep(1.0)
+        rss1 = proc_rss(server_pid)
+        connect = {
+            "sockets": sc.sockets,
+            "open": opened,
+            "failed": failed,
+            "failures": {k2: sum(e[k2] for e in conn) for k2 in
+                         ("failed_refused", "failed_timeout", "failed_http", "failed_other")},
+            "http_status": [e["last_http_status"] for e in conn if e["last_http_status"]],
+            "connect_s": round(t_conn, 4),
+            "conn_per_s": opened / t_conn if t_conn else None,
+            "handshake_p50_ms": hist_quantile(hs, 0.5) / 1e6,
+            "handshake_p99_ms": hist_quantile(hs, 0.99) / 1e6,
+            "handshake_cpu_us": (cpu1 - cpu0) / opened * 1e6 if opened else None,
+            "server_cpu_s": round(cpu1 - cpu0, 4),
+            "client_cpu_s": round(sum(e["cpu_s"] for e in conn), 4),
+            "rss_before": rss0,
+            "rss_after": rss1,
+            "rss_per_socket": (rss1 - rss0) / opened if opened else None,
+        }
+        print(f"  connect: {opened:,}/{sc.sockets:,} open in {t_conn:.2f} s ({connect['conn_per_s'] or 0:,.0f}/s), "
+              f"handshake CPU {connect['handshake_cpu_us'] or 0:.0f} us/conn, p99 {connect['handshake_p99_ms']:.1f} ms, "
+              f"RSS {connect['rss_per_socket'] or 0:,.0f} B/socket ({rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB)"
+              + (f", {failed} FAILED {connect['failures']} {connect['http_status'][:1]}" if failed else ""),
+              flush=True)
+        if opened == 0:
+            raise BenchError("no connection opened")
+        steps: list[dict[str, Any]] = []
+        summary: dict[str, Any] = {}
+        if sc.start_rate:
+            # warm-up: check delivery end to end before measuring
+            w = measure_step(env, setup, sc, min(sc.start_rate, 100), 0.5, "warmup")
+            if not w["delivered"]:
+                raise BenchError(f"warm-up: nothing delivered ({w['problems']}); see {env.logdir}")
+            steps, summary = ramp(env, setup, sc)
+        else:
+            c0 = proc_cpu(server_pid)
+            time.sleep(args.probe)
+            summary["idle_cpu_util"] = (proc_cpu(server_pid) - c0) / args.probe
+            rep = ask_all(setup.clients, "r", "report")
+            summary["idle_frames"] = sum(e["frames"] for e in rep)
+            summary["idle_open"] = sum(e["open"] for e in rep)
+        return {
+            "connect": connect,
+            "steps": steps,
+            "summary": summary,
+            "server_pid_is_child": server_pid == server_proc.pid,
+        }
+    finally:
+        if setup is not None:
+            for c in setup.clients:
+                try:
+                    c.send("q")
+                except OSError:
+                    pass
+            for c in setup.clients:
+                children.stop(c.p, timeout=5)
+                c.logf.close()
+            children.stop(setup.server_proc, timeout=10)
+        else:
+            # start_server failed: it stopped its own process
+            pass
+        children.stop(redis_proc)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def sh(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for mod in ("twisted", "autobahn", "txredisapi", "hiredis", "txaio"):
+        try:
+            from importlib.metadata import version
+
+            versions[mod] = version(mod)
+        except Exception:
+            versions[mod] = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis": sh(["redis-server", "--version"]).split(" v=")[-1].split()[0] if sh(["redis-server", "--version"]) else None,
+        "versions": versions,
+        "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
+    }
+
+
+def git_info() -> dict[str, Any]:
+    return {
+        "commit": sh(["git", "rev-parse", "--short", "HEAD"]),
+        "dirty": bool(sh(["git", "status", "--porcelain", "--untracked-files=no", "sockdrawer"])),
+    }
+
+
+def num(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Rows: (scenario, figure, value per label)."""
+    labels: list[str] = []
+    for r in runs:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    by = {(r["scenario"], r["label"]): r for r in runs}
+    rows: list[list[str]] = []
+    scen = [s for s in ORDER if any(r["scenario"] == s for r in runs)]
+
+    def row(scenario: str, name: str, fn: Any) -> None:
+        vals = []
+        for lab in labels:
+            r = by.get((scenario, lab))
+            try:
+                vals.append(fn(r) if r else "-")
+            except (KeyError, TypeError, ZeroDivisionError):
+                vals.append("-")
+        if any(v != "-" for v in vals):
+            rows.append([scenario, name] + vals)
+
+    for s in scen:
+        first = lambda r: next(x for x in r["steps"] if x["phase"] in ("probe", "fixed"))  # noqa: E731
+        held = lambda r: r["summary"]["held"]  # noqa: E731
+        if s != "idle":
+            row(s, "highest rate held (no loss, p99 <= 250 ms), deliveries/s",
+                lambda r: f"{num(r['summary']['held_dps'])} ({num(r['summary']['held_rate'])} msg/s)")
+            row(s, "  server CPU us/delivery at that rate",
+                lambda r: num(held(r)["us_per_delivery"], 2))
+            row(s, "  server CPU use at that rate", lambda r: f"{held(r)['server_util'] * 100:.0f}%")
+            row(s, "  latency p50 / p99 / max, ms",
+                lambda r: f"{held(r)['p50_ms']:.1f} / {held(r)['p99_ms']:.1f} / {held(r)['max_ms']:.0f}")
+            row(s, "  load clients CPU, ns/frame (core-1 busy)",
+                lambda r: f"{held(r)['client_ns_per_frame']:.0f} ({held(r)['load_core_util'] * 100:.0f}%)")
+            row(s, f"server CPU us/delivery at {num(SCENARIO_START.get(s))} msg/s",
+                lambda r: num(first(r)["us_per_delivery"], 2)
+                + ("" if first(r)["ok"] else " (" + ", ".join(first(r)["problems"]) + ")"))
+            row(s, "  latency p50 / p99 there, ms",
+                lambda r: f"{first(r)['p50_ms']:.1f} / {first(r)['p99_ms']:.1f}")
+            row(s, "first failing rate, msg/s",
+                lambda r: num(r["summary"]["first_fail_rate"]) if r["summary"].get("first_fail_rate") else
+                (r["summary"].get("stop_reason") or "-"))
+        c = lambda r: r["connect"]  # noqa: E731
+        if s == "idle":
+            row(s, "RSS per idle socket, bytes", lambda r: num(c(r)["rss_per_socket"]))
+            row(s, "time to open all sockets, s", lambda r: f"{c(r)['connect_s']:.2f}")
+            row(s, "connections/s", lambda r: num(c(r)["conn_per_s"]))
+            row(s, "server CPU per handshake, us", lambda r: num(c(r)["handshake_cpu_us"]))
+            row(s, "handshake latency p50 / p99, ms",
+                lambda r: f"{c(r)['handshake_p50_ms']:.1f} / {c(r)['handshake_p99_ms']:.1f}")
+            row(s, "server CPU while idle", lambda r: f"{r['summary']['idle_cpu_util'] * 100:.1f}%")
+    return labels, rows
+
+
+SCENARIO_START = {k: v.start_rate for k, v in SCENARIOS.items()}
+
+
+def print_table(runs: list[dict[str, Any]]) -> None:
+    labels, rows = summary_rows(runs)
+    head = ["scenario", "figure"] + labels
+    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
+    line = "  ".join("-" * w for w in widths)
+    print()
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print(line)
+    prev = None
+    for r in rows:
+        cells = [r[0] if r[0] != prev else ""] + r[1:]
+        prev = r[0]
+        print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+    print(line)
+
+
+def rst_table(runs: list[dict[str, Any]]) -> str:
+    labels, rows = summary_rows(runs)
+    out = [".. list-table::", "   :header-rows: 1", "   :widths: 12 40 " + " ".join(["24"] * len(labels)), ""]
+    out.append("   * - Scenario")
+    out.append("     - Figure")
+    for lab in labels:
+        out.append(f"     - {lab}")
+    prev = None
+    for r in rows:
+        out.append(f"   * - {r[0] if r[0] != prev else ''}".rstrip())
+        prev = r[0]
+        out.append(f"     - {r[1].strip()}")
+        for v in r[2:]:
+            out.append(f"     - {v}")
+    return "\n".join(out)
+
+
+def plot(runs: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scen = [s for s in ORDER if s != "idle" and any(r["scenario"] == s and r["steps"] for r in runs)]
+    if not scen:
+        print("nothing to plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(len(scen), 2, figsize=(11, 3.4 * len(scen)), squeeze=False)
+    colors = {}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for i, s in enumerate(scen):
+        ax_l, ax_c = axes[i]
+        for r in runs:
+            if r["scenario"] != s:
+                continue
+            col = colors.setdefault(r["label"], palette[len(colors) % len(palette)])
+            pts = sorted((x for x in r["steps"] if x["phase"] != "warmup" and x["delivered"]),
+                         key=lambda x: (x["offered_dps"], x["window_s"]))
+            xs = [p["offered_dps"] for p in pts]
+            ax_l.plot(xs, [max(p["p50_ms"], 1e-3) for p in pts], "o--", color=col, label=f"{r['label']} p50")
+            ax_l.plot(xs, [max(p["p99_ms"], 1e-3) for p in pts], "s-", color=col, label=f"{r['label']} p99")
+            ax_c.plot(xs, [p["us_per_delivery"] for p in pts], "o-", color=col, label=r["label"])
+            bad = [p for p in pts if not p["ok"]]
+            ax_c.plot([p["offered_dps"] for p in bad], [p["us_per_delivery"] for p in bad], "x", color="black",
+                      markersize=9)
+            ax_l.plot([p["offered_dps"] for p in bad], [max(p["p99_ms"], 1e-3) for p in bad], "x",
+                      color="black", markersize=9)
+        ax_l.axhline(P99_LIMIT_MS, color="grey", lw=0.8, ls=":")
+        for ax in (ax_l, ax_c):
+            ax.set_xscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xlabel("offered deliveries/s (msg/s x sockets per channel)")
+        ax_l.set_yscale("log")
+        ax_l.set_ylabel("latency, ms")
+        ax_l.set_title(f"{s}: {SCENARIOS[s].title} - latency")
+        ax_c.set_yscale("log")
+        ax_c.set_ylabel("server CPU, us per delivery")
+        ax_c.set_title(f"{s}: server CPU per delivery (x = failed step)")
+        ax_l.legend(fontsize=7)
+        ax_c.legend(fontsize=7)
+    meta = runs[0]
+    fig.suptitle(f"sockdrawer benchmark, build {meta['git']['commit']}{'+dirty' if meta['git']['dirty'] else ''}, "
+                 f"{meta['date'][:10]}, {meta['machine']['cpu_model']} x{meta['machine']['nproc']}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", action="append", choices=ORDER + ["all"],
+                   help="scenario to run (repeatable, or 'all'); default: all")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: small socket counts, 1 s windows, at most 3 rate steps")
+    p.add_argument("--clients", type=int, default=1, help="load-client processes (default 1)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of the confirming window at the best rate (default 10; --quick 1)")
+    p.add_argument("--probe", type=float, default=None,
+                   help="seconds of each probing window while stepping the rate (default 4; --quick 1)")
+    p.add_argument("--max-rate", type=float, default=None,
+                   help="highest msg/s to try (default per scenario: fanout 10,000, channels 200,000, large 5,000)")
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                   help="comma-separated msg/s to measure instead of the ramp")
+    p.add_argument("--sockets", type=int, default=None, help="override the scenario's socket count")
+    p.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD,
+                   help="command template of the server under test; {port}, {redis_port}, {python}, {bench}, "
+                        "{root} are filled in (default: %(default)s)")
+    p.add_argument("--label", default="sockdrawer", help="name of the server under test (default: sockdrawer)")
+    p.add_argument("--baseline-cmd", default=DEFAULT_BASELINE_CMD, help="baseline command template")
+    p.add_argument("--no-baseline", action="store_true", help="do not measure the baseline")
+    p.add_argument("--concurrency", type=int, default=64, help="handshakes in flight per load client (default 64)")
+    p.add_argument("--server-cpu", type=int, default=0, help="core the server is pinned to (default 0)")
+    p.add_argument("--load-cpu", type=int, default=1, help="core for Redis, clients, publisher (default 1)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--json-out", default=None, help="append one JSON line per run to this file")
+    p.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
+    p.add_argument("--rst", action="store_true", help="also print the summary as an RST list-table")
+    p.add_argument("--from-json", default=None,
+                   help="do not measure: read runs from this JSON-lines file (the last invocation in it, "
+                        "or --run-id) and print/plot them")
+    p.add_argument("--run-id", default=None, help="with --from-json: which invocation to show")
+    a = p.parse_args(argv)
+    scen = a.scenario or ["all"]
+    a.scenarios = ORDER[:] if "all" in scen else [s for s in ORDER if s in scen]
+    if a.duration is None:
+        a.duration = 1.0 if a.quick else 10.0
+    if a.probe is None:
+        a.probe = 1.0 if a.quick else 4.0
+    if a.clients < 1:
+        p.error("--clients must be >= 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        runs = [json.loads(line) for line in open(args.from_json) if line.strip()]
+        if not runs:
+            raise SystemExit("no runs in " + args.from_json)
+        rid = args.run_id or runs[-1]["run_id"]
+        runs = [r for r in runs if r["run_id"] == rid]
+        print(f"run {rid}: {len(runs)} runs, build {runs[0]['git']}, {runs[0]['date']}")
+        print_table(runs)
+        if args.rst:
+            print()
+            print(rst_table(runs))
+        if args.plot:
+            plot(runs, args.plot)
+        return 0
+
+    build()
+    ncpu = os.cpu_count() or 1
+    pin = not args.no_pin and ncpu >= 2
+    server_cpus = {args.server_cpu} if pin else None
+    load_cpus = {args.load_cpu} if pin else None
+    if pin:
+        os.sched_setaffinity(0, load_cpus)
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logdir = RESULTS / run_id
+    logdir.mkdir(parents=True, exist_ok=True)
+    children = Children()
+    env = Env(args, children, server_cpus, load_cpus, logdir)
+    servers = [(args.label, args.server_cmd)]
+    if not args.no_baseline:
+        servers.append(("baseline", args.baseline_cmd))
+    machine, git = machine_info(), git_info()
+    print(f"sockdrawer benchmark {run_id}: build {git['commit']}{' (sockdrawer/ modified)' if git['dirty'] else ''}, "
+          f"{machine['cpu_model']} x{machine['nproc']}, kernel {machine['kernel']}; logs in {logdir}")
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    if float(load) > 0.5:
+        print(f"warning: load average {load}: is something else running? Results would be meaningless.",
+              file=sys.stderr)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    runs: list[dict[str, Any]] = []
+    status = 0
+    try:
+        for name in args.scenarios:
+            base = SCENARIOS[name]
+            sc = Scenario(**{**base.__dict__, **(QUICK[name] if args.quick else {})})
+            if args.sockets:
+                sc.sockets = args.sockets
+                if name == "channels":
+                    sc.channels = args.sockets
+            for label, cmd in servers:
+                t0 = time.monotonic()
+                try:
+                    res = run_one(env, label, cmd, sc)
+                    error = None
+                except BenchError as e:
+                    print(f"  ERROR: {e}", file=sys.stderr)
+                    res, error, status = {"connect": None, "steps": [], "summary": {}}, str(e), 1
+                run = {
+                    "kind": "sockdrawer-bench",
+                    "format": 1,
+                    "run_id": run_id,
+                    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "label": label,
+                    "server_cmd": cmd,
+                    "scenario": name,
+                    "params": {"sockets": sc.sockets, "channels": sc.channels, "size": sc.size,
+                               "start_rate": sc.start_rate, "clients": args.clients, "quick": args.quick,
+                               "probe_s": args.probe, "confirm_s": args.duration,
+                               "pinned": {"server": sorted(server_cpus or []), "load": sorted(load_cpus or [])}},
+                    "git": git,
+                    "machine": machine,
+                    "elapsed_s": round(time.monotonic() - t0, 1),
+                    "error": error,
+                    **res,
+                }
+                runs.append(run)
+                line = json.dumps(run, separators=(",", ":"))
+                print(line if len(line) < 400 else line[:200] + " ...", flush=True)
+                if args.json_out:
+                    with open(args.json_out, "a") as f:
+                        f.write(line + "\n")
+                with open(logdir / "results.jsonl", "a") as f:
+                    f.write(line + "\n")
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping child processes", file=sys.stderr)
+        status = 130
+    finally:
+        children.stop_all()
+    ok_runs = [r for r in runs if not r["error"]]
+    if ok_runs:
+        print_table(ok_runs)
+        if args.rst:
+            print()
+            print(rst_table(ok_runs))
+        if args.plot:
+            plot(ok_runs, args.plot)
+    print(f"\nresults: {logdir / 'results.jsonl'}" + (f" and {args.json_out}" if args.json_out else ""))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
