@@ -18,6 +18,12 @@
  * read once per read() call) goes into a log-scale histogram with 16
  * sub-buckets per power of two (at most 6% wide).
  *
+ * Reading: by default the client blocks in epoll_wait, so every write the
+ * server makes to an idle client wakes it (on a VM, an inter-processor
+ * interrupt paid by the server).  With --poll-us N it sleeps in ticks of N
+ * microseconds and polls epoll without blocking, as a remote client would
+ * cost the server no wake-up; latency gains up to N microseconds.
+ *
  * Output: JSON lines on stdout.  One "connected" line when every connection
  * is open or has failed, then one line per command read on stdin:
  *     r   report the counters since the last "r" and reset them
@@ -68,7 +74,7 @@ typedef struct {
 } conn_t;
 
 typedef struct {
-    uint64_t frames, bytes, lost, dup, late, wrong_chan, bad_payload, fragments;
+    uint64_t frames, bytes, lost, dup, late, stale, wrong_chan, bad_payload, fragments;
     uint64_t pings, closes, reads;
     uint64_t lat_min, lat_max, lat_sum;
     uint64_t hist[HIST_N];
@@ -83,6 +89,7 @@ static const char *prefix = "bench";
 static int concurrency = 64;
 static double max_seconds = 3600;
 static int client_id;
+static int poll_us;  /* 0: block in epoll_wait; else poll every poll_us microseconds */
 static int epfd;
 static unsigned char *rbuf;
 static stats_t st, tot;  /* per step, cumulative */
@@ -105,6 +112,12 @@ static double cpu_seconds(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+}
+
+static double sys_seconds(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
 static inline int hist_index(uint64_t v) {
@@ -133,17 +146,37 @@ static uint64_t hist_quantile(const uint64_t *h, double q) {
     return 0;
 }
 
-static inline uint64_t hexn(const unsigned char *p, int n, int *bad) {
-    uint64_t v = 0;
-    for (int i = 0; i < n; i++) {
-        unsigned c = p[i];
-        unsigned d;
-        if (c - '0' < 10) d = c - '0';
-        else if ((c | 0x20) - 'a' < 6) d = (c | 0x20) - 'a' + 10;
-        else { *bad = 1; d = 0; }
-        v = (v << 4) | d;
-    }
-    return v;
+/*
+ * Hex digits to a number, 8 at a time (SWAR).  Digits are lowercase
+ * [0-9a-f]; a byte outside that set sets *bad.
+ */
+static inline uint64_t hex8(const unsigned char *p, int *bad) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    /* valid: 0x30-0x39 or 0x61-0x66 */
+    uint64_t hi = v & 0xF0F0F0F0F0F0F0F0ull;
+    uint64_t is_digit = hi ^ 0x3030303030303030ull;  /* 0 lanes where high nibble is 3 */
+    uint64_t is_alpha = hi ^ 0x6060606060606060ull;
+    uint64_t lo = v & 0x0F0F0F0F0F0F0F0Full;
+    /* per lane: digit lanes need lo <= 9, alpha lanes 1 <= lo <= 6 */
+    uint64_t digit_lane = ~(((is_digit & 0x7F7F7F7F7F7F7F7Full) + 0x7F7F7F7F7F7F7F7Full) | is_digit) & 0x8080808080808080ull;
+    uint64_t alpha_lane = ~(((is_alpha & 0x7F7F7F7F7F7F7F7Full) + 0x7F7F7F7F7F7F7F7Full) | is_alpha) & 0x8080808080808080ull;
+    uint64_t digit_ok = digit_lane & ~((lo + 0x7676767676767676ull) & 0x8080808080808080ull);     /* lo <= 9 */
+    uint64_t alpha_ok = alpha_lane & ~((lo + 0x7979797979797979ull) & 0x8080808080808080ull)      /* lo <= 6 */
+                        & ((lo + 0x7F7F7F7F7F7F7F7Full) & 0x8080808080808080ull);                /* lo >= 1 */
+    if ((digit_ok | alpha_ok) != 0x8080808080808080ull) *bad = 1;
+    uint64_t d = lo + 9 * ((v >> 6) & 0x0101010101010101ull);
+    d = ((d & 0x000F000F000F000Full) << 4) | ((d >> 8) & 0x000F000F000F000Full);
+    d = ((d & 0x000000FF000000FFull) << 8) | ((d >> 16) & 0x000000FF000000FFull);
+    d = ((d & 0x000000000000FFFFull) << 16) | ((d >> 32) & 0x000000000000FFFFull);
+    return d;
+}
+
+static inline uint64_t hex4(const unsigned char *p, int *bad) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    uint64_t v = 0x30303030ull | ((uint64_t)x << 32);  /* "0000" + p[0..3] */
+    return hex8((const unsigned char *)&v, bad);
 }
 
 static void ep_mod(conn_t *c, uint32_t events) {
@@ -250,18 +283,25 @@ static void send_control(conn_t *c, int opcode, const unsigned char *payload, si
 }
 
 static inline void count_data(conn_t *c, const unsigned char *p, uint64_t len, uint64_t now) {
-    st.frames++;
-    st.bytes += len;
-    c->step_frames++;
     if (len < HDR_LEN || p[4] != ' ' || p[17] != ' ' || p[34] != ' ' || p[43] != ' ') {
+        st.frames++;
+        st.bytes += len;
+        c->step_frames++;
         st.bad_payload++;
         return;
     }
     int bad = 0;
-    uint32_t step = (uint32_t)hexn(p, 4, &bad);
-    uint64_t seq = hexn(p + 5, 12, &bad);
-    uint64_t ts = hexn(p + 18, 16, &bad);
-    uint32_t chan = (uint32_t)hexn(p + 35, 8, &bad);
+    uint32_t step = (uint32_t)hex4(p, &bad);
+    uint64_t seq = (hex8(p + 5, &bad) << 16) | hex4(p + 13, &bad);
+    uint64_t ts = (hex8(p + 18, &bad) << 32) | hex8(p + 26, &bad);
+    uint32_t chan = (uint32_t)hex8(p + 35, &bad);
+    if (!bad && step < c->step) {  /* a straggler of an older step: not this step's delivery */
+        st.stale++;
+        return;
+    }
+    st.frames++;
+    st.bytes += len;
+    c->step_frames++;
     if (bad) {
         st.bad_payload++;
         return;
@@ -272,11 +312,7 @@ static inline void count_data(conn_t *c, const unsigned char *p, uint64_t len, u
     st.lat_sum += lat;
     if (lat > st.lat_max) st.lat_max = lat;
     if (lat < st.lat_min) st.lat_min = lat;
-    if (step != c->step) {
-        if (step < c->step) {  /* a frame of an older step */
-            st.late++;
-            return;
-        }
+    if (step != c->step) {  /* first frame of a new step */
         c->step = step;
         c->next = 0;
         c->win = 0;
@@ -460,14 +496,15 @@ static void report(const char *event, stats_t *s) {
         if (conns[i].step_frames > fmax) fmax = conns[i].step_frames;
     }
     if (!nopen) fmin = 0;
-    printf("{\"event\":\"%s\",\"id\":%d,\"t\":%.6f,\"cpu_s\":%.6f,\"open\":%d,\"closed\":%d,"
-           "\"frames\":%llu,\"bytes\":%llu,\"lost\":%llu,\"dup\":%llu,\"late\":%llu,"
+    printf("{\"event\":\"%s\",\"id\":%d,\"t\":%.6f,\"cpu_s\":%.6f,\"sys_s\":%.6f,\"open\":%d,\"closed\":%d,"
+           "\"frames\":%llu,\"bytes\":%llu,\"lost\":%llu,\"dup\":%llu,\"late\":%llu,\"stale\":%llu,"
            "\"wrong_chan\":%llu,\"bad_payload\":%llu,\"fragments\":%llu,\"pings\":%llu,\"closes\":%llu,"
            "\"reads\":%llu,\"conn_frames_min\":%llu,\"conn_frames_max\":%llu,"
            "\"lat_min_ns\":%llu,\"lat_max_ns\":%llu,\"lat_sum_ns\":%llu,\"total_frames\":%llu,\"hist\":",
-           event, client_id, (now_ns() - t_begin) / 1e9, cpu_seconds(), n_open, n_closed,
+           event, client_id, (now_ns() - t_begin) / 1e9, cpu_seconds(), sys_seconds(), n_open, n_closed,
            (unsigned long long)s->frames, (unsigned long long)s->bytes, (unsigned long long)s->lost,
-           (unsigned long long)s->dup, (unsigned long long)s->late, (unsigned long long)s->wrong_chan,
+           (unsigned long long)s->dup, (unsigned long long)s->late, (unsigned long long)s->stale,
+           (unsigned long long)s->wrong_chan,
            (unsigned long long)s->bad_payload, (unsigned long long)s->fragments,
            (unsigned long long)s->pings, (unsigned long long)s->closes, (unsigned long long)s->reads,
            (unsigned long long)fmin, (unsigned long long)fmax,
@@ -484,6 +521,7 @@ static void fold_step(void) {
     tot.lost += st.lost;
     tot.dup += st.dup;
     tot.late += st.late;
+    tot.stale += st.stale;
     tot.wrong_chan += st.wrong_chan;
     tot.bad_payload += st.bad_payload;
     tot.fragments += st.fragments;
@@ -500,10 +538,10 @@ static void report_connected(void) {
     printf("{\"event\":\"connected\",\"id\":%d,\"conns\":%d,\"open\":%d,\"failed\":%d,"
            "\"failed_refused\":%d,\"failed_timeout\":%d,\"failed_http\":%d,\"failed_other\":%d,"
            "\"last_http_status\":\"%s\",\"connect_s\":%.6f,\"conn_per_s\":%.1f,"
-           "\"hs_p50_us\":%.1f,\"hs_p99_us\":%.1f,\"hs_max_us\":%.1f,\"cpu_s\":%.6f,\"hs_hist\":",
+           "\"hs_p50_us\":%.1f,\"hs_p99_us\":%.1f,\"hs_max_us\":%.1f,\"cpu_s\":%.6f,\"sys_s\":%.6f,\"hs_hist\":",
            client_id, nconns, n_open, n_failed, fail_status[0], fail_status[1], fail_status[2], fail_status[3],
            last_http_status, secs, secs > 0 ? n_open / secs : 0.0, hist_quantile(hs_hist, 0.5) / 1e3,
-           hist_quantile(hs_hist, 0.99) / 1e3, hs_max / 1e3, cpu_seconds());
+           hist_quantile(hs_hist, 0.99) / 1e3, hs_max / 1e3, cpu_seconds(), sys_seconds());
     print_hist(hs_hist);
     printf("}\n");
     fflush(stdout);
@@ -518,6 +556,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadclient --port P --conns N [--host 127.0.0.1] [--offset O] [--channels M]\n"
             "                  [--prefix bench] [--concurrency 64] [--max-seconds 3600] [--id K]\n"
+            "                  [--poll-us 0]\n"
             "connection i (global index O+i) opens ws://HOST:P/<prefix><(O+i) %% M>\n"
             "stdin commands: r (report and reset), p (peek), q (quit)\n");
     exit(2);
@@ -537,6 +576,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--concurrency")) concurrency = atoi(v);
         else if (!strcmp(a, "--max-seconds")) max_seconds = atof(v);
         else if (!strcmp(a, "--id")) client_id = atoi(v);
+        else if (!strcmp(a, "--poll-us")) poll_us = atoi(v);
         else usage();
         i++;
     }
@@ -584,8 +624,28 @@ int main(int argc, char **argv) {
     size_t cmdlen = 0;
     int quit = 0;
 
+    uint64_t next_poll = 0;
+    int polled_full = 0;
     while (!quit && !stop_flag) {
-        int n = epoll_wait(epfd, evs, MAX_EVENTS, connected_reported ? 200 : 50);
+        int timeout = connected_reported ? 200 : 50;
+        if (poll_us && connected_reported) {
+            /* tick mode: sleep to the next tick instead of blocking in epoll_wait, so
+               the server's writes find no waiter to wake (no cross-core wake-up) */
+            if (!polled_full) {
+                uint64_t t = now_ns();
+                if (next_poll > t) {
+                    struct timespec ts = {.tv_sec = (time_t)(next_poll / 1000000000ull),
+                                          .tv_nsec = (long)(next_poll % 1000000000ull)};
+                    clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+                    next_poll += (uint64_t)poll_us * 1000ull;
+                } else {
+                    next_poll = t + (uint64_t)poll_us * 1000ull;
+                }
+            }
+            timeout = 0;
+        }
+        int n = epoll_wait(epfd, evs, MAX_EVENTS, timeout);
+        polled_full = (n == MAX_EVENTS);
         if (n < 0 && errno != EINTR) {
             perror("epoll_wait");
             break;

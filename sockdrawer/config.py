@@ -49,6 +49,10 @@ class Settings:
     max_handshake_size: int = 16 * KiB
     #: Most simultaneous WebSocket connections; more get HTTP 503.
     max_connections: int = 50_000
+    #: Listen backlog for the WebSocket endpoint, unless the endpoint string
+    #: sets ``backlog=`` itself (Twisted's default of 50 drops connection
+    #: storms: every dropped SYN costs the client a 1-second retry).
+    backlog: int = 1024
     #: Seconds a client has to complete the opening handshake.
     open_handshake_timeout: float = 5.0
     #: Seconds to wait for the client's close frame before dropping.
@@ -91,6 +95,7 @@ class Settings:
             "max_channel_length": 1,
             "max_handshake_size": 1024,
             "max_connections": 1,
+            "backlog": 1,
             "send_buffer": 1,
             "trust_x_forwarded_for": 0,
         }
@@ -136,10 +141,21 @@ class Settings:
         return bool(self.api) and str(self.api).lower() != "none"
 
 
-def endpoint_string(value: str) -> str:
-    """Turn a bare port number into a ``tcp:`` endpoint string."""
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
+
+
+def endpoint_string(value: str, backlog: int | None = None) -> str:
+    """
+    Turn a bare port number into a ``tcp:`` endpoint string, and give
+    stream endpoints without an explicit ``backlog=`` the ``backlog``.
+    """
     value = str(value).strip()
-    return f"tcp:{value}" if value.isdigit() else value
+    if value.isdigit():
+        value = f"tcp:{value}"
+    kind = value.split(":", 1)[0].lower()
+    if backlog and kind in _BACKLOG_TYPES and "backlog=" not in value:
+        value = f"{value}:backlog={backlog}"
+    return value
 
 
 def _opt(name: str) -> str:

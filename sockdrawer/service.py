@@ -187,7 +187,7 @@ class SockDrawerService(MultiService):
             trust_x_forwarded_for=settings.trust_x_forwarded_for,
         )
         self.websocket = WebSocketService(
-            endpoint_string(settings.port), self.factory, settings.shutdown_timeout, reactor
+            endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor
         )
         self.websocket.setServiceParent(self)
         self.api: ListeningService | None = None

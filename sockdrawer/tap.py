@@ -31,6 +31,7 @@ _PARAMETERS: list[tuple[str, str | None, Any, str]] = [
     ("max-channel-length", None, int, "largest channel name, in UTF-8 bytes (longer paths: HTTP 400)"),
     ("max-handshake-size", None, int, "largest WebSocket opening handshake request, in bytes (larger: HTTP 431)"),
     ("max-connections", None, int, "most simultaneous WebSocket connections (more: HTTP 503)"),
+    ("backlog", None, int, "listen backlog of the WebSocket endpoint, unless --port sets backlog= itself"),
     ("open-handshake-timeout", None, float, "seconds a client has to complete the opening handshake"),
     ("close-handshake-timeout", None, float, "seconds to wait for a client's close frame"),
     ("auto-ping-interval", None, float, "seconds between pings to each socket; 0 turns pings off"),

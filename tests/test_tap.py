@@ -132,3 +132,30 @@ def test_twistd_help_documents_every_option() -> None:
     for f in fields(Settings):
         option = {"listeners": "listener", "allowed_origins": "allowed-origin"}.get(f.name, f.name)
         assert "--" + option.replace("_", "-") in result.stdout, option
+
+
+def test_endpoint_strings_get_port_and_backlog() -> None:
+    """Bare ports become tcp: endpoints, and stream endpoints get the backlog unless they set one."""
+    from sockdrawer.config import endpoint_string
+
+    assert endpoint_string("8020") == "tcp:8020"
+    assert endpoint_string("8020", 1024) == "tcp:8020:backlog=1024"
+    assert endpoint_string("tcp:8020:interface=127.0.0.1", 64) == "tcp:8020:interface=127.0.0.1:backlog=64"
+    assert endpoint_string("tcp:8020:backlog=10", 1024) == "tcp:8020:backlog=10"
+    assert endpoint_string("unix:/run/sd.sock", 8) == "unix:/run/sd.sock:backlog=8"
+    assert endpoint_string("systemd:domain=INET:index=0", 8) == "systemd:domain=INET:index=0"
+
+
+def test_service_listens_with_backlog() -> None:
+    """The WebSocket port listens with --backlog (default 1024), the API on loopback port 8021."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from sockdrawer.service import SockDrawerService
+
+    reactor = MemoryReactorClock()
+    svc = SockDrawerService(reactor=reactor)
+    svc.startService()
+    (ws_port, _, ws_backlog, ws_interface), (api_port, _, _, api_interface) = reactor.tcpServers
+    assert (ws_port, ws_backlog, ws_interface) == (8020, 1024, "")
+    assert (api_port, api_interface) == (8021, "127.0.0.1")
+    svc.stopService()
