@@ -18,7 +18,7 @@ from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -32,6 +32,49 @@ FrameHandler = Callable[[Source, "str | bytes"], Sequence[Deferred[Any]]]
 
 CLOSE_GOING_AWAY = 1001
 _STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
+# Attributes Autobahn's server keeps from the opening handshake and never
+# reads once the socket is open.
+_HANDSHAKE_STATE = (
+    "http_headers",
+    "http_request_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_protocols",
+    "websocket_extensions",
+    "websocket_origin",
+    "_wskey",
+    "http_response_data",
+)
+# Attributes Autobahn sets on every connection (in _connectionMade and the
+# handshake, before any read) whose values usually stay these defaults: as
+# class attributes they need no room in each idle socket's dict.
+_COMPACT_DEFAULTS: dict[str, Any] = {
+    name: False
+    for name in (
+        "triggered", "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded",
+        "closedByMe", "failedByMe", "droppedByMe", "wasClean", "wasServerConnectionDropTimeout",
+        "wasOpenHandshakeTimeout", "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile",
+        "inside_message",
+    )
+}
+_COMPACT_DEFAULTS.update(
+    (name, None)
+    for name in (
+        "_perMessageCompress", "trackedTimings", "wasNotCleanReason", "localCloseCode",
+        "localCloseReason", "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall",
+        "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending", "autoPingPendingSent",
+        "websocket_protocol_in_use", "current_frame",
+    )
+)
+_COMPACT_DEFAULTS.update(send_state=WebSocketServerProtocol.SEND_STATE_GROUND, autoPingPendingSeq=0, data=b"")
+_HIGH_WATER = 64 * 1024
+
+
+def _is_tcp(transport: Any) -> bool:
+    return isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen")
 CLOSE_POLICY_VIOLATION = 1008
 
 
@@ -57,16 +100,15 @@ def encode_batch(messages: Sequence[bytes]) -> bytes:
     return b"".join([encode_frame(m) for m in messages])
 
 
-@implementer(ISink, IPushProducer)
+@implementer(ISink)
 class SockDrawerServerProtocol(WebSocketServerProtocol):
     """
     One browser connection on one channel.
 
-    It is its own push producer: when Twisted's write buffer for the socket
-    is over its high-water mark the socket is *paused*; messages keep being
-    queued in order, and a socket that stays paused for ``slow_timeout``
-    seconds, or queues more than ``send_buffer`` bytes while paused, is cut
-    off with close code 1008.
+    Slow readers: bytes the kernel does not take wait in Twisted's buffer for
+    the socket, in order.  A socket whose buffer grows past ``send_buffer``
+    bytes, or stays above Twisted's high-water mark (64 KiB) for
+    ``slow_timeout`` seconds, is cut off with close code 1008.
     """
 
     # Autobahn calls transport.setTcpNoDelay(self.tcpNoDelay) before copying
@@ -76,16 +118,17 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     factory: SockDrawerServerFactory
     transport: Any
-    closeHandshakeTimeout: float  # copied from the factory by Autobahn
+    closeHandshakeTimeout: float  # an option, from the factory
     _log = Logger()
 
     key: bytes | None = None
-    source: Source | None = None
+    _joined = False
     #: the socket, when the transport is a plain TCP or UNIX connection whose
     #: buffer the fast path may bypass (not TLS)
     _sock: socket.socket | None = None
-    _paused = False
-    _paused_bytes = 0
+    #: the Twisted TCP connection whose write buffer holds this socket's
+    #: backlog (the transport itself, or the one under TLS)
+    _tcp: tcp.Connection | None = None
     _slow_timer: IDelayedCall | None = None
 
     # -- Twisted
@@ -124,19 +167,38 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         key = self.key
         assert key is not None
-        self.source = Source(SOCKET, key.decode("utf-8"), self.peer)
         transport = self.transport
-        if isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen"):
+        if _is_tcp(transport):
+            self._tcp = transport
             self._sock = transport.socket
-        transport.registerProducer(self, True)
+        elif _is_tcp(getattr(transport, "transport", None)):  # TLS
+            self._tcp = transport.transport
+        self._compact()
+        self._joined = True
         self.factory.hub.subscribe(key, self)
+
+    def _compact(self) -> None:
+        # An idle socket's memory is mostly its instance dict.  Drop the
+        # opening handshake (never read again once open) and every attribute
+        # that holds its class default, then rebuild the dict: deleting keys
+        # never shrinks a dict.
+        state = self.__dict__
+        for name in _HANDSHAKE_STATE:
+            state.pop(name, None)
+        for name, default in _COMPACT_DEFAULTS.items():
+            if name in state:
+                value = state[name]
+                if value is default or (type(value) is type(default) and value == default):
+                    del state[name]
+        self.__dict__ = dict(state)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         handler = self.factory.frame_handler
-        if handler is None or self.source is None:
+        if handler is None or not self._joined or self.key is None:
             return
         message: str | bytes = payload if isBinary else payload.decode("utf-8")
-        for d in handler(self.source, message):
+        source = Source(SOCKET, self.key.decode("utf-8"), self.peer)
+        for d in handler(source, message):
             d.addCallback(self._reply)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -168,30 +230,26 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             if sent:
                 data = data[sent:]
         transport.write(data)
-        if self._paused:
-            self._paused_bytes += len(data)
-            if self._paused_bytes > self.factory.send_buffer:
+        buffered = self._buffered()
+        if buffered > _HIGH_WATER:
+            factory = self.factory
+            if buffered > factory.send_buffer:
                 self._cut_off("queued too much")
+            elif self._slow_timer is None and factory.slow_timeout > 0:
+                self._slow_timer = factory.clock.callLater(factory.slow_timeout, self._check_slow)
 
-    # -- IPushProducer
+    def _buffered(self) -> int:
+        """Bytes waiting in Twisted for this socket."""
+        conn = self._tcp
+        if conn is None:
+            return 0
+        pending: int = conn._tempDataLen + len(conn.dataBuffer) - conn.offset
+        return pending
 
-    def pauseProducing(self) -> None:
-        # Twisted calls this on every write while over the buffer's mark.
-        if self._paused:
-            return
-        self._paused = True
-        self._paused_bytes = 0
-        timeout = self.factory.slow_timeout
-        if timeout > 0:
-            self._slow_timer = self.factory.clock.callLater(timeout, self._cut_off, "stayed paused")
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._paused_bytes = 0
-        self._cancel_slow_timer()
-
-    def stopProducing(self) -> None:
-        self._cancel_slow_timer()
+    def _check_slow(self) -> None:
+        self._slow_timer = None
+        if self._buffered() > _HIGH_WATER:
+            self._cut_off("stayed too slow")
 
     # -- own
 
@@ -226,9 +284,9 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     def _leave(self) -> None:
         self._sock = None
         self._cancel_slow_timer()
-        if self.source is not None and self.key is not None:
+        if self._joined and self.key is not None:
+            self._joined = False
             self.factory.hub.unsubscribe(self.key, self)
-            self.source = None
 
     def _reply(self, result: Any) -> None:
         if result is None or self.state != self.STATE_OPEN:
@@ -248,6 +306,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     def __repr__(self) -> str:
         return f"<SockDrawerServerProtocol {self.key!r} {self.peer}>"
+
+
+for _name, _default in _COMPACT_DEFAULTS.items():
+    setattr(SockDrawerServerProtocol, _name, _default)
 
 
 class SockDrawerServerFactory(WebSocketServerFactory):
@@ -314,6 +376,20 @@ class SockDrawerServerFactory(WebSocketServerFactory):
             # send the close code (1002, 1007, 1009) instead of just dropping TCP
             failByDrop=False,
         )
+
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        """
+        As Autobahn's, and the options become class attributes of this
+        factory's own protocol subclass: Autobahn then copies nothing into
+        each connection (35 attributes, and a pretty-printed debug line it
+        formats even with debug logging off), which saves memory and
+        handshake time per socket.
+        """
+        super().setProtocolOptions(*args, **kwargs)
+        base = SockDrawerServerProtocol
+        options: dict[str, Any] = {name: getattr(self, name) for name in base.CONFIG_ATTRS}
+        options["CONFIG_ATTRS"] = ()
+        self.protocol = type(base.__name__, (base,), options)  # type: ignore[assignment]
 
     def origin_allowed(self, origin: str) -> bool:
         """
