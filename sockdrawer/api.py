@@ -2,8 +2,8 @@
 The internal HTTP API: ``POST /publish/<channel>`` publishes the request body
 through the service's broker; ``GET /health`` reports the service's state.
 
-It listens on loopback by default; with an API key, every request must carry
-``Authorization: Bearer <key>``.
+It listens on loopback by default; with an API key, every publish request
+must carry ``Authorization: Bearer <key>`` (``/health`` stays open).
 """
 
 from __future__ import annotations
@@ -68,15 +68,18 @@ class ApiResource(Resource):
         return hmac.compare_digest(given, self._expected)
 
     def render(self, request: Request) -> Any:
-        if not self._authorized(request):
-            request.setHeader(b"www-authenticate", b'Bearer realm="sockdrawer"')
-            return _respond(request, 401, {"error": "missing or wrong API key"})
+        request.setHeader(b"server", b"sockdrawer")
         path = request.path
         if path == b"/health":
+            # open to health checkers (load balancers, orchestrators) without
+            # the key: it tells only counts and whether the broker is up
             if request.method not in (b"GET", b"HEAD"):
                 request.setHeader(b"allow", b"GET, HEAD")
                 return _respond(request, 405, {"error": "use GET"})
             return self._health(request)
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="sockdrawer"')
+            return _respond(request, 401, {"error": "missing or wrong API key"})
         if path.startswith(_PUBLISH_PREFIX) or path == _PUBLISH_PREFIX[:-1]:
             if request.method != b"POST":
                 request.setHeader(b"allow", b"POST")

@@ -52,6 +52,8 @@ class Client:
     :param api_key: the API key, for an HTTP API started with ``--api-key``.
     :param timeout: seconds to connect and to wait for an answer.
     :param max_channel_length: the server's ``--max-channel-length``.
+    :param max_message_size: the server's ``--max-publish-size``: larger
+        messages would be dropped by every node, so they are refused here.
     """
 
     def __init__(
@@ -63,12 +65,14 @@ class Client:
         api_key: str | None = None,
         timeout: float = 5.0,
         max_channel_length: int = 256,
+        max_message_size: int = 1024 * 1024,
     ) -> None:
         self._namespace = Namespace(name)
         self._log = logger if logger is not None else logging.getLogger("sockdrawer.client")
         self._timeout = timeout
         self._api_key = api_key
         self._max_channel_length = max_channel_length
+        self._max_message_size = max_message_size
         self._http: str | None = None
         self._redis: _Publisher | None = None
         self._owns_redis = False
@@ -103,7 +107,7 @@ class Client:
             sockets on ``/news``; ``""`` (the default) the root ``/``.
         :return: what the broker reports: for Redis, the number of subscribed
             sockdrawer nodes; for the HTTP API, the count it answers.
-        :raises ValueError: for a bad channel name or message type.
+        :raises ValueError: for a bad channel name, message type or size.
         :raises PublishError: when the message could not be published.
         """
         key = validate_channel(channel, self._max_channel_length)
@@ -113,6 +117,10 @@ class Client:
             payload = bytes(message)
         else:
             raise ValueError(f"message must be str or bytes, not {type(message).__name__}")
+        if len(payload) > self._max_message_size:
+            raise ValueError(
+                f"message of {len(payload)} bytes is over the limit of {self._max_message_size} bytes"
+            )
         self._log.debug("publishing %d bytes on channel %r", len(payload), channel)
         if self._http is not None:
             return self._pub_http(channel, payload)

@@ -150,6 +150,9 @@ def test_client_with_injected_redis_object() -> None:
         client.pub("x", channel="/rooms")
     with pytest.raises(ValueError):
         client.pub(12, channel="a")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="over the limit"):
+        Client(redis=recorder, max_message_size=10).pub(b"x" * 11, "a")
+    assert len(recorder.calls) == 1
 
 
 def test_client_reports_redis_down() -> None:
@@ -228,7 +231,7 @@ async def test_http_api_key_and_errors(run_service: Any) -> None:
         await deferToThread(Client(base).pub, "no key", "news")
     assert (await deferToThread(Client(base, api_key="s3cret").pub, "key", "news")) == 1
     assert (await client.next_text()) == "key"
-    status, body = await deferToThread(http, "GET", base + "/health", None, auth)
+    status, body = await deferToThread(http, "GET", base + "/health")  # no key needed
     assert status == 200 and body["broker"] == "embedded" and body["sockets"] == 1
 
 
