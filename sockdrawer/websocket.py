@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ._autobahn import make_log_arguments_lazy
 from ._channels import DEFAULT_MAX_CHANNEL_LENGTH, ChannelNameError, channel_from_path
 from .interfaces import Batch, IChannelHub, ISink
 from .subscriber import SOCKET, Source
@@ -29,6 +30,8 @@ from .subscriber import SOCKET, Source
 #: Called with each frame a browser sends: returns one Deferred per handler,
 #: each firing with the reply to send back (or ``None``).
 FrameHandler = Callable[[Source, "str | bytes"], Sequence[Deferred[Any]]]
+
+make_log_arguments_lazy()
 
 CLOSE_GOING_AWAY = 1001
 _STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
