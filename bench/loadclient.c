@@ -14,7 +14,8 @@
  *
  * Per connection it tracks the next expected sequence number of the current
  * step and a 64-message window behind it, counting losses (gaps),
- * duplicates and late (reordered) frames.  Latency (now - publish time,
+ * duplicates and late (reordered) frames; frames of an older step (stragglers
+ * of a step the server fell behind on) are counted apart as "stale".  Latency (now - publish time,
  * read once per read() call) goes into a log-scale histogram with 16
  * sub-buckets per power of two (at most 6% wide).
  *

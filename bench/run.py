@@ -59,7 +59,7 @@ DEFAULT_SERVER_CMD = (
     "twistd -n --pidfile= sockdrawer --port tcp:{port}:interface=127.0.0.1 --api none "
     "--redis redis://127.0.0.1:{redis_port}/0 --max-connections 20000 --auto-ping-interval 0"
 )
-DEFAULT_BASELINE_CMD = "{python} bench/baseline_autobahn.py --port {port} --redis-port {redis_port} --no-click"
+DEFAULT_BASELINE_CMD = "{python} bench/baseline_autobahn.py --port {port} --redis-port {redis_port}"
 
 P99_LIMIT_MS = 250.0
 
@@ -209,6 +209,14 @@ def hist_quantile(hist: dict[int, int], q: float) -> float:
 # ---------------------------------------------------------------- processes
 
 
+try:
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
 class Children:
     """Every child process, each in its own session, killed by process group."""
 
@@ -216,9 +224,12 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], cpus: set[int] | None, **kw: Any) -> subprocess.Popen[bytes]:
+        """Start argv in a new session, pinned to cpus."""
         def pin() -> None:
             if cpus:
                 os.sched_setaffinity(0, cpus)
+            if _prctl is not None:
+                _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the runner, even if it is killed
 
         p = subprocess.Popen(argv, start_new_session=True, preexec_fn=pin, **kw)
         self.procs.append(p)
@@ -375,18 +386,23 @@ def start_redis(env: Env, tag: str) -> tuple[int, subprocess.Popen[bytes], Path]
     raise BenchError("could not start redis-server")
 
 
-def start_server(env: Env, cmd: str, redis_port: int, tag: str) -> tuple[subprocess.Popen[bytes], int, int]:
+def start_server(env: Env, cmd: str, redis_port: int, tag: str, pythonpath: str | None = None
+                 ) -> tuple[subprocess.Popen[bytes], int, int]:
     import redis
 
+    child_env = dict(os.environ)
+    if pythonpath:
+        child_env["PYTHONPATH"] = pythonpath + (os.pathsep + child_env["PYTHONPATH"]
+                                                if child_env.get("PYTHONPATH") else "")
     for _attempt in range(3):
         port = free_port()
         text = cmd.format(port=port, redis_port=redis_port, python=sys.executable, bench=BENCH, root=ROOT)
         log = env.logdir / f"{tag}-server.log"
         logf = open(log, "ab")
-        logf.write(f"$ {text}\n".encode())
+        logf.write(f"$ {'PYTHONPATH=' + pythonpath + ' ' if pythonpath else ''}{text}\n".encode())
         logf.flush()
         p = env.children.start(shlex.split(text), env.server_cpus, stdout=logf, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, cwd=ROOT)
+                               stdin=subprocess.DEVNULL, cwd=ROOT, env=child_env)
         logf.close()
         r = redis.Redis(port=redis_port, socket_timeout=5)
         deadline = time.monotonic() + 60
@@ -408,15 +424,28 @@ def start_server(env: Env, cmd: str, redis_port: int, tag: str) -> tuple[subproc
     raise BenchError("server did not start: port conflicts")
 
 
-def wait_idle(setup: Setup, limit: float = 20.0, quiet: float = 0.05) -> bool:
-    """Wait until the server uses < quiet of a core over 0.5 s."""
+def wait_idle(setup: Setup, limit: float = 30.0, quiet: float = 0.05) -> bool:
+    """
+    After a failed step: wait until Redis holds nothing for the subscriber
+    and the server uses < quiet of a core over 0.5 s, so that the next step
+    starts from an empty pipeline.
+    """
     deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        c0 = proc_cpu(setup.server_pid)
-        time.sleep(0.5)
-        if proc_cpu(setup.server_pid) - c0 < quiet * 0.5:
-            return True
-    return False
+    r = setup.redis()
+    try:
+        while time.monotonic() < deadline:
+            c0 = proc_cpu(setup.server_pid)
+            time.sleep(0.5)
+            try:
+                omem = sum(int(c.get("omem", 0)) for c in pubsub_clients(r))
+            except Exception:
+                omem = 0
+            if omem == 0 and proc_cpu(setup.server_pid) - c0 < quiet * 0.5:
+                return True
+        print(f"  warning: the server is still busy {limit:.0f} s after the failed step", flush=True)
+        return False
+    finally:
+        r.close()
 
 
 def pubsub_clients(r: Any) -> list[dict[str, str]]:
@@ -636,7 +665,9 @@ def fmt_step(s: dict[str, Any]) -> str:
             f"srv {s['server_util'] * 100:4.0f}% {us if us is not None else float('nan'):6.2f} us/dl  "
             f"cli {s['client_util'] * 100:3.0f}%  load-core {s['load_core_util'] * 100:3.0f}%"
             f"{'!' if s.get('load_limited') else ' '} "
-            f"{'ok' if s['ok'] else 'FAIL: ' + ', '.join(s['problems'])}")
+            f"{'ok' if s['ok'] else 'FAIL: ' + ', '.join(s['problems'])}"
+            + (f"  [other processes: {s['other_cpu_s'] / s['wall_s'] * 100:.0f}% of a core]"
+               if s.get("other_cpu_s", 0) > 0.15 * s["wall_s"] else ""))
 
 
 def ramp(env: Env, setup: Setup, sc: Scenario) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -649,11 +680,17 @@ def ramp(env: Env, setup: Setup, sc: Scenario) -> tuple[list[dict[str, Any]], di
     max_probes = 2 if args.quick else 14
 
     def step(rate: float, window: float, phase: str) -> dict[str, Any]:
-        s = measure_step(env, setup, sc, rate, window, phase)
+        for attempt in range(2):
+            s = measure_step(env, setup, sc, rate, window, phase)
+            s["noisy"] = s["other_cpu_s"] > 0.25 * s["wall_s"]
+            print(fmt_step(s), flush=True)
+            if not s["ok"]:
+                wait_idle(setup)
+            if not s["noisy"] or attempt:
+                break
+            print("  other processes used the CPU during that step: measuring it again", flush=True)
+            time.sleep(2)
         steps.append(s)
-        print(fmt_step(s), flush=True)
-        if not s["ok"]:
-            wait_idle(setup)
         return s
 
     def clean(s: dict[str, Any]) -> bool:
@@ -711,7 +748,7 @@ def ramp(env: Env, setup: Setup, sc: Scenario) -> tuple[list[dict[str, Any]], di
     held = None
     if best is not None and clean(steps[-1]):
         r = best
-        for _ in range(3):
+        for _ in range(4):
             s = step(r, args.duration, "confirm")
             if s["ok"]:
                 held = s
@@ -725,7 +762,21 @@ def ramp(env: Env, setup: Setup, sc: Scenario) -> tuple[list[dict[str, Any]], di
     return steps, summary
 
 
-def run_one(env: Env, label: str, cmd: str, sc: Scenario) -> dict[str, Any]:
+def snapshot(rev: str) -> tuple[str, Path]:
+    """Export sockdrawer/ and twisted/plugins/ of a git revision to bench/build/rev-<hash>."""
+    commit = sh(["git", "rev-parse", "--short", rev + "^{commit}"])
+    if not commit:
+        raise SystemExit(f"--rev {rev}: not a git revision")
+    dest = BUILD / f"rev-{commit}"
+    if not (dest / "sockdrawer" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", commit, "sockdrawer", "twisted"],
+                                 cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit, dest
+
+
+def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None = None) -> dict[str, Any]:
     args = env.args
     tag = f"{sc.name}-{label}"
     print(f"\n== {sc.name} ({sc.title}) on {label}", flush=True)
@@ -733,7 +784,7 @@ def run_one(env: Env, label: str, cmd: str, sc: Scenario) -> dict[str, Any]:
     redis_port, redis_proc, redis_log = start_redis(env, tag)
     setup = None
     try:
-        server_proc, server_pid, port = start_server(env, cmd, redis_port, tag)
+        server_proc, server_pid, port = start_server(env, cmd, redis_port, tag, pythonpath)
         setup = Setup(redis_port, redis_proc, redis_log, server_proc, server_pid, port)
         print(f"  server pid {server_pid} on port {port}, redis pid {redis_proc.pid} on port {redis_port}", flush=True)
         time.sleep(0.2 if args.quick else 0.5)
@@ -875,6 +926,18 @@ def num(v: float | None, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
+def held_text(r: dict[str, Any]) -> str:
+    sm = r["summary"]
+    if sm.get("held"):
+        return (f"{num(sm['held_dps'])} ({num(sm['held_rate'])} msg/s)"
+                + (" [load core saturated: a lower bound]" if sm["held"].get("load_limited") else ""))
+    if sm.get("best_probe_rate"):
+        fan = r["params"]["sockets"] / r["params"]["channels"]
+        return (f"none for {r['params']['confirm_s']:g} s; {num(sm['best_probe_rate'] * fan)} "
+                f"({num(sm['best_probe_rate'])} msg/s) for {r['params']['probe_s']:g} s")
+    return "none"
+
+
 def fail_text(r: dict[str, Any]) -> str:
     fail = r["summary"].get("first_fail_rate")
     if not fail:
@@ -910,8 +973,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
         if s != "idle":
             row(s, f"highest rate held for the confirming window (no loss, p99 <= {P99_LIMIT_MS:.0f} ms), "
                    "deliveries/s",
-                lambda r: f"{num(r['summary']['held_dps'])} ({num(r['summary']['held_rate'])} msg/s)"
-                + (" [load core saturated: a lower bound]" if held(r).get("load_limited") else ""))
+                held_text)
             row(s, "  server CPU us/delivery at that rate",
                 lambda r: num(held(r)["us_per_delivery"], 2))
             row(s, "  server CPU use at that rate", lambda r: f"{held(r)['server_util'] * 100:.0f}%")
@@ -927,6 +989,8 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
             row(s, "  latency p50 / p99 there, ms",
                 lambda r: f"{first(r)['p50_ms']:.1f} / {first(r)['p99_ms']:.1f}")
             row(s, "first failing rate, msg/s (why)", fail_text)
+            row(s, "steps disturbed by other processes",
+                lambda r: str(sum(1 for x in r["steps"] if x.get("noisy"))))
         c = lambda r: r["connect"]  # noqa: E731
         if s == "idle":
             row(s, "RSS per idle socket, bytes", lambda r: num(c(r)["rss_per_socket"]))
@@ -995,17 +1059,26 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
             if r["scenario"] != s:
                 continue
             col = colors.setdefault(r["label"], palette[len(colors) % len(palette)])
-            pts = sorted((x for x in r["steps"] if x["phase"] != "warmup" and x["delivered"]),
-                         key=lambda x: (x["offered_dps"], x["window_s"]))
-            xs = [p["offered_dps"] for p in pts]
-            ax_l.plot(xs, [max(p["p50_ms"], 1e-3) for p in pts], "o--", color=col, label=f"{r['label']} p50")
-            ax_l.plot(xs, [max(p["p99_ms"], 1e-3) for p in pts], "s-", color=col, label=f"{r['label']} p99")
-            ax_c.plot(xs, [p["us_per_delivery"] for p in pts], "o-", color=col, label=r["label"])
-            bad = [p for p in pts if not p["ok"]]
+            steps = [x for x in r["steps"] if x["phase"] != "warmup" and x["delivered"]]
+            line = sorted((x for x in steps if x["phase"] != "confirm"), key=lambda x: x["offered_dps"])
+            conf = [x for x in steps if x["phase"] == "confirm"]
+            xs = [p["offered_dps"] for p in line]
+            ax_l.plot(xs, [max(p["p50_ms"], 1e-3) for p in line], "o--", color=col, label=f"{r['label']} p50")
+            ax_l.plot(xs, [max(p["p99_ms"], 1e-3) for p in line], "s-", color=col, label=f"{r['label']} p99")
+            ax_c.plot(xs, [p["us_per_delivery"] for p in line], "o-", color=col, label=r["label"])
+            if conf:
+                ax_l.plot([p["offered_dps"] for p in conf], [max(p["p99_ms"], 1e-3) for p in conf], "*",
+                          color=col, markersize=13, label=f"{r['label']} p99, {conf[0]['window_s']:g} s window")
+                ax_c.plot([p["offered_dps"] for p in conf], [p["us_per_delivery"] for p in conf], "*",
+                          color=col, markersize=13)
+            bad = [p for p in steps if not p["ok"]]
             ax_c.plot([p["offered_dps"] for p in bad], [p["us_per_delivery"] for p in bad], "x", color="black",
                       markersize=9)
             ax_l.plot([p["offered_dps"] for p in bad], [max(p["p99_ms"], 1e-3) for p in bad], "x",
                       color="black", markersize=9)
+            sat = [p for p in steps if p.get("load_limited")]
+            ax_c.plot([p["offered_dps"] for p in sat], [p["us_per_delivery"] for p in sat], "o", mfc="none",
+                      mec="grey", markersize=14)
         ax_l.axhline(P99_LIMIT_MS, color="grey", lw=0.8, ls=":")
         for ax in (ax_l, ax_c):
             ax.set_xscale("log")
@@ -1013,10 +1086,12 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
             ax.set_xlabel("offered deliveries/s (msg/s x sockets per channel)")
         ax_l.set_yscale("log")
         ax_l.set_ylabel("latency, ms")
-        ax_l.set_title(f"{s}: {SCENARIOS[s].title} - latency")
+        ax_l.set_title(f"{s}: {SCENARIOS[s].title}\npublish-to-read latency (dotted: {P99_LIMIT_MS:.0f} ms limit)",
+                       fontsize=10)
         ax_c.set_yscale("log")
         ax_c.set_ylabel("server CPU, us per delivery")
-        ax_c.set_title(f"{s}: server CPU per delivery (x = failed step)")
+        ax_c.set_title(f"{s}: server CPU per delivery\n(x: step failed; grey ring: load core saturated)",
+                       fontsize=10)
         ax_l.legend(fontsize=7)
         ax_c.legend(fontsize=7)
     meta = runs[0]
@@ -1051,6 +1126,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="command template of the server under test; {port}, {redis_port}, {python}, {bench}, "
                         "{root} are filled in (default: %(default)s)")
     p.add_argument("--label", default="sockdrawer", help="name of the server under test (default: sockdrawer)")
+    p.add_argument("--rev", default=None,
+                   help="measure sockdrawer as committed at this git revision (e.g. HEAD, HEAD~3, a tag): "
+                        "sockdrawer/ is exported to bench/build/rev-<hash> and put first on the server's "
+                        "PYTHONPATH, so work in progress in the tree is not measured")
     p.add_argument("--baseline-cmd", default=DEFAULT_BASELINE_CMD, help="baseline command template")
     p.add_argument("--no-baseline", action="store_true", help="do not measure the baseline")
     p.add_argument("--concurrency", type=int, default=32,
@@ -1110,17 +1189,27 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     children = Children()
     env = Env(args, children, server_cpus, load_cpus, logdir)
-    servers = [(args.label, args.server_cmd)]
-    if not args.no_baseline:
-        servers.append(("baseline", args.baseline_cmd))
     machine, git = machine_info(), git_info()
+    pythonpath = None
+    label = args.label
+    if args.rev:
+        commit, dest = snapshot(args.rev)
+        pythonpath = str(dest)
+        git = {"commit": commit, "dirty": False, "snapshot": str(dest)}
+        if label == "sockdrawer":
+            label = f"sockdrawer@{commit}"
+    servers = [(label, args.server_cmd, pythonpath)]
+    if not args.no_baseline:
+        servers.append(("baseline", args.baseline_cmd, None))
     print(f"sockdrawer benchmark {run_id}: build {git['commit']}{' (sockdrawer/ modified)' if git['dirty'] else ''}, "
           f"{machine['cpu_model']} x{machine['nproc']}, kernel {machine['kernel']}; logs in {logdir}")
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[0]
-    if float(load) > 0.5:
-        print(f"warning: load average {load}: is something else running? Results would be meaningless.",
-              file=sys.stderr)
+    c0, t0 = core_times(), time.monotonic()
+    time.sleep(1.0)
+    c1 = core_times()
+    busy = sum(c1[c][0] - c0[c][0] for c in c1 if c in c0) / (time.monotonic() - t0)
+    if busy > 0.15:
+        print(f"warning: {busy * 100:.0f}% of a core busy before starting: is something else running? "
+              "Results would be meaningless.", file=sys.stderr)
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -1136,10 +1225,10 @@ def main(argv: list[str] | None = None) -> int:
                 sc.sockets = args.sockets
                 if name == "channels":
                     sc.channels = args.sockets
-            for label, cmd in servers:
+            for label, cmd, ppath in servers:
                 t0 = time.monotonic()
                 try:
-                    res = run_one(env, label, cmd, sc)
+                    res = run_one(env, label, cmd, sc, ppath)
                     error = None
                 except BenchError as e:
                     print(f"  ERROR: {e}", file=sys.stderr)
@@ -1151,6 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                     "label": label,
                     "server_cmd": cmd,
+                    "pythonpath": ppath,
                     "scenario": name,
                     "params": {"sockets": sc.sockets, "channels": sc.channels, "size": sc.size,
                                "start_rate": sc.start_rate, "clients": args.clients, "quick": args.quick,

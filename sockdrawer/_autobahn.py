@@ -12,7 +12,8 @@ only when a log line is actually written.  Log output is unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import autobahn.twisted.websocket
 import autobahn.websocket.protocol
