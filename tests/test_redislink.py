@@ -155,3 +155,26 @@ def test_redis_url_str_hides_password() -> None:
     """The URL as logged carries no password."""
     assert "pw" not in str(RedisURL.parse("redis://user:pw@h:1/2"))
     assert str(RedisURL.parse("redis://user:pw@h:1/2")) == "redis://h:1/2"
+
+
+def test_other_replies_still_reach_txredisapi() -> None:
+    """Replies other than pmessages (PSUBSCRIBE confirmation, PING's pong) go through txredisapi as usual."""
+    p, transport, _ = connected_protocol()
+    p.dataReceived(b"*3\r\n$10\r\npsubscribe\r\n$13\r\nsock-drawer/*\r\n:1\r\n")
+    transport.clear()
+    replies: list[object] = []
+    p.ping().addCallback(replies.append)
+    assert transport.value() == bulk(b"PING")
+    p.dataReceived(bulk(b"pong", b""))
+    assert replies == [[b"pong", b""]]
+
+
+def test_pure_python_parser_path() -> None:
+    """Without hiredis, txredisapi calls messageReceived: the same keys, limits and payloads apply."""
+    p, _, hub = connected_protocol(max_message_size=5)
+    sink = RecordingSink()
+    hub.subscribe(b"news", sink)
+    p.messageReceived(b"sock-drawer/*", b"sock-drawer/news", b"hello")
+    p.messageReceived(b"sock-drawer/*", b"sock-drawer/news", b"too long")
+    p.messageReceived(b"sock-drawer/*", b"other/news", b"elsewhere")
+    assert sink.messages == [b"hello"]
