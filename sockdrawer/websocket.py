@@ -173,8 +173,11 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         transport = self.transport
         if _is_tcp(transport):
             self._tcp = transport
-            self._sock = transport.socket
-        elif _is_tcp(getattr(transport, "transport", None)):  # TLS
+            # With ssl: endpoints the TCP connection itself carries TLS
+            # (Twisted's startTLS); its bytes must go through the TLS layer.
+            if not getattr(transport, "TLS", False):
+                self._sock = transport.socket
+        elif _is_tcp(getattr(transport, "transport", None)):  # a TLS wrapper protocol
             self._tcp = transport.transport
         self._compact()
         self._joined = True
