@@ -21,7 +21,8 @@ Scenarios:
 
 Examples:
   python bench/run.py --quick                       # smoke run, < 1 minute
-  python bench/run.py --scenario all --plot docs/_static/bench.png --rst
+  python bench/run.py --scenario all --rev HEAD --json-out bench/results/results.jsonl \
+        --plot docs/_static/bench.png --rst           # the run behind docs/performance.rst
   python bench/run.py --scenario fanout --clients 2 --no-baseline
   python bench/run.py --server-cmd "twistd -n --pidfile= sockdrawer --port tcp:{port}:interface=127.0.0.1 \\
         --api none --redis redis://127.0.0.1:{redis_port}/0" --label mybuild --no-baseline
@@ -448,6 +449,40 @@ def wait_idle(setup: Setup, limit: float = 30.0, quiet: float = 0.05) -> bool:
         r.close()
 
 
+def wait_subscribed(setup: Setup, limit: float = 30.0) -> bool:
+    """After Redis dropped the subscriber: wait until the server has subscribed again."""
+    r = setup.redis()
+    try:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if int(r.execute_command("PUBSUB", "NUMPAT")) >= 1:
+                time.sleep(0.5)
+                return True
+            time.sleep(0.2)
+    finally:
+        r.close()
+    print(f"  the server did not subscribe again within {limit:.0f} s", flush=True)
+    return False
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Cores' busy time over the next `seconds`, in cores."""
+    c0, t0 = core_times(), time.monotonic()
+    time.sleep(seconds)
+    c1 = core_times()
+    return sum(c1[c][0] - c0[c][0] for c in c1 if c in c0) / (time.monotonic() - t0)
+
+
+def wait_quiet(limit: float = 60.0, threshold: float = 0.15) -> bool:
+    """Between steps (our processes idle): wait until the machine is idle."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if machine_busy() < threshold:
+            return True
+    print(f"  warning: the machine stayed busy for {limit:.0f} s", flush=True)
+    return False
+
+
 def pubsub_clients(r: Any) -> list[dict[str, str]]:
     out = []
     for line in r.execute_command("CLIENT", "LIST", "TYPE", "pubsub").decode().splitlines():
@@ -517,6 +552,11 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     args = env.args
     clients = setup.clients
     ask_all(clients, "r", "report")  # reset the clients' step counters
+    r0 = setup.redis()
+    try:  # the subscriber(s) as of now: a reconnection after an earlier step is not this step's
+        setup.sub_ids |= {c.get("id", "?") for c in pubsub_clients(r0)}
+    finally:
+        r0.close()
     drops0 = redis_output_limit_drops(setup)
     cores0 = core_times()
     self0 = sum(os.times()[:2])
@@ -530,6 +570,7 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     # drain: until every expected frame arrived, or no progress for a while
     drain_limit = 2.0 if args.quick else 5.0
     last, last_change, drained, stalled = -1, time.monotonic(), False, False
+    cpu_at_change = proc_cpu(setup.server_pid)
     while True:
         got = sum(e["total_frames"] for e in ask_all(clients, "p", "peek")) - total0
         now = time.monotonic()
@@ -537,10 +578,13 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
             drained = True
             break
         if got != last:
-            last, last_change = got, now
+            last, last_change, cpu_at_change = got, now, proc_cpu(setup.server_pid)
         elif now - last_change > 1.5:
-            stalled = True
-            break
+            # nothing arrives: lost, unless the server is busy (a server that
+            # fans a long burst out into its own buffers sends nothing for a while)
+            if proc_cpu(setup.server_pid) - cpu_at_change < 0.1 * (now - last_change):
+                stalled = True
+                break
         if now - t_pub > drain_limit:
             break
         time.sleep(0.05)
@@ -561,8 +605,8 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     server_cpu = srv1 - srv0
     client_cpu = sum(e["cpu_s"] for e in reps) - sum(c.last_cpu for c in clients)
     client_sys = sum(e["sys_s"] for e in reps) - sum(c.last_sys for c in clients)
-    for c, e in zip(clients, reps):
-        c.last_cpu, c.last_sys = e["cpu_s"], e["sys_s"]
+    for cl, e in zip(clients, reps, strict=True):
+        cl.last_cpu, cl.last_sys = e["cpu_s"], e["sys_s"]
     reads = sum(e["reads"] for e in reps)
     all_busy = sum(cores1[c][0] - cores0[c][0] for c in cores1 if c in cores0)
     ours = server_cpu + (redis1 - redis0) + client_cpu + pub["cpu_s"] + (self1 - self0)
@@ -595,6 +639,11 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
         problems.append(f"lost {lost}")
     if backlog:
         problems.append(f"{backlog} still queued {drain_limit:.0f} s after publishing")
+    for key, what in (("dup", "duplicates"), ("late", "out of order"), ("wrong_chan", "on the wrong channel"),
+                      ("bad_payload", "bad payloads")):
+        n = sum(e[key] for e in reps)
+        if n:
+            problems.append(f"{n} {what}")
     if drops or new_sub:
         problems.append("Redis dropped the subscriber")
     if closes or open_now < sc.sockets - setup.failed:
@@ -680,22 +729,27 @@ def ramp(env: Env, setup: Setup, sc: Scenario) -> tuple[list[dict[str, Any]], di
     max_probes = 2 if args.quick else 14
 
     def step(rate: float, window: float, phase: str) -> dict[str, Any]:
-        for attempt in range(2):
+        for attempt in range(3):
             s = measure_step(env, setup, sc, rate, window, phase)
             s["noisy"] = s["other_cpu_s"] > 0.25 * s["wall_s"]
             print(fmt_step(s), flush=True)
             if not s["ok"]:
                 wait_idle(setup)
-            if not s["noisy"] or attempt:
+            if not s["noisy"] or attempt == 2:
                 break
-            print("  other processes used the CPU during that step: measuring it again", flush=True)
-            time.sleep(2)
+            print("  other processes used the CPU during that step: waiting for a quiet machine, then "
+                  "measuring it again", flush=True)
+            wait_quiet()
         steps.append(s)
         return s
 
     def clean(s: dict[str, Any]) -> bool:
-        # after these the setup is not comparable any more
-        return not any("closed" in p or "Redis dropped" in p for p in s["problems"])
+        # with fewer sockets, or no subscriber, the next steps would not be comparable
+        if any("closed" in p for p in s["problems"]):
+            return False
+        if any("Redis dropped" in p for p in s["problems"]):
+            return wait_subscribed(setup)
+        return True
 
     rate = sc.start_rate
     best = fail = None
@@ -778,7 +832,7 @@ def snapshot(rev: str) -> tuple[str, Path]:
 
 def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None = None) -> dict[str, Any]:
     args = env.args
-    tag = f"{sc.name}-{label}"
+    tag = re.sub(r"[^A-Za-z0-9@._-]+", "_", f"{sc.name}-{label}")
     print(f"\n== {sc.name} ({sc.title}) on {label}", flush=True)
     children = env.children
     redis_port, redis_proc, redis_log = start_redis(env, tag)
@@ -806,8 +860,8 @@ def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None
         opened = sum(e["open"] for e in conn)
         failed = sum(e["failed"] for e in conn)
         setup.failed = failed
-        for c, e in zip(setup.clients, conn):
-            c.last_cpu, c.last_sys = e["cpu_s"], e["sys_s"]
+        for cl, e in zip(setup.clients, conn, strict=True):
+            cl.last_cpu, cl.last_sys = e["cpu_s"], e["sys_s"]
         hs: dict[int, int] = {}
         for e in conn:
             for idx, n in e["hs_hist"]:
@@ -833,7 +887,8 @@ def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None
             "rss_per_socket": (rss1 - rss0) / opened if opened else None,
         }
         print(f"  connect: {opened:,}/{sc.sockets:,} open in {t_conn:.2f} s ({connect['conn_per_s'] or 0:,.0f}/s), "
-              f"handshake CPU {connect['handshake_cpu_us'] or 0:.0f} us/conn, p99 {connect['handshake_p99_ms']:.1f} ms, "
+              f"handshake CPU {connect['handshake_cpu_us'] or 0:.0f} us/conn, "
+              f"p99 {connect['handshake_p99_ms']:.1f} ms, "
               f"RSS {connect['rss_per_socket'] or 0:,.0f} B/socket ({rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB)"
               + (f", {failed} FAILED {connect['failures']} {connect['http_status'][:1]}" if failed else ""),
               flush=True)
@@ -902,12 +957,13 @@ def machine_info() -> dict[str, Any]:
             versions[mod] = version(mod)
         except Exception:
             versions[mod] = None
+    redis_version = sh(["redis-server", "--version"])
     return {
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "redis": sh(["redis-server", "--version"]).split(" v=")[-1].split()[0] if sh(["redis-server", "--version"]) else None,
+        "redis": redis_version.split(" v=")[-1].split()[0] if redis_version else None,
         "versions": versions,
         "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
     }
@@ -924,6 +980,23 @@ def num(v: float | None, digits: int = 0) -> str:
     if v is None:
         return "-"
     return f"{v:,.{digits}f}"
+
+
+def first(r: dict[str, Any]) -> dict[str, Any]:
+    """The first measured step of a run."""
+    return next(x for x in r["steps"] if x["phase"] in ("probe", "fixed"))
+
+
+def held(r: dict[str, Any]) -> dict[str, Any]:
+    """The confirming step that held."""
+    step: dict[str, Any] = r["summary"]["held"]
+    return step
+
+
+def conn_figs(r: dict[str, Any]) -> dict[str, Any]:
+    """The connect-phase figures of a run."""
+    figures: dict[str, Any] = r["connect"]
+    return figures
 
 
 def held_text(r: dict[str, Any]) -> str:
@@ -968,8 +1041,6 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
             rows.append([scenario, name] + vals)
 
     for s in scen:
-        first = lambda r: next(x for x in r["steps"] if x["phase"] in ("probe", "fixed"))  # noqa: E731
-        held = lambda r: r["summary"]["held"]  # noqa: E731
         if s != "idle":
             row(s, f"highest rate held for the confirming window (no loss, p99 <= {P99_LIMIT_MS:.0f} ms), "
                    "deliveries/s",
@@ -988,17 +1059,16 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
                 + ("" if first(r)["ok"] else " (" + ", ".join(first(r)["problems"]) + ")"))
             row(s, "  latency p50 / p99 there, ms",
                 lambda r: f"{first(r)['p50_ms']:.1f} / {first(r)['p99_ms']:.1f}")
-            row(s, "first failing rate, msg/s (why)", fail_text)
+            row(s, "lowest failing rate tried, msg/s (why)", fail_text)
             row(s, "steps disturbed by other processes",
                 lambda r: str(sum(1 for x in r["steps"] if x.get("noisy"))))
-        c = lambda r: r["connect"]  # noqa: E731
         if s == "idle":
-            row(s, "RSS per idle socket, bytes", lambda r: num(c(r)["rss_per_socket"]))
-            row(s, "time to open all sockets, s", lambda r: f"{c(r)['connect_s']:.2f}")
-            row(s, "connections/s", lambda r: num(c(r)["conn_per_s"]))
-            row(s, "server CPU per handshake, us", lambda r: num(c(r)["handshake_cpu_us"]))
+            row(s, "RSS per idle socket, bytes", lambda r: num(conn_figs(r)["rss_per_socket"]))
+            row(s, "time to open all sockets, s", lambda r: f"{conn_figs(r)['connect_s']:.2f}")
+            row(s, "connections/s", lambda r: num(conn_figs(r)["conn_per_s"]))
+            row(s, "server CPU per handshake, us", lambda r: num(conn_figs(r)["handshake_cpu_us"]))
             row(s, "handshake latency p50 / p99, ms",
-                lambda r: f"{c(r)['handshake_p50_ms']:.1f} / {c(r)['handshake_p99_ms']:.1f}")
+                lambda r: f"{conn_figs(r)['handshake_p50_ms']:.1f} / {conn_figs(r)['handshake_p99_ms']:.1f}")
             row(s, "server CPU while idle", lambda r: f"{r['summary']['idle_cpu_util'] * 100:.1f}%")
     return labels, rows
 
@@ -1011,18 +1081,19 @@ def print_table(runs: list[dict[str, Any]]) -> None:
     line = "  ".join("-" * w for w in widths)
     print()
     print(line)
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     print(line)
     prev = None
     for r in rows:
         cells = [r[0] if r[0] != prev else ""] + r[1:]
         prev = r[0]
-        print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(cells, widths, strict=True)))
     print(line)
 
 
 def rst_table(runs: list[dict[str, Any]]) -> str:
     labels, rows = summary_rows(runs)
+    rows = [[re.sub(r"\bus\b", "µs", c) for c in r] for r in rows]
     out = [".. list-table::", "   :header-rows: 1", "   :widths: 12 40 " + " ".join(["24"] * len(labels)), ""]
     out.append("   * - Scenario")
     out.append("     - Figure")
@@ -1038,6 +1109,33 @@ def rst_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def steps_rst(runs: list[dict[str, Any]], scenario: str) -> str:
+    """Per rate: server CPU us/delivery and p99 of each run (the probe/refine/fixed steps)."""
+    runs = [r for r in runs if r["scenario"] == scenario]
+    cols: list[dict[float, dict[str, Any]]] = []
+    for r in runs:
+        by: dict[float, dict[str, Any]] = {}
+        for x in r["steps"]:
+            if x["phase"] in ("probe", "refine", "fixed") and x["rate"] not in by:
+                by[x["rate"]] = x
+        cols.append(by)
+    rates = sorted({rate for c in cols for rate in c})
+    out = [".. list-table::", "   :header-rows: 1", "", "   * - msg/s", "     - deliveries/s"]
+    out += [f"     - {r['label']}" for r in runs]
+    fan = runs[0]["params"]["sockets"] / runs[0]["params"]["channels"] if runs else 1
+    for rate in rates:
+        out.append(f"   * - {num(rate)}")
+        out.append(f"     - {num(rate * fan)}")
+        for c in cols:
+            x = c.get(rate)
+            if x is None:
+                out.append("     - -")
+            else:
+                mark = "" if x["ok"] else " (failed)"
+                out.append(f"     - {num(x['us_per_delivery'], 2)} µs, p99 {x['p99_ms']:.0f} ms{mark}")
+    return "\n".join(out)
+
+
 def plot(runs: list[dict[str, Any]], path: str) -> None:
     try:
         import matplotlib
@@ -1050,7 +1148,7 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     if not scen:
         print("nothing to plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(len(scen), 2, figsize=(11, 3.4 * len(scen)), squeeze=False)
+    fig, axes = plt.subplots(len(scen), 2, figsize=(11, 4.3 * len(scen)), squeeze=False)
     colors = {}
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for i, s in enumerate(scen):
@@ -1092,8 +1190,8 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
         ax_c.set_ylabel("server CPU, us per delivery")
         ax_c.set_title(f"{s}: server CPU per delivery\n(x: step failed; grey ring: load core saturated)",
                        fontsize=10)
-        ax_l.legend(fontsize=7)
-        ax_c.legend(fontsize=7)
+        ax_l.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+        ax_c.legend(fontsize=7, loc="upper right", framealpha=0.7)
     meta = runs[0]
     fig.suptitle(f"sockdrawer benchmark, build {meta['git']['commit']}{'+dirty' if meta['git']['dirty'] else ''}, "
                  f"{meta['date'][:10]}, {meta['machine']['cpu_model']} x{meta['machine']['nproc']}", fontsize=9)
@@ -1131,23 +1229,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "sockdrawer/ is exported to bench/build/rev-<hash> and put first on the server's "
                         "PYTHONPATH, so work in progress in the tree is not measured")
     p.add_argument("--baseline-cmd", default=DEFAULT_BASELINE_CMD, help="baseline command template")
-    p.add_argument("--no-baseline", action="store_true", help="do not measure the baseline")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not measure the baseline (with --from-json: leave its runs out)")
     p.add_argument("--concurrency", type=int, default=32,
                    help="handshakes in flight, over all load clients (default 32: below the listen backlog "
                         "of 50 that Twisted's tcp: endpoints use, so no SYN is dropped)")
-    p.add_argument("--client-poll-us", type=int, default=0,
-                   help="load clients poll every N microseconds instead of blocking in epoll_wait "
-                        "(0, the default: block, so each write to an idle client wakes it)")
+    p.add_argument("--client-poll-us", type=int, default=1000,
+                   help="load clients sleep N microseconds between non-blocking polls of their sockets "
+                        "(default 1000), so that, as with remote clients, the server never pays for waking "
+                        "a local reader; 0: block in epoll_wait (each write to an idle client wakes it)")
     p.add_argument("--server-cpu", type=int, default=0, help="core the server is pinned to (default 0)")
     p.add_argument("--load-cpu", type=int, default=1, help="core for Redis, clients, publisher (default 1)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--json-out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
     p.add_argument("--rst", action="store_true", help="also print the summary as an RST list-table")
-    p.add_argument("--from-json", default=None,
+    p.add_argument("--from-json", action="append", default=None,
                    help="do not measure: read runs from this JSON-lines file (the last invocation in it, "
-                        "or --run-id) and print/plot them")
+                        "or --run-id) and print/plot them; repeatable, to put runs side by side")
     p.add_argument("--run-id", default=None, help="with --from-json: which invocation to show")
+    p.add_argument("--steps-table", default=None, choices=[s for s in ORDER if s != "idle"],
+                   help="with --from-json: also print an RST table of this scenario's steps, one column "
+                        "per run: server CPU us/delivery and p99 latency at each rate")
     a = p.parse_args(argv)
     scen = a.scenario or ["all"]
     a.scenarios = ORDER[:] if "all" in scen else [s for s in ORDER if s in scen]
@@ -1163,16 +1266,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        runs = [json.loads(line) for line in open(args.from_json) if line.strip()]
-        if not runs:
-            raise SystemExit("no runs in " + args.from_json)
-        rid = args.run_id or runs[-1]["run_id"]
-        runs = [r for r in runs if r["run_id"] == rid]
-        print(f"run {rid}: {len(runs)} runs, build {runs[0]['git']}, {runs[0]['date']}")
+        runs = []
+        for path in args.from_json:
+            these = [json.loads(line) for line in open(path) if line.strip()]
+            if not these:
+                raise SystemExit("no runs in " + path)
+            rid = args.run_id or these[-1]["run_id"]
+            these = [r for r in these if r["run_id"] == rid and not (args.no_baseline and r["label"] == "baseline")]
+            print(f"{path}: run {rid}, {len(these)} runs, build {these[0]['git']}, {these[0]['date']}")
+            runs += these
         print_table(runs)
         if args.rst:
             print()
             print(rst_table(runs))
+        if args.steps_table:
+            print()
+            print(steps_rst(runs, args.steps_table))
         if args.plot:
             plot(runs, args.plot)
         return 0
@@ -1203,10 +1312,7 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(("baseline", args.baseline_cmd, None))
     print(f"sockdrawer benchmark {run_id}: build {git['commit']}{' (sockdrawer/ modified)' if git['dirty'] else ''}, "
           f"{machine['cpu_model']} x{machine['nproc']}, kernel {machine['kernel']}; logs in {logdir}")
-    c0, t0 = core_times(), time.monotonic()
-    time.sleep(1.0)
-    c1 = core_times()
-    busy = sum(c1[c][0] - c0[c][0] for c in c1 if c in c0) / (time.monotonic() - t0)
+    busy = machine_busy()
     if busy > 0.15:
         print(f"warning: {busy * 100:.0f}% of a core busy before starting: is something else running? "
               "Results would be meaningless.", file=sys.stderr)
@@ -1245,6 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
                     "params": {"sockets": sc.sockets, "channels": sc.channels, "size": sc.size,
                                "start_rate": sc.start_rate, "clients": args.clients, "quick": args.quick,
                                "probe_s": args.probe, "confirm_s": args.duration,
+                               "client_poll_us": args.client_poll_us, "concurrency": args.concurrency,
                                "pinned": {"server": sorted(server_cpus or []), "load": sorted(load_cpus or [])}},
                     "git": git,
                     "machine": machine,
