@@ -88,6 +88,10 @@ class MemoryChannelHub:
         sinks = self._sinks.get(key)
         return 0 if sinks is None else len(sinks)
 
+    def receivers(self, key: bytes) -> int:
+        sinks = self._sinks.get(key)
+        return 0 if sinks is None else sum(sink.receivers for sink in sinks)
+
     def channels(self) -> list[bytes]:
         return list(self._sinks)
 
@@ -112,7 +116,9 @@ class MemoryChannelHub:
 class EmbeddedBroker:
     """
     The in-process broker used when no Redis is configured: publishing
-    delivers straight to this process's hub.  One process only.
+    delivers straight to this process's hub.  One process only.  Publishing
+    reports the number of receivers: sockets on the channel, plus one per
+    listener channel.
     """
 
     description = "embedded"
@@ -121,7 +127,9 @@ class EmbeddedBroker:
         self._hub = hub
 
     def publish(self, key: bytes, message: bytes) -> Deferred[int]:
-        return succeed(self._hub.deliver(key, message))
+        receivers = self._hub.receivers(key)
+        self._hub.deliver(key, message)
+        return succeed(receivers)
 
     def is_connected(self) -> bool:
         return True

@@ -40,9 +40,14 @@ class Batch:
 
 class ISink(Interface):
     """
-    Something that receives the messages of the channels it subscribed to: a
-    WebSocket connection, or a listener.
+    Something that receives the messages of the channels it subscribed to:
+    the group of WebSocket connections on a channel, or a listener.
     """
+
+    receivers = Attribute(
+        "How many end receivers this sink stands for right now: the number of sockets in a "
+        "group, 1 for a listener."
+    )
 
     def receive(batch: Batch) -> None:
         """
@@ -108,6 +113,12 @@ class IChannelHub(Interface):
         """
         :return: the number of sinks subscribed to ``key``; ``0`` for an
             unknown channel.
+        """
+
+    def receivers(key: bytes) -> int:
+        """
+        :return: the sum of the :attr:`ISink.receivers` of the sinks on
+            ``key`` (sockets and listeners); ``0`` for an unknown channel.
         """
 
     def channels() -> list[bytes]:

@@ -59,6 +59,8 @@ def _decode(message: bytes) -> str | bytes:
 class _ChannelSink:
     """Feeds the broker's messages on one channel to the registry."""
 
+    receivers = 1
+
     def __init__(self, registry: ListenerRegistry, channel: str) -> None:
         self._registry = registry
         self._source = Source(BROKER, channel)

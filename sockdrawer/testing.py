@@ -17,6 +17,8 @@ class RecordingSink:
     :ivar batches: ``(channel key, [messages])`` per batch received, in order.
     """
 
+    receivers = 1
+
     def __init__(self, name: str = "sink") -> None:
         self.name = name
         self.batches: list[tuple[bytes, list[bytes]]] = []

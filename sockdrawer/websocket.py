@@ -103,10 +103,10 @@ def encode_batch(messages: Sequence[bytes]) -> bytes:
     return b"".join([encode_frame(m) for m in messages])
 
 
-@implementer(ISink)
 class SockDrawerServerProtocol(WebSocketServerProtocol):
     """
-    One browser connection on one channel.
+    One browser connection on one channel, a member of that channel's
+    :class:`ChannelGroup` while it is open.
 
     Slow readers: bytes the kernel does not take wait in Twisted's buffer for
     the socket, in order.  A socket whose buffer grows past ``send_buffer``
@@ -125,7 +125,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     _log = Logger()
 
     key: bytes | None = None
-    _joined = False
+    #: the channel's group while this socket is a member
+    _group: ChannelGroup | None = None
     #: the socket, when the transport is a plain TCP or UNIX connection whose
     #: buffer the fast path may bypass (not TLS)
     _sock: socket.socket | None = None
@@ -180,8 +181,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         elif _is_tcp(getattr(transport, "transport", None)):  # a TLS wrapper protocol
             self._tcp = transport.transport
         self._compact()
-        self._joined = True
-        self.factory.hub.subscribe(key, self)
+        self.factory.join(key, self)
 
     def _compact(self) -> None:
         # An idle socket's memory is mostly its instance dict.  Drop the
@@ -200,7 +200,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         handler = self.factory.frame_handler
-        if handler is None or not self._joined or self.key is None:
+        if handler is None or self._group is None or self.key is None:
             return
         message: str | bytes = payload if isBinary else payload.decode("utf-8")
         source = Source(SOCKET, self.key.decode("utf-8"), self.peer)
@@ -210,32 +210,54 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._leave()
 
-    # -- ISink
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Everything Autobahn sends (handshake, pings, pongs, replies, close
+        # frames) goes through Twisted's buffer; until that has drained, the
+        # group must not write past it.
+        group = self._group
+        if group is not None:
+            group.demote(self)
+        super().sendData(data, sync, chopsize)
 
-    def receive(self, batch: Batch) -> None:
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        # no data frame may follow a close frame: leave the channel first
+        self._leave()
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+
+    # -- delivery, driven by the ChannelGroup
+
+    def _deliver_slow(self, data: bytes) -> None:
+        """Deliver ``data`` to a member that is not on the direct path."""
         if self.state != _STATE_OPEN:
             return
-        data = batch.encoded
-        if data is None:
-            data = batch.encoded = encode_batch(batch.messages)
-        transport = self.transport
+        conn = self._tcp
         sock = self._sock
-        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
-            # Nothing is queued in Twisted for this socket, so nothing can be
-            # reordered: hand the bytes to the kernel now.  This saves the
-            # two epoll_ctl calls of Twisted's startWriting/stopWriting and a
-            # reactor turn per socket.  Whatever the kernel does not take
-            # (or an error, which Twisted then finds on its own send) goes
-            # through the transport as usual.
+        if sock is not None and conn is not None and not conn._tempDataLen and not conn.dataBuffer:
+            # Twisted's buffer has drained: back to direct sends
             try:
                 sent = sock.send(data)
             except OSError:
                 sent = 0
             if sent == len(data):
+                group = self._group
+                if group is not None:
+                    group.promote(self)
                 return
             if sent:
                 data = data[sent:]
-        transport.write(data)
+        self.transport.write(data)
+        self._check_backlog()
+
+    def _backlog(self, rest: bytes) -> None:
+        """The kernel did not take all of a direct send: queue the rest in Twisted."""
+        group = self._group
+        if group is not None:
+            group.demote(self)
+        self.transport.write(rest)
+        self._check_backlog()
+
+    def _check_backlog(self) -> None:
         buffered = self._buffered()
         if buffered > _HIGH_WATER:
             factory = self.factory
@@ -277,7 +299,6 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             why=why,
         )
         self.factory.slow_cut_offs += 1
-        self._leave()
         self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow reader", isReply=False)
         if not self.closeHandshakeTimeout:
             self.dropConnection(abort=True)
@@ -288,11 +309,9 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             timer.cancel()
 
     def _leave(self) -> None:
-        self._sock = None
         self._cancel_slow_timer()
-        if self._joined and self.key is not None:
-            self._joined = False
-            self.factory.hub.unsubscribe(self.key, self)
+        if self._group is not None:
+            self.factory.leave(self)
 
     def _reply(self, result: Any) -> None:
         if result is None or self.state != self.STATE_OPEN:
@@ -316,6 +335,89 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
 for _name, _default in _COMPACT_DEFAULTS.items():
     setattr(SockDrawerServerProtocol, _name, _default)
+
+
+@implementer(ISink)
+class ChannelGroup:
+    """
+    The open sockets of one channel: one sink of the hub for all of them.
+
+    Each batch is framed once, then written to every member.  Members whose
+    Twisted write buffer is empty (plain TCP or UNIX, no TLS) are *direct*:
+    the frames go straight to the kernel with one ``send()``, which saves the
+    two ``epoll_ctl`` calls of Twisted's startWriting/stopWriting and a
+    reactor turn per socket, and the loop over them touches nothing but the
+    sockets.  A member becomes *queued* as soon as anything waits in its
+    Twisted buffer (the kernel took only part of a write, or Autobahn sent a
+    ping, pong, reply or close frame): its frames then go through the
+    transport, in order, until the buffer has drained.
+    """
+
+    __slots__ = ("key", "_direct", "_queued", "_direct_items")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        #: direct members, each with its socket's bound ``send``
+        self._direct: dict[SockDrawerServerProtocol, Callable[[bytes], int]] = {}
+        self._queued: dict[SockDrawerServerProtocol, None] = {}
+        self._direct_items: tuple[tuple[SockDrawerServerProtocol, Callable[[bytes], int]], ...] | None = None
+
+    @property
+    def receivers(self) -> int:
+        """The number of sockets in the group."""
+        return len(self._direct) + len(self._queued)
+
+    def __len__(self) -> int:
+        return len(self._direct) + len(self._queued)
+
+    def add(self, proto: SockDrawerServerProtocol) -> None:
+        proto._group = self
+        self._queued[proto] = None  # the first batch finds out whether it can go direct
+
+    def remove(self, proto: SockDrawerServerProtocol) -> None:
+        proto._group = None
+        if self._direct.pop(proto, None) is not None:
+            self._direct_items = None
+        self._queued.pop(proto, None)
+
+    def demote(self, proto: SockDrawerServerProtocol) -> None:
+        if self._direct.pop(proto, None) is not None:
+            self._direct_items = None
+            self._queued[proto] = None
+
+    def promote(self, proto: SockDrawerServerProtocol) -> None:
+        sock = proto._sock
+        if sock is not None and proto in self._queued:
+            del self._queued[proto]
+            self._direct[proto] = sock.send
+            self._direct_items = None
+
+    def receive(self, batch: Batch) -> None:
+        data = batch.encoded
+        if data is None:
+            data = batch.encoded = encode_batch(batch.messages)
+        # the queued members as they are now: a direct member demoted in the
+        # loop below already has this batch in its Twisted buffer
+        queued = tuple(self._queued) if self._queued else ()
+        direct = self._direct_items
+        if direct is None:
+            direct = self._direct_items = tuple(self._direct.items())
+        size = len(data)
+        for proto, send in direct:
+            try:
+                sent = send(data)
+            except OSError:
+                # EAGAIN, or a socket being torn down (Twisted finds out on
+                # its own): queue it and let Twisted deal with it
+                sent = 0
+            if sent != size:
+                proto._backlog(data[sent:] if sent else data)
+        for proto in queued:
+            if proto._group is self:
+                proto._deliver_slow(data)
+
+    def __repr__(self) -> str:
+        return f"<ChannelGroup {self.key!r} direct={len(self._direct)} queued={len(self._queued)}>"
 
 
 class SockDrawerServerFactory(WebSocketServerFactory):
@@ -361,6 +463,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.send_buffer = send_buffer
         self.slow_timeout = slow_timeout
         self.connections: dict[SockDrawerServerProtocol, None] = {}
+        self.groups: dict[bytes, ChannelGroup] = {}
         self.slow_cut_offs = 0
         self._any_origin = "*" in allowed_origins
         self._origin_patterns = wildcards2patterns(list(allowed_origins))
@@ -415,6 +518,29 @@ class SockDrawerServerFactory(WebSocketServerFactory):
             return False
         normalized = f"{parts.scheme.lower()}://{parts.hostname}:{port}"
         return any(p.match(normalized) for p in self._origin_patterns)
+
+    def join(self, key: bytes, proto: SockDrawerServerProtocol) -> None:
+        """Add an open socket to its channel's group (subscribing the group)."""
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = ChannelGroup(key)
+            self.hub.subscribe(key, group)
+        group.add(proto)
+
+    def leave(self, proto: SockDrawerServerProtocol) -> None:
+        """Take a socket out of its group; the last one out unsubscribes the group."""
+        group = proto._group
+        if group is None:
+            return
+        group.remove(proto)
+        if not len(group) and self.groups.get(group.key) is group:
+            del self.groups[group.key]
+            self.hub.unsubscribe(group.key, group)
+
+    def sockets(self, key: bytes) -> int:
+        """How many open sockets are on channel ``key``."""
+        group = self.groups.get(key)
+        return len(group) if group is not None else 0
 
     def when_all_closed(self) -> Deferred[None]:
         """A Deferred that fires once no connection is left."""

@@ -97,11 +97,11 @@ async def test_close_unsubscribes_and_forgets_path(redis_server: RedisServer, ru
     await wait_subscribed(svc, redis_server)
     a = await connect(svc.ws_port, "/news")
     b = await connect(svc.ws_port, "/news")
-    assert svc.hub.subscribers(b"news") == 2
+    assert svc.factory.sockets(b"news") == 2
     a.close()
     code, _ = await a.closed
     assert code == 1000
-    await wait_for(lambda: svc.hub.subscribers(b"news") == 1)
+    await wait_for(lambda: svc.factory.sockets(b"news") == 1)
     await deferToThread(redis_server.publish, "sock-drawer/news", "after a left")
     assert (await b.next_text()) == "after a left"
     b.abort()  # no close handshake: the TCP connection just goes away
@@ -333,7 +333,7 @@ async def test_redis_restart_keeps_sockets_and_resubscribes(own_redis: RedisServ
     assert client.ws.state.name == "OPEN"
     await deferToThread(own_redis.publish, "sock-drawer/news", "after")
     assert (await client.next_text()) == "after"
-    assert svc.hub.subscribers(b"news") == 1
+    assert svc.factory.sockets(b"news") == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -64,6 +64,16 @@ class HubContract:
         assert hub.deliver(b"news", b"m") == 0
         assert a.messages == [] and b.messages == []
 
+    def test_receivers_sums_sinks(self) -> None:
+        """receivers() adds up what each sink stands for; 0 for an unknown channel."""
+        hub = self.make_hub()
+        group = RecordingSink()
+        group.receivers = 3  # type: ignore[misc]
+        hub.subscribe(b"news", group)
+        hub.subscribe(b"news", RecordingSink())
+        assert hub.receivers(b"news") == 4
+        assert hub.receivers(b"nowhere") == 0
+
     def test_unsubscribe_unknown_is_ignored(self) -> None:
         """Unsubscribing from an unknown channel, or a sink that never subscribed, changes nothing."""
         hub = self.make_hub()
@@ -130,6 +140,8 @@ class HubContract:
 
         @implementer(ISink)
         class Leaver:
+            receivers = 1
+
             def receive(self, batch: Batch) -> None:
                 hub.unsubscribe(b"x", late)
                 hub.unsubscribe(b"x", self)
@@ -147,6 +159,8 @@ class HubContract:
 
         @implementer(ISink)
         class Bad:
+            receivers = 1
+
             def receive(self, batch: Batch) -> None:
                 raise ValueError("boom")
 

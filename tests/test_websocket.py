@@ -171,12 +171,12 @@ async def test_slow_reader_is_cut_off_and_others_unaffected(run_service: Any) ->
     peer.lost = False
     factory = protocol.Factory.forProtocol(lambda: peer)
     await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
-    await wait_for(lambda: svc.hub.subscribers(b"flood") == 1)
+    await wait_for(lambda: svc.factory.sockets(b"flood") == 1)
     reader = await connect(svc.ws_port, "/flood")
     chunk = "y" * 16384
     sent = 0
     received = 0
-    while svc.hub.subscribers(b"flood") == 2 and sent < 2000:  # bounded: 32 MB at most
+    while svc.factory.sockets(b"flood") == 2 and sent < 2000:  # bounded: 32 MB at most
         for _ in range(16):
             await svc.publish(chunk, "flood")
             sent += 1
@@ -185,7 +185,7 @@ async def test_slow_reader_is_cut_off_and_others_unaffected(run_service: Any) ->
         while reader.pending():
             assert (await reader.next_text()) == chunk
             received += 1
-    assert svc.hub.subscribers(b"flood") == 1, "the silent socket was never cut off"
+    assert svc.factory.sockets(b"flood") == 1, "the silent socket was never cut off"
     assert svc.factory.slow_cut_offs == 1
     assert sent < 2000
     while received < sent:
@@ -204,7 +204,7 @@ async def test_slow_reader_cut_off_after_timeout(run_service: Any) -> None:
     peer.lost = False
     factory = protocol.Factory.forProtocol(lambda: peer)
     await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
-    await wait_for(lambda: svc.hub.subscribers(b"flood") == 1)
+    await wait_for(lambda: svc.factory.sockets(b"flood") == 1)
     sent = 0
     while svc.factory.slow_cut_offs == 0 and sent < 1000:
         if sent < 400:  # enough to fill the kernel buffers and pause the socket

@@ -44,6 +44,9 @@ class WSClient(protocol.Protocol):
         self.closed: defer.Deferred[tuple[int | None, str]] = defer.Deferred()
         self.frames_received = 0
         self.pings_received = 0
+        self.pongs_received = 0
+        #: opcodes of every frame received, in order (data and control)
+        self.opcodes: list[Opcode] = []
 
     def connectionMade(self) -> None:
         request = self.ws.connect()
@@ -64,11 +67,15 @@ class WSClient(protocol.Protocol):
                     self.opened.callback(event)
                 else:
                     self.opened.errback(HandshakeRefused(event.status_code, event.reason_phrase))
-            elif event.opcode in (Opcode.TEXT, Opcode.BINARY):
-                self.frames_received += 1
-                self.messages.put((event.opcode, bytes(event.data)))
-            elif event.opcode is Opcode.PING:
-                self.pings_received += 1
+            else:
+                self.opcodes.append(event.opcode)
+                if event.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    self.frames_received += 1
+                    self.messages.put((event.opcode, bytes(event.data)))
+                elif event.opcode is Opcode.PING:
+                    self.pings_received += 1
+                elif event.opcode is Opcode.PONG:
+                    self.pongs_received += 1
 
     def _flush(self) -> None:
         for chunk in self.ws.data_to_send():
@@ -98,6 +105,10 @@ class WSClient(protocol.Protocol):
     def send_raw(self, data: bytes) -> None:
         """Bytes straight onto the wire, bypassing the protocol."""
         self.transport.write(data)
+
+    def ping(self, data: bytes = b"") -> None:
+        self.ws.send_ping(data)
+        self._flush()
 
     def close(self, code: int = 1000) -> None:
         self.ws.send_close(code)
