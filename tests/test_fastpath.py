@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
+from conftest import wait_for
 from twisted.internet import reactor, task
 from websockets.frames import Opcode
-
-from conftest import wait_for
 from wsclient import connect
 
 
