@@ -61,6 +61,7 @@ DEFAULT_SERVER_CMD = (
     "--redis redis://127.0.0.1:{redis_port}/0 --max-connections 20000 --auto-ping-interval 0"
 )
 DEFAULT_BASELINE_CMD = "{python} bench/baseline_autobahn.py --port {port} --redis-port {redis_port}"
+FLOOR_CMD = "{python} bench/floor_server.py --port {port} --redis-port {redis_port}"
 
 P99_LIMIT_MS = 250.0
 
@@ -1231,6 +1232,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-cmd", default=DEFAULT_BASELINE_CMD, help="baseline command template")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not measure the baseline (with --from-json: leave its runs out)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure bench/floor_server.py, the least a Python process can do (raw sockets, "
+                        "no WebSocket library): what sockdrawer costs above that is its own")
     p.add_argument("--concurrency", type=int, default=32,
                    help="handshakes in flight, over all load clients (default 32: below the listen backlog "
                         "of 50 that Twisted's tcp: endpoints use, so no SYN is dropped)")
@@ -1310,6 +1314,8 @@ def main(argv: list[str] | None = None) -> int:
     servers = [(label, args.server_cmd, pythonpath)]
     if not args.no_baseline:
         servers.append(("baseline", args.baseline_cmd, None))
+    if args.floor:
+        servers.append(("floor", FLOOR_CMD, None))
     print(f"sockdrawer benchmark {run_id}: build {git['commit']}{' (sockdrawer/ modified)' if git['dirty'] else ''}, "
           f"{machine['cpu_model']} x{machine['nproc']}, kernel {machine['kernel']}; logs in {logdir}")
     busy = machine_busy()

@@ -34,6 +34,11 @@ _log = Logger(namespace="sockdrawer.redis")
 
 HIREDIS = txredisapi.RedisProtocol is txredisapi.HiredisProtocol
 
+# Twisted reads at most 64 KiB per doRead
+_FULL_READ = 60 * 1024
+# that many full reads in a row when the link drops: Redis probably dropped us
+_BEHIND = 8
+
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
@@ -166,7 +171,15 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         if self.transport is not None:
             self.transport.loseConnection()
 
+    #: consecutive reads that filled Twisted's read buffer: this node is
+    #: behind, and Redis is queueing messages for it
+    full_reads = 0
+
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        if len(data) >= _FULL_READ:
+            self.full_reads += 1
+        elif self.full_reads:
+            self.full_reads = 0
         hub = self.hub
         hub.hold()
         try:
@@ -385,6 +398,14 @@ class RedisLink(MultiService):
                     url=self.description,
                     reason=why.getErrorMessage(),
                 )
+                if protocol.full_reads >= _BEHIND:
+                    _log.warn(
+                        "the link dropped while this node was behind on Redis ({reads} full reads in a "
+                        "row): Redis probably closed it at its 'client-output-buffer-limit pubsub', and "
+                        "the messages queued for this node are lost. The node cannot keep up with the "
+                        "publish rate: add nodes, or raise that limit to ride out bursts.",
+                        reads=protocol.full_reads,
+                    )
 
     def _send_pings(self) -> None:
         for service in (self._sub, self._pub):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import wildcards2patterns
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
@@ -83,17 +83,30 @@ CLOSE_POLICY_VIOLATION = 1008
 
 def encode_frame(message: bytes) -> bytes:
     """
-    One unmasked, unfragmented server frame for ``message``: a text frame
-    when it is valid UTF-8, a binary frame otherwise.  Payload bytes are
-    unchanged.
+    One unmasked, unfragmented server frame for ``message`` (RFC 6455 5.2): a
+    text frame when it is valid UTF-8, a binary frame otherwise.  Payload
+    bytes are unchanged.
+
+    This is what Autobahn's ``PreparedMessage(..., applyMask=False,
+    doNotCompress=True).payloadHybi`` builds, without the object around it:
+    the frames of a batch are joined here anyway, and at 100,000 messages a
+    second the object costs more than the framing.
     """
     try:
         message.decode("utf-8")
-        binary = False
+        opcode = 0x81  # FIN + text
     except UnicodeDecodeError:
-        binary = True
-    frame: bytes = PreparedMessage(message, binary, False, True).payloadHybi
-    return frame
+        opcode = 0x82  # FIN + binary
+    length = len(message)
+    if length < 126:
+        return bytes((opcode, length)) + message
+    if length < 0x10000:
+        return _HEADER_16(opcode, 126, length) + message
+    return _HEADER_64(opcode, 127, length) + message
+
+
+_HEADER_16 = struct.Struct("!BBH").pack
+_HEADER_64 = struct.Struct("!BBQ").pack
 
 
 def encode_batch(messages: Sequence[bytes]) -> bytes:

@@ -178,3 +178,30 @@ def test_pure_python_parser_path() -> None:
     p.messageReceived(b"sock-drawer/*", b"sock-drawer/news", b"too long")
     p.messageReceived(b"sock-drawer/*", b"other/news", b"elsewhere")
     assert sink.messages == [b"hello"]
+
+
+def test_link_lost_while_behind_explains_itself() -> None:
+    """When the link drops during a run of full reads, the log says Redis probably cut the node off."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python.failure import Failure
+
+    from sockdrawer.redislink import RedisLink
+
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        hub = MemoryChannelHub()
+        link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
+        link.running = True
+        p, _, _ = connected_protocol()
+        p.link = link
+        link._subscribed(p)
+        chunk = pmessage(b"sock-drawer/x", b"y" * 65536)
+        for _ in range(10):
+            p.dataReceived(chunk)
+        assert p.full_reads == 10
+        p.connectionLost(Failure(ConnectionError("closed")))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("client-output-buffer-limit" in str(e.get("log_format")) for e in events)
+    assert not link.is_connected()

@@ -259,3 +259,9 @@ def test_websocket_frame_encoding() -> None:
     assert encode_frame(b"a" * 126)[:4] == b"\x81\x7e" + struct.pack("!H", 126)
     assert encode_frame(b"a" * 70000)[:10] == b"\x81\x7f" + struct.pack("!Q", 70000)
     assert encode_batch([b"a", b"\xff"]) == b"\x81\x01a\x82\x01\xff"
+    # the same bytes as Autobahn's own prepared messages
+    from autobahn.websocket.protocol import PreparedMessage
+
+    for size in (0, 1, 125, 126, 65535, 65536, 70000):
+        for payload, binary in ((b"t" * size, False), (b"\xff" * max(size, 1), True)):
+            assert encode_frame(payload) == PreparedMessage(payload, binary, False, True).payloadHybi
