@@ -265,3 +265,33 @@ def test_websocket_frame_encoding() -> None:
     for size in (0, 1, 125, 126, 65535, 65536, 70000):
         for payload, binary in ((b"t" * size, False), (b"\xff" * max(size, 1), True)):
             assert encode_frame(payload) == PreparedMessage(payload, binary, False, True).payloadHybi
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_connections_freed_without_cyclic_gc(run_service: Any) -> None:
+    """A closed connection is freed by reference counting alone, so full GC passes stay rare and short."""
+    import gc
+
+    from twisted.internet import task
+
+    from sockdrawer.websocket import SockDrawerServerProtocol
+
+    svc = await run_service()
+    gc.collect()
+    gc.disable()
+    try:
+        def ours() -> int:
+            return sum(isinstance(o, SockDrawerServerProtocol) and o.factory is svc.factory
+                       for o in gc.get_objects())
+
+        clients = [await connect(svc.ws_port, f"/gc{i % 3}") for i in range(20)]
+        assert ours() == 20
+        for c in clients:
+            c.close()
+        for c in clients:
+            await c.closed
+        await wait_for(lambda: not svc.factory.connections)
+        await task.deferLater(reactor, 0, lambda: None)
+        assert ours() == 0
+    finally:
+        gc.enable()
