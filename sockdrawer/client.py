@@ -19,7 +19,7 @@ import os
 import urllib.error
 import urllib.request
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from ._channels import DEFAULT_NAMESPACE, Namespace, validate_channel
 
@@ -152,12 +152,16 @@ class Client:
         return int(body.get("subscribers", 0))
 
     def _where(self) -> str:
+        """The broker's address for error messages, without credentials."""
         if self._http is not None:
             return self._http
-        if "@" in self.url:
-            scheme, _, rest = self.url.partition("://")
-            return f"{scheme}://***@{rest.rpartition('@')[2]}"
-        return self.url
+        parts = urlsplit(self.url)
+        if not parts.scheme:
+            return self.url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return f"{parts.scheme}://{host}{parts.path}"
 
     def close(self) -> None:
         """Close the Redis connections this client opened (not a ``redis=`` object)."""

@@ -28,15 +28,16 @@ class Settings:
     """
 
     #: WebSocket endpoint: a Twisted server endpoint string or a port number.
-    port: str = "tcp:8020"
+    port: str | int = "tcp:8020"
     #: ``redis://``, ``rediss://`` or ``unix://`` URL; ``None``: embedded broker.
     redis: str | None = None
     #: Channel namespace: Redis channel ``<name>/<channel>``.
     name: str = DEFAULT_NAMESPACE
     #: Listener classes, as ``"package.module:ClassName"`` or class objects.
     listeners: tuple[Any, ...] = ()
-    #: HTTP API endpoint; ``None`` or ``"none"`` turns the API off.
-    api: str | None = "tcp:8021:interface=127.0.0.1"
+    #: HTTP API endpoint (or a port number, on all interfaces); ``None`` or
+    #: ``"none"`` turns the API off.
+    api: str | int | None = "tcp:8021:interface=127.0.0.1"
     #: When set, API requests need ``Authorization: Bearer <api_key>``.
     api_key: str | None = None
     #: Largest message (and frame) a browser may send, in bytes.
@@ -89,6 +90,20 @@ class Settings:
         :raises ValueError: with a one-line message naming the option.
         :return: ``self``, so ``Settings(...).validate()`` chains.
         """
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("--name must be a non-empty string")
+        if isinstance(self.port, bool) or not isinstance(self.port, (str, int)) or self.port == "":
+            raise ValueError("--port must be an endpoint string or a port number")
+        if self.api is not None and (isinstance(self.api, bool) or not isinstance(self.api, (str, int))):
+            raise ValueError("--api must be an endpoint string, a port number or 'none'")
+        for name in ("redis", "api_key"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"--{_opt(name)} must be a string")
+        for name in ("allowed_origins", "listeners"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ValueError(f"{name} must be a tuple (of strings), not {type(getattr(self, name)).__name__}")
+        if not all(isinstance(o, str) and o for o in self.allowed_origins):
+            raise ValueError("--allowed-origin values must be non-empty strings")
         ints = {
             "max_message_size": 1,
             "max_publish_size": 1,
@@ -131,7 +146,9 @@ class Settings:
             from .redislink import RedisURL
 
             try:
-                RedisURL.parse(self.redis)
+                url = RedisURL.parse(self.redis)
+                if url.ssl_ca_certs:
+                    url.trust_root()
             except ValueError as e:
                 raise ValueError(f"--redis: {e}") from None
         return self
@@ -144,7 +161,7 @@ class Settings:
 _BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
 
-def endpoint_string(value: str, backlog: int | None = None) -> str:
+def endpoint_string(value: str | int, backlog: int | None = None) -> str:
     """
     Turn a bare port number into a ``tcp:`` endpoint string, and give
     stream endpoints without an explicit ``backlog=`` the ``backlog``.

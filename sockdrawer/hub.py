@@ -62,14 +62,13 @@ class MemoryChannelHub:
         if sinks is None:
             return 0
         self.messages += 1
-        if self._held:
-            pending = self._pending.get(key)
-            if pending is None:
-                self._pending[key] = [message]
-            else:
-                pending.append(message)
+        pending = self._pending.get(key)
+        if pending is None:
+            self._pending[key] = [message]
         else:
-            self._fan_out(key, [message])
+            pending.append(message)
+        if not self._held:
+            self._flush()
         return len(sinks)
 
     def hold(self) -> None:
@@ -80,9 +79,20 @@ class MemoryChannelHub:
             raise RuntimeError("release() without hold()")
         self._held -= 1
         if self._held == 0 and self._pending:
-            pending, self._pending = self._pending, {}
-            for key, messages in pending.items():
-                self._fan_out(key, messages)
+            self._flush()
+
+    def _flush(self) -> None:
+        # Held while fanning out: a sink that delivers again (a listener
+        # publishing through the embedded broker) queues its message behind
+        # the one in progress instead of overtaking it.
+        self._held += 1
+        try:
+            while self._pending:
+                pending, self._pending = self._pending, {}
+                for key, messages in pending.items():
+                    self._fan_out(key, messages)
+        finally:
+            self._held -= 1
 
     def subscribers(self, key: bytes) -> int:
         sinks = self._sinks.get(key)
@@ -90,7 +100,7 @@ class MemoryChannelHub:
 
     def receivers(self, key: bytes) -> int:
         sinks = self._sinks.get(key)
-        return 0 if sinks is None else sum(sink.receivers for sink in sinks)
+        return 0 if sinks is None else sum(getattr(sink, "receivers", 1) for sink in sinks)
 
     def channels(self) -> list[bytes]:
         return list(self._sinks)

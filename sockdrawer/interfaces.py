@@ -46,7 +46,7 @@ class ISink(Interface):
 
     receivers = Attribute(
         "How many end receivers this sink stands for right now: the number of sockets in a "
-        "group, 1 for a listener."
+        "group, 1 for a listener.  Optional: a sink without it counts as 1."
     )
 
     def receive(batch: Batch) -> None:
@@ -86,10 +86,11 @@ class IChannelHub(Interface):
 
     def deliver(key: bytes, message: bytes) -> int:
         """
-        Give ``message`` to every sink subscribed to ``key`` at the moment of
-        the call, in the order of calls.  While the hub is held (see
-        :meth:`hold`), messages are collected and delivered at the matching
-        :meth:`release`, all messages of one channel in one :class:`Batch`.
+        Give ``message`` to every sink subscribed to ``key`` when it is
+        fanned out, in the order of calls: at once, or, while the hub is held
+        (see :meth:`hold`), at the matching :meth:`release`, all messages of
+        one channel in one :class:`Batch`.  A delivery made by a sink while it
+        receives is queued behind the batch in progress.
 
         :return: the number of sinks the message is for; ``0`` for a channel
             without sinks, whose message is dropped.

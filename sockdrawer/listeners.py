@@ -118,9 +118,6 @@ class ListenerRegistry:
             hub.unsubscribe(key, sink)
         self._sinks.clear()
 
-    def has_handlers(self, channel: str) -> bool:
-        return channel in self._handlers
-
     def dispatch(self, source: Source, message: str | bytes) -> list[Deferred[Any]]:
         """
         Run every handler of ``source.channel`` on ``message``.
@@ -134,10 +131,14 @@ class ListenerRegistry:
         results: list[Deferred[Any]] = []
         for handler, takes_source in self._handlers.get(source.channel, ()):
             try:
-                if takes_source:
-                    result = handler(message, source)
+                result = handler(message, source) if takes_source else handler(message)
+                if isinstance(result, Deferred):
+                    d = result
+                elif hasattr(result, "__await__"):
+                    d = ensureDeferred(result)
                 else:
-                    result = handler(message)
+                    results.append(succeed(result))
+                    continue
             except Exception:
                 self._log.failure(
                     "listener handler {handler} failed on channel {channel!r} ({kind})",
@@ -146,13 +147,6 @@ class ListenerRegistry:
                     kind=source.kind,
                 )
                 results.append(succeed(None))
-                continue
-            if isinstance(result, Deferred):
-                d = result
-            elif hasattr(result, "__await__"):
-                d = ensureDeferred(result)
-            else:
-                results.append(succeed(result))
                 continue
             d.addErrback(self._handler_failed, handler, source)
             results.append(d)

@@ -118,16 +118,26 @@ class RedisURL:
         tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.scheme == "redis":
             return tcp
-        if self.ssl_ca_certs:
+        options = ssl.optionsForClientTLS(self.host, trustRoot=self.trust_root())
+        return wrapClientTLS(options, tcp)
+
+    def trust_root(self) -> Any:
+        """
+        The certificates a ``rediss://`` server must chain to: the PEM file
+        in ``ssl_ca_certs``, or the platform's trust store.
+
+        :raises ValueError: for an unreadable file or one without certificates.
+        """
+        if not self.ssl_ca_certs:
+            return ssl.platformTrust()
+        try:
             with open(self.ssl_ca_certs, "rb") as f:
                 pems = _PEM.findall(f.read())
-            if not pems:
-                raise ValueError(f"no PEM certificate in {self.ssl_ca_certs}")
-            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
-        else:
-            trust = ssl.platformTrust()
-        options = ssl.optionsForClientTLS(self.host, trustRoot=trust)
-        return wrapClientTLS(options, tcp)
+        except OSError as e:
+            raise ValueError(f"cannot read ssl_ca_certs file {self.ssl_ca_certs}: {e.strerror}") from None
+        if not pems:
+            raise ValueError(f"no PEM certificate in {self.ssl_ca_certs}")
+        return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
     def __str__(self) -> str:
         """The URL without its password, for logs."""
@@ -249,6 +259,12 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 class _LinkFactoryMixin:
     link: RedisLink
 
+    def _connectionReady(self, conn: Any) -> None:
+        # txredisapi would put every new connection in its pool and a queue
+        # nobody reads here (ClientService owns the connection), keeping each
+        # dead one after a reconnect.
+        pass
+
     def connectionError(self, why: str) -> None:
         # txredisapi reports AUTH and SELECT failures here; the connection is
         # then closed and ClientService retries with backoff.
@@ -335,7 +351,6 @@ class RedisLink(MultiService):
         self.timeout = timeout
         self.max_message_size = max_message_size
         self.description = str(url)
-        self._reactor = reactor
         self._clock: IReactorTime = reactor
         self._subscribed_once = False
         self.subscriber: RedisSubscriberProtocol | None = None

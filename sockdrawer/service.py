@@ -42,12 +42,14 @@ class ListeningService(Service):
     """
 
     port: IListeningPort | None = None
+    #: under twistd: a listen failure ends the process with a one-line
+    #: message instead of a traceback
+    exit_on_failure = False
 
     def __init__(self, description: str, factory: IProtocolFactory, reactor: Any = None) -> None:
         self.description = description
         self.factory = factory
         self._reactor = reactor
-        self._listening: Deferred[IListeningPort] | None = None
         self._waiters: list[Deferred[IListeningPort]] = []
 
     def startService(self) -> None:
@@ -56,12 +58,24 @@ class ListeningService(Service):
         if reactor is None:
             from twisted.internet import reactor
         endpoint = serverFromString(reactor, self.description)
-        d = endpoint.listen(self.factory)
-        failures: list[Failure] = []
-        d.addCallbacks(self._listened, failures.append)
-        if failures:
-            failures[0].raiseException()
-        self._listening = d
+        failed_at_once: list[Failure] = []
+        self._starting = True
+        endpoint.listen(self.factory).addCallbacks(self._listened, self._listen_failed, errbackArgs=(failed_at_once,))
+        self._starting = False
+        if failed_at_once:  # as with TCP: raise to whoever started the service
+            if self.exit_on_failure:
+                raise SystemExit(f"sockdrawer: cannot listen on {self.description}: "
+                                 f"{failed_at_once[0].getErrorMessage()}")
+            failed_at_once[0].raiseException()
+
+    def _listen_failed(self, failure: Failure, failed_at_once: list[Failure]) -> None:
+        if self._starting:
+            failed_at_once.append(failure)
+            return
+        _log.failure("cannot listen on {endpoint}", failure, endpoint=self.description)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.errback(failure)
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -145,7 +159,7 @@ class SockDrawerService(MultiService):
 
     def __init__(self, settings: Settings | None = None, reactor: Any = None, **overrides: Any) -> None:
         super().__init__()
-        settings = (settings or Settings()).replace(**overrides) if overrides else (settings or Settings())
+        settings = (settings or Settings()).replace(**overrides)
         self.settings = settings.validate()
         if reactor is None:
             from twisted.internet import reactor

@@ -106,7 +106,7 @@ class Options(usage.Options):
         try:
             settings = Settings(**values).validate()
         except (TypeError, ValueError) as e:
-            raise usage.UsageError(str(e)) from None
+            raise usage.UsageError(str(e).splitlines()[0]) from None
         _check_endpoint("--port", settings.port)
         if settings.api_enabled:
             assert settings.api is not None
@@ -122,7 +122,7 @@ class Options(usage.Options):
         self.settings = settings.replace(listeners=tuple(loaded))
 
 
-def _check_endpoint(option: str, description: str) -> None:
+def _check_endpoint(option: str, description: str | int) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
@@ -137,4 +137,8 @@ def makeService(options: Options) -> IService:
     """Build the service ``twistd`` runs."""
     from .service import SockDrawerService
 
-    return SockDrawerService(options.settings)
+    service = SockDrawerService(options.settings)
+    for listener in (service.websocket, service.api):
+        if listener is not None:
+            listener.exit_on_failure = True
+    return service

@@ -10,7 +10,8 @@ import json
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
+from http import HTTPStatus
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -161,7 +162,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             limit = self.factory.max_handshake_size
             if len(self.data) + len(data) > limit:
                 self.data = b""
-                self.failHandshake("Request Header Fields Too Large", 431)
+                self._own_reason = "Request Header Fields Too Large"
+                self.failHandshake(self._own_reason, 431)
                 return
         self._dataReceived(data)
 
@@ -179,14 +181,35 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     # -- Autobahn
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        # The channel comes from the raw request target: Autobahn's
+        # request.path went through urlparse, which drops ";params" and reads
+        # "//a/b" as a host name.
+        target = self.http_request_uri.split("?", 1)[0]
         try:
-            key = channel_from_path(request.path, self.factory.max_channel_length)
+            key = channel_from_path(target, self.factory.max_channel_length)
         except ChannelNameError as e:
-            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
+            self._deny(ConnectionDeny.BAD_REQUEST, str(e))
         if request.origin and not self.factory.origin_allowed(request.origin):
-            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+            self._deny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         self.key = key
         return None
+
+    def _deny(self, code: int, reason: str) -> NoReturn:
+        # a reason of our own, fixed text: safe for the status line
+        self._own_reason = reason
+        raise ConnectionDeny(code, reason)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        # Autobahn puts request details (method, version, Host header) and
+        # exception texts into the status line; send the standard phrase
+        # instead, and log the detail.
+        if reason != getattr(self, "_own_reason", None):
+            self._log.info("refused a WebSocket handshake from {peer}: {reason}", peer=self.peer, reason=reason)
+            try:
+                reason = HTTPStatus(code).phrase
+            except ValueError:
+                reason = "Bad Request"
+        super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self) -> None:
         key = self.key
@@ -238,6 +261,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if group is not None:
             group.demote(self)
         super().sendData(data, sync, chopsize)
+        if group is not None and self._group is group:
+            # pongs and replies to a client that sends but never reads
+            # count against its limits too
+            self._check_backlog(len(data))
 
     def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
                        isReply: bool = False) -> None:
@@ -267,7 +294,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             if sent:
                 data = data[sent:]
         self.transport.write(data)
-        self._check_backlog()
+        self._check_backlog(len(data))
 
     def _backlog(self, rest: bytes) -> None:
         """The kernel did not take all of a direct send: queue the rest in Twisted."""
@@ -275,13 +302,19 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if group is not None:
             group.demote(self)
         self.transport.write(rest)
-        self._check_backlog()
+        self._check_backlog(len(rest))
 
-    def _check_backlog(self) -> None:
+    def _check_backlog(self, just_queued: int) -> None:
+        """
+        Enforce the slow-reader limits after ``just_queued`` bytes went into
+        Twisted's buffer: over ``send_buffer`` bytes queued *before* them
+        means the socket fell that far behind; above the high-water mark
+        starts (or keeps) the ``slow_timeout`` clock.
+        """
         buffered = self._buffered()
         if buffered > _HIGH_WATER:
             factory = self.factory
-            if buffered > factory.send_buffer:
+            if buffered - just_queued > factory.send_buffer:
                 self._cut_off("queued too much")
             elif self._slow_timer is None and factory.slow_timeout > 0:
                 self._slow_timer = factory.clock.callLater(factory.slow_timeout, self._check_slow)
@@ -296,7 +329,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     def _check_slow(self) -> None:
         self._slow_timer = None
-        if self._buffered() > _HIGH_WATER:
+        if self._group is not None and self._buffered() > _HIGH_WATER:
             self._cut_off("stayed too slow")
 
     # -- own
@@ -309,7 +342,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
     def _cut_off(self, why: str) -> None:
-        self._slow_timer = None
+        self._cancel_slow_timer()
         if self.state != self.STATE_OPEN:
             return
         self._log.info(
@@ -341,7 +374,12 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         elif isinstance(result, (bytes, bytearray, memoryview)):
             self.sendMessage(bytes(result), isBinary=True)
         elif isinstance(result, (dict, list)):
-            self.sendMessage(json.dumps(result).encode("utf-8"), isBinary=False)
+            try:
+                text = json.dumps(result)
+            except (TypeError, ValueError) as e:
+                self._log.error("listener reply on {channel!r} is not JSON: {error}", channel=self.key, error=e)
+                return
+            self.sendMessage(text.encode("utf-8"), isBinary=False)
         else:
             self._log.error(
                 "listener reply on {channel!r} has type {type}; return str, bytes, dict, list or None",
@@ -382,13 +420,13 @@ class ChannelGroup:
         self._queued: dict[SockDrawerServerProtocol, None] = {}
         self._direct_items: tuple[tuple[SockDrawerServerProtocol, Callable[[bytes], int]], ...] | None = None
 
+    def __len__(self) -> int:
+        return len(self._direct) + len(self._queued)
+
     @property
     def receivers(self) -> int:
         """The number of sockets in the group."""
-        return len(self._direct) + len(self._queued)
-
-    def __len__(self) -> int:
-        return len(self._direct) + len(self._queued)
+        return len(self)
 
     def add(self, proto: SockDrawerServerProtocol) -> None:
         proto._group = self
@@ -501,7 +539,6 @@ class SockDrawerServerFactory(WebSocketServerFactory):
             allowedOrigins=["*"],
             allowNullOrigin=True,
             trustXForwardedFor=trust_x_forwarded_for,
-            tcpNoDelay=True,
             # send the close code (1002, 1007, 1009) instead of just dropping TCP
             failByDrop=False,
         )
