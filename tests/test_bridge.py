@@ -6,6 +6,7 @@ WebSocket clients.
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 import listeners as test_listeners
@@ -99,13 +100,13 @@ async def test_close_unsubscribes_and_forgets_path(redis_server: RedisServer, ru
     b = await connect(svc.ws_port, "/news")
     assert svc.factory.sockets(b"news") == 2
     a.close()
-    code, _ = await a.closed
+    code, _ = await a.wait_closed()
     assert code == 1000
     await wait_for(lambda: svc.factory.sockets(b"news") == 1)
     await deferToThread(redis_server.publish, "sock-drawer/news", "after a left")
     assert (await b.next_text()) == "after a left"
     b.abort()  # no close handshake: the TCP connection just goes away
-    await b.closed
+    await b.wait_closed()
     await wait_for(lambda: b"news" not in svc.hub.channels())
     await wait_for(lambda: not svc.factory.connections)
 
@@ -114,8 +115,9 @@ async def test_close_unsubscribes_and_forgets_path(redis_server: RedisServer, ru
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_over_redis(redis_server: RedisServer, run_service: Any) -> None:
+async def test_client_over_redis(own_redis: RedisServer, run_service: Any) -> None:
     """Client(url=redis://...).pub() reaches the socket and returns the number of subscribed nodes."""
+    redis_server = own_redis
     svc = await run_service(redis=redis_server.url)
     await wait_subscribed(svc, redis_server)
     client = await connect(svc.ws_port, "/model_created")
@@ -181,8 +183,9 @@ async def test_client_over_http_api(run_service: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_http_api_over_redis(redis_server: RedisServer, run_service: Any) -> None:
+async def test_http_api_over_redis(own_redis: RedisServer, run_service: Any) -> None:
     """POST /publish/<channel> on a Redis-backed node publishes on Redis, reaching another node's sockets."""
+    redis_server = own_redis
     a = await run_service(redis=redis_server.url)
     b = await run_service(redis=redis_server.url)
     await wait_for(lambda: redis_server.pattern_subscribers() >= 2)
@@ -381,3 +384,21 @@ async def test_redis_password(run_service: Any) -> None:
         assert "nope" not in str(auth_errors[0])
     finally:
         server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_listener_publish_keeps_order(run_service: Any) -> None:
+    """On the embedded broker, a message a listener publishes while handling one reaches sockets after it."""
+    from sockdrawer import Subscriber, on
+
+    class Follow(Subscriber):
+        @on("news")
+        def follow(self, message: Any, source: Any) -> None:
+            if not source.from_socket and message == "first":
+                self.publish("second", "news")
+
+    svc = await run_service(listeners=(Follow,))
+    client = await connect(svc.ws_port, "/news")
+    await svc.publish("first", "news")
+    assert [await client.next_text(), await client.next_text()] == ["first", "second"]

@@ -20,17 +20,22 @@ from sockdrawer import Client
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-def test_plugin_found_through_getplugins() -> None:
-    """The installed twistd plugin is found by getPlugins(IServiceMaker) and points at sockdrawer.tap."""
-    from twisted.application.service import IServiceMaker
-    from twisted.plugin import getPlugins
-
-    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
-    assert "sockdrawer" in makers
-    assert makers["sockdrawer"].module == "sockdrawer.tap"
-    import sockdrawer.tap
-
-    assert makers["sockdrawer"].options is sockdrawer.tap.Options
+def test_plugin_found_through_getplugins(tmp_path: Any) -> None:
+    """The installed twistd plugin is found by getPlugins(IServiceMaker), from outside the checkout, and points
+    at sockdrawer.tap."""
+    code = (
+        "from twisted.application.service import IServiceMaker\n"
+        "from twisted.plugin import getPlugins\n"
+        "import sockdrawer.tap\n"
+        "makers = {p.tapname: p for p in getPlugins(IServiceMaker)}\n"
+        "maker = makers['sockdrawer']\n"
+        "assert maker.module == 'sockdrawer.tap', maker.module\n"
+        "assert maker.options is sockdrawer.tap.Options\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_client_import_does_not_import_twisted() -> None:
@@ -56,7 +61,8 @@ def test_plugin_help_does_not_import_autobahn() -> None:
         "assert 'sockdrawer' in names, names\n"
         "sys.exit(1 if 'autobahn' in sys.modules else 0)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -88,7 +94,7 @@ async def test_twistd_child_process_end_to_end(redis_server: RedisServer, tmp_pa
         assert await deferToThread(Client(f"http://127.0.0.1:{api_port}").pub, "from api", "echo") >= 1
         assert await client.next_text() == "from api"
         proc.send_signal(signal.SIGTERM)
-        code, reason = await client.closed
+        code, reason = await client.wait_closed()
         assert code == 1001
         assert await deferToThread(proc.wait, 30) is not None
         log.seek(0)

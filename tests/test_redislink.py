@@ -170,7 +170,8 @@ def test_other_replies_still_reach_txredisapi() -> None:
 
 
 def test_pure_python_parser_path() -> None:
-    """Without hiredis, txredisapi calls messageReceived: the same keys, limits and payloads apply."""
+    """messageReceived (txredisapi's way in when it parses without hiredis) applies the same keys, limits and
+    payloads as the hiredis path."""
     p, _, hub = connected_protocol(max_message_size=5)
     sink = RecordingSink()
     hub.subscribe(b"news", sink)

@@ -36,7 +36,8 @@ def test_defaults_are_safe_and_finite() -> None:
 
 
 def test_options_reach_settings() -> None:
-    """Every option lands in the matching Settings field, with bare ports made tcp: endpoints."""
+    """Options land in their Settings fields: strings as given, numbers converted, repeatable options
+    collected in order, listeners loaded as classes, and --api none turning the API off."""
     s = parse("--port", "9000", "--redis", "redis://h:1/2", "--name", "app", "--api", "none",
               "--max-message-size", "100", "--auto-ping-interval", "0", "--allowed-origin",
               "https://a.example:443", "--allowed-origin", "https://b.example:443",

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest_twisted
 from conftest import wait_for
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.threads import deferToThread
 from websockets.frames import Opcode
-from wsclient import connect, connect_refused
+from wsclient import RawClient, connect, connect_refused
 
 
 def raw_request(port: int, request: bytes) -> bytes:
@@ -85,7 +85,7 @@ async def test_oversized_message_closes_1009(run_service: Any) -> None:
     big = await connect(svc.ws_port, "/echo")
     bystander = await connect(svc.ws_port, "/echo")
     big.send_text("x" * 1001)
-    code, _ = await big.closed
+    code, _ = await big.wait_closed()
     assert code == 1009
     bystander.send_text("x" * 1000)
     assert await bystander.next_text() == "x" * 1000
@@ -102,7 +102,7 @@ async def test_invalid_utf8_closes_1007(run_service: Any) -> None:
     mask = b"\x01\x02\x03\x04"
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     bad.send_raw(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-    code, _ = await bad.closed
+    code, _ = await bad.wait_closed()
     assert code == 1007
     other.send_text("fine")
     assert await other.next_text() == "fine"
@@ -115,7 +115,7 @@ async def test_protocol_error_closes_1002(run_service: Any) -> None:
     bad = await connect(svc.ws_port, "/news")
     other = await connect(svc.ws_port, "/news")
     bad.send_raw(b"\x81\x02hi")  # unmasked: clients must mask
-    code, _ = await bad.closed
+    code, _ = await bad.wait_closed()
     assert code == 1002
     await svc.publish("still up", "news")
     assert await other.next_text() == "still up"
@@ -165,7 +165,8 @@ class _SilentPeer(protocol.Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_is_cut_off_and_others_unaffected(run_service: Any) -> None:
-    """A socket that stops reading is cut off (1008) once it queues too much; a reading socket gets everything."""
+    """A socket that stops reading is cut off once it queues too much; a reading socket on the channel gets
+    every message, in order."""
     svc = await run_service(send_buffer=256 * 1024, slow_timeout=30)
     peer = _SilentPeer()
     peer.lost = False
@@ -198,7 +199,8 @@ async def test_slow_reader_is_cut_off_and_others_unaffected(run_service: Any) ->
 
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_cut_off_after_timeout(run_service: Any) -> None:
-    """A socket that stays unable to take data for --slow-timeout seconds is cut off."""
+    """A socket that stays unable to take data is cut off by the --slow-timeout clock, though it is far
+    under --send-buffer."""
     svc = await run_service(send_buffer=64 * 1024 * 1024, slow_timeout=0.3)
     peer = _SilentPeer()
     peer.lost = False
@@ -225,7 +227,7 @@ async def test_shutdown_closes_sockets_with_1001(run_service: Any, services: lis
     clients = [await connect(svc.ws_port, "/news") for _ in range(3)]
     await svc.stopService()
     for c in clients:
-        code, reason = await c.closed
+        code, reason = await c.wait_closed()
         assert code == 1001 and reason == "server shutting down"
     assert not svc.factory.connections
 
@@ -289,9 +291,64 @@ async def test_closed_connections_freed_without_cyclic_gc(run_service: Any) -> N
         for c in clients:
             c.close()
         for c in clients:
-            await c.closed
+            await c.wait_closed()
         await wait_for(lambda: not svc.factory.connections)
         await task.deferLater(reactor, 0, lambda: None)
         assert ours() == 0
     finally:
         gc.enable()
+
+
+@pytest_twisted.ensureDeferred
+async def test_raw_request_target_names_the_channel(run_service: Any) -> None:
+    """The channel is the raw path: ';' is part of it, and '//a/b' is refused rather than read as host 'a'."""
+    svc = await run_service()
+    # the websockets client drops ';params' itself: send the request by hand
+    raw = RawClient(b"/rooms;42")
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(protocol.Factory.forProtocol(lambda: raw))
+    await wait_for(lambda: svc.factory.sockets(b"rooms;42") == 1)
+    await svc.publish("to rooms;42", "rooms;42")
+    await wait_for(lambda: b"to rooms;42" in raw.received)
+    assert svc.factory.sockets(b"rooms") == 0
+    refused = await connect_refused(svc.ws_port, "//a/b")
+    assert refused.status == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_autobahn_refusals_do_not_echo_the_request(run_service: Any) -> None:
+    """Handshake refusals from Autobahn's own checks carry the standard reason phrase, not request text."""
+    svc = await run_service()
+    request = UPGRADE.replace(b"GET ", b"POSTXYZ ") % (b"/news", b"")
+    response = await deferToThread(raw_request, svc.ws_port, request)
+    status_line = response.split(b"\r\n", 1)[0]
+    assert status_line == b"HTTP/1.1 405 Method Not Allowed"
+    request = UPGRADE.replace(b"Host: 127.0.0.1", b"Host: 127.0.0.1:<evil>") % (b"/news", b"")
+    response = await deferToThread(raw_request, svc.ws_port, request)
+    assert response.split(b"\r\n", 1)[0] == b"HTTP/1.1 400 Bad Request"
+
+
+class _PingingPeer(_SilentPeer):
+    """Completes the handshake, never reads, and keeps sending pings (each one asks for a pong)."""
+
+    def ping(self) -> None:
+        mask = b"\x00\x00\x00\x00"
+        payload = b"p" * 125
+        self.transport.write((bytes([0x89, 0x80 | len(payload)]) + mask + payload) * 100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_sends_but_never_reads_is_cut_off(run_service: Any) -> None:
+    """Pongs count against the limits: a client that pings without reading is cut off, not buffered forever."""
+    svc = await run_service(send_buffer=256 * 1024, slow_timeout=30)
+    peer = _PingingPeer()
+    peer.lost = False
+    factory = protocol.Factory.forProtocol(lambda: peer)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
+    await wait_for(lambda: svc.factory.sockets(b"flood") == 1)
+    sent = 0
+    while svc.factory.slow_cut_offs == 0:
+        assert sent < 5_000, "never cut off"  # 5,000 x 100 pings: about 70 MB of pongs at most
+        peer.ping()
+        sent += 1
+        await task.deferLater(reactor, 0, lambda: None)
+    await wait_for(lambda: not svc.factory.connections)

@@ -9,6 +9,7 @@ moves its bytes over a Twisted TCP connection.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,6 +118,12 @@ class WSClient(protocol.Protocol):
     def abort(self) -> None:
         self.transport.abortConnection()
 
+    def wait_closed(self, timeout: float = 10.0) -> defer.Deferred[tuple[int | None, str]]:
+        """``(close code, reason)`` once the TCP connection has ended; fails after ``timeout``."""
+        d: defer.Deferred[tuple[int | None, str]] = defer.Deferred()
+        self.closed.addBoth(lambda r: (d.called or d.callback(r), r)[1])
+        return d.addTimeout(timeout, reactor)
+
     @defer.inlineCallbacks
     def next_message(self, timeout: float = 5.0) -> Any:
         """The next data frame as ``(opcode, payload)``; fails after ``timeout``."""
@@ -140,8 +147,8 @@ def connect(port: int, path: str = "/", **kwargs: Any) -> Any:
     """Connect, wait for the handshake, return the :class:`WSClient`."""
     client = WSClient(f"ws://127.0.0.1:{port}{path}", **kwargs)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    yield endpoint.connect(_Factory(client))
-    yield client.opened
+    yield endpoint.connect(_Factory(client)).addTimeout(10, reactor)
+    yield client.opened.addTimeout(10, reactor)
     return client
 
 
@@ -152,9 +159,9 @@ def connect_refused(port: int, path: str = "/", **kwargs: Any) -> Any:
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     yield endpoint.connect(_Factory(client))
     try:
-        yield client.opened
+        yield client.opened.addTimeout(10, reactor)
     except HandshakeRefused as e:
-        yield client.closed
+        yield client.wait_closed()
         return e
     raise AssertionError(f"handshake to {path!r} succeeded; expected a refusal")
 
@@ -165,3 +172,39 @@ class _Factory(protocol.ClientFactory):
 
     def buildProtocol(self, addr: Any) -> WSClient:
         return self.client
+
+
+class RawClient(protocol.Protocol):
+    """Completes the handshake, then records every byte the server sends."""
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+        self.received = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % self.path
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        """(opcode, payload) of every frame after the 101 response, parsed from the raw bytes."""
+        data = self.received[self.received.index(b"\r\n\r\n") + 4:]
+        frames = []
+        while data:
+            opcode, length = data[0] & 0x0F, data[1] & 0x7F
+            start = 2
+            if length == 126:
+                length, start = struct.unpack("!H", data[2:4])[0], 4
+            elif length == 127:
+                length, start = struct.unpack("!Q", data[2:10])[0], 10
+            frames.append((opcode, data[start:start + length]))
+            data = data[start + length:]
+        return frames
