@@ -27,7 +27,8 @@ class MemoryChannelHub:
     changes and reused for every message until it changes again.
 
     :ivar messages: messages handed to :meth:`deliver` for a channel with sinks.
-    :ivar deliveries: messages times sinks, fanned out so far.
+    :ivar deliveries: messages times sinks, fanned out so far (a channel's
+        group of sockets is one sink).
     """
 
     _log = Logger()

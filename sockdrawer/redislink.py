@@ -34,7 +34,8 @@ _log = Logger(namespace="sockdrawer.redis")
 
 HIREDIS = txredisapi.RedisProtocol is txredisapi.HiredisProtocol
 
-# Twisted reads at most 64 KiB per doRead
+# Twisted reads at most 64 KiB per doRead (over rediss:// the TLS layer hands
+# over at most one 16 KiB record at a time, so this hint stays silent there)
 _FULL_READ = 60 * 1024
 # that many full reads in a row when the link drops: Redis probably dropped us
 _BEHIND = 8
