@@ -163,7 +163,6 @@ class SockDrawerService(MultiService):
         self.settings = settings.validate()
         if reactor is None:
             from twisted.internet import reactor
-        self._reactor = reactor
         self.namespace = Namespace(settings.name)
         self.hub: IChannelHub = MemoryChannelHub()
         self.listeners = ListenerRegistry(settings.listeners)
