@@ -155,6 +155,8 @@ async def test_auto_ping(run_service: Any) -> None:
 class _SilentPeer(protocol.Protocol):
     """Completes the handshake with raw bytes, then never reads again."""
 
+    lost = False
+
     def connectionMade(self) -> None:
         self.transport.write(UPGRADE % (b"/flood", b""))
         self.transport.pauseProducing()
@@ -163,16 +165,20 @@ class _SilentPeer(protocol.Protocol):
         self.lost = True
 
 
+async def connect_silent(svc: Any, peer: _SilentPeer | None = None) -> Any:
+    """Connect a peer that never reads to /flood; return it once the server has it on the channel."""
+    peer = peer if peer is not None else _SilentPeer()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(protocol.Factory.forProtocol(lambda: peer))
+    await wait_for(lambda: svc.factory.sockets(b"flood") == 1)
+    return peer
+
+
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_is_cut_off_and_others_unaffected(run_service: Any) -> None:
     """A socket that stops reading is cut off once it queues too much; a reading socket on the channel gets
     every message, in order."""
     svc = await run_service(send_buffer=256 * 1024, slow_timeout=30)
-    peer = _SilentPeer()
-    peer.lost = False
-    factory = protocol.Factory.forProtocol(lambda: peer)
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
-    await wait_for(lambda: svc.factory.sockets(b"flood") == 1)
+    peer = await connect_silent(svc)
     reader = await connect(svc.ws_port, "/flood")
     chunk = "y" * 16384
     sent = 0
@@ -202,11 +208,7 @@ async def test_slow_reader_cut_off_after_timeout(run_service: Any) -> None:
     """A socket that stays unable to take data is cut off by the --slow-timeout clock, though it is far
     under --send-buffer."""
     svc = await run_service(send_buffer=64 * 1024 * 1024, slow_timeout=0.3)
-    peer = _SilentPeer()
-    peer.lost = False
-    factory = protocol.Factory.forProtocol(lambda: peer)
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
-    await wait_for(lambda: svc.factory.sockets(b"flood") == 1)
+    peer = await connect_silent(svc)
     sent = 0
     while svc.factory.slow_cut_offs == 0 and sent < 1000:
         if sent < 400:  # enough to fill the kernel buffers and pause the socket
@@ -340,11 +342,7 @@ class _PingingPeer(_SilentPeer):
 async def test_client_that_sends_but_never_reads_is_cut_off(run_service: Any) -> None:
     """Pongs count against the limits: a client that pings without reading is cut off, not buffered forever."""
     svc = await run_service(send_buffer=256 * 1024, slow_timeout=30)
-    peer = _PingingPeer()
-    peer.lost = False
-    factory = protocol.Factory.forProtocol(lambda: peer)
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port).connect(factory)
-    await wait_for(lambda: svc.factory.sockets(b"flood") == 1)
+    peer = await connect_silent(svc, _PingingPeer())
     sent = 0
     while svc.factory.slow_cut_offs == 0:
         assert sent < 5_000, "never cut off"  # 5,000 x 100 pings: about 70 MB of pongs at most
