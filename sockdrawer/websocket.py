@@ -554,6 +554,11 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         super().setProtocolOptions(*args, **kwargs)
         base = SockDrawerServerProtocol
         options: dict[str, Any] = {name: getattr(self, name) for name in base.CONFIG_ATTRS}
+        for name, value in options.items():
+            # a plain function stored on a class becomes a method (an extra
+            # argument): Autobahn's perMessageCompressionAccept is one
+            if callable(value):
+                options[name] = staticmethod(value)
         options["CONFIG_ATTRS"] = ()
         self.protocol = type(base.__name__, (base,), options)  # type: ignore[assignment]
 
