@@ -46,6 +46,11 @@ class ListeningService(Service):
     #: message instead of a traceback
     exit_on_failure = False
 
+    #: what is served, for the log line once listening: ``"ws"`` or ``"http"``
+    scheme = "http"
+    #: what follows host and port in that line's URL
+    url_suffix = ""
+
     def __init__(self, description: str, factory: IProtocolFactory, reactor: Any = None) -> None:
         self.description = description
         self.factory = factory
@@ -79,6 +84,9 @@ class ListeningService(Service):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        _log.info("listening on {url}", url=listening_url(
+            self.scheme, port, self.url_suffix, tls=self.description.split(":", 1)[0].lower() in ("ssl", "tls")
+        ))
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             w.callback(port)
@@ -100,6 +108,22 @@ class ListeningService(Service):
             yield port.stopListening()
 
 
+def listening_url(scheme: str, port: IListeningPort, suffix: str = "", tls: bool = False) -> str:
+    """
+    A URL a person can paste for a listening port: ``ws://0.0.0.0:8020/<channel>``,
+    ``http://127.0.0.1:8021``, ``ws+unix:///run/sd.sock``.
+    """
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is None:  # a UNIX socket
+        return f"{scheme}+unix://{getattr(address, 'name', address)!s}"
+    if ":" in host:
+        host = f"[{host}]"
+    if tls:
+        scheme += "s"
+    return f"{scheme}://{host}:{address.port}{suffix}"
+
+
 class WebSocketService(ListeningService):
     """
     The WebSocket listener, with a graceful stop: stop accepting, send every
@@ -108,6 +132,8 @@ class WebSocketService(ListeningService):
     """
 
     factory: SockDrawerServerFactory
+    scheme = "ws"
+    url_suffix = "/<channel>"
 
     def __init__(self, description: str, factory: SockDrawerServerFactory,
                  shutdown_timeout: float, reactor: Any = None) -> None:
