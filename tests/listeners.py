@@ -62,5 +62,13 @@ class Relay(Subscriber):
         return None
 
 
+class RootEcho(Subscriber):
+    """Echoes every browser frame on the root channel '/' (what conformance suites expect)."""
+
+    @on("")
+    def echo(self, message: Any, source: Source) -> Any:
+        return message if source.from_socket else None
+
+
 class NotAListener:
     pass
