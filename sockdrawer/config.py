@@ -44,6 +44,9 @@ class Settings:
     max_message_size: int = 64 * KiB
     #: Largest message published to sockets (from Redis or the API), in bytes.
     max_publish_size: int = 1 * MiB
+    #: Largest reply a listener may send back to a socket, in bytes; larger
+    #: replies are logged and not sent.
+    max_reply_size: int = 1 * MiB
     #: Largest channel name, in UTF-8 bytes.
     max_channel_length: int = 256
     #: Largest WebSocket opening handshake request, in bytes.
@@ -78,6 +81,11 @@ class Settings:
     redis_retry_max: float = 30.0
     #: Seconds to wait for sockets to close at shutdown before dropping them.
     shutdown_timeout: float = 5.0
+    #: Accept permessage-deflate (RFC 7692) from clients that offer it.
+    compression: bool = False
+    #: With compression, messages shorter than this many bytes are sent
+    #: uncompressed (deflate makes small frames grow).
+    compression_threshold: int = 64
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied."""
@@ -107,6 +115,8 @@ class Settings:
         ints = {
             "max_message_size": 1,
             "max_publish_size": 1,
+            "max_reply_size": 1,
+            "compression_threshold": 0,
             "max_channel_length": 1,
             "max_handshake_size": 1024,
             "max_connections": 1,
@@ -138,6 +148,8 @@ class Settings:
             Namespace(self.name)
         except ValueError as e:
             raise ValueError(f"--name: {e}") from None
+        if not isinstance(self.compression, bool):
+            raise ValueError("--compression must be true or false")
         if not self.allowed_origins:
             raise ValueError("--allowed-origin: at least one origin pattern is needed")
         if self.api_key is not None and not self.api_key:

@@ -23,16 +23,20 @@ class Batch:
 
     :ivar key: the channel key the messages were published on.
     :ivar messages: the payloads, as bytes, in publish order.
-    :ivar encoded: a cache for the wire encoding of all messages, ``None``
-        until a sink fills it.  All sinks that read it encode the same way.
+    :ivar encoded: a cache for the plain wire encoding of all messages,
+        ``None`` until a sink fills it.  All sinks that read it encode the
+        same way.
+    :ivar encodings: a cache for other encodings (permessage-deflate, by
+        window bits), ``None`` until a sink needs one.
     """
 
-    __slots__ = ("key", "messages", "encoded")
+    __slots__ = ("key", "messages", "encoded", "encodings")
 
     def __init__(self, key: bytes, messages: list[bytes]) -> None:
         self.key = key
         self.messages = messages
         self.encoded: bytes | None = None
+        self.encodings: dict[int, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<Batch {self.key!r} messages={len(self.messages)}>"

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import _private
 from ._channels import Namespace
 from .interfaces import IBroker, IChannelHub
 
@@ -206,7 +207,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         # that make up nearly all traffic on this connection: pmessages,
         # whose parts are already bytes (charset=None) and need none of
         # txredisapi's conversions or transaction bookkeeping.
-        reader = self._reader
+        reader = _private.hiredis_reader(self)
         if data:
             reader.feed(data)
         prefix = self.namespace.prefix
@@ -224,13 +225,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
                         deliver(channel[cut:], message)
             else:
                 # everything else exactly as HiredisProtocol does it
-                if isinstance(reply, (str, bytes, list)):
-                    reply = self.tryConvertData(reply)
-                if reply == "QUEUED":
-                    self.transactions += 1
-                else:
-                    reply = self.handleTransactionData(reply)
-                self.replyReceived(reply)
+                _private.dispatch_reply(self, reply)
             reply = reader.gets()
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
@@ -257,14 +252,8 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             self.link._lost(self, why)
 
 
-class _LinkFactoryMixin:
+class _LinkFactoryMixin(_private.ConnectionPoolBypass):
     link: RedisLink
-
-    def _connectionReady(self, conn: Any) -> None:
-        # txredisapi would put every new connection in its pool and a queue
-        # nobody reads here (ClientService owns the connection), keeping each
-        # dead one after a reconnect.
-        pass
 
     def connectionError(self, why: str) -> None:
         # txredisapi reports AUTH and SELECT failures here; the connection is

@@ -121,7 +121,7 @@ def listening_url(scheme: str, port: IListeningPort, suffix: str = "", tls: bool
         host = f"[{host}]"
     if tls:
         scheme += "s"
-    return f"{scheme}://{host}:{address.port}{suffix}"
+    return f"{scheme}://{host}:{getattr(address, 'port', 0)}{suffix}"
 
 
 class WebSocketService(ListeningService):
@@ -213,6 +213,7 @@ class SockDrawerService(MultiService):
             self.listeners.dispatch if self.listeners.channels() else None,
             clock=reactor,
             max_message_size=settings.max_message_size,
+            max_reply_size=settings.max_reply_size,
             max_channel_length=settings.max_channel_length,
             max_handshake_size=settings.max_handshake_size,
             max_connections=settings.max_connections,
@@ -224,6 +225,8 @@ class SockDrawerService(MultiService):
             slow_timeout=settings.slow_timeout,
             allowed_origins=settings.allowed_origins,
             trust_x_forwarded_for=settings.trust_x_forwarded_for,
+            compression=settings.compression,
+            compression_threshold=settings.compression_threshold,
         )
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor

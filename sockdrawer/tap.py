@@ -28,6 +28,8 @@ _PARAMETERS: list[tuple[str, str | None, Any, str]] = [
     ("api-key", None, str, "require 'Authorization: Bearer <key>' on API requests"),
     ("max-message-size", None, int, "largest message and frame a browser may send, in bytes (larger: close 1009)"),
     ("max-publish-size", None, int, "largest message published to sockets, from Redis or the API, in bytes"),
+    ("max-reply-size", None, int, "largest reply a listener may send back to a socket, in bytes (larger: logged, "
+     "not sent)"),
     ("max-channel-length", None, int, "largest channel name, in UTF-8 bytes (longer paths: HTTP 400)"),
     ("max-handshake-size", None, int, "largest WebSocket opening handshake request, in bytes (larger: HTTP 431)"),
     ("max-connections", None, int, "most simultaneous WebSocket connections (more: HTTP 503)"),
@@ -43,6 +45,8 @@ _PARAMETERS: list[tuple[str, str | None, Any, str]] = [
     ("redis-ping-interval", None, float, "seconds between liveness PINGs on the Redis links"),
     ("redis-retry-max", None, float, "longest wait between Redis reconnection attempts, in seconds"),
     ("shutdown-timeout", None, float, "seconds to wait for sockets to close at shutdown"),
+    ("compression-threshold", None, int, "with --compression, messages shorter than this many bytes are sent "
+     "uncompressed"),
 ]
 
 
@@ -64,6 +68,10 @@ class Options(usage.Options):
     optParameters = [
         [name, short, None, _describe(name, text)] for name, short, _, text in _PARAMETERS
     ] + [["config", "c", None, "TOML config file with the same option names; the command line wins"]]
+    optFlags = [
+        ["compression", None, "accept permessage-deflate (RFC 7692) from clients that offer it; each message is "
+         "compressed once per channel, not per socket [default: off]"],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,6 +107,8 @@ class Options(usage.Options):
             except ValueError:
                 kind = "an integer" if coerce is int else "a number"
                 raise usage.UsageError(f"--{name} must be {kind}, not {raw!r}") from None
+        if self["compression"]:
+            values["compression"] = True
         if self["listeners"]:
             values["listeners"] = tuple(self["listeners"])
         if self["allowed_origins"]:

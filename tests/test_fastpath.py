@@ -74,9 +74,10 @@ async def test_no_frame_after_close(run_service: Any) -> None:
 def test_partial_direct_send_queues_the_rest_in_order() -> None:
     """When the kernel takes part of a direct send, the rest goes through Twisted first, in order, and the
     socket returns to direct sends once that has drained."""
+    from sockdrawer.fanout import ChannelGroup
     from sockdrawer.hub import MemoryChannelHub
     from sockdrawer.interfaces import Batch
-    from sockdrawer.websocket import ChannelGroup, SockDrawerServerFactory, SockDrawerServerProtocol
+    from sockdrawer.websocket import SockDrawerServerFactory, SockDrawerServerProtocol
 
     class Kernel:
         def __init__(self) -> None:
@@ -127,7 +128,7 @@ def test_partial_direct_send_queues_the_rest_in_order() -> None:
     proto.transport.drain()
     group.receive(Batch(b"k", [b"m4"]))  # drained: direct again
     assert group._direct and not group._queued
-    from sockdrawer.websocket import encode_batch
+    from sockdrawer.frames import encode_batch
 
     assert kernel.accepted == b"".join(encode_batch([m]) for m in (b"m0", b"m1-long", b"m2", b"m3", b"m4"))
 
@@ -156,7 +157,8 @@ async def test_queued_socket_returns_to_direct_sends(run_service: Any) -> None:
     """A socket whose writes were queued (after a pong) goes back to direct sends once Twisted's buffer drains."""
     svc = await run_service()
     client = await connect(svc.ws_port, "/q")
-    group = svc.factory.groups[b"q"]
+    group = svc.factory.group(b"q")
+    assert group is not None
     burst(svc, b"q", 0, 1)
     await wait_for(lambda: client.pending() == 1)
     burst(svc, b"q", 1, 1)  # buffer drained: this one goes direct

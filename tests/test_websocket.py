@@ -255,7 +255,7 @@ async def test_mixed_text_and_binary_burst_in_order(run_service: Any) -> None:
 
 def test_websocket_frame_encoding() -> None:
     """Server frames: unmasked, FIN set, text opcode for UTF-8 and binary otherwise, 7/16/64-bit lengths."""
-    from sockdrawer.websocket import encode_batch, encode_frame
+    from sockdrawer.frames import encode_batch, encode_frame
 
     assert encode_frame(b"hi") == b"\x81\x02hi"
     assert encode_frame(b"\xff") == b"\x82\x01\xff"

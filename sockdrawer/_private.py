@@ -1,0 +1,341 @@
+"""
+Every place where sockdrawer relies on private state of Twisted, Autobahn or
+txredisapi, and nothing else.
+
+Each function below names one assumption about a library's internals; each
+has a test in ``tests/test_private.py`` that fails, naming the assumption,
+when a new release breaks it.  No other module reads or writes a private
+attribute of these libraries.  The pins in ``pyproject.toml`` and the CI run
+against the lowest and the highest allowed versions keep the list honest.
+
+Public mechanisms were preferred where they exist: the direct send path
+finds the socket with ``getHandle()`` and detects TLS with
+``ISSLTransport``.  Twisted's producer API tells a streaming producer only
+when the write buffer crosses ``bufferSize`` and when it has drained, while
+the fan-out needs to know whether *any* byte is queued (a direct write past
+it would reorder the stream) and how many (the slow-reader limits): those two
+reads stay here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import autobahn.twisted.websocket
+import autobahn.websocket.protocol
+from autobahn import util
+from twisted.internet import tcp
+from twisted.internet.defer import succeed
+from twisted.internet.interfaces import ISSLTransport
+
+# -- Twisted -------------------------------------------------------------------
+
+
+def write_backlog(conn: tcp.Connection) -> int:
+    """
+    Bytes waiting in Twisted for ``conn``.
+
+    Assumption (Twisted ``abstract.FileDescriptor``): unsent bytes are
+    ``_tempDataLen`` (written since the last doWrite) plus ``dataBuffer``
+    from ``offset`` on.
+    """
+    pending: int = conn._tempDataLen + len(conn.dataBuffer) - conn.offset
+    return pending
+
+
+def has_write_backlog(conn: tcp.Connection) -> bool:
+    """
+    Whether any byte waits in Twisted for ``conn`` (the same attributes as
+    :func:`write_backlog`; an empty buffer is ``b""`` with ``_tempDataLen`` 0).
+    """
+    return bool(conn._tempDataLen or conn.dataBuffer)
+
+
+def tcp_connection(transport: Any) -> tuple[tcp.Connection | None, bool]:
+    """
+    The Twisted TCP (or UNIX) connection whose write buffer holds this
+    transport's backlog, and whether bytes may be sent straight to its socket
+    (not when TLS is in between).
+
+    Assumption: ``tcp.Connection`` (which UNIX connections subclass) is
+    where Twisted buffers writes; a ``TLSMemoryBIOProtocol`` wraps one as
+    its ``transport``.  The TLS checks themselves are public
+    (``ISSLTransport``).
+    """
+    if isinstance(transport, tcp.Connection):
+        return transport, not ISSLTransport.providedBy(transport)
+    inner = getattr(transport, "transport", None)
+    if isinstance(inner, tcp.Connection):
+        return inner, False
+    return None, False
+
+
+# -- Autobahn ------------------------------------------------------------------
+
+#: Attributes Autobahn's server keeps from the opening handshake and never
+#: reads once the socket is open.
+HANDSHAKE_STATE = (
+    "http_headers",
+    "http_request_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_protocols",
+    "websocket_extensions",
+    "websocket_origin",
+    "_wskey",
+    "http_response_data",
+    "websocket_extensions_in_use",  # only read while negotiating
+)
+
+#: Attributes Autobahn sets on every connection (in ``_connectionMade`` and
+#: the handshake, before any read) whose values usually stay these defaults:
+#: as class attributes they need no room in each idle socket's dict.
+COMPACT_DEFAULTS: dict[str, Any] = {
+    name: False
+    for name in (
+        "triggered", "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded",
+        "closedByMe", "failedByMe", "droppedByMe", "wasClean", "wasServerConnectionDropTimeout",
+        "wasOpenHandshakeTimeout", "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile",
+        "inside_message",
+    )
+}
+COMPACT_DEFAULTS.update(
+    (name, None)
+    for name in (
+        "_perMessageCompress", "trackedTimings", "wasNotCleanReason", "localCloseCode",
+        "localCloseReason", "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall",
+        "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending", "autoPingPendingSent",
+        "websocket_protocol_in_use", "current_frame",
+    )
+)
+COMPACT_DEFAULTS.update(
+    send_state=autobahn.websocket.protocol.WebSocketProtocol.SEND_STATE_GROUND,
+    autoPingPendingSeq=0,
+    data=b"",
+)
+
+
+def install_compact_defaults(cls: type) -> None:
+    """Make :data:`COMPACT_DEFAULTS` class attributes of the protocol class ``cls``."""
+    for name, default in COMPACT_DEFAULTS.items():
+        setattr(cls, name, default)
+
+
+def compact(proto: Any) -> None:
+    """
+    Shrink an open connection's instance dict: drop the opening handshake
+    (:data:`HANDSHAKE_STATE`, never read again once open) and every attribute
+    that holds its class default (:data:`COMPACT_DEFAULTS`), then rebuild the
+    dict (deleting keys never shrinks one).
+
+    Assumption: Autobahn reads none of :data:`HANDSHAKE_STATE` after the
+    opening handshake, and falls back to class attributes for the others.
+    """
+    state = proto.__dict__
+    for name in HANDSHAKE_STATE:
+        state.pop(name, None)
+    for name, default in COMPACT_DEFAULTS.items():
+        if name in state:
+            value = state[name]
+            if value is default or (type(value) is type(default) and value == default):
+                del state[name]
+    proto.__dict__ = dict(state)
+
+
+def options_as_class(base: type, factory: Any) -> type:
+    """
+    A subclass of the protocol class ``base`` that holds the factory's
+    current protocol options as class attributes, with nothing to copy per
+    connection.
+
+    Assumption: Autobahn's ``_connectionMade`` copies each name in the
+    protocol's ``CONFIG_ATTRS`` from the factory onto the connection; an
+    empty ``CONFIG_ATTRS`` copies nothing.  Options that are functions
+    (``perMessageCompressionAccept``) are wrapped in ``staticmethod``: stored
+    on a class, a plain function would become a method.
+    """
+    options: dict[str, Any] = {}
+    for name in base.CONFIG_ATTRS:  # type: ignore[attr-defined]
+        value = getattr(factory, name)
+        options[name] = staticmethod(value) if callable(value) else value
+    options["CONFIG_ATTRS"] = ()
+    return type(base.__name__, (base,), options)
+
+
+def feed(proto: Any, data: bytes) -> None:
+    """
+    Hand received bytes to Autobahn's protocol machine, without the debug
+    line its public ``dataReceived`` formats for each read.
+
+    Assumption: ``dataReceived`` is a log line around ``_dataReceived``.
+    """
+    proto._dataReceived(data)
+
+
+def unparsed_handshake_bytes(proto: Any) -> int:
+    """
+    How many bytes of the opening handshake Autobahn holds unparsed.
+
+    Assumption: they accumulate in ``data`` until the blank line.
+    """
+    return len(proto.data)
+
+
+def discard_unparsed(proto: Any) -> None:
+    """Drop the bytes counted by :func:`unparsed_handshake_bytes`."""
+    proto.data = b""
+
+
+def raw_request_target(proto: Any) -> str:
+    """
+    The request target exactly as the client sent it (``/a;b//c?x=1``).
+
+    Assumption: Autobahn keeps it in ``http_request_uri`` before it calls
+    ``onConnect`` (its ``request.path`` went through ``urlparse``, which
+    drops ``;params`` and reads ``//a/b`` as a host).
+    """
+    target: str = proto.http_request_uri
+    return target
+
+
+def set_extension_offers(proto: Any, offers: list[tuple[str, Any]]) -> None:
+    """
+    Replace the extension offers Autobahn will negotiate for a handshake in
+    progress (called from ``onConnect``).
+
+    Assumption: ``processHandshake`` stores the parsed
+    ``Sec-WebSocket-Extensions`` offers in ``websocket_extensions`` before
+    ``onConnect``, and ``succeedHandshake`` negotiates from that list; an
+    offer it cannot parse makes it refuse the whole handshake, where RFC
+    7692 5.1 says to decline just the offer.
+    """
+    proto.websocket_extensions = offers
+
+
+def negotiated_deflate(proto: Any) -> Any:
+    """
+    The permessage-deflate state Autobahn negotiated for an open connection
+    (with ``server_max_window_bits``), or ``None``.
+
+    Assumption: Autobahn keeps it in ``_perMessageCompress``.
+    """
+    return proto._perMessageCompress
+
+
+def break_close_cycle(proto: Any) -> None:
+    """
+    Drop the reference cycle a closed connection keeps through Autobahn's
+    ``is_closed`` Deferred (resolved with the protocol itself), so that it is
+    freed by reference counting instead of waiting for a full GC pass, which
+    over thousands of connections pauses the reactor for tens of ms.
+
+    Assumption: ``is_closed`` is a Deferred attribute nobody waits on once
+    it has fired.
+    """
+    if proto.is_closed.called:
+        proto.is_closed = succeed(None)
+
+
+class _LazyText:
+    __slots__ = ("_func", "_args", "_kwargs")
+
+    def __init__(self, func: Callable[..., str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._func = func
+        self._args = args
+        self._kwargs = kwargs
+
+    def __str__(self) -> str:
+        return self._func(*self._args, **self._kwargs)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def __add__(self, other: str) -> str:
+        return str(self) + other
+
+    def __radd__(self, other: str) -> str:
+        return other + str(self)
+
+
+def _lazy(func: Callable[..., str]) -> Callable[..., Any]:
+    def lazy(*args: Any, **kwargs: Any) -> _LazyText:
+        return _LazyText(func, args, kwargs)
+
+    lazy.__sockdrawer_lazy__ = True  # type: ignore[attr-defined]
+    lazy.__wrapped__ = func  # type: ignore[attr-defined]
+    return lazy
+
+
+#: the Autobahn modules whose debug-log arguments are made lazy
+LAZY_LOG_MODULES = (autobahn.websocket.protocol, autobahn.twisted.websocket)
+
+
+def make_log_arguments_lazy() -> None:
+    """
+    Autobahn computes the arguments of its debug log lines eagerly, even with
+    debug logging off: ``hltype(...)``/``hlval(...)`` type names and values
+    for a terminal (with click, when installed) on every connection and
+    every ``sendData``; about 90 µs per handshake.  Swap the two helpers, in
+    the modules that call them, for versions that format only when a line is
+    written.  Log output is unchanged.  Idempotent.
+
+    Assumption: those modules import ``hltype`` and ``hlval`` from
+    ``autobahn.util`` as module globals.
+    """
+    for module in LAZY_LOG_MODULES:
+        for name in ("hltype", "hlval"):
+            current = getattr(module, name, None)
+            if current is not None and not getattr(current, "__sockdrawer_lazy__", False):
+                setattr(module, name, _lazy(getattr(util, name)))
+
+
+# -- txredisapi ----------------------------------------------------------------
+
+
+def hiredis_reader(proto: Any) -> Any:
+    """
+    The ``hiredis.Reader`` of a txredisapi ``HiredisProtocol`` connection.
+
+    Assumption: ``HiredisProtocol`` keeps it in ``_reader``, and feeds it in
+    ``dataReceived``.
+    """
+    return proto._reader
+
+
+def dispatch_reply(proto: Any, reply: Any) -> None:
+    """
+    Hand one parsed reply to txredisapi exactly as
+    ``HiredisProtocol.dataReceived`` does for each reply.
+
+    Assumption: it converts with ``tryConvertData``, counts ``QUEUED`` in
+    ``transactions``, otherwise passes the reply through
+    ``handleTransactionData`` to ``replyReceived``.
+    """
+    if isinstance(reply, (str, bytes, list)):
+        reply = proto.tryConvertData(reply)
+    if reply == "QUEUED":
+        proto.transactions += 1
+    else:
+        reply = proto.handleTransactionData(reply)
+    proto.replyReceived(reply)
+
+
+class ConnectionPoolBypass:
+    """
+    Mixin for txredisapi factories driven by Twisted's ``ClientService``.
+
+    Assumption: txredisapi's factory calls ``_connectionReady(conn)`` for each
+    new connection to add it to its pool and to a queue of waiting callers.
+    Under ``ClientService`` nobody reads them, and the pool would keep every
+    dead connection after a reconnect; this hook does nothing instead.
+    """
+
+    def _connectionReady(self, conn: Any) -> None:
+        pass

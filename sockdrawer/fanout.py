@@ -1,0 +1,170 @@
+"""
+Channel groups: the open sockets of one channel that share an encoding, as
+one sink of the hub.
+
+Each batch is framed once per encoding (plain, or permessage-deflate with a
+given window) and the same bytes go to every member.  Members whose Twisted
+write buffer is empty (plain TCP or UNIX, no TLS) are *direct*: the frames go
+straight to the kernel with one ``send()``, which saves the two ``epoll_ctl``
+calls of Twisted's startWriting/stopWriting and a reactor turn per socket.
+A member becomes *queued* as soon as anything waits in its Twisted buffer
+(the kernel took only part of a write, or Autobahn sent a ping, pong, reply
+or close frame): its frames then go through the transport, in order, until
+the buffer has drained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from zope.interface import implementer
+
+from .frames import Deflater, encode_batch, encode_frame
+from .interfaces import Batch, ISink
+
+#: the encoding of sockets without compression
+PLAIN = 0
+
+
+class Member(Protocol):
+    """What a group needs of a socket (:class:`~sockdrawer.websocket.SockDrawerServerProtocol`)."""
+
+    _group: ChannelGroup | None
+
+    def direct_send(self) -> Callable[[bytes], int] | None:
+        """The socket's ``send`` when the direct path is allowed and nothing is queued, else ``None``."""
+
+    def deliver_queued(self, data: bytes) -> None:
+        """Deliver ``data`` through the socket's Twisted buffer (or directly, once it has drained)."""
+
+    def backlog(self, rest: bytes) -> None:
+        """The kernel did not take all of a direct send: queue ``rest`` behind it."""
+
+
+class Encoders:
+    """
+    The batch encoders of one server, one per encoding, made when first
+    needed.  Every group with the same encoding shares one (a compressor holds
+    about 256 KiB; each message is compressed on its own, so sharing is safe).
+
+    :param threshold: see :class:`~sockdrawer.frames.Deflater`.
+    """
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self._deflaters: dict[int, Deflater] = {}
+
+    def _deflater(self, encoding: int) -> Deflater:
+        deflater = self._deflaters.get(encoding)
+        if deflater is None:
+            deflater = self._deflaters[encoding] = Deflater(encoding, self.threshold)
+        return deflater
+
+    def get(self, encoding: int) -> Callable[[Sequence[bytes]], bytes]:
+        """The function that frames a batch's messages for sockets of ``encoding``."""
+        if encoding == PLAIN:
+            return encode_batch
+        return self._deflater(encoding).encode_batch
+
+    def frame(self, encoding: int, message: bytes, opcode: int | None = None) -> bytes:
+        """One frame of ``message`` for a socket of ``encoding`` (a reply)."""
+        if encoding == PLAIN:
+            return encode_frame(message, opcode)
+        return self._deflater(encoding).encode_frame(message, opcode)
+
+
+@implementer(ISink)
+class ChannelGroup:
+    """
+    The open sockets of channel ``key`` with encoding ``encoding``:
+    :data:`PLAIN`, or the permessage-deflate window bits (9 to 15).
+
+    :param encode: frames a batch's messages (see :class:`Encoders`).
+    """
+
+    __slots__ = ("key", "encoding", "_encode", "_direct", "_queued", "_direct_items")
+
+    def __init__(self, key: bytes, encoding: int = PLAIN,
+                 encode: Callable[[Sequence[bytes]], bytes] = encode_batch) -> None:
+        self.key = key
+        self.encoding = encoding
+        self._encode = encode
+        #: direct members, each with its socket's bound ``send``
+        self._direct: dict[Member, Callable[[bytes], int]] = {}
+        self._queued: dict[Member, None] = {}
+        self._direct_items: tuple[tuple[Member, Callable[[bytes], int]], ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self._direct) + len(self._queued)
+
+    @property
+    def receivers(self) -> int:
+        """The number of sockets in the group."""
+        return len(self)
+
+    def add(self, member: Member) -> None:
+        member._group = self
+        self._queued[member] = None  # the first batch finds out whether it can go direct
+
+    def remove(self, member: Member) -> None:
+        member._group = None
+        if self._direct.pop(member, None) is not None:
+            self._direct_items = None
+        self._queued.pop(member, None)
+
+    def demote(self, member: Member) -> None:
+        """``member`` has bytes queued in Twisted: stop sending to it directly."""
+        if self._direct.pop(member, None) is not None:
+            self._direct_items = None
+            self._queued[member] = None
+
+    def promote(self, member: Member) -> None:
+        """``member``'s Twisted buffer has drained: send to it directly again."""
+        if member in self._queued:
+            send = member.direct_send()
+            if send is not None:
+                del self._queued[member]
+                self._direct[member] = send
+                self._direct_items = None
+
+    def encoded(self, batch: Batch) -> bytes:
+        """This group's encoding of ``batch``, built once and kept on the batch for other groups."""
+        if self.encoding == PLAIN:
+            data = batch.encoded
+            if data is None:
+                data = batch.encoded = self._encode(batch.messages)
+            return data
+        others = batch.encodings
+        if others is None:
+            others = batch.encodings = {}
+        data = others.get(self.encoding)
+        if data is None:
+            data = others[self.encoding] = self._encode(batch.messages)
+        return data
+
+    def receive(self, batch: Batch) -> None:
+        data = self.encoded(batch)
+        # the queued members as they are now: a direct member demoted in the
+        # loop below already has this batch in its Twisted buffer
+        queued = tuple(self._queued) if self._queued else ()
+        direct = self._direct_items
+        if direct is None:
+            direct = self._direct_items = tuple(self._direct.items())
+        size = len(data)
+        for member, send in direct:
+            try:
+                sent = send(data)
+            except OSError:
+                # EAGAIN, or a socket being torn down (Twisted finds out on
+                # its own): queue it and let Twisted deal with it
+                sent = 0
+            if sent != size:
+                member.backlog(data[sent:] if sent else data)
+        for member in queued:
+            if member._group is self:
+                member.deliver_queued(data)
+
+    def __repr__(self) -> str:
+        return (f"<ChannelGroup {self.key!r} encoding={self.encoding} "
+                f"direct={len(self._direct)} queued={len(self._queued)}>")
