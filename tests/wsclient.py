@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
@@ -37,9 +38,15 @@ class WSClient(protocol.Protocol):
     """
 
     def __init__(self, uri: str, origin: str | None = None, max_size: int | None = 2**26,
-                 extra_headers: Sequence[tuple[str, str]] = ()) -> None:
-        self.ws = ClientProtocol(parse_uri(uri), origin=origin, max_size=max_size)  # type: ignore[arg-type]
+                 extra_headers: Sequence[tuple[str, str]] = (), deflate: bool = False,
+                 record: bool = False) -> None:
+        extensions = [ClientPerMessageDeflateFactory()] if deflate else None
+        self.ws = ClientProtocol(parse_uri(uri), origin=origin, max_size=max_size,  # type: ignore[arg-type]
+                                 extensions=extensions)
         self.extra_headers = extra_headers
+        #: every byte received, when ``record`` is true
+        self.raw: bytearray | None = bytearray() if record else None
+        self.response: Response | None = None
         self.messages: defer.DeferredQueue[tuple[Opcode, bytes]] = defer.DeferredQueue()
         self.opened: defer.Deferred[Response] = defer.Deferred()
         self.closed: defer.Deferred[tuple[int | None, str]] = defer.Deferred()
@@ -57,6 +64,8 @@ class WSClient(protocol.Protocol):
         self._flush()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.raw is not None:
+            self.raw += data
         self.ws.receive_data(data)
         self._handle_events()
         self._flush()
@@ -64,6 +73,7 @@ class WSClient(protocol.Protocol):
     def _handle_events(self) -> None:
         for event in self.ws.events_received():
             if isinstance(event, Response):
+                self.response = event
                 if event.status_code == 101 and self.ws.handshake_exc is None:
                     self.opened.callback(event)
                 else:
