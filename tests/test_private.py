@@ -1,0 +1,309 @@
+"""
+Every assumption ``sockdrawer._private`` makes about the internals of
+Twisted, Autobahn and txredisapi, one test each.  When a new release breaks
+one, the test named after the assumption fails, not a browser.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import autobahn.twisted.websocket
+import autobahn.websocket.protocol
+import pytest_twisted
+import txredisapi
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflate
+from conftest import wait_for
+from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from sockdrawer import _private
+from sockdrawer.compression import accept_deflate
+
+HANDSHAKE = (
+    b"GET /a;b//c?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+)
+
+
+class Recording(WebSocketServerProtocol):
+    """A plain Autobahn server protocol that records what it sees in onConnect."""
+
+    seen: dict[str, Any]
+
+    def onConnect(self, request: Any) -> None:
+        self.seen = {
+            "uri": self.http_request_uri,
+            "extensions": list(self.websocket_extensions),
+            "request_extensions": list(request.extensions),
+        }
+        if getattr(self.factory, "replace_offers", None) is not None:
+            _private.set_extension_offers(self, self.factory.replace_offers)
+
+
+def open_connection(extra: bytes = b"", compression: bool = False, replace_offers: Any = None) -> Any:
+    """A plain Autobahn server connection over a StringTransport, after a complete opening handshake."""
+    factory = WebSocketServerFactory()
+    factory.protocol = Recording
+    options: dict[str, Any] = {"openHandshakeTimeout": 0, "closeHandshakeTimeout": 0}
+    if compression:
+        options["perMessageCompressionAccept"] = accept_deflate
+    factory.setProtocolOptions(**options)
+    factory.replace_offers = replace_offers
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(HANDSHAKE % extra)
+    assert transport.value().startswith(b"HTTP/1.1 101 "), transport.value()
+    return proto, transport
+
+
+# -- Twisted -------------------------------------------------------------------
+
+
+class _Hold(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.factory.made.callback(self)  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_tcp_write_buffer_is_tempdatalen_plus_databuffer() -> None:
+    """Twisted's tcp.Connection keeps unsent bytes in _tempDataLen and dataBuffer (from offset on), and an
+    empty buffer has both at zero once doWrite has run."""
+    made: defer.Deferred[Any] = defer.Deferred()
+    factory = protocol.Factory.forProtocol(_Hold)
+    factory.made = made  # type: ignore[attr-defined]
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        protocol.Factory.forProtocol(protocol.Protocol))
+    try:
+        server = await made
+        conn = server.transport
+        assert isinstance(conn, tcp.Connection)
+        assert not _private.has_write_backlog(conn) and _private.write_backlog(conn) == 0
+        conn.write(b"x" * 1000)
+        assert _private.has_write_backlog(conn)
+        assert _private.write_backlog(conn) == 1000
+        await wait_for(lambda: not _private.has_write_backlog(conn))
+        assert _private.write_backlog(conn) == 0
+    finally:
+        client.transport.abortConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_tcp_connection_hands_out_its_socket() -> None:
+    """A plain TCP transport is a tcp.Connection whose getHandle() is the socket, and it is not ISSLTransport."""
+    made: defer.Deferred[Any] = defer.Deferred()
+    factory = protocol.Factory.forProtocol(_Hold)
+    factory.made = made  # type: ignore[attr-defined]
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        protocol.Factory.forProtocol(protocol.Protocol))
+    try:
+        server = await made
+        conn, direct = _private.tcp_connection(server.transport)
+        assert conn is server.transport and direct
+        assert conn.getHandle().fileno() == conn.fileno()
+    finally:
+        client.transport.abortConnection()
+        await port.stopListening()
+
+
+def test_twisted_tls_wrapper_keeps_the_tcp_connection_as_transport() -> None:
+    """A TLS wrapper protocol (TLSMemoryBIOProtocol) sits on the TCP connection as its .transport, so the fast
+    path finds the buffer under TLS and never sends around it; a startTLS connection provides ISSLTransport."""
+    from twisted.internet.ssl import CertificateOptions
+
+    wrapper = TLSMemoryBIOFactory(CertificateOptions(), False, protocol.Factory.forProtocol(protocol.Protocol))
+    tls = wrapper.buildProtocol(None)
+    tcp_conn = tcp.Connection.__new__(tcp.Connection)
+    tls.transport = tcp_conn
+    assert _private.tcp_connection(tls) == (tcp_conn, False)
+    from twisted.internet import _newtls
+
+    started = tcp.Connection.__new__(tcp.Connection)
+    assert "directlyProvides(transport, ISSLTransport)" in inspect.getsource(_newtls.startTLS)
+    from zope.interface import directlyProvides
+
+    directlyProvides(started, ISSLTransport)  # what _newtls.startTLS does
+    assert _private.tcp_connection(started) == (started, False)
+
+
+# -- Autobahn ------------------------------------------------------------------
+
+
+def test_autobahn_handshake_state_attributes_exist_after_the_handshake() -> None:
+    """Autobahn sets each attribute named in HANDSHAKE_STATE during the opening handshake (so dropping them
+    frees memory), and each name in COMPACT_DEFAULTS holds that default on a fresh open connection."""
+    proto, _ = open_connection()
+    missing = [name for name in _private.HANDSHAKE_STATE if name not in proto.__dict__]
+    assert not missing, f"Autobahn no longer sets {missing}"
+    for name, default in _private.COMPACT_DEFAULTS.items():
+        assert name in proto.__dict__, f"Autobahn no longer sets {name} per connection"
+        value = proto.__dict__[name]
+        if name != "data":  # bytes left over after the handshake: empty here
+            assert value is default or value == default, (name, value, default)
+
+
+def test_autobahn_reads_no_handshake_state_once_open() -> None:
+    """After compact() drops the handshake state, the open connection still echoes, pings and closes."""
+    proto, transport = open_connection()
+    _private.install_compact_defaults(Recording)
+    proto.onMessage = lambda payload, binary: proto.sendMessage(payload, binary)
+    _private.compact(proto)
+    for name in _private.HANDSHAKE_STATE:
+        assert name not in proto.__dict__
+    transport.clear()
+    mask = b"\x00\x00\x00\x00"
+    proto.dataReceived(b"\x81\x82" + mask + b"hi")
+    assert transport.value() == b"\x81\x02hi"
+    proto.sendPing(b"p")
+    proto.sendClose(1000)
+    assert proto.state == proto.STATE_CLOSING
+
+
+def test_autobahn_copies_config_attrs_onto_each_connection() -> None:
+    """Autobahn's _connectionMade copies every name in CONFIG_ATTRS from the factory; with options as class
+    attributes and an empty CONFIG_ATTRS it copies nothing, and function options stay plain functions."""
+    factory = WebSocketServerFactory()
+    factory.setProtocolOptions(perMessageCompressionAccept=accept_deflate, openHandshakeTimeout=0)
+    cls = _private.options_as_class(WebSocketServerProtocol, factory)
+    assert cls.CONFIG_ATTRS == ()
+    assert cls.perMessageCompressionAccept([]) is None  # not bound as a method
+    assert "_connectionMade" in vars(autobahn.websocket.protocol.WebSocketProtocol)
+    source = inspect.getsource(autobahn.websocket.protocol.WebSocketProtocol._connectionMade)
+    assert "CONFIG_ATTRS" in source, "Autobahn no longer copies options through CONFIG_ATTRS"
+    factory.protocol = cls
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    assert not set(WebSocketServerProtocol.CONFIG_ATTRS) & set(proto.__dict__)
+
+
+def test_autobahn_datareceived_is_a_log_line_around_underscore_datareceived() -> None:
+    """Autobahn's public dataReceived only logs and calls _dataReceived, so feeding _dataReceived directly
+    answers a handshake the same way."""
+    source = inspect.getsource(autobahn.twisted.websocket.WebSocketAdapterProtocol.dataReceived)
+    assert "self._dataReceived(data)" in source
+    factory = WebSocketServerFactory()
+    factory.protocol = WebSocketServerProtocol
+    factory.setProtocolOptions(openHandshakeTimeout=0)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    _private.feed(proto, HANDSHAKE % b"")
+    assert transport.value().startswith(b"HTTP/1.1 101 ")
+
+
+def test_autobahn_buffers_the_unparsed_handshake_in_data() -> None:
+    """Until the blank line arrives, the opening handshake's bytes accumulate in .data."""
+    factory = WebSocketServerFactory()
+    factory.protocol = WebSocketServerProtocol
+    factory.setProtocolOptions(openHandshakeTimeout=0)
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(HANDSHAKE[:40])
+    proto.dataReceived(HANDSHAKE[40:60])
+    assert _private.unparsed_handshake_bytes(proto) == 60
+    _private.discard_unparsed(proto)
+    assert _private.unparsed_handshake_bytes(proto) == 0
+
+
+def test_autobahn_keeps_the_raw_request_target_for_onconnect() -> None:
+    """http_request_uri holds the request target exactly as sent (with ;params and //) when onConnect runs."""
+    proto, _ = open_connection()
+    assert proto.seen["uri"] == "/a;b//c?x=1"
+
+
+def test_autobahn_negotiates_from_websocket_extensions() -> None:
+    """processHandshake leaves the parsed offers in websocket_extensions (equal to request.extensions) before
+    onConnect, and succeedHandshake negotiates from that list: emptying it declines compression."""
+    offer = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    proto, transport = open_connection(offer, compression=True)
+    assert proto.seen["extensions"] == proto.seen["request_extensions"]
+    assert proto.seen["extensions"][0][0] == "permessage-deflate"
+    assert b"permessage-deflate; server_no_context_takeover" in transport.value()
+    deflate = _private.negotiated_deflate(proto)
+    assert isinstance(deflate, PerMessageDeflate) and deflate.server_max_window_bits == 15
+    proto, transport = open_connection(offer, compression=True, replace_offers=[])
+    assert b"sec-websocket-extensions" not in transport.value().lower()
+    assert _private.negotiated_deflate(proto) is None
+
+
+def test_autobahn_is_closed_fires_with_the_protocol() -> None:
+    """Autobahn resolves is_closed with the protocol itself (a cycle); break_close_cycle replaces it once fired."""
+    proto, _ = open_connection()
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert proto.is_closed.called
+    results: list[Any] = []
+    proto.is_closed.addCallback(results.append)
+    assert results == [proto]
+    _private.break_close_cycle(proto)
+    proto.is_closed.addCallback(results.append)
+    assert results[-1] is None
+
+
+def test_autobahn_modules_use_hltype_and_hlval_as_globals() -> None:
+    """The Autobahn modules whose debug-log arguments are made lazy import hltype and hlval as module globals,
+    and the lazy versions format to the same text."""
+    from autobahn import util
+
+    _private.make_log_arguments_lazy()
+    for module in _private.LAZY_LOG_MODULES:
+        for name in ("hltype", "hlval"):
+            helper = getattr(module, name)
+            assert getattr(helper, "__sockdrawer_lazy__", False), f"{module.__name__}.{name}"
+    assert str(autobahn.websocket.protocol.hlval("x")) == util.hlval("x")
+    assert f"{autobahn.websocket.protocol.hltype(open_connection)}" == util.hltype(open_connection)
+
+
+# -- txredisapi ----------------------------------------------------------------
+
+
+def test_txredisapi_hiredis_protocol_keeps_its_reader() -> None:
+    """txredisapi uses hiredis, and HiredisProtocol keeps its hiredis.Reader in _reader and feeds it there."""
+    import hiredis
+
+    assert txredisapi.RedisProtocol is txredisapi.HiredisProtocol
+    proto = txredisapi.SubscriberProtocol()
+    reader = _private.hiredis_reader(proto)
+    assert isinstance(reader, hiredis.Reader)
+    assert "self._reader.feed(data)" in inspect.getsource(txredisapi.HiredisProtocol.dataReceived)
+
+
+def test_txredisapi_reply_dispatch_matches_hiredis_protocol() -> None:
+    """A reply handed over with dispatch_reply fires the pending command's Deferred as HiredisProtocol's own
+    dataReceived would, and the steps it mirrors are still the ones HiredisProtocol takes."""
+    source = inspect.getsource(txredisapi.HiredisProtocol.dataReceived)
+    for step in ("self.tryConvertData(res)", 'res == "QUEUED"', "self.transactions += 1",
+                 "self.handleTransactionData(res)", "self.replyReceived(res)"):
+        assert step in source, f"HiredisProtocol.dataReceived no longer does {step}"
+    factory = txredisapi.RedisFactory(None, None, 1)
+    factory.charset = None
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    results: list[Any] = []
+    proto.execute_command("PING").addCallback(results.append)
+    _private.dispatch_reply(proto, b"PONG")
+    assert results == [b"PONG"]
+
+
+def test_txredisapi_factory_adds_connections_through_connectionready() -> None:
+    """txredisapi's factory hands each new connection to _connectionReady (for its pool), the hook that
+    ConnectionPoolBypass turns off."""
+    assert "_connectionReady" in vars(txredisapi.RedisFactory)
+    assert "self._connectionReady" in inspect.getsource(txredisapi.RedisFactory.buildProtocol)
+
+    class Bypassing(_private.ConnectionPoolBypass, txredisapi.RedisFactory):  # type: ignore[misc]
+        pass
+
+    factory = Bypassing(None, None, 1)
+    factory._connectionReady(object())
+    assert factory.pool == []
