@@ -18,6 +18,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
     "zope_interfaces",
+    "sockdrawer_options",
 ]
 
 # No intersphinx: the docs build offline.

@@ -22,6 +22,10 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from ._channels import DEFAULT_NAMESPACE, Namespace, validate_channel
+from .config import Settings
+
+# the server's defaults, from its option table
+_DEFAULTS = Settings()
 
 DEFAULT_URL = "redis://localhost:6379/0"
 #: Read when no ``url`` is given.
@@ -63,9 +67,9 @@ class Client:
         logger: logging.Logger | None = None,
         redis: _Publisher | None = None,
         api_key: str | None = None,
-        timeout: float = 5.0,
-        max_channel_length: int = 256,
-        max_message_size: int = 1024 * 1024,
+        timeout: float = _DEFAULTS.redis_timeout,
+        max_channel_length: int = _DEFAULTS.max_channel_length,
+        max_message_size: int = _DEFAULTS.max_publish_size,
     ) -> None:
         self._namespace = Namespace(name)
         self._log = logger if logger is not None else logging.getLogger("sockdrawer.client")

@@ -1,13 +1,26 @@
 """
 Settings: every address, name and limit of a sockdrawer service, with safe,
-finite defaults.  The command line, a config file and embedding code all end
-up here.
+finite defaults, in one table.
+
+Each field of :class:`Settings` is one option, declared once with
+:func:`option`: its type (the annotation), default, bounds, help text and
+the part that consumes it.  The ``twistd`` command line, the config file
+keys, the ``SOCKDRAWER_<NAME>`` environment variables, validation and the
+option reference in the docs are all generated from it, so adding an option
+means adding one field.
+
+Precedence: built-in defaults < config file < environment < command line.
+This module imports only the standard library.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -15,6 +28,41 @@ from ._channels import DEFAULT_NAMESPACE, Namespace
 
 KiB = 1024
 MiB = 1024 * KiB
+#: the longest time any option accepts, in seconds (a day)
+MAX_SECONDS = 86400.0
+#: environment variable prefix: ``SOCKDRAWER_MAX_CONNECTIONS``
+ENV_PREFIX = "SOCKDRAWER_"
+
+# Which part of sockdrawer reads an option (for the docs and --print-config).
+SERVICE = "service"
+WEBSOCKET = "websocket"
+REDIS = "redis"
+API = "api"
+LISTENERS = "listeners"
+
+
+def option(default: Any, help: str, *, part: str, low: float | None = None, high: float | None = None,
+           above: float | None = None, cli: str | None = None, short: str | None = None,
+           secret: bool = False, metavar: str | None = None) -> Any:
+    """
+    Declare one option (a :class:`Settings` field).
+
+    :param default: the built-in default (finite, safe).
+    :param help: one line for ``--help`` and the docs.
+    :param part: the part that consumes it.
+    :param low: the smallest value allowed (numbers).
+    :param high: the largest value allowed (numbers).
+    :param above: values must be strictly greater than this (numbers).
+    :param cli: the command-line name when it is not the field name with
+        ``-`` (``listener`` for ``listeners``); also the config key and the
+        environment name.
+    :param short: a one-letter command-line alias.
+    :param secret: masked by ``--print-config``.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "part": part, "low": low, "high": high, "above": above, "cli": cli,
+        "short": short, "secret": secret, "metavar": metavar,
+    })
 
 
 @dataclass(frozen=True)
@@ -27,65 +75,75 @@ class Settings:
     :meth:`validate` (the service does) to check values.
     """
 
-    #: WebSocket endpoint: a Twisted server endpoint string or a port number.
-    port: str | int = "tcp:8020"
-    #: ``redis://``, ``rediss://`` or ``unix://`` URL; ``None``: embedded broker.
-    redis: str | None = None
-    #: Channel namespace: Redis channel ``<name>/<channel>``.
-    name: str = DEFAULT_NAMESPACE
-    #: Listener classes, as ``"package.module:ClassName"`` or class objects.
-    listeners: tuple[Any, ...] = ()
-    #: HTTP API endpoint (or a port number, on all interfaces); ``None`` or
-    #: ``"none"`` turns the API off.
-    api: str | int | None = "tcp:8021:interface=127.0.0.1"
-    #: When set, API requests need ``Authorization: Bearer <api_key>``.
-    api_key: str | None = None
-    #: Largest message (and frame) a browser may send, in bytes.
-    max_message_size: int = 64 * KiB
-    #: Largest message published to sockets (from Redis or the API), in bytes.
-    max_publish_size: int = 1 * MiB
-    #: Largest reply a listener may send back to a socket, in bytes; larger
-    #: replies are logged and not sent.
-    max_reply_size: int = 1 * MiB
-    #: Largest channel name, in UTF-8 bytes.
-    max_channel_length: int = 256
-    #: Largest WebSocket opening handshake request, in bytes.
-    max_handshake_size: int = 16 * KiB
-    #: Most simultaneous WebSocket connections; more get HTTP 503.
-    max_connections: int = 50_000
-    #: Listen backlog for the WebSocket endpoint, unless the endpoint string
-    #: sets ``backlog=`` itself (Twisted's default of 50 drops connection
-    #: storms: every dropped SYN costs the client a 1-second retry).
-    backlog: int = 1024
-    #: Seconds a client has to complete the opening handshake.
-    open_handshake_timeout: float = 5.0
-    #: Seconds to wait for the client's close frame before dropping.
-    close_handshake_timeout: float = 1.0
-    #: Seconds between pings to each idle socket; 0 disables.
-    auto_ping_interval: float = 25.0
-    #: Seconds to wait for a pong before dropping the socket.
-    auto_ping_timeout: float = 10.0
-    #: Bytes a paused (slow) socket may queue before it is cut off.
-    send_buffer: int = 1 * MiB
-    #: Seconds a socket may stay paused (not reading) before it is cut off.
-    slow_timeout: float = 10.0
-    #: Origins allowed to connect, as ``scheme://host:port`` patterns.
-    allowed_origins: tuple[str, ...] = ("*",)
-    #: How many trusted proxies add X-Forwarded-For in front of sockdrawer.
-    trust_x_forwarded_for: int = 0
-    #: Seconds to connect to Redis, and to wait for any Redis reply.
-    redis_timeout: float = 5.0
-    #: Seconds between liveness PINGs on the Redis links.
-    redis_ping_interval: float = 30.0
-    #: Longest wait between Redis reconnection attempts, in seconds.
-    redis_retry_max: float = 30.0
-    #: Seconds to wait for sockets to close at shutdown before dropping them.
-    shutdown_timeout: float = 5.0
-    #: Accept permessage-deflate (RFC 7692) from clients that offer it.
-    compression: bool = False
-    #: With compression, messages shorter than this many bytes are sent
-    #: uncompressed (deflate makes small frames grow).
-    compression_threshold: int = 64
+    port: str | int = option(
+        "tcp:8020", "WebSocket endpoint: a port number or a Twisted endpoint string (tcp:8020:interface=127.0.0.1, "
+        "ssl:8443:privateKey=key.pem:certKey=cert.pem, unix:/run/sd.sock)", part=SERVICE, short="p")
+    redis: str | None = option(
+        None, "Redis URL: redis://[:password@]host[:port][/db], rediss://... or unix:///path.sock. Without it, "
+        "sockdrawer runs on its embedded in-process broker", part=REDIS, short="r", secret=True)
+    name: str = option(DEFAULT_NAMESPACE, "channel namespace: Redis channel <name>/<channel> is path /<channel>",
+                       part=SERVICE)
+    listeners: tuple[Any, ...] = option(
+        (), "listener class to load, as package.module:ClassName (repeatable)", part=LISTENERS, cli="listener",
+        short="l")
+    api: str | int | None = option(
+        "tcp:8021:interface=127.0.0.1", "HTTP API endpoint (POST /publish/<channel>, GET /health); 'none' turns "
+        "it off", part=API)
+    api_key: str | None = option(None, "require 'Authorization: Bearer <key>' on API requests", part=API,
+                                 secret=True)
+    max_message_size: int = option(
+        64 * KiB, "largest message and frame a browser may send, in bytes (larger: close 1009)", part=WEBSOCKET,
+        low=1)
+    max_publish_size: int = option(
+        1 * MiB, "largest message published to sockets, from Redis or the API, in bytes", part=REDIS, low=1)
+    max_reply_size: int = option(
+        1 * MiB, "largest reply a listener may send back to a socket, in bytes (larger: logged, not sent)",
+        part=WEBSOCKET, low=1)
+    max_channel_length: int = option(
+        256, "largest channel name, in UTF-8 bytes (longer paths: HTTP 400)", part=WEBSOCKET, low=1)
+    max_handshake_size: int = option(
+        16 * KiB, "largest WebSocket opening handshake request, in bytes (larger: HTTP 431)", part=WEBSOCKET,
+        low=1024)
+    max_connections: int = option(
+        50_000, "most simultaneous WebSocket connections (more: HTTP 503)", part=WEBSOCKET, low=1)
+    backlog: int = option(
+        1024, "listen backlog of the WebSocket endpoint, unless --port sets backlog= itself (Twisted's 50 turns "
+        "connection storms into 1-second SYN retries)", part=SERVICE, low=1)
+    open_handshake_timeout: float = option(
+        5.0, "seconds a client has to complete the opening handshake", part=WEBSOCKET, low=0, high=MAX_SECONDS)
+    close_handshake_timeout: float = option(
+        1.0, "seconds to wait for a client's close frame", part=WEBSOCKET, low=0, high=MAX_SECONDS)
+    auto_ping_interval: float = option(
+        25.0, "seconds between pings to each socket; 0 turns pings off", part=WEBSOCKET, low=0, high=MAX_SECONDS)
+    auto_ping_timeout: float = option(
+        10.0, "seconds to wait for a pong before dropping the socket", part=WEBSOCKET, low=0, high=MAX_SECONDS)
+    send_buffer: int = option(
+        1 * MiB, "bytes a socket that does not read may queue before it is cut off (close 1008)", part=WEBSOCKET,
+        low=1)
+    slow_timeout: float = option(
+        10.0, "seconds a socket may stay too slow to read before it is cut off (close 1008)", part=WEBSOCKET,
+        low=0, high=MAX_SECONDS)
+    allowed_origins: tuple[str, ...] = option(
+        ("*",), "origin allowed to connect, as a scheme://host:port pattern with * wildcards, e.g. "
+        "https://app.example.com:443 (repeatable; default: *, any origin)", part=WEBSOCKET, cli="allowed-origin")
+    trust_x_forwarded_for: int = option(
+        0, "number of trusted proxies that add X-Forwarded-For", part=WEBSOCKET, low=0)
+    compression: bool = option(
+        False, "accept permessage-deflate (RFC 7692) from clients that offer it; each message is compressed "
+        "once per channel, not per socket", part=WEBSOCKET)
+    compression_threshold: int = option(
+        64, "with compression, messages shorter than this many bytes are sent uncompressed", part=WEBSOCKET,
+        low=0)
+    redis_timeout: float = option(
+        5.0, "seconds to connect to Redis and to wait for any Redis reply", part=REDIS, above=0, high=MAX_SECONDS)
+    redis_ping_interval: float = option(
+        30.0, "seconds between liveness PINGs on the Redis links; 0 turns them off", part=REDIS, low=0,
+        high=MAX_SECONDS)
+    redis_retry_max: float = option(
+        30.0, "longest wait between Redis reconnection attempts, in seconds", part=REDIS, above=0,
+        high=MAX_SECONDS)
+    shutdown_timeout: float = option(
+        5.0, "seconds to wait for sockets to close at shutdown", part=SERVICE, low=0, high=MAX_SECONDS)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied."""
@@ -98,58 +156,18 @@ class Settings:
         :raises ValueError: with a one-line message naming the option.
         :return: ``self``, so ``Settings(...).validate()`` chains.
         """
-        if not isinstance(self.name, str) or not self.name:
+        for spec in OPTIONS:
+            spec.check(getattr(self, spec.field))
+        if not self.name:
             raise ValueError("--name must be a non-empty string")
-        if isinstance(self.port, bool) or not isinstance(self.port, (str, int)) or self.port == "":
+        if self.port == "":
             raise ValueError("--port must be an endpoint string or a port number")
-        if self.api is not None and (isinstance(self.api, bool) or not isinstance(self.api, (str, int))):
-            raise ValueError("--api must be an endpoint string, a port number or 'none'")
-        for name in ("redis", "api_key"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"--{_opt(name)} must be a string")
-        for name in ("allowed_origins", "listeners"):
-            if not isinstance(getattr(self, name), (tuple, list)):
-                raise ValueError(f"{name} must be a tuple (of strings), not {type(getattr(self, name)).__name__}")
         if not all(isinstance(o, str) and o for o in self.allowed_origins):
             raise ValueError("--allowed-origin values must be non-empty strings")
-        ints = {
-            "max_message_size": 1,
-            "max_publish_size": 1,
-            "max_reply_size": 1,
-            "compression_threshold": 0,
-            "max_channel_length": 1,
-            "max_handshake_size": 1024,
-            "max_connections": 1,
-            "backlog": 1,
-            "send_buffer": 1,
-            "trust_x_forwarded_for": 0,
-        }
-        for name, low in ints.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"--{_opt(name)} must be an integer >= {low}")
-        for name in (
-            "open_handshake_timeout",
-            "close_handshake_timeout",
-            "auto_ping_interval",
-            "auto_ping_timeout",
-            "slow_timeout",
-            "redis_ping_interval",
-            "shutdown_timeout",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 86400:
-                raise ValueError(f"--{_opt(name)} must be a number of seconds from 0 to 86400")
-        for name in ("redis_timeout", "redis_retry_max"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
-                raise ValueError(f"--{_opt(name)} must be a number of seconds above 0, at most 86400")
         try:
             Namespace(self.name)
         except ValueError as e:
             raise ValueError(f"--name: {e}") from None
-        if not isinstance(self.compression, bool):
-            raise ValueError("--compression must be true or false")
         if not self.allowed_origins:
             raise ValueError("--allowed-origin: at least one origin pattern is needed")
         if self.api_key is not None and not self.api_key:
@@ -170,6 +188,269 @@ class Settings:
         return bool(self.api) and str(self.api).lower() != "none"
 
 
+# -- the table -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option, as declared on :class:`Settings`."""
+
+    field: str
+    kind: str  # "int", "float", "bool", "str", "endpoint", "list"
+    optional: bool
+    default: Any
+    help: str
+    part: str
+    low: float | None
+    high: float | None
+    above: float | None
+    cli: str
+    short: str | None
+    secret: bool
+
+    @property
+    def env(self) -> str:
+        """The environment variable: ``SOCKDRAWER_MAX_CONNECTIONS``."""
+        return ENV_PREFIX + self.cli.upper().replace("-", "_")
+
+    @property
+    def repeatable(self) -> bool:
+        return self.kind == "list"
+
+    def describe_default(self) -> str:
+        """The default as the docs and ``--help`` show it."""
+        if self.default is None:
+            return "none"
+        if self.kind == "bool":
+            return "on" if self.default else "off"
+        if self.kind == "list":
+            return ", ".join(map(str, self.default)) or "none"
+        return str(self.default)
+
+    def check(self, value: Any) -> None:
+        """Check the type and bounds of ``value``.  :raises ValueError: naming the option."""
+        name = "--" + self.cli
+        if value is None:
+            if self.optional:
+                return
+            raise ValueError(f"{name} must be set")
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false")
+        elif self.kind in ("int", "float"):
+            numeric = (int,) if self.kind == "int" else (int, float)
+            if not isinstance(value, numeric) or isinstance(value, bool) or (
+                    isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"{name} must be {self._range_text()}")
+            if ((self.low is not None and value < self.low) or (self.high is not None and value > self.high)
+                    or (self.above is not None and value <= self.above)):
+                raise ValueError(f"{name} must be {self._range_text()}")
+        elif self.kind == "endpoint":
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise ValueError(f"{name} must be an endpoint string or a port number")
+        elif self.kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string")
+        elif self.kind == "list":
+            if not isinstance(value, (tuple, list)):
+                raise ValueError(f"{self.field} must be a tuple (of strings), not {type(value).__name__}")
+
+    def _range_text(self) -> str:
+        if self.kind == "int":
+            text = "an integer"
+            if self.low is not None:
+                text += f" >= {self.low:g}"
+            return text
+        if self.above is not None:
+            return f"a number of seconds above {self.above:g}, at most {self.high:g}"
+        return f"a number of seconds from {self.low:g} to {self.high:g}"
+
+    def parse(self, raw: str) -> Any:
+        """
+        A value from text (command line, environment).
+
+        :raises ValueError: with a message that does not name the source.
+        """
+        if self.kind == "int":
+            try:
+                return int(raw.strip().replace("_", ""))
+            except ValueError:
+                raise ValueError(f"must be an integer, not {raw!r}") from None
+        if self.kind == "float":
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError(f"must be a number, not {raw!r}") from None
+        if self.kind == "bool":
+            text = raw.strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"must be true or false, not {raw!r}")
+        if self.kind == "list":
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if self.optional and raw.strip().lower() == "none" and self.field != "api":
+            return None
+        return raw
+
+
+def _kind(annotation: Any) -> tuple[str, bool]:
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    concrete = {a for a in args if a is not type(None)} or {annotation}
+    if typing.get_origin(annotation) is tuple or any(typing.get_origin(a) is tuple for a in concrete):
+        return "list", optional
+    if concrete == {str, int}:
+        return "endpoint", optional
+    (only,) = concrete
+    return {int: "int", float: "float", bool: "bool", str: "str"}[only], optional
+
+
+def _build_table() -> tuple[OptionSpec, ...]:
+    hints = typing.get_type_hints(Settings)
+    table = []
+    for f in fields(Settings):
+        kind, optional = _kind(hints[f.name])
+        m = f.metadata
+        table.append(OptionSpec(
+            field=f.name, kind=kind, optional=optional, default=f.default, help=m["help"], part=m["part"],
+            low=m["low"], high=m["high"], above=m["above"], cli=m["cli"] or f.name.replace("_", "-"),
+            short=m["short"], secret=m["secret"],
+        ))
+    return tuple(table)
+
+
+#: every option, in declaration order
+OPTIONS: tuple[OptionSpec, ...] = _build_table()
+_BY_KEY: dict[str, OptionSpec] = {}
+for _spec in OPTIONS:
+    for _key in {_spec.field, _spec.cli, _spec.cli.replace("-", "_"), _spec.field.replace("_", "-")}:
+        _BY_KEY[_key] = _spec
+
+
+def spec_for(key: str) -> OptionSpec | None:
+    """The option called ``key`` (field name, option name, with ``-`` or ``_``), or ``None``."""
+    return _BY_KEY.get(key)
+
+
+# -- sources -------------------------------------------------------------------
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """
+    Read a TOML config file into :class:`Settings` field values.
+
+    Keys are option names (``max-message-size`` or ``max_message_size``),
+    at the top level or under a ``[sockdrawer]`` table.
+
+    :raises ValueError: for an unreadable file, bad TOML, an unknown key or a
+        value of the wrong type, naming the file and the key.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path}: {e}") from None
+    if isinstance(data.get("sockdrawer"), dict):
+        data = data["sockdrawer"]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        spec = spec_for(key)
+        if spec is None:
+            raise ValueError(f"config file {path}: unknown option {key!r}")
+        if spec.repeatable:
+            value = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+        elif spec.kind == "endpoint" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        elif spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            spec.check(value)
+        except ValueError as e:
+            raise ValueError(relabel(str(e), spec, f"config file {path}: {key}")) from None
+        values[spec.field] = value
+    return values
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """
+    :class:`Settings` field values from ``SOCKDRAWER_<NAME>`` variables
+    (repeatable options: comma-separated).
+
+    :raises ValueError: naming the variable.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in OPTIONS:
+        raw = environ.get(spec.env)
+        if raw is None:
+            continue
+        values[spec.field] = parse_value(spec, raw, spec.env)
+    return values
+
+
+def parse_value(spec: OptionSpec, raw: str, label: str) -> Any:
+    """
+    Parse and check ``raw`` for ``spec``.
+
+    :param label: the source, at the start of an error: ``--port``,
+        ``SOCKDRAWER_PORT``.
+    :raises ValueError: ``"<label> must be ..."``.
+    """
+    try:
+        value = spec.parse(raw)
+        spec.check(value)
+    except ValueError as e:
+        raise ValueError(relabel(str(e), spec, label)) from None
+    return value
+
+
+def relabel(message: str, spec: OptionSpec, label: str) -> str:
+    """An error ``message`` about ``spec`` with the source ``label`` in front instead of ``--<option>``."""
+    own = "--" + spec.cli
+    if message.startswith(own):
+        return label + message[len(own):]
+    return f"{label} {message}"
+
+
+def describe(settings: Settings, sources: Mapping[str, str] | None = None) -> Iterator[str]:
+    """
+    Lines for ``--print-config``: every option, its effective value (secrets
+    masked) and where it came from.
+    """
+    sources = sources or {}
+    width = max(len(spec.cli) for spec in OPTIONS)
+    for spec in OPTIONS:
+        value = getattr(settings, spec.field)
+        if spec.secret and value is not None:
+            shown = _mask(spec, value)
+        elif spec.repeatable:
+            shown = ", ".join(getattr(v, "__qualname__", None) and f"{v.__module__}:{v.__qualname__}" or str(v)
+                              for v in value) or "none"
+        elif spec.kind == "bool":
+            shown = "on" if value else "off"
+        else:
+            shown = "none" if value is None else str(value)
+        yield f"{spec.cli.ljust(width)}  {shown}  ({sources.get(spec.field, 'default')})"
+
+
+def _mask(spec: OptionSpec, value: str) -> str:
+    if spec.field == "redis":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.password is not None:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+            value = parts._replace(netloc=netloc).geturl()
+        if "password=" in parts.query:
+            value = value.split("?", 1)[0] + "?***"
+        return value
+    return "***"
+
+
 _BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
 
@@ -185,44 +466,3 @@ def endpoint_string(value: str | int, backlog: int | None = None) -> str:
     if backlog and kind in _BACKLOG_TYPES and "backlog=" not in value:
         value = f"{value}:backlog={backlog}"
     return value
-
-
-def _opt(name: str) -> str:
-    return name.replace("_", "-")
-
-
-_FIELDS = {f.name: f for f in fields(Settings)}
-#: config-file keys whose option name differs from the field name
-_ALIASES = {"listener": "listeners", "allowed_origin": "allowed_origins"}
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """
-    Read a TOML config file into :class:`Settings` field values.
-
-    Keys are option names (``max-message-size`` or ``max_message_size``),
-    at the top level or under a ``[sockdrawer]`` table.
-
-    :raises ValueError: for an unreadable file, bad TOML or an unknown key.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config file {path}: {e}") from None
-    if isinstance(data.get("sockdrawer"), dict):
-        data = data["sockdrawer"]
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        name = _ALIASES.get(name, name)
-        if name not in _FIELDS:
-            raise ValueError(f"config file {path}: unknown option {key!r}")
-        if name in ("listeners", "allowed_origins"):
-            value = (value,) if isinstance(value, str) else tuple(value)
-        elif name == "port" and isinstance(value, int):
-            value = str(value)
-        values[name] = value
-    return values

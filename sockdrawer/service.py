@@ -211,22 +211,8 @@ class SockDrawerService(MultiService):
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
+            settings,
             clock=reactor,
-            max_message_size=settings.max_message_size,
-            max_reply_size=settings.max_reply_size,
-            max_channel_length=settings.max_channel_length,
-            max_handshake_size=settings.max_handshake_size,
-            max_connections=settings.max_connections,
-            open_handshake_timeout=settings.open_handshake_timeout,
-            close_handshake_timeout=settings.close_handshake_timeout,
-            auto_ping_interval=settings.auto_ping_interval,
-            auto_ping_timeout=settings.auto_ping_timeout,
-            send_buffer=settings.send_buffer,
-            slow_timeout=settings.slow_timeout,
-            allowed_origins=settings.allowed_origins,
-            trust_x_forwarded_for=settings.trust_x_forwarded_for,
-            compression=settings.compression,
-            compression_threshold=settings.compression_threshold,
         )
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor

@@ -1,60 +1,48 @@
 """
 ``twistd sockdrawer``: command-line options -> :class:`Settings` -> service.
 
-Precedence: built-in defaults, then ``--config FILE``, then the command line.
+The options are generated from the option table in :mod:`sockdrawer.config`.
+Precedence: built-in defaults, then ``--config FILE`` (or
+``$SOCKDRAWER_CONFIG``), then ``SOCKDRAWER_<NAME>`` environment variables,
+then the command line.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import Settings, endpoint_string, load_config_file
+from .config import (
+    ENV_PREFIX,
+    OPTIONS,
+    OptionSpec,
+    Settings,
+    describe,
+    endpoint_string,
+    from_environment,
+    load_config_file,
+    parse_value,
+)
 
-_DEFAULTS = Settings()
-
-# option name -> (short, coerce, help); the default is read from Settings.
-_PARAMETERS: list[tuple[str, str | None, Any, str]] = [
-    ("port", "p", str,
-     "WebSocket endpoint: a port number or a Twisted endpoint string "
-     "(tcp:8020:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem, unix:/run/sd.sock)"),
-    ("redis", "r", str,
-     "Redis URL: redis://[:password@]host[:port][/db], rediss://... or unix:///path.sock. "
-     "Without it, sockdrawer runs on its embedded in-process broker"),
-    ("name", None, str, "channel namespace: Redis channel <name>/<channel> is path /<channel>"),
-    ("api", None, str, "HTTP API endpoint (POST /publish/<channel>, GET /health); 'none' turns it off"),
-    ("api-key", None, str, "require 'Authorization: Bearer <key>' on API requests"),
-    ("max-message-size", None, int, "largest message and frame a browser may send, in bytes (larger: close 1009)"),
-    ("max-publish-size", None, int, "largest message published to sockets, from Redis or the API, in bytes"),
-    ("max-reply-size", None, int, "largest reply a listener may send back to a socket, in bytes (larger: logged, "
-     "not sent)"),
-    ("max-channel-length", None, int, "largest channel name, in UTF-8 bytes (longer paths: HTTP 400)"),
-    ("max-handshake-size", None, int, "largest WebSocket opening handshake request, in bytes (larger: HTTP 431)"),
-    ("max-connections", None, int, "most simultaneous WebSocket connections (more: HTTP 503)"),
-    ("backlog", None, int, "listen backlog of the WebSocket endpoint, unless --port sets backlog= itself"),
-    ("open-handshake-timeout", None, float, "seconds a client has to complete the opening handshake"),
-    ("close-handshake-timeout", None, float, "seconds to wait for a client's close frame"),
-    ("auto-ping-interval", None, float, "seconds between pings to each socket; 0 turns pings off"),
-    ("auto-ping-timeout", None, float, "seconds to wait for a pong before dropping the socket"),
-    ("send-buffer", None, int, "bytes a socket that does not read may queue before it is cut off (close 1008)"),
-    ("slow-timeout", None, float, "seconds a socket may stay too slow to read before it is cut off (close 1008)"),
-    ("trust-x-forwarded-for", None, int, "number of trusted proxies that add X-Forwarded-For"),
-    ("redis-timeout", None, float, "seconds to connect to Redis and to wait for any Redis reply"),
-    ("redis-ping-interval", None, float, "seconds between liveness PINGs on the Redis links"),
-    ("redis-retry-max", None, float, "longest wait between Redis reconnection attempts, in seconds"),
-    ("shutdown-timeout", None, float, "seconds to wait for sockets to close at shutdown"),
-    ("compression-threshold", None, int, "with --compression, messages shorter than this many bytes are sent "
-     "uncompressed"),
-]
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
 
-def _describe(name: str, text: str) -> str:
-    default = getattr(_DEFAULTS, name.replace("-", "_"))
-    if default is None:
-        return text
-    return f"{text} [default: {default}]"
+def _help(spec: OptionSpec) -> str:
+    if spec.repeatable or spec.default is None:
+        return spec.help
+    return f"{spec.help} [default: {spec.describe_default()}] (${spec.env})"
+
+
+def _adder(spec: OptionSpec) -> Any:
+    def add(self: Options, value: str) -> None:
+        self._repeated.setdefault(spec.field, []).append(value)
+
+    add.__doc__ = f"{spec.help} (${spec.env}, comma-separated)"
+    return add
 
 
 class Options(usage.Options):
@@ -63,57 +51,51 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Pushes messages published on Redis channel <name>/<channel> to every WebSocket "
-        "connected to ws://host:port/<channel>, and passes frames from browsers to listener classes."
+        "connected to ws://host:port/<channel>, and passes frames from browsers to listener classes. "
+        "Every option can also be set as an environment variable SOCKDRAWER_<OPTION> or in the --config file; "
+        "the command line wins over the environment, which wins over the file."
     )
     optParameters = [
-        [name, short, None, _describe(name, text)] for name, short, _, text in _PARAMETERS
-    ] + [["config", "c", None, "TOML config file with the same option names; the command line wins"]]
-    optFlags = [
-        ["compression", None, "accept permessage-deflate (RFC 7692) from clients that offer it; each message is "
-         "compressed once per channel, not per socket [default: off]"],
+        [spec.cli, spec.short, None, _help(spec)]
+        for spec in OPTIONS if spec.kind != "bool" and not spec.repeatable
+    ] + [["config", "c", None, f"TOML config file with the same option names (${CONFIG_ENV})"]]
+    optFlags = [[spec.cli, spec.short, _help(spec)] for spec in OPTIONS if spec.kind == "bool"] + [
+        ["print-config", None, "print the effective settings (secrets masked) and where each came from, then exit"],
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["listeners"] = []
-        self["allowed_origins"] = []
-
-    def opt_listener(self, spec: str) -> None:
-        """Listener class to load, as package.module:ClassName (repeatable)."""
-        self["listeners"].append(spec)
-
-    opt_l = opt_listener
-
-    def opt_allowed_origin(self, pattern: str) -> None:
-        """
-        Origin allowed to connect, as a scheme://host:port pattern with * wildcards,
-        e.g. https://app.example.com:443 (repeatable) [default: *, any origin]
-        """
-        self["allowed_origins"].append(pattern)
+        self._repeated: dict[str, list[str]] = {}
+        self.environ: dict[str, str] = dict(os.environ)
 
     def postOptions(self) -> None:
         values: dict[str, Any] = {}
-        if self["config"]:
-            try:
-                values.update(load_config_file(self["config"]))
-            except ValueError as e:
-                raise usage.UsageError(str(e)) from None
-        for name, _, coerce, _ in _PARAMETERS:
-            raw = self[name]
-            if raw is None:
-                continue
-            try:
-                values[name.replace("-", "_")] = coerce(raw)
-            except ValueError:
-                kind = "an integer" if coerce is int else "a number"
-                raise usage.UsageError(f"--{name} must be {kind}, not {raw!r}") from None
-        if self["compression"]:
-            values["compression"] = True
-        if self["listeners"]:
-            values["listeners"] = tuple(self["listeners"])
-        if self["allowed_origins"]:
-            values["allowed_origins"] = tuple(self["allowed_origins"])
+        sources: dict[str, str] = {}
+        config = self["config"] or self.environ.get(CONFIG_ENV)
         try:
+            if config:
+                from_file = load_config_file(config)
+                values.update(from_file)
+                sources.update(dict.fromkeys(from_file, f"config file {config}"))
+            from_env = from_environment(self.environ)
+            values.update(from_env)
+            sources.update({name: spec_env(name) for name in from_env})
+            for spec in OPTIONS:
+                if spec.repeatable:
+                    if spec.field in self._repeated:
+                        values[spec.field] = tuple(self._repeated[spec.field])
+                        sources[spec.field] = "command line"
+                    continue
+                raw = self[spec.cli]
+                if spec.kind == "bool":
+                    if raw:
+                        values[spec.field] = True
+                        sources[spec.field] = "command line"
+                    continue
+                if raw is None:
+                    continue
+                values[spec.field] = parse_value(spec, raw, "--" + spec.cli)
+                sources[spec.field] = "command line"
             settings = Settings(**values).validate()
         except (TypeError, ValueError) as e:
             raise usage.UsageError(str(e).splitlines()[0]) from None
@@ -124,12 +106,31 @@ class Options(usage.Options):
         from .listeners import ListenerLoadError, load_listener_class
 
         loaded: list[Any] = []
-        for spec in settings.listeners:
+        for spec_text in settings.listeners:
             try:
-                loaded.append(load_listener_class(spec) if isinstance(spec, str) else spec)
+                loaded.append(load_listener_class(spec_text) if isinstance(spec_text, str) else spec_text)
             except ListenerLoadError as e:
                 raise usage.UsageError(str(e)) from None
         self.settings = settings.replace(listeners=tuple(loaded))
+        self.sources = sources
+        if self["print-config"]:
+            for line in describe(self.settings, sources):
+                print(line)
+            sys.stdout.flush()
+            raise SystemExit(0)
+
+
+# one repeatable option method per repeatable option of the table
+for _spec in OPTIONS:
+    if _spec.repeatable:
+        setattr(Options, "opt_" + _spec.cli.replace("-", "_"), _adder(_spec))
+        if _spec.short:
+            setattr(Options, "opt_" + _spec.short, _adder(_spec))
+
+
+def spec_env(field: str) -> str:
+    """The environment variable of the option stored in ``field``."""
+    return next(spec.env for spec in OPTIONS if spec.field == field)
 
 
 def _check_endpoint(option: str, description: str | int) -> None:

@@ -20,10 +20,11 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from . import _private
-from ._channels import DEFAULT_MAX_CHANNEL_LENGTH, ChannelNameError, channel_from_path
+from ._channels import ChannelNameError, channel_from_path
 from .compression import accept_deflate, acceptable_offers
+from .config import Settings
 from .fanout import PLAIN, ChannelGroup, Encoders
-from .frames import BINARY, DEFAULT_COMPRESSION_THRESHOLD, TEXT
+from .frames import BINARY, TEXT
 from .interfaces import IChannelHub
 from .origins import OriginPolicy
 from .subscriber import SOCKET, Source
@@ -344,50 +345,31 @@ class SockDrawerServerFactory(WebSocketServerFactory):
 
     :param hub: where sockets subscribe.
     :param frame_handler: gets the frames browsers send; ``None`` ignores them.
+    :param settings: the service's settings (limits, timeouts, origins,
+        compression); the defaults when ``None``.
     :param clock: the reactor, for the slow-reader timer.
-    :param compression: accept permessage-deflate offers (off: decline them).
-    :param compression_threshold: messages shorter than this are sent
-        uncompressed even to sockets that negotiated compression.
     """
 
     protocol = SockDrawerServerProtocol  # type: ignore[assignment]
 
-    def __init__(
-        self,
-        hub: IChannelHub,
-        frame_handler: FrameHandler | None = None,
-        *,
-        clock: Any = None,
-        max_message_size: int = 64 * 1024,
-        max_reply_size: int = 1024 * 1024,
-        max_channel_length: int = DEFAULT_MAX_CHANNEL_LENGTH,
-        max_handshake_size: int = 16 * 1024,
-        max_connections: int = 50_000,
-        open_handshake_timeout: float = 5.0,
-        close_handshake_timeout: float = 1.0,
-        auto_ping_interval: float = 25.0,
-        auto_ping_timeout: float = 10.0,
-        send_buffer: int = 1024 * 1024,
-        slow_timeout: float = 10.0,
-        allowed_origins: Sequence[str] = ("*",),
-        trust_x_forwarded_for: int = 0,
-        compression: bool = False,
-        compression_threshold: int = DEFAULT_COMPRESSION_THRESHOLD,
-    ) -> None:
+    def __init__(self, hub: IChannelHub, frame_handler: FrameHandler | None = None,
+                 settings: Settings | None = None, *, clock: Any = None) -> None:
+        settings = settings if settings is not None else Settings()
         super().__init__(server="")
         if clock is None:
             from twisted.internet import reactor as clock
         self.hub = hub
         self.frame_handler = frame_handler
         self.clock = clock
-        self.max_channel_length = max_channel_length
-        self.max_handshake_size = max_handshake_size
-        self.max_reply_size = max_reply_size
-        self.send_buffer = send_buffer
-        self.slow_timeout = slow_timeout
-        self.compression = compression
-        self.encoders = Encoders(compression_threshold)
-        self.origins = OriginPolicy(allowed_origins)
+        self.settings = settings
+        self.max_channel_length = settings.max_channel_length
+        self.max_handshake_size = settings.max_handshake_size
+        self.max_reply_size = settings.max_reply_size
+        self.send_buffer = settings.send_buffer
+        self.slow_timeout = settings.slow_timeout
+        self.compression = settings.compression
+        self.encoders = Encoders(settings.compression_threshold)
+        self.origins = OriginPolicy(settings.allowed_origins)
         self.connections: dict[SockDrawerServerProtocol, None] = {}
         #: (channel key, encoding) -> the group of those sockets
         self.groups: dict[tuple[bytes, int], ChannelGroup] = {}
@@ -395,21 +377,21 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.slow_cut_offs = 0
         self._empty_waiters: list[Deferred[None]] = []
         options: dict[str, Any] = {}
-        if compression:
+        if settings.compression:
             options["perMessageCompressionAccept"] = accept_deflate
         self.setProtocolOptions(
             webStatus=False,
-            maxFramePayloadSize=max_message_size,
-            maxMessagePayloadSize=max_message_size,
-            maxConnections=max_connections,
-            openHandshakeTimeout=open_handshake_timeout,
-            closeHandshakeTimeout=close_handshake_timeout,
-            autoPingInterval=auto_ping_interval,
-            autoPingTimeout=auto_ping_timeout,
+            maxFramePayloadSize=settings.max_message_size,
+            maxMessagePayloadSize=settings.max_message_size,
+            maxConnections=settings.max_connections,
+            openHandshakeTimeout=settings.open_handshake_timeout,
+            closeHandshakeTimeout=settings.close_handshake_timeout,
+            autoPingInterval=settings.auto_ping_interval,
+            autoPingTimeout=settings.auto_ping_timeout,
             # origins are checked in onConnect, to answer 403 with a fixed reason
             allowedOrigins=["*"],
             allowNullOrigin=True,
-            trustXForwardedFor=trust_x_forwarded_for,
+            trustXForwardedFor=settings.trust_x_forwarded_for,
             # send the close code (1002, 1007, 1009) instead of just dropping TCP
             failByDrop=False,
             **options,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from twisted.python.usage import UsageError
@@ -160,3 +163,114 @@ def test_service_listens_with_backlog() -> None:
     assert (ws_port, ws_backlog, ws_interface) == (8020, 1024, "")
     assert (api_port, api_interface) == (8021, "127.0.0.1")
     svc.stopService()
+
+
+# -- one table: environment, precedence, --print-config -------------------------
+
+
+def parse_env(env: dict[str, str], *argv: str) -> Options:
+    options = Options()
+    options.environ = env
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_every_option_has_an_environment_variable() -> None:
+    """Every option of the table can be set as SOCKDRAWER_<NAME>, and arrives typed in its Settings field."""
+    from sockdrawer.config import OPTIONS
+
+    samples = {"int": ("7", 7), "float": ("2.5", 2.5), "bool": ("true", True)}
+    for spec in OPTIONS:
+        if spec.kind not in samples:
+            continue
+        raw, value = samples[spec.kind]
+        if spec.field in ("max_handshake_size",):
+            raw, value = "2048", 2048
+        settings = parse_env({spec.env: raw}).settings
+        assert getattr(settings, spec.field) == value, spec.env
+    s = parse_env({"SOCKDRAWER_REDIS": "redis://h:1/0", "SOCKDRAWER_PORT": "9001", "SOCKDRAWER_NAME": "app",
+                   "SOCKDRAWER_ALLOWED_ORIGIN": "https://a.example:443, https://b.example:443",
+                   "SOCKDRAWER_LISTENER": "listeners:Echo", "SOCKDRAWER_API": "none",
+                   "SOCKDRAWER_API_KEY": "k"}).settings
+    assert (s.redis, s.port, s.name, s.api_enabled, s.api_key) == ("redis://h:1/0", "9001", "app", False, "k")
+    assert s.allowed_origins == ("https://a.example:443", "https://b.example:443")
+    assert [c.__name__ for c in s.listeners] == ["Echo"]
+
+
+def test_precedence_defaults_file_environment_command_line(tmp_path: Any) -> None:
+    """Defaults < config file < environment < command line, option by option."""
+    path = tmp_path / "sd.toml"
+    path.write_text('max-message-size = 1000\nmax-connections = 2000\nslow-timeout = 3\nname = "file"\n')
+    env = {"SOCKDRAWER_CONFIG": str(path), "SOCKDRAWER_MAX_CONNECTIONS": "3000", "SOCKDRAWER_SLOW_TIMEOUT": "4",
+           "SOCKDRAWER_NAME": "env"}
+    options = parse_env(env, "--slow-timeout", "5")
+    s = options.settings
+    assert s.max_message_size == 1000  # file
+    assert s.max_connections == 3000  # environment over file
+    assert s.slow_timeout == 5.0  # command line over environment
+    assert s.name == "env"
+    assert s.send_buffer == Settings().send_buffer  # default
+    assert options.sources["slow_timeout"] == "command line"
+    assert options.sources["max_connections"] == "SOCKDRAWER_MAX_CONNECTIONS"
+    assert options.sources["max_message_size"] == f"config file {path}"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SOCKDRAWER_MAX_CONNECTIONS": "lots"}, "SOCKDRAWER_MAX_CONNECTIONS must be an integer, not 'lots'"),
+        ({"SOCKDRAWER_MAX_CONNECTIONS": "0"}, "SOCKDRAWER_MAX_CONNECTIONS must be an integer >= 1"),
+        ({"SOCKDRAWER_COMPRESSION": "maybe"}, "SOCKDRAWER_COMPRESSION must be true or false"),
+        ({"SOCKDRAWER_REDIS_TIMEOUT": "0"}, "SOCKDRAWER_REDIS_TIMEOUT must be a number of seconds above 0"),
+    ],
+)
+def test_bad_environment_values_name_their_variable(env: dict[str, str], message: str) -> None:
+    """A bad value from the environment is a one-line usage error that names the variable."""
+    with pytest.raises(UsageError) as e:
+        parse_env(env)
+    assert message in str(e.value)
+
+
+def test_bad_config_values_name_the_file_and_key(tmp_path: Any) -> None:
+    """A value of the wrong type in the config file names the file and the key."""
+    path = tmp_path / "sd.toml"
+    path.write_text('max-connections = "many"\n')
+    with pytest.raises(UsageError, match=f"config file {path}: max-connections must be an integer"):
+        parse("--config", str(path))
+
+
+def test_print_config_masks_secrets() -> None:
+    """`twistd sockdrawer --print-config` prints every option with its source, masks secrets, and exits 0."""
+    result = subprocess.run(
+        [*TWISTD, "sockdrawer", "--print-config", "--redis", "redis://:hunter2@h:1/0", "--api-key", "s3cret"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SOCKDRAWER_MAX_CONNECTIONS": "77"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "hunter2" not in out and "s3cret" not in out
+    assert "redis://:***@h:1/0  (command line)" in out
+    assert "api-key" in out and "***" in out
+    assert re.search(r"^max-connections +77  \(SOCKDRAWER_MAX_CONNECTIONS\)$", out, re.M), out
+    from sockdrawer.config import OPTIONS
+
+    for spec in OPTIONS:
+        assert spec.cli in out, spec.cli
+
+
+def test_options_reference_is_generated_from_the_table() -> None:
+    """The docs' option reference lists every option of the table with its environment variable and default."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "_ext",
+                        "sockdrawer_options.py")
+    spec = importlib.util.spec_from_file_location("sockdrawer_options", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "\n".join(module.option_rows())
+    from sockdrawer.config import OPTIONS
+
+    for option in OPTIONS:
+        assert f"--{option.cli}" in text and option.env in text
+        if not option.repeatable:
+            assert f"default ``{option.describe_default()}``" in text
