@@ -216,6 +216,18 @@ def set_extension_offers(proto: Any, offers: list[tuple[str, Any]]) -> None:
     proto.websocket_extensions = offers
 
 
+def fail_connection(proto: Any, code: int, reason: str) -> None:
+    """
+    Fail an open connection the way Autobahn fails it for a protocol error:
+    send a close frame with ``code``, ignore whatever the client sends after
+    it, drop TCP after the close handshake timeout.
+
+    Assumption: Autobahn's ``_fail_connection(code, reason)`` does that (it
+    sets ``failedByMe``, which stops message delivery).
+    """
+    proto._fail_connection(code, reason)
+
+
 def negotiated_deflate(proto: Any) -> Any:
     """
     The permessage-deflate state Autobahn negotiated for an open connection

@@ -39,11 +39,12 @@ WEBSOCKET = "websocket"
 REDIS = "redis"
 API = "api"
 LISTENERS = "listeners"
+AUTH = "auth"
 
 
 def option(default: Any, help: str, *, part: str, low: float | None = None, high: float | None = None,
            above: float | None = None, cli: str | None = None, short: str | None = None,
-           secret: bool = False, metavar: str | None = None) -> Any:
+           secret: bool = False, metavar: str | None = None, command_line: bool = True) -> Any:
     """
     Declare one option (a :class:`Settings` field).
 
@@ -58,10 +59,13 @@ def option(default: Any, help: str, *, part: str, low: float | None = None, high
         environment name.
     :param short: a one-letter command-line alias.
     :param secret: masked by ``--print-config``.
+    :param command_line: ``False`` for secrets that must not be given on a
+        command line (every user of the machine can read those): only the
+        environment and the config file set them.
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "part": part, "low": low, "high": high, "above": above, "cli": cli,
-        "short": short, "secret": secret, "metavar": metavar,
+        "short": short, "secret": secret, "metavar": metavar, "command_line": command_line,
     })
 
 
@@ -144,6 +148,42 @@ class Settings:
         high=MAX_SECONDS)
     shutdown_timeout: float = option(
         5.0, "seconds to wait for sockets to close at shutdown", part=SERVICE, low=0, high=MAX_SECONDS)
+    auth_secret_file: tuple[str, ...] = option(
+        (), "file holding a shared secret (HS256/384/512) that signs browser tokens; with any key configured, "
+        "every WebSocket needs a token except on --public-channel channels (repeatable: key rotation)",
+        part=AUTH)
+    auth_secret: str | None = option(
+        None, "a shared secret that signs browser tokens, from the environment or the config file only (never "
+        "the command line: every user of the machine can read it)", part=AUTH, secret=True, command_line=False)
+    auth_public_key: tuple[str, ...] = option(
+        (), "PEM file of a public key (RSA, EC P-256/384/521, Ed25519) that verifies browser tokens "
+        "(repeatable)", part=AUTH)
+    auth_audience: str | None = option(None, "tokens must name this audience (aud)", part=AUTH)
+    auth_issuer: str | None = option(None, "tokens must come from this issuer (iss)", part=AUTH)
+    auth_leeway: float = option(
+        30.0, "seconds of clock skew allowed when checking a token's exp, nbf and iat", part=AUTH, low=0,
+        high=MAX_SECONDS)
+    public_channel: tuple[str, ...] = option(
+        (), "channel pattern that needs no token when keys are configured: exact, prefix/* or * (repeatable)",
+        part=AUTH)
+    max_frames_per_second: float = option(
+        100.0, "frames a socket may send per second, on average (more: close 1008)", part=WEBSOCKET, above=0,
+        high=1e9)
+    frame_burst: int = option(
+        200, "frames a socket may send at once above that rate", part=WEBSOCKET, low=1)
+    max_fragments: int = option(
+        1000, "most frames in one message from a browser (more: close 1009)", part=WEBSOCKET, low=1)
+    max_pending_handshakes: int = option(
+        1000, "most connections still in their opening handshake, per node (more: dropped at once)",
+        part=WEBSOCKET, low=1)
+    max_connections_per_ip: int = option(
+        1000, "most connections from one client address, open or in their handshake (more: HTTP 429); with "
+        "--trust-x-forwarded-for, the forwarded address", part=WEBSOCKET, low=1)
+    api_timeout: float = option(
+        10.0, "seconds an API request has to arrive whole, headers and body (slower: HTTP 408)", part=API,
+        above=0, high=MAX_SECONDS)
+    api_max_connections: int = option(
+        100, "most simultaneous API connections (more: refused)", part=API, low=1)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied."""
@@ -172,6 +212,14 @@ class Settings:
             raise ValueError("--allowed-origin: at least one origin pattern is needed")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
+        for pattern in self.public_channel:
+            from .tokens import check_pattern
+
+            try:
+                check_pattern(pattern)
+            except ValueError as e:
+                raise ValueError(f"--public-channel: {e}") from None
+        self.token_verifier()
         if self.redis is not None:
             from .redislink import RedisURL
 
@@ -184,8 +232,44 @@ class Settings:
         return self
 
     @property
+    def auth_enabled(self) -> bool:
+        """Whether browsers need tokens (a key is configured)."""
+        return bool(self.auth_secret_file or self.auth_secret or self.auth_public_key)
+
+    def token_verifier(self) -> Any:
+        """
+        The :class:`~sockdrawer.tokens.TokenVerifier` for the configured keys,
+        or ``None`` without keys.
+
+        :raises ValueError: for an unreadable key file or a bad key, naming the option.
+        """
+        if not self.auth_enabled:
+            return None
+        from .tokens import TokenVerifier
+
+        secrets: list[bytes] = []
+        for path in self.auth_secret_file:
+            secrets.append(_read_key_file("--auth-secret-file", path).strip())
+        if self.auth_secret:
+            secrets.append(self.auth_secret.encode("utf-8"))
+        keys = [_read_key_file("--auth-public-key", path) for path in self.auth_public_key]
+        try:
+            return TokenVerifier(secrets, keys, audience=self.auth_audience, issuer=self.auth_issuer,
+                                 leeway=self.auth_leeway)
+        except ValueError as e:
+            raise ValueError(f"--auth: {e}") from None
+
+    @property
     def api_enabled(self) -> bool:
         return bool(self.api) and str(self.api).lower() != "none"
+
+
+def _read_key_file(option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{option}: cannot read {path}: {e.strerror}") from None
 
 
 # -- the table -----------------------------------------------------------------
@@ -207,6 +291,7 @@ class OptionSpec:
     cli: str
     short: str | None
     secret: bool
+    command_line: bool
 
     @property
     def env(self) -> str:
@@ -316,7 +401,7 @@ def _build_table() -> tuple[OptionSpec, ...]:
         table.append(OptionSpec(
             field=f.name, kind=kind, optional=optional, default=f.default, help=m["help"], part=m["part"],
             low=m["low"], high=m["high"], above=m["above"], cli=m["cli"] or f.name.replace("_", "-"),
-            short=m["short"], secret=m["secret"],
+            short=m["short"], secret=m["secret"], command_line=m["command_line"],
         ))
     return tuple(table)
 

@@ -191,7 +191,7 @@ class SockDrawerService(MultiService):
             from twisted.internet import reactor
         self.namespace = Namespace(settings.name)
         self.hub: IChannelHub = MemoryChannelHub()
-        self.listeners = ListenerRegistry(settings.listeners)
+        self.listeners = ListenerRegistry(settings.listeners, clock=reactor)
         self.broker: IBroker
         if settings.redis:
             link = RedisLink(
@@ -213,6 +213,7 @@ class SockDrawerService(MultiService):
             self.listeners.dispatch if self.listeners.channels() else None,
             settings,
             clock=reactor,
+            authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor

@@ -48,11 +48,14 @@ class Source:
     :ivar channel: the channel, e.g. ``"rooms/42"``; ``""`` for the root.
     :ivar peer: for a socket, its peer address (``"tcp4:127.0.0.1:52152"``);
         ``None`` for the broker.
+    :ivar user: for a socket that presented a token, the token's ``sub``
+        claim; ``None`` otherwise.
     """
 
     kind: str
     channel: str
     peer: str | None = None
+    user: str | None = None
 
     @property
     def from_socket(self) -> bool:

@@ -57,7 +57,7 @@ class Options(usage.Options):
     )
     optParameters = [
         [spec.cli, spec.short, None, _help(spec)]
-        for spec in OPTIONS if spec.kind != "bool" and not spec.repeatable
+        for spec in OPTIONS if spec.kind != "bool" and not spec.repeatable and spec.command_line
     ] + [["config", "c", None, f"TOML config file with the same option names (${CONFIG_ENV})"]]
     optFlags = [[spec.cli, spec.short, _help(spec)] for spec in OPTIONS if spec.kind == "bool"] + [
         ["print-config", None, "print the effective settings (secrets masked) and where each came from, then exit"],
@@ -81,6 +81,8 @@ class Options(usage.Options):
             values.update(from_env)
             sources.update({name: spec_env(name) for name in from_env})
             for spec in OPTIONS:
+                if not spec.command_line:
+                    continue
                 if spec.repeatable:
                     if spec.field in self._repeated:
                         values[spec.field] = tuple(self._repeated[spec.field])

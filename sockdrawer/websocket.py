@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any, NoReturn
+from urllib.parse import unquote
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -28,6 +29,7 @@ from .frames import BINARY, TEXT
 from .interfaces import IChannelHub
 from .origins import OriginPolicy
 from .subscriber import SOCKET, Source
+from .tokens import TokenRefused, pattern_matches
 
 #: Called with each frame a browser sends: returns one Deferred per handler,
 #: each firing with the reply to send back (or ``None``).
@@ -38,6 +40,8 @@ _private.make_log_arguments_lazy()
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+#: the socket's token expired; the client should reconnect with a fresh one
+CLOSE_TOKEN_EXPIRED = 4001
 _STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 #: Twisted's write-buffer size above which a socket counts as "too slow"
 #: while the ``slow_timeout`` clock runs
@@ -81,27 +85,92 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     #: the reason of a refusal sockdrawer chose itself (fixed text, safe
     #: for the status line)
     _own_reason: str | None = None
+    #: the token of a handshake in progress (taken out of the request
+    #: before Autobahn sees it, so it is never logged)
+    _token: str | None = None
+    #: the opening handshake as received so far, while a token may be in it
+    _head = b""
+    #: the ``sub`` of the token this socket presented
+    user: str | None = None
+    _expiry: IDelayedCall | None = None
+    #: the client address counted against --max-connections-per-ip
+    _counted_ip: str | None = None
+    _pending = False
+    _opened = False
+    #: token bucket for frames from the client: tokens left, as of when
+    _bucket = -1.0
+    _bucket_at = 0.0
+    #: frames in the message being received
+    _fragments = 0
 
     # -- Twisted
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.factory.connections[self] = None
+        factory = self.factory
+        factory.connections[self] = None
+        self._pending = True
+        factory.pending += 1
+        if factory.pending > factory.settings.max_pending_handshakes:
+            # silent connections must not lock real clients out: drop at once
+            factory.refusals[503] = factory.refusals.get(503, 0) + 1
+            self.dropConnection(abort=True)
+            return
+        if not factory.settings.trust_x_forwarded_for:
+            self._count_ip(self.transport.getPeer().host)
+
+    def _count_ip(self, ip: str | None) -> bool:
+        """Count this connection against its address; refuse with 429 when that is over the limit."""
+        if not ip:
+            return True
+        factory = self.factory
+        count = factory.per_ip.get(ip, 0) + 1
+        factory.per_ip[ip] = count
+        self._counted_ip = ip
+        if count > factory.settings.max_connections_per_ip:
+            self._own_reason = "too many connections from this address"
+            self.failHandshake(self._own_reason, 429)
+            return False
+        return True
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == self.STATE_CONNECTING:
             limit = self.factory.max_handshake_size
-            if _private.unparsed_handshake_bytes(self) + len(data) > limit:
+            if len(self._head) + _private.unparsed_handshake_bytes(self) + len(data) > limit:
                 _private.discard_unparsed(self)
+                self._head = b""
                 self._own_reason = "Request Header Fields Too Large"
                 self.failHandshake(self._own_reason, 431)
                 return
+            if self.factory.verifier is not None:
+                head = self._head + data
+                if b"\r\n\r\n" not in head:
+                    self._head = head
+                    return
+                self._head = b""
+                self._token, data = take_token(head)
         _private.feed(self, data)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._leave()
+        self._cancel_expiry()
         super().connectionLost(reason)
-        self.factory._forget(self)
+        factory = self.factory
+        if self._pending:
+            self._pending = False
+            factory.pending -= 1
+        if self._opened:
+            self._opened = False
+            factory.open_sockets -= 1
+        ip = self._counted_ip
+        if ip is not None:
+            self._counted_ip = None
+            left = factory.per_ip.get(ip, 1) - 1
+            if left > 0:
+                factory.per_ip[ip] = left
+            else:
+                factory.per_ip.pop(ip, None)
+        factory._forget(self)
         _private.break_close_cycle(self)
 
     # -- Autobahn: the opening handshake
@@ -112,19 +181,48 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         except Exception:
             self._handshake_error()
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:  # type: ignore[override]
+        factory = self.factory
+        token, self._token = self._token, None
+        if request.version != 13:
+            # older drafts carry the origin in another header, and no browser
+            # has used them for a decade: refuse rather than skip the check
+            self._deny(426, "use WebSocket version 13")
         # The channel comes from the raw request target: Autobahn's
         # request.path went through urlparse.
         target = _private.raw_request_target(self).split("?", 1)[0]
         try:
-            key = channel_from_path(target, self.factory.max_channel_length)
+            key = channel_from_path(target, factory.max_channel_length)
         except ChannelNameError as e:
             self._deny(ConnectionDeny.BAD_REQUEST, str(e))
-        if request.origin and not self.factory.origins.allows(request.origin):
+        if request.origin and not factory.origins.allows(request.origin):
             self._deny(ConnectionDeny.FORBIDDEN, "origin not allowed")
-        _private.set_extension_offers(self, acceptable_offers(request.extensions, self.factory.compression))
+        if factory.settings.trust_x_forwarded_for and self._counted_ip is None:
+            if not self._count_ip(_address(self.peer)):
+                raise ConnectionDeny(429, self._own_reason or "")
+        if factory.open_sockets >= factory.settings.max_connections:
+            self._deny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
+        channel = key.decode("utf-8")
+        if factory.verifier is not None and not factory.is_public(channel):
+            try:
+                grant = factory.verifier.verify(token)
+            except TokenRefused as e:
+                self._deny(e.status, e.reason)
+            if not grant.allows(channel):
+                self._deny(ConnectionDeny.FORBIDDEN, "token does not cover this channel")
+            self.user = grant.user
+            self._expires_at = grant.expires + factory.verifier.leeway
+        _private.set_extension_offers(self, acceptable_offers(request.extensions, factory.compression))
         self.key = key
+        if factory.authorize is not None:
+            decision = factory.authorize(Source(SOCKET, channel, self.peer, self.user))
+            if decision is not None:
+                return decision.addCallback(self._authorized)
         return None
+
+    def _authorized(self, allowed: bool) -> None:
+        if not allowed:
+            self._deny(ConnectionDeny.FORBIDDEN, "refused by a listener")
 
     def succeedHandshake(self, res: Any) -> None:
         # Autobahn runs this (and onOpen) in a Deferred callback: an
@@ -151,6 +249,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         # Autobahn puts request details (method, version, Host header) and
         # exception texts into the status line; send the standard phrase
         # instead, and log the detail.
+        factory = self.factory
+        factory.refusals[code] = factory.refusals.get(code, 0) + 1
+        if code == 426:
+            responseHeaders = [*(responseHeaders or []), ("Sec-WebSocket-Version", "13")]
         if reason != self._own_reason:
             self._log.info("refused a WebSocket handshake from {peer}: {reason}", peer=self.peer, reason=reason)
             try:
@@ -162,6 +264,17 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         key = self.key
         assert key is not None
+        factory = self.factory
+        if self._pending:
+            self._pending = False
+            factory.pending -= 1
+        self._opened = True
+        factory.open_sockets += 1
+        expires = getattr(self, "_expires_at", None)
+        if expires is not None:
+            del self._expires_at
+            self._expiry = factory.clock.callLater(max(0.0, expires - factory.clock.seconds()),
+                                                   self._token_expired)
         conn, direct = _private.tcp_connection(self.transport)
         self._tcp = conn
         if conn is not None and direct:
@@ -174,12 +287,51 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     # -- Autobahn: open
 
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        # every frame counts, before any of it reaches a listener: an endless
+        # message of empty fragments is as costly as a flood of messages
+        if not self._take_frame():
+            return
+        self._fragments += 1
+        if self._fragments > self.factory.settings.max_fragments:
+            _private.fail_connection(self, 1009, "too many fragments")
+            return
+        super().onMessageFrameBegin(length)
+
+    def onPing(self, payload: bytes) -> None:
+        if self._take_frame():
+            super().onPing(payload)
+
+    def _take_frame(self) -> bool:
+        """Take one frame from the socket's token bucket; close with 1008 when it is empty."""
+        if self.state != _STATE_OPEN:
+            return False
+        settings = self.factory.settings
+        now = self.factory.clock.seconds()
+        tokens = self._bucket
+        if tokens < 0:
+            tokens = settings.frame_burst
+        else:
+            tokens = min(settings.frame_burst, tokens + (now - self._bucket_at) * settings.max_frames_per_second)
+        self._bucket_at = now
+        if tokens < 1:
+            self._bucket = tokens
+            self.factory.rate_limited += 1
+            _private.fail_connection(self, CLOSE_POLICY_VIOLATION, "rate limit")
+            return False
+        self._bucket = tokens - 1
+        return True
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         handler = self.factory.frame_handler
         if handler is None or self._group is None or self.key is None:
             return
         message: str | bytes = payload if isBinary else payload.decode("utf-8")
-        source = Source(SOCKET, self.key.decode("utf-8"), self.peer)
+        source = Source(SOCKET, self.key.decode("utf-8"), self.peer, self.user)
         for d in handler(source, message):
             d.addCallback(self._reply)
 
@@ -289,6 +441,16 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if not self.closeHandshakeTimeout:
             self.dropConnection(abort=True)
 
+    def _token_expired(self) -> None:
+        self._expiry = None
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=CLOSE_TOKEN_EXPIRED, reasonUtf8=b"token expired", isReply=False)
+
+    def _cancel_expiry(self) -> None:
+        timer, self._expiry = self._expiry, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _cancel_slow_timer(self) -> None:
         timer, self._slow_timer = self._slow_timer, None
         if timer is not None and timer.active():
@@ -337,6 +499,52 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 _private.install_compact_defaults(SockDrawerServerProtocol)
 
 
+def _address(peer: str | None) -> str | None:
+    """The client address in an Autobahn peer string (``tcp4:1.2.3.4:5678``, or a bare address)."""
+    if not peer:
+        return None
+    if peer.startswith(("tcp4:", "tcp6:")):
+        return peer[5:].rsplit(":", 1)[0]
+    return peer
+
+
+def take_token(head: bytes) -> tuple[str | None, bytes]:
+    """
+    Take the token out of an opening handshake before anything parses or
+    logs it: from ``?token=...`` in the request target (browsers cannot set
+    headers on a WebSocket) or from ``Authorization: Bearer ...``.  Both
+    places are rewritten to ``redacted``.
+
+    :param head: the request up to and including the blank line, and
+        whatever followed it.
+    :return: the token (``None`` when there is none) and the rewritten bytes.
+    """
+    end = head.index(b"\r\n\r\n")
+    lines = head[:end].split(b"\r\n")
+    token: str | None = None
+    parts = lines[0].split(b" ")
+    if len(parts) == 3 and b"?" in parts[1]:
+        path, _, query = parts[1].partition(b"?")
+        params = query.split(b"&")
+        for i, param in enumerate(params):
+            name, eq, value = param.partition(b"=")
+            if name == b"token" and eq:
+                if token is None:
+                    token = unquote(value.decode("latin-1"))
+                params[i] = b"token=redacted"
+        parts[1] = path + b"?" + b"&".join(params)
+        lines[0] = b" ".join(parts)
+    for i in range(1, len(lines)):
+        name, colon, value = lines[i].partition(b":")
+        if colon and name.strip().lower() == b"authorization":
+            scheme, _, credentials = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                if token is None:
+                    token = credentials.strip().decode("latin-1")
+                lines[i] = b"Authorization: Bearer redacted"
+    return token or None, b"\r\n".join(lines) + head[end:]
+
+
 class SockDrawerServerFactory(WebSocketServerFactory):
     """
     Builds :class:`SockDrawerServerProtocol` connections with safe, finite
@@ -353,7 +561,8 @@ class SockDrawerServerFactory(WebSocketServerFactory):
     protocol = SockDrawerServerProtocol  # type: ignore[assignment]
 
     def __init__(self, hub: IChannelHub, frame_handler: FrameHandler | None = None,
-                 settings: Settings | None = None, *, clock: Any = None) -> None:
+                 settings: Settings | None = None, *, clock: Any = None,
+                 authorize: Callable[[Source], Deferred[bool] | None] | None = None) -> None:
         settings = settings if settings is not None else Settings()
         super().__init__(server="")
         if clock is None:
@@ -370,6 +579,18 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.compression = settings.compression
         self.encoders = Encoders(settings.compression_threshold)
         self.origins = OriginPolicy(settings.allowed_origins)
+        self.verifier = settings.token_verifier()
+        self.public_channels = settings.public_channel
+        #: asks the listeners whether a socket may open (``None``: nobody asks)
+        self.authorize = authorize
+        #: connections in their opening handshake, open sockets, and
+        #: connections per client address
+        self.pending = 0
+        self.open_sockets = 0
+        self.per_ip: dict[str, int] = {}
+        #: refused handshakes by HTTP status
+        self.refusals: dict[int, int] = {}
+        self.rate_limited = 0
         self.connections: dict[SockDrawerServerProtocol, None] = {}
         #: (channel key, encoding) -> the group of those sockets
         self.groups: dict[tuple[bytes, int], ChannelGroup] = {}
@@ -383,7 +604,9 @@ class SockDrawerServerFactory(WebSocketServerFactory):
             webStatus=False,
             maxFramePayloadSize=settings.max_message_size,
             maxMessagePayloadSize=settings.max_message_size,
-            maxConnections=settings.max_connections,
+            # counted by sockdrawer: open sockets only (Autobahn counts every
+            # TCP connection, so silent ones would lock real clients out)
+            maxConnections=0,
             openHandshakeTimeout=settings.open_handshake_timeout,
             closeHandshakeTimeout=settings.close_handshake_timeout,
             autoPingInterval=settings.auto_ping_interval,
@@ -407,6 +630,10 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         """
         super().setProtocolOptions(*args, **kwargs)
         self.protocol = _private.options_as_class(SockDrawerServerProtocol, self)  # type: ignore[assignment]
+
+    def is_public(self, channel: str) -> bool:
+        """Whether ``channel`` needs no token (``--public-channel``)."""
+        return any(pattern_matches(p, channel) for p in self.public_channels)
 
     def origin_allowed(self, origin: str) -> bool:
         """Whether a browser from ``origin`` may connect (see :class:`~sockdrawer.origins.OriginPolicy`)."""

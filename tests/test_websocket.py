@@ -341,7 +341,8 @@ class _PingingPeer(_SilentPeer):
 @pytest_twisted.ensureDeferred
 async def test_client_that_sends_but_never_reads_is_cut_off(run_service: Any) -> None:
     """Pongs count against the limits: a client that pings without reading is cut off, not buffered forever."""
-    svc = await run_service(send_buffer=256 * 1024, slow_timeout=30)
+    # no rate limit here: this is about the send buffer, not about how fast a client may send
+    svc = await run_service(send_buffer=256 * 1024, slow_timeout=30, max_frames_per_second=1e9, frame_burst=10**9)
     peer = await connect_silent(svc, _PingingPeer())
     sent = 0
     while svc.factory.slow_cut_offs == 0:
