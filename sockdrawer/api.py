@@ -13,6 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -29,11 +30,43 @@ _PUBLISH_PREFIX = b"/publish/"
 
 
 class _BoundedRequest(Request):
-    """A request that keeps at most ``max_body`` bytes of its body."""
+    """
+    A request that keeps at most ``max_body`` bytes of its body, and must
+    arrive whole (request line, headers, body) within ``timeout`` seconds
+    of its first line, or is answered 408.
+    """
 
     max_body = 1024 * 1024
+    timeout = 10.0
+    clock: Any = None
     body_too_large = False
     _body_seen = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._deadline = clock.callLater(self.timeout, self._too_slow)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._deadline.active():
+            self._deadline.cancel()
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._deadline.active():
+            self._deadline.cancel()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        transport = getattr(self.channel, "transport", None)
+        if transport is None:
+            return
+        _log.info("API request from {peer} did not arrive within {timeout} s: 408", peer=transport.getPeer(),
+                  timeout=self.timeout)
+        transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        transport.loseConnection()
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_seen += len(data)
@@ -59,13 +92,15 @@ class ApiResource(Resource):
         super().__init__()
         self._service = service
         key = service.settings.api_key
-        self._expected = f"Bearer {key}".encode() if key else None
+        self._expected = key.encode() if key else None
 
     def _authorized(self, request: Request) -> bool:
         if self._expected is None:
             return True
         given = request.getHeader(b"authorization") or b""
-        return hmac.compare_digest(given, self._expected)
+        scheme, _, credentials = given.strip().partition(b" ")
+        # the scheme is case-insensitive (RFC 9110 11.1)
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._expected)
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"server", b"sockdrawer")
@@ -138,15 +173,38 @@ class ApiResource(Resource):
 
 class ApiSite(Site):
     """
-    The API's site: request bodies bounded by ``max_body``, no access log
-    (publishers may call it thousands of times a second; failures are logged).
+    The API's site: request bodies bounded by ``max_body``, each request due
+    whole within ``timeout`` seconds (and idle connections closed after as
+    long), no access log (publishers may call it thousands of times a second;
+    failures are logged).
     """
 
-    def __init__(self, resource: Resource, max_body: int) -> None:
-        request_factory = type("BoundedRequest", (_BoundedRequest,), {"max_body": max_body})
-        super().__init__(resource, requestFactory=request_factory)
+    def __init__(self, resource: Resource, max_body: int, timeout: float = 10.0, clock: Any = None) -> None:
+        request_factory = type("BoundedRequest", (_BoundedRequest,),
+                               {"max_body": max_body, "timeout": timeout, "clock": clock})
+        super().__init__(resource, requestFactory=request_factory, timeout=timeout, reactor=clock)
         self.displayTracebacks = False
         self.noisy = False
 
     def log(self, request: http.Request) -> None:
         pass
+
+
+class ConnectionLimit(WrappingFactory):
+    """
+    At most ``limit`` simultaneous connections to the wrapped factory; more
+    are closed at once.
+    """
+
+    noisy = False
+
+    def __init__(self, wrapped: Any, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+        self.refused = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.limit:
+            self.refused += 1
+            return None
+        return super().buildProtocol(addr)

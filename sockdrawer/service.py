@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._channels import Namespace, validate_channel
-from .api import ApiResource, ApiSite
+from .api import ApiResource, ApiSite, ConnectionLimit
 from .config import Settings, endpoint_string
 from .hub import EmbeddedBroker, MemoryChannelHub
 from .interfaces import IBroker, IChannelHub
@@ -222,8 +222,9 @@ class SockDrawerService(MultiService):
         self.api: ListeningService | None = None
         if settings.api_enabled:
             assert settings.api is not None
-            site = ApiSite(ApiResource(self), settings.max_publish_size)
-            self.api = ListeningService(endpoint_string(settings.api), site, reactor)
+            site = ApiSite(ApiResource(self), settings.max_publish_size, settings.api_timeout, reactor)
+            limited = ConnectionLimit(site, settings.api_max_connections)
+            self.api = ListeningService(endpoint_string(settings.api), limited, reactor)
             self.api.setServiceParent(self)
 
     def startService(self) -> None:
