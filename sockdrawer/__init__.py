@@ -9,6 +9,7 @@ Twisted; the server lives in :mod:`sockdrawer.service`.
 from ._channels import ChannelNameError
 from .client import Client, PublishError
 from .subscriber import BROKER, SOCKET, Source, Subscriber, on
+from .tokens import make_token
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "PublishError",
     "Source",
     "Subscriber",
+    "make_token",
     "on",
     "__version__",
 ]

@@ -176,20 +176,6 @@ def feed(proto: Any, data: bytes) -> None:
     proto._dataReceived(data)
 
 
-def unparsed_handshake_bytes(proto: Any) -> int:
-    """
-    How many bytes of the opening handshake Autobahn holds unparsed.
-
-    Assumption: they accumulate in ``data`` until the blank line.
-    """
-    return len(proto.data)
-
-
-def discard_unparsed(proto: Any) -> None:
-    """Drop the bytes counted by :func:`unparsed_handshake_bytes`."""
-    proto.data = b""
-
-
 def raw_request_target(proto: Any) -> str:
     """
     The request target exactly as the client sent it (``/a;b//c?x=1``).
@@ -214,6 +200,19 @@ def set_extension_offers(proto: Any, offers: list[tuple[str, Any]]) -> None:
     7692 5.1 says to decline just the offer.
     """
     proto.websocket_extensions = offers
+
+
+def set_connection_timer(factory: Any, timer: Any) -> None:
+    """
+    Make the factory's connections schedule their opening and closing
+    handshake timeouts and auto-pings with ``timer`` (an object with
+    ``call_later(delay, func, *args, **kwargs)`` returning something with
+    ``cancel()``).
+
+    Assumption: Autobahn schedules those through the factory's
+    ``_batched_timer`` and only ever calls ``cancel()`` on what it returns.
+    """
+    factory._batched_timer = timer
 
 
 def fail_connection(proto: Any, code: int, reason: str) -> None:

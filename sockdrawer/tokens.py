@@ -34,6 +34,8 @@ from ._channels import ChannelNameError, validate_channel
 
 #: Algorithms for a shared secret (``--auth-secret-file``).
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+#: RFC 7518 3.2: an HMAC key at least as long as the hash (HS256: 32 bytes)
+MIN_SECRET_LENGTH = 32
 _EC_CURVES = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 
@@ -178,8 +180,8 @@ class TokenVerifier:
                  audience: str | None = None, issuer: str | None = None, leeway: float = 30.0) -> None:
         self._keys: list[tuple[Any, tuple[str, ...]]] = []
         for secret in secrets:
-            if len(secret) < 16:
-                raise ValueError("a token secret must be at least 16 bytes long")
+            if len(secret) < MIN_SECRET_LENGTH:
+                raise ValueError(f"a token secret must be at least {MIN_SECRET_LENGTH} bytes long")
             self._keys.append((secret, HMAC_ALGORITHMS))
         for pem in public_keys:
             self._keys.append(load_public_key(pem))

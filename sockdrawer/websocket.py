@@ -29,6 +29,7 @@ from .frames import BINARY, TEXT
 from .interfaces import IChannelHub
 from .origins import OriginPolicy
 from .subscriber import SOCKET, Source
+from .timers import BucketTimer
 from .tokens import TokenRefused, pattern_matches
 
 #: Called with each frame a browser sends: returns one Deferred per handler,
@@ -88,8 +89,9 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     #: the token of a handshake in progress (taken out of the request
     #: before Autobahn sees it, so it is never logged)
     _token: str | None = None
-    #: the opening handshake as received so far, while a token may be in it
+    #: the opening handshake as received so far, until its blank line
     _head = b""
+    _head_complete = False
     #: the ``sub`` of the token this socket presented
     user: str | None = None
     _expiry: IDelayedCall | None = None
@@ -134,21 +136,25 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         return True
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == self.STATE_CONNECTING:
-            limit = self.factory.max_handshake_size
-            if len(self._head) + _private.unparsed_handshake_bytes(self) + len(data) > limit:
-                _private.discard_unparsed(self)
+        if self.state == self.STATE_CONNECTING and not self._head_complete:
+            # Collect the request head ourselves: its size is capped (frames
+            # a client sends right behind it do not count), and a token in
+            # it is taken out before Autobahn parses or logs anything.
+            head = self._head + data
+            end = head.find(b"\r\n\r\n")
+            if (end if end >= 0 else len(head)) > self.factory.max_handshake_size:
                 self._head = b""
                 self._own_reason = "Request Header Fields Too Large"
                 self.failHandshake(self._own_reason, 431)
                 return
+            if end < 0:
+                self._head = head
+                return
+            self._head = b""
+            self._head_complete = True
             if self.factory.verifier is not None:
-                head = self._head + data
-                if b"\r\n\r\n" not in head:
-                    self._head = head
-                    return
-                self._head = b""
-                self._token, data = take_token(head)
+                self._token, head = take_token(head)
+            data = head
         _private.feed(self, data)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -265,6 +271,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         key = self.key
         assert key is not None
         factory = self.factory
+        self.__dict__.pop("_head_complete", None)
         if self._pending:
             self._pending = False
             factory.pending -= 1
@@ -567,6 +574,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         super().__init__(server="")
         if clock is None:
             from twisted.internet import reactor as clock
+        _private.set_connection_timer(self, BucketTimer(clock))
         self.hub = hub
         self.frame_handler = frame_handler
         self.clock = clock

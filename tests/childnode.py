@@ -82,15 +82,26 @@ class ChildNode:
         """Send ``sig`` and wait for the process to exit; return its exit status."""
         if self.proc is None:
             return 0
+        self.send_signal(sig)
+        return self.wait(timeout)
+
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` without waiting (to watch clients while the node shuts down); then :meth:`wait`."""
+        assert self.proc is not None, "not started"
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"sockdrawer did not exit {timeout} s after signal {sig}") from None
-        self._log.close()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the process to exit (killing it after ``timeout`` seconds); return its exit status."""
+        assert self.proc is not None, "not started"
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"sockdrawer did not exit within {timeout} s") from None
+        finally:
+            self._log.close()
         return self.proc.returncode
 
     def __enter__(self) -> ChildNode:

@@ -70,5 +70,16 @@ class RootEcho(Subscriber):
         return message if source.from_socket else None
 
 
+class Guard(Subscriber):
+    """On /guarded: refuses the user 'mallory' at the handshake, and tells every other user who they are."""
+
+    def authorize(self, source: Source) -> bool:
+        return source.user != "mallory"
+
+    @on("guarded")
+    def whoami(self, message: Any, source: Source) -> Any:
+        return f"you are {source.user}" if source.from_socket else None
+
+
 class NotAListener:
     pass

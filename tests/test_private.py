@@ -202,20 +202,6 @@ def test_autobahn_datareceived_is_a_log_line_around_underscore_datareceived() ->
     assert transport.value().startswith(b"HTTP/1.1 101 ")
 
 
-def test_autobahn_buffers_the_unparsed_handshake_in_data() -> None:
-    """Until the blank line arrives, the opening handshake's bytes accumulate in .data."""
-    factory = WebSocketServerFactory()
-    factory.protocol = WebSocketServerProtocol
-    factory.setProtocolOptions(openHandshakeTimeout=0)
-    proto = factory.buildProtocol(None)
-    proto.makeConnection(StringTransport())
-    proto.dataReceived(HANDSHAKE[:40])
-    proto.dataReceived(HANDSHAKE[40:60])
-    assert _private.unparsed_handshake_bytes(proto) == 60
-    _private.discard_unparsed(proto)
-    assert _private.unparsed_handshake_bytes(proto) == 0
-
-
 def test_autobahn_keeps_the_raw_request_target_for_onconnect() -> None:
     """http_request_uri holds the request target exactly as sent (with ;params and //) when onConnect runs."""
     proto, _ = open_connection()
