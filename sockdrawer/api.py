@@ -1,9 +1,13 @@
 """
 The internal HTTP API: ``POST /publish/<channel>`` publishes the request body
-through the service's broker; ``GET /health`` reports the service's state.
+through the service's broker; ``GET /health`` (liveness: 200 while the
+reactor runs) and ``GET /ready`` (200 when the node can serve, 503 while
+starting, with the broker down or while draining) report the service's
+state; ``GET /metrics`` is the Prometheus exposition.
 
-It listens on loopback by default; with an API key, every publish request
-must carry ``Authorization: Bearer <key>`` (``/health`` stays open).
+It listens on loopback by default; with an API key, publish and metrics
+requests must carry ``Authorization: Bearer <key>`` (``/health`` and
+``/ready`` stay open; ``--metrics-public`` opens ``/metrics``).
 """
 
 from __future__ import annotations
@@ -105,16 +109,23 @@ class ApiResource(Resource):
     def render(self, request: Request) -> Any:
         request.setHeader(b"server", b"sockdrawer")
         path = request.path
-        if path == b"/health":
+        if path in (b"/health", b"/ready"):
             # open to health checkers (load balancers, orchestrators) without
-            # the key: it tells only counts and whether the broker is up
+            # the key: they tell only counts and whether the node can serve
             if request.method not in (b"GET", b"HEAD"):
                 request.setHeader(b"allow", b"GET, HEAD")
                 return _respond(request, 405, {"error": "use GET"})
-            return self._health(request)
+            state = self._service.state()
+            if path == b"/health":  # liveness: the reactor runs
+                return _respond(request, 200, state)
+            return _respond(request, 200 if state["ready"] else 503, state)
+        if path == b"/metrics" and self._service.settings.metrics_public:
+            return self._metrics(request)
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="sockdrawer"')
             return _respond(request, 401, {"error": "missing or wrong API key"})
+        if path == b"/metrics":
+            return self._metrics(request)
         if path.startswith(_PUBLISH_PREFIX) or path == _PUBLISH_PREFIX[:-1]:
             if request.method != b"POST":
                 request.setHeader(b"allow", b"POST")
@@ -122,9 +133,16 @@ class ApiResource(Resource):
             return self._publish(request)
         return _respond(request, 404, {"error": "not found; use POST /publish/<channel>"})
 
-    def _health(self, request: Request) -> bytes:
-        state = self._service.state()
-        return _respond(request, 200 if state["broker_connected"] else 503, state)
+    def _metrics(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _respond(request, 405, {"error": "use GET"})
+        from .metrics import render
+
+        body, content_type = render(self._service.metrics)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
 
     def _publish(self, request: Request) -> Any:
         if getattr(request, "body_too_large", False):
@@ -140,6 +158,7 @@ class ApiResource(Resource):
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
+        self._service.published["api"] += 1
         d = self._service.publish_key(key, body)
         finished = []
         request.notifyFinish().addErrback(lambda f: finished.append(True))

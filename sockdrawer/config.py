@@ -148,6 +148,20 @@ class Settings:
         high=MAX_SECONDS)
     shutdown_timeout: float = option(
         5.0, "seconds to wait for sockets to close at shutdown", part=SERVICE, low=0, high=MAX_SECONDS)
+    drain_delay: float = option(
+        0.0, "at shutdown (SIGTERM), seconds to keep serving after /ready turns 503, for load balancers to "
+        "notice", part=SERVICE, low=0, high=MAX_SECONDS)
+    drain_window: float = option(
+        0.0, "at shutdown, seconds over which sockets are closed, evenly spread, so that their reconnects do not "
+        "all land at once; 0 closes all at once", part=SERVICE, low=0, high=MAX_SECONDS)
+    drain_close_code: int = option(
+        1012, "close code sent to sockets at shutdown: 1012 (service restart: reconnect) or 1001 (going away)",
+        part=SERVICE, low=1001, high=1012)
+    metrics_public: bool = option(
+        False, "serve GET /metrics without the API key (when --api-key is set)", part=API)
+    log_format: str = option(
+        "text", "log format: text, or json (one JSON object per line, for log shippers; with twistd -n)",
+        part=SERVICE)
     auth_secret_file: tuple[str, ...] = option(
         (), "file holding a shared secret (HS256/384/512) that signs browser tokens; with any key configured, "
         "every WebSocket needs a token except on --public-channel channels (repeatable: key rotation)",
@@ -210,6 +224,10 @@ class Settings:
             raise ValueError(f"--name: {e}") from None
         if not self.allowed_origins:
             raise ValueError("--allowed-origin: at least one origin pattern is needed")
+        if self.drain_close_code not in (1001, 1012):
+            raise ValueError("--drain-close-code must be 1001 or 1012")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("--log-format must be text or json")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
         for pattern in self.public_channel:

@@ -42,6 +42,18 @@ class Member(Protocol):
         """The kernel did not take all of a direct send: queue ``rest`` behind it."""
 
 
+class FanoutStats:
+    """Totals over every group of a server, counted once per group per batch."""
+
+    __slots__ = ("deliveries", "bytes_sent")
+
+    def __init__(self) -> None:
+        #: messages times sockets
+        self.deliveries = 0
+        #: bytes of frames handed to sockets (each socket's copy counted)
+        self.bytes_sent = 0
+
+
 class Encoders:
     """
     The batch encoders of one server, one per encoding, made when first
@@ -83,13 +95,14 @@ class ChannelGroup:
     :param encode: frames a batch's messages (see :class:`Encoders`).
     """
 
-    __slots__ = ("key", "encoding", "_encode", "_direct", "_queued", "_direct_items")
+    __slots__ = ("key", "encoding", "_encode", "_direct", "_queued", "_direct_items", "_stats")
 
     def __init__(self, key: bytes, encoding: int = PLAIN,
-                 encode: Callable[[Sequence[bytes]], bytes] = encode_batch) -> None:
+                 encode: Callable[[Sequence[bytes]], bytes] = encode_batch, stats: FanoutStats | None = None) -> None:
         self.key = key
         self.encoding = encoding
         self._encode = encode
+        self._stats = stats if stats is not None else FanoutStats()
         #: direct members, each with its socket's bound ``send``
         self._direct: dict[Member, Callable[[bytes], int]] = {}
         self._queued: dict[Member, None] = {}
@@ -152,6 +165,10 @@ class ChannelGroup:
         if direct is None:
             direct = self._direct_items = tuple(self._direct.items())
         size = len(data)
+        stats = self._stats
+        members = len(direct) + len(queued)
+        stats.deliveries += members * len(batch.messages)
+        stats.bytes_sent += members * size
         for member, send in direct:
             try:
                 sent = send(data)

@@ -5,12 +5,14 @@ The default channel hub: plain, Deferred-free fan-out lists per channel.
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import perf_counter
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from .interfaces import Batch, IBroker, IChannelHub, ISink
+from .stats import Histogram
 
 _Receive = Callable[[Batch], None]
 
@@ -29,6 +31,7 @@ class MemoryChannelHub:
     :ivar messages: messages handed to :meth:`deliver` for a channel with sinks.
     :ivar deliveries: messages times sinks, fanned out so far (a channel's
         group of sockets is one sink).
+    :ivar turns: a histogram of fan-out durations, in seconds.
     """
 
     _log = Logger()
@@ -40,6 +43,8 @@ class MemoryChannelHub:
         self._pending: dict[bytes, list[bytes]] = {}
         self.messages = 0
         self.deliveries = 0
+        #: how long each fan-out (the flush of one hold, or one delivery) took
+        self.turns = Histogram()
 
     def subscribe(self, key: bytes, sink: ISink) -> None:
         sinks = self._sinks.get(key)
@@ -86,6 +91,7 @@ class MemoryChannelHub:
         # Held while fanning out: a sink that delivers again (a listener
         # publishing through the embedded broker) queues its message behind
         # the one in progress instead of overtaking it.
+        started = perf_counter()
         self._held += 1
         try:
             while self._pending:
@@ -94,6 +100,7 @@ class MemoryChannelHub:
                     self._fan_out(key, messages)
         finally:
             self._held -= 1
+            self.turns.observe(perf_counter() - started)
 
     def subscribers(self, key: bytes) -> int:
         sinks = self._sinks.get(key)

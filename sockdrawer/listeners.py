@@ -95,8 +95,11 @@ class _FailureLog:
         self._seen: set[str] = set()
         self._suppressed: dict[str, int] = {}
         self._summary: Any = None
+        #: every failure so far
+        self.count = 0
 
     def failed(self, handler: str, failure: Failure, source: Source) -> None:
+        self.count += 1
         if handler not in self._seen:
             self._seen.add(handler)
             self._log.failure(
@@ -161,6 +164,11 @@ class ListenerRegistry:
                     )
                 if callable(veto) and veto not in self._authorizers.get(channel, ()):
                     self._authorizers.setdefault(channel, []).append(veto)
+
+    @property
+    def errors(self) -> int:
+        """Handler (and authorize) failures so far."""
+        return self._failures.count
 
     def has_authorizers(self) -> bool:
         """Whether any listener defines ``authorize``."""

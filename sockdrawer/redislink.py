@@ -9,13 +9,16 @@ Payloads stay :class:`bytes` end to end (``charset=None``,
 
 from __future__ import annotations
 
+import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -30,6 +33,7 @@ from zope.interface import implementer
 from . import _private
 from ._channels import Namespace
 from .interfaces import IBroker, IChannelHub
+from .stats import Histogram
 
 _log = Logger(namespace="sockdrawer.redis")
 
@@ -165,7 +169,9 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
     def connectionMade(self) -> Any:
         d = super().connectionMade()
-        self.whenConnected().addCallback(self._subscribe)
+        # a connection lost before it was ready (AUTH refused) fails this
+        # Deferred: the link has said why already
+        self.whenConnected().addCallback(self._subscribe).addErrback(lambda f: None)
         return d
 
     def _subscribe(self, _: object) -> Deferred[Any]:
@@ -179,7 +185,8 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             self.link._subscribed(self)
 
     def _subscribe_failed(self, failure: Failure) -> None:
-        _log.failure("PSUBSCRIBE failed; dropping the Redis link to retry", failure)
+        _log.warn("PSUBSCRIBE failed ({error}); dropping the Redis link to retry",
+                  error=failure.getErrorMessage() or type(failure.value).__name__)
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -188,6 +195,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
     full_reads = 0
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        started = perf_counter()
         if len(data) >= _FULL_READ:
             self.full_reads += 1
         elif self.full_reads:
@@ -201,6 +209,10 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
                 super().dataReceived(data, unpause)
         finally:
             hub.release()
+            link = self.link
+            if link is not None:
+                # from reading the batch off Redis to its last socket write
+                link.fanout_latency.observe(perf_counter() - started)
 
     def _parse(self, data: bytes) -> None:
         # HiredisProtocol.dataReceived, with a short path for the replies
@@ -214,6 +226,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         cut = len(prefix)
         limit = self.max_message_size
         deliver = self.hub.deliver
+        received = 0
         reply = reader.gets()
         while reply is not False:
             if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
@@ -223,10 +236,13 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
                         self._dropped(channel[cut:], len(message))
                     else:
                         deliver(channel[cut:], message)
+                        received += 1
             else:
                 # everything else exactly as HiredisProtocol does it
                 _private.dispatch_reply(self, reply)
             reply = reader.gets()
+        if received and self.link is not None:
+            self.link.messages += received
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         # the pure-Python parser's way in (hiredis takes the path in _parse)
@@ -237,6 +253,8 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             self._dropped(key, len(message))
             return
         self.hub.deliver(key, message)
+        if self.link is not None:
+            self.link.messages += 1
 
     def _dropped(self, key: bytes, size: int) -> None:
         _log.warn(
@@ -284,8 +302,15 @@ class _PublisherFactory(_LinkFactoryMixin, txredisapi.RedisFactory):  # type: ig
         self.link = link
         _configure(self, link)
 
+    def buildProtocol(self, addr: Any) -> Any:
+        p = super().buildProtocol(addr)
+        # ready means AUTH passed: only then does the backoff start over
+        p.whenConnected().addCallback(lambda _: self.link._pub_backoff.reset()).addErrback(lambda f: None)
+        return p
+
 
 def _configure(factory: Any, link: RedisLink) -> None:
+    factory.noisy = False
     factory.charset = None
     factory.convertNumbers = False
     factory.password = link.url.password
@@ -294,6 +319,39 @@ def _configure(factory: Any, link: RedisLink) -> None:
     # SubscriberFactory/RedisFactory report the first AUTH failure through
     # this Deferred; the link logs it instead.
     factory.deferred.addErrback(lambda f: None)
+
+
+class Backoff:
+    """
+    How long to wait before each Redis reconnection attempt: the first one
+    right away (a healthy link that dropped should lose no more messages than
+    it must), then ``initial`` seconds doubling up to ``maximum``, each with
+    up to ``jitter`` (a fraction) more at random, never above ``maximum``.
+
+    The count starts over only when the link is usable again (subscribed,
+    or for publishing, past AUTH), not at every TCP connect: a wrong
+    password backs off like an unreachable server.  Used as a
+    ``ClientService`` retry policy (its attempt number is ignored).
+    """
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0, jitter: float = 0.25,
+                 random: Callable[[], float] = random.random) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self.jitter = jitter
+        self._random = random
+        self.failures = 0
+
+    def __call__(self, attempt: int = 0) -> float:
+        n, self.failures = self.failures, self.failures + 1
+        if n == 0:
+            return 0.0
+        base = min(self.maximum, self.initial * self.factor ** min(n - 1, 64))
+        return min(self.maximum, base * (1 + self.jitter * self._random()))
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 @implementer(IBroker)
@@ -345,11 +403,18 @@ class RedisLink(MultiService):
         self._subscribed_once = False
         self.subscriber: RedisSubscriberProtocol | None = None
         endpoint = url.endpoint(reactor, timeout)
-        policy = backoffPolicy(initialDelay=0.5, maxDelay=retry_max_delay, factor=2.0)
-        self._sub = ClientService(endpoint, _SubscriberFactory(self), retryPolicy=policy, clock=reactor)
+        self._sub_backoff = Backoff(maximum=retry_max_delay)
+        self._pub_backoff = Backoff(maximum=retry_max_delay)
+        self._sub = ClientService(endpoint, _SubscriberFactory(self), retryPolicy=self._sub_backoff, clock=reactor)
         self._sub.setServiceParent(self)
-        self._pub = ClientService(endpoint, _PublisherFactory(self), retryPolicy=policy, clock=reactor)
+        self._pub = ClientService(endpoint, _PublisherFactory(self), retryPolicy=self._pub_backoff, clock=reactor)
         self._pub.setServiceParent(self)
+        #: messages received from Redis for this node's channels
+        self.messages = 0
+        #: times the subscription was lost and made again
+        self.reconnects = 0
+        #: seconds from reading a batch off Redis to its last socket write
+        self.fanout_latency = Histogram()
         self._ping = LoopingCall(self._send_pings)
         self._ping.clock = reactor
         self._ping_interval = ping_interval
@@ -385,6 +450,9 @@ class RedisLink(MultiService):
 
     def _subscribed(self, protocol: RedisSubscriberProtocol) -> None:
         self.subscriber = protocol
+        self._sub_backoff.reset()
+        if self._subscribed_once:
+            self.reconnects += 1
         again = "re" if self._subscribed_once else ""
         self._subscribed_once = True
         _log.info(

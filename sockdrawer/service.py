@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -21,6 +21,7 @@ from .config import Settings, endpoint_string
 from .hub import EmbeddedBroker, MemoryChannelHub
 from .interfaces import IBroker, IChannelHub
 from .listeners import ListenerRegistry
+from .metrics import registry_for
 from .redislink import RedisLink, RedisURL
 from .websocket import SockDrawerServerFactory
 
@@ -126,19 +127,22 @@ def listening_url(scheme: str, port: IListeningPort, suffix: str = "", tls: bool
 
 class WebSocketService(ListeningService):
     """
-    The WebSocket listener, with a graceful stop: stop accepting, send every
-    open socket close code 1001, wait up to ``shutdown_timeout`` seconds for
-    them to close, then drop the rest.
+    The WebSocket listener, with a graceful stop: stop accepting, close every
+    open socket with ``close_code`` (1012 "service restart" by default),
+    spread evenly over ``drain_window`` seconds, wait up to
+    ``shutdown_timeout`` seconds more for them to close, then drop the rest.
     """
 
     factory: SockDrawerServerFactory
     scheme = "ws"
     url_suffix = "/<channel>"
 
-    def __init__(self, description: str, factory: SockDrawerServerFactory,
-                 shutdown_timeout: float, reactor: Any = None) -> None:
+    def __init__(self, description: str, factory: SockDrawerServerFactory, shutdown_timeout: float,
+                 reactor: Any = None, drain_window: float = 0.0, close_code: int = 1012) -> None:
         super().__init__(description, factory, reactor)
         self.shutdown_timeout = shutdown_timeout
+        self.drain_window = drain_window
+        self.close_code = close_code
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -147,11 +151,18 @@ class WebSocketService(ListeningService):
             connections = list(self.factory.connections)
             if not connections:
                 return
-            _log.info("closing {count} sockets", count=len(connections))
+            window = self.drain_window
+            _log.info("closing {count} sockets with {code}, over {window} s", count=len(connections),
+                      code=self.close_code, window=window)
             all_closed = self.factory.when_all_closed()
-            for proto in connections:
-                proto.close_going_away()
-            all_closed.addTimeout(self.shutdown_timeout, self.factory.clock)
+            clock = self.factory.clock
+            step = window / len(connections)
+            for i, proto in enumerate(connections):
+                if i == 0 or not step:
+                    proto.close_for_shutdown(self.close_code)
+                else:
+                    clock.callLater(i * step, proto.close_for_shutdown, self.close_code)
+            all_closed.addTimeout(window + self.shutdown_timeout, clock)
             try:
                 yield all_closed
             except defer.TimeoutError:
@@ -191,7 +202,10 @@ class SockDrawerService(MultiService):
             from twisted.internet import reactor
         self.namespace = Namespace(settings.name)
         self.hub: IChannelHub = MemoryChannelHub()
+        self._reactor = reactor
         self.listeners = ListenerRegistry(settings.listeners, clock=reactor)
+        #: messages published into the node, by source (Redis counts its own)
+        self.published = {"api": 0, "listener": 0, "service": 0}
         self.broker: IBroker
         if settings.redis:
             link = RedisLink(
@@ -216,19 +230,27 @@ class SockDrawerService(MultiService):
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
         self.websocket = WebSocketService(
-            endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor
+            endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
+            drain_window=settings.drain_window, close_code=settings.drain_close_code,
         )
-        self.websocket.setServiceParent(self)
+        self.metrics = registry_for(self)
         self.api: ListeningService | None = None
         if settings.api_enabled:
             assert settings.api is not None
             site = ApiSite(ApiResource(self), settings.max_publish_size, settings.api_timeout, reactor)
             limited = ConnectionLimit(site, settings.api_max_connections)
             self.api = ListeningService(endpoint_string(settings.api), limited, reactor)
+            # added before the WebSocket listener, so it stops after it:
+            # /ready and /metrics answer while sockets drain
             self.api.setServiceParent(self)
+        self.websocket.setServiceParent(self)
+
+    #: True from the start of a stop: /ready answers 503
+    draining = False
 
     def startService(self) -> None:
-        self.listeners.attach(self.hub, self.publish)
+        self.draining = False
+        self.listeners.attach(self.hub, self._listener_publish)
         _log.info(
             "sockdrawer starting: WebSocket on {port}, API on {api}, broker {broker}, namespace {name!r}, "
             "{count} listener(s)",
@@ -242,8 +264,36 @@ class SockDrawerService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        """
+        Drain, then stop: ``/ready`` answers 503 at once; sockets are served
+        for ``drain_delay`` more seconds (for load balancers to notice), then
+        closed (see :class:`WebSocketService`), then the API and the broker
+        link stop.
+        """
+        self.draining = True
+        delay = self.settings.drain_delay
+        if delay > 0 and self.factory.connections:
+            _log.info("draining: /ready answers 503; closing sockets in {delay} s", delay=delay)
+            yield task.deferLater(self._reactor, delay, lambda: None)
         yield super().stopService()
         self.listeners.detach(self.hub)
+
+    def ready(self) -> tuple[bool, str]:
+        """
+        Whether the node can serve new sockets (``GET /ready``), and why not:
+        ``"starting"``, ``"broker down"`` or ``"draining"``.
+        """
+        if self.draining:
+            return False, "draining"
+        if not self.running or self.websocket.port is None:
+            return False, "starting"
+        if not self.broker.is_connected():
+            return False, "broker down"
+        return True, "ready"
+
+    def _listener_publish(self, message: str | bytes, channel: str = "") -> Deferred[int]:
+        self.published["listener"] += 1
+        return self._publish(message, channel)
 
     def publish(self, message: str | bytes, channel: str = "") -> Deferred[int]:
         """
@@ -255,6 +305,10 @@ class SockDrawerService(MultiService):
         :return: a Deferred firing with what the broker reports, or failing
             with :class:`ValueError` for a bad channel or an oversized message.
         """
+        self.published["service"] += 1
+        return self._publish(message, channel)
+
+    def _publish(self, message: str | bytes, channel: str) -> Deferred[int]:
         try:
             key = validate_channel(channel, self.settings.max_channel_length)
         except ValueError as e:
@@ -285,10 +339,13 @@ class SockDrawerService(MultiService):
         return {"websocket": ws, "api": api}
 
     def state(self) -> dict[str, Any]:
-        """What ``GET /health`` reports."""
+        """What ``GET /health`` and ``GET /ready`` report."""
         hub = self.hub
+        ready, why = self.ready()
         return {
             "status": "ok" if self.broker.is_connected() else "degraded",
+            "ready": ready,
+            "reason": why,
             "broker": self.broker.description,
             "broker_connected": self.broker.is_connected(),
             "sockets": len(self.factory.connections),

@@ -115,6 +115,11 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
         self.settings = settings.replace(listeners=tuple(loaded))
         self.sources = sources
+        parent = getattr(self, "parent", None)
+        if settings.log_format == "json" and parent is not None and not parent.get("logger"):
+            # twistd resolves its --logger and starts logging after all
+            # options are parsed
+            parent["logger"] = "sockdrawer.logs.json_stdout"
         if self["print-config"]:
             for line in describe(self.settings, sources):
                 print(line)

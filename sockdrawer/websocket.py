@@ -24,7 +24,7 @@ from . import _private
 from ._channels import ChannelNameError, channel_from_path
 from .compression import accept_deflate, acceptable_offers
 from .config import Settings
-from .fanout import PLAIN, ChannelGroup, Encoders
+from .fanout import PLAIN, ChannelGroup, Encoders, FanoutStats
 from .frames import BINARY, TEXT
 from .interfaces import IChannelHub
 from .origins import OriginPolicy
@@ -41,6 +41,7 @@ _private.make_log_arguments_lazy()
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_SERVICE_RESTART = 1012
 #: the socket's token expired; the client should reconnect with a fresh one
 CLOSE_TOKEN_EXPIRED = 4001
 _STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
@@ -111,6 +112,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         super().connectionMade()
         factory = self.factory
         factory.connections[self] = None
+        factory.connections_total += 1
         self._pending = True
         factory.pending += 1
         if factory.pending > factory.settings.max_pending_handshakes:
@@ -317,6 +319,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         """Take one frame from the socket's token bucket; close with 1008 when it is empty."""
         if self.state != _STATE_OPEN:
             return False
+        self.factory.frames_received += 1
         settings = self.factory.settings
         now = self.factory.clock.seconds()
         tokens = self._bucket
@@ -426,10 +429,11 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     # -- own
 
-    def close_going_away(self) -> None:
-        """Start a clean close with code 1001, as at server shutdown."""
+    def close_for_shutdown(self, code: int = CLOSE_SERVICE_RESTART) -> None:
+        """Start a clean close at server shutdown: 1012 (service restart) or 1001 (going away)."""
         if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
+            reason = b"service restart" if code == CLOSE_SERVICE_RESTART else b"server shutting down"
+            self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)
         elif self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
 
@@ -566,6 +570,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
     """
 
     protocol = SockDrawerServerProtocol  # type: ignore[assignment]
+    noisy = False  # no "Starting factory <... at 0x...>" lines
 
     def __init__(self, hub: IChannelHub, frame_handler: FrameHandler | None = None,
                  settings: Settings | None = None, *, clock: Any = None,
@@ -599,6 +604,9 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         #: refused handshakes by HTTP status
         self.refusals: dict[int, int] = {}
         self.rate_limited = 0
+        self.connections_total = 0
+        self.frames_received = 0
+        self.stats = FanoutStats()
         self.connections: dict[SockDrawerServerProtocol, None] = {}
         #: (channel key, encoding) -> the group of those sockets
         self.groups: dict[tuple[bytes, int], ChannelGroup] = {}
@@ -652,7 +660,8 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         index = (key, proto.encoding)
         group = self.groups.get(index)
         if group is None:
-            group = self.groups[index] = ChannelGroup(key, proto.encoding, self.encoders.get(proto.encoding))
+            group = self.groups[index] = ChannelGroup(key, proto.encoding, self.encoders.get(proto.encoding),
+                                                      self.stats)
             self.hub.subscribe(key, group)
         group.add(proto)
         self._members[key] = self._members.get(key, 0) + 1

@@ -349,7 +349,9 @@ async def test_publish_while_redis_down_fails_clearly(own_redis: RedisServer, ru
     status, body = await deferToThread(http, "POST", f"http://127.0.0.1:{svc.api_port}/publish/news", b"x")
     assert status == 503 and body["error"] == "broker unavailable"
     status, body = await deferToThread(http, "GET", f"http://127.0.0.1:{svc.api_port}/health")
-    assert status == 503 and body["broker_connected"] is False
+    assert status == 200 and body["broker_connected"] is False  # liveness: the process still runs
+    status, body = await deferToThread(http, "GET", f"http://127.0.0.1:{svc.api_port}/ready")
+    assert status == 503 and body["reason"] == "broker down"
 
 
 @pytest_twisted.ensureDeferred

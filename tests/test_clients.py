@@ -6,7 +6,7 @@ own client.
 
 Each one must connect, receive a message published through the HTTP API and
 one published through Redis, get a listener's reply to a frame it sends, and
-see close code 1001 when the node is stopped with SIGTERM (see
+see close code 1012 when the node is stopped with SIGTERM (see
 :func:`exercise`).  Chromium, Node ``ws`` and ``websockets`` offer
 permessage-deflate by default (STACK-NOTES 7); their tests also check what
 was negotiated, with and without ``--compression``.
@@ -108,11 +108,11 @@ def exercise(client: Client, node: ChildNode, redis_server: Any) -> dict[str, An
     assert next_message(client) == LARGE
     client.send(LARGE[::-1])
     assert next_message(client) == LARGE[::-1]
-    # (4) SIGTERM: close code 1001, then a clean shutdown
+    # (4) SIGTERM: close code 1012, then a clean shutdown
     node.send_signal(signal.SIGTERM)
     closed = client.next_event()
     assert closed["event"] == "close", closed
-    assert closed["code"] == 1001, closed
+    assert closed["code"] == 1012, closed
     assert_shut_down(node)
     return opened
 
@@ -333,7 +333,7 @@ class WebsocketsCli(ProcessClient):
             if line.startswith("< "):
                 return {"event": "message", "data": line[2:]}
             if line.startswith("Connection closed: "):
-                # "Connection closed: 1001 (going away) server shutting down."
+                # "Connection closed: 1012 (service restart) service restart."
                 found = re.search(r"\b(\d{4}) \(", line)
                 return {"event": "close", "code": int(found.group(1)) if found else None, "line": line}
             if line.strip():
@@ -454,7 +454,7 @@ def node_ws_client(url: str) -> ProcessClient:
 def test_chromium(chromium: webdriver.Chrome, start_node: NodeStarter, redis_server: Any, serve: Any,
                   tmp_path: Path, compression: bool) -> None:
     """Headless Chromium on an http:// page connects, receives API and Redis messages, gets the listener's reply
-    and sees 1001 at SIGTERM; permessage-deflate is negotiated exactly when the node runs with --compression."""
+    and sees 1012 (service restart) at SIGTERM; permessage-deflate is negotiated exactly when the node runs with --compression."""
     node = start_node(*echo_node_args(compression))
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "blank.html").write_text("<!DOCTYPE html><title>sockdrawer client test</title>\n")
@@ -472,7 +472,7 @@ def test_chromium(chromium: webdriver.Chrome, start_node: NodeStarter, redis_ser
 
 def test_chat_page_in_two_tabs(chromium: webdriver.Chrome, start_node: NodeStarter, serve: Any) -> None:
     """In examples/index.html open in two Chromium tabs, a line typed in either tab appears in both, and both
-    show close code 1001 when the node stops."""
+    show close code 1012 when the node stops."""
     node = start_node("--listener", "chat_listener:Chat", redis=False,
                       env={"PYTHONPATH": os.pathsep.join([TESTS, EXAMPLES])})
     page = serve(EXAMPLES) + f"/index.html?port={node.ws_port}"
@@ -509,7 +509,7 @@ def test_chat_page_in_two_tabs(chromium: webdriver.Chrome, start_node: NodeStart
             wait_for_line(other, ("", line))
     node.send_signal(signal.SIGTERM)
     for tab in tabs:
-        wait_for_line(tab, ("status", "disconnected (close code 1001)"))
+        wait_for_line(tab, ("status", "disconnected (close code 1012)"))
     assert_shut_down(node)
 
 
@@ -540,7 +540,7 @@ def test_websockets_client(start_node: NodeStarter, redis_server: Any, compressi
 
 def test_websockets_cli(start_node: NodeStarter, redis_server: Any) -> None:
     """``python -m websockets ws://.../echo``, as the docs run it, shows published messages as "< ..." lines,
-    echoes a typed line and reports close code 1001 at SIGTERM."""
+    echoes a typed line and reports close code 1012 at SIGTERM."""
     node = start_node(*echo_node_args(False))
     client = WebsocketsCli(node.url("/echo"))
     try:

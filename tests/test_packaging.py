@@ -95,7 +95,7 @@ async def test_twistd_child_process_end_to_end(redis_server: RedisServer, tmp_pa
         assert await client.next_text() == "from api"
         proc.send_signal(signal.SIGTERM)
         code, reason = await client.wait_closed()
-        assert code == 1001
+        assert code == 1012
         assert await deferToThread(proc.wait, 30) is not None
         log.seek(0)
         content = log.read()

@@ -223,15 +223,16 @@ async def test_slow_reader_cut_off_after_timeout(run_service: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_shutdown_closes_sockets_with_1001(run_service: Any, services: list[Any]) -> None:
-    """Stopping the service sends every socket close code 1001 and closes them."""
-    svc = await run_service()
-    clients = [await connect(svc.ws_port, "/news") for _ in range(3)]
-    await svc.stopService()
-    for c in clients:
-        code, reason = await c.wait_closed()
-        assert code == 1001 and reason == "server shutting down"
-    assert not svc.factory.connections
+async def test_shutdown_closes_sockets_with_1012(run_service: Any, services: list[Any]) -> None:
+    """Stopping the service sends every socket close code 1012 (service restart) and closes them; with
+    --drain-close-code 1001, 1001 (going away)."""
+    for code_option, expected in ((None, (1012, "service restart")), (1001, (1001, "server shutting down"))):
+        svc = await run_service(**({"drain_close_code": code_option} if code_option else {}))
+        clients = [await connect(svc.ws_port, "/news") for _ in range(3)]
+        await svc.stopService()
+        for c in clients:
+            assert await c.wait_closed() == expected
+        assert not svc.factory.connections
 
 
 @pytest_twisted.ensureDeferred

@@ -5,7 +5,7 @@
 // Reports each event as one JSON line on stdout:
 //   {"event": "open", "extensions": "...", "header": "...", "offered": "..."}
 //   {"event": "message", "data": "...", "binary": false}
-//   {"event": "close", "code": 1001, "reason": "..."}
+//   {"event": "close", "code": 1012, "reason": "..."}
 //   {"event": "error", "message": "..."}
 // and sends each line of stdin, a JSON string, as one text frame.
 // Exits once the connection has closed.

@@ -1,0 +1,101 @@
+"""
+Prometheus metrics for one service, through prometheus-client.
+
+The hot path only adds to plain integers (per batch, never per socket; see
+:mod:`sockdrawer.stats`); this collector turns them into metric families
+when Prometheus scrapes ``GET /metrics``.  Every service has its own
+registry, so several services in one process do not mix.  No metric has a
+per-channel label: channels are unbounded.
+
+The exposition is rendered in the reactor thread with
+``prometheus_client.generate_latest``: prometheus-client's own Twisted
+resource runs the collection in a thread pool, where reading counters that
+the reactor thread is changing would race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .stats import Histogram
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .service import SockDrawerService
+
+#: the label values of ``sockdrawer_messages_total{source=...}``
+SOURCES = ("redis", "api", "listener", "service")
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, documentation, buckets=histogram.cumulative(), sum_value=histogram.total)
+
+
+class ServiceCollector(Collector):
+    """Collects a :class:`~sockdrawer.service.SockDrawerService`'s counters."""
+
+    def __init__(self, service: SockDrawerService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self._service
+        factory = svc.factory
+        yield GaugeMetricFamily("sockdrawer_sockets", "Open WebSocket connections", value=factory.open_sockets)
+        yield GaugeMetricFamily("sockdrawer_pending_handshakes", "Connections in their opening handshake",
+                                value=factory.pending)
+        yield GaugeMetricFamily("sockdrawer_channels", "Channels with at least one socket or listener",
+                                value=len(svc.hub.channels()))
+        yield CounterMetricFamily("sockdrawer_connections", "TCP connections accepted on the WebSocket port",
+                                  value=factory.connections_total)
+        refusals = CounterMetricFamily("sockdrawer_handshake_refusals", "Refused opening handshakes, by HTTP status",
+                                       labels=["status"])
+        for status, count in sorted(factory.refusals.items()):
+            refusals.add_metric([str(status)], count)
+        yield refusals
+        messages = CounterMetricFamily("sockdrawer_messages", "Messages that entered the node, by where they came "
+                                       "from", labels=["source"])
+        counts = dict(svc.published)
+        counts["redis"] = getattr(svc.broker, "messages", 0)
+        for source in SOURCES:
+            messages.add_metric([source], counts.get(source, 0))
+        yield messages
+        yield CounterMetricFamily("sockdrawer_deliveries", "Messages times sockets they were handed to",
+                                  value=factory.stats.deliveries)
+        yield CounterMetricFamily("sockdrawer_bytes_sent", "Bytes of fanned-out frames handed to sockets",
+                                  value=factory.stats.bytes_sent)
+        yield CounterMetricFamily("sockdrawer_slow_cutoffs", "Sockets cut off for reading too slowly (1008)",
+                                  value=factory.slow_cut_offs)
+        yield CounterMetricFamily("sockdrawer_rate_limited", "Sockets closed for sending too many frames (1008)",
+                                  value=factory.rate_limited)
+        yield CounterMetricFamily("sockdrawer_frames_received", "Frames received from sockets",
+                                  value=factory.frames_received)
+        yield CounterMetricFamily("sockdrawer_listener_errors", "Listener handler failures",
+                                  value=svc.listeners.errors)
+        yield GaugeMetricFamily("sockdrawer_redis_connected", "1 while the Redis subscription is live, else 0",
+                                value=1 if svc.broker.is_connected() else 0)
+        yield CounterMetricFamily("sockdrawer_redis_reconnects", "Times the Redis subscription was made again",
+                                  value=getattr(svc.broker, "reconnects", 0))
+        latency = getattr(svc.broker, "fanout_latency", None)
+        if latency is not None:
+            yield _histogram("sockdrawer_fanout_latency_seconds",
+                             "From reading a batch off Redis to its last socket write", latency)
+        turns = getattr(svc.hub, "turns", None)
+        if turns is not None:
+            yield _histogram("sockdrawer_fanout_turn_seconds", "Duration of each fan-out in the reactor", turns)
+
+
+def registry_for(service: SockDrawerService) -> CollectorRegistry:
+    """A registry with the service's collector (and nothing process-global)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(service))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text exposition and its content type."""
+    body: bytes = generate_latest(registry)
+    return body, CONTENT_TYPE_LATEST
