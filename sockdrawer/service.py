@@ -169,6 +169,12 @@ class WebSocketService(ListeningService):
                 pass
             for proto in list(self.factory.connections):
                 proto.dropConnection(abort=True)
+            # aborted connections are gone one reactor turn later
+            gone = self.factory.when_all_closed().addTimeout(1.0, clock)
+            try:
+                yield gone
+            except defer.TimeoutError:
+                pass
         except Exception:
             _log.failure("error while closing sockets")
 
