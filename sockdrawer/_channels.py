@@ -104,13 +104,17 @@ class Namespace:
     """
 
     def __init__(self, name: str = DEFAULT_NAMESPACE) -> None:
-        if not name or "/" in name or _CONTROL.search(name) or any(c in name for c in "*?[]\\"):
+        if not name or "/" in name or "#" in name or _CONTROL.search(name) or any(c in name for c in "*?[]\\"):
             raise ValueError(
-                "namespace must be non-empty, without '/', control or glob characters"
+                "namespace must be non-empty, without '/', '#', control or glob characters"
             )
         self.name = name
         self.prefix: bytes = name.encode("utf-8") + b"/"
         self.pattern: bytes = self.prefix + b"*"
+        #: messages published with history: ``<name>#/<channel>``, payload
+        #: ``<offset>\n<message>`` (see :mod:`sockdrawer.history`)
+        self.history_prefix: bytes = name.encode("utf-8") + b"#/"
+        self.history_pattern: bytes = self.history_prefix + b"*"
 
     def redis_channel(self, key: bytes) -> bytes:
         """

@@ -162,6 +162,14 @@ class Settings:
     log_format: str = option(
         "text", "log format: text, or json (one JSON object per line, for log shippers; with twistd -n)",
         part=SERVICE)
+    history_size: int = option(
+        0, "messages kept per channel for sockdrawer.v1 clients that resume (a Redis stream per channel, or an "
+        "in-memory ring with the embedded broker); 0 keeps none", part=SERVICE, low=0, high=1_000_000)
+    history_ttl: float = option(
+        300.0, "seconds a channel's history is kept after its last message", part=SERVICE, above=0,
+        high=30 * MAX_SECONDS)
+    max_subscriptions: int = option(
+        100, "most channels one sockdrawer.v1 socket may subscribe to", part=WEBSOCKET, low=1)
     auth_secret_file: tuple[str, ...] = option(
         (), "file holding a shared secret (HS256/384/512) that signs browser tokens; with any key configured, "
         "every WebSocket needs a token except on --public-channel channels (repeatable: key rotation)",

@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from time import perf_counter
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .history import HistoryReset, MemoryHistory, Replay
 from .interfaces import Batch, IBroker, IChannelHub, ISink
 from .stats import Histogram
 
@@ -41,6 +42,8 @@ class MemoryChannelHub:
         self._fanout: dict[bytes, tuple[_Receive, ...]] = {}
         self._held = 0
         self._pending: dict[bytes, list[bytes]] = {}
+        #: per channel with pending messages that have offsets: one per message
+        self._offsets: dict[bytes, list[str | None]] = {}
         self.messages = 0
         self.deliveries = 0
         #: how long each fan-out (the flush of one hold, or one delivery) took
@@ -63,16 +66,21 @@ class MemoryChannelHub:
         if not sinks:
             del self._sinks[key]
 
-    def deliver(self, key: bytes, message: bytes) -> int:
+    def deliver(self, key: bytes, message: bytes, offset: str | None = None) -> int:
         sinks = self._sinks.get(key)
         if sinks is None:
             return 0
         self.messages += 1
         pending = self._pending.get(key)
         if pending is None:
-            self._pending[key] = [message]
+            pending = self._pending[key] = [message]
         else:
             pending.append(message)
+        if offset is not None or key in self._offsets:
+            offsets = self._offsets.get(key)
+            if offsets is None:
+                offsets = self._offsets[key] = [None] * (len(pending) - 1)
+            offsets.append(offset)
         if not self._held:
             self._flush()
         return len(sinks)
@@ -96,8 +104,9 @@ class MemoryChannelHub:
         try:
             while self._pending:
                 pending, self._pending = self._pending, {}
+                offsets, self._offsets = self._offsets, {}
                 for key, messages in pending.items():
-                    self._fan_out(key, messages)
+                    self._fan_out(key, messages, offsets.get(key))
         finally:
             self._held -= 1
             self.turns.observe(perf_counter() - started)
@@ -113,14 +122,14 @@ class MemoryChannelHub:
     def channels(self) -> list[bytes]:
         return list(self._sinks)
 
-    def _fan_out(self, key: bytes, messages: list[bytes]) -> None:
+    def _fan_out(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None) -> None:
         fanout = self._fanout.get(key)
         if fanout is None:
             sinks = self._sinks.get(key)
             if not sinks:
                 return
             fanout = self._fanout[key] = tuple(sink.receive for sink in sinks)
-        batch = Batch(key, messages)
+        batch = Batch(key, messages, offsets)
         self.deliveries += len(fanout) * len(messages)
         for receive in fanout:
             try:
@@ -141,13 +150,29 @@ class EmbeddedBroker:
 
     description = "embedded"
 
-    def __init__(self, hub: IChannelHub) -> None:
+    def __init__(self, hub: IChannelHub, history: MemoryHistory | None = None) -> None:
         self._hub = hub
+        self._history = history
 
     def publish(self, key: bytes, message: bytes) -> Deferred[int]:
         receivers = self._hub.receivers(key)
         self._hub.deliver(key, message)
         return succeed(receivers)
+
+    def publish_history(self, key: bytes, message: bytes, size: int, ttl: float) -> Deferred[str]:
+        """Keep ``message`` in the channel's in-memory ring, deliver it with its offset; fires with the offset."""
+        if self._history is None:
+            self._history = MemoryHistory(size, ttl)
+        offset = self._history.append(key, message)
+        self._hub.deliver(key, message, offset)
+        return succeed(offset)
+
+    def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[Replay]:
+        """See :meth:`sockdrawer.history.MemoryHistory.replay`."""
+        if self._history is None:
+            return fail(HistoryReset("no history")) if since is not None else succeed(Replay(None))
+        d: Deferred[Replay] = maybeDeferred(self._history.replay, key, since)
+        return d
 
     def is_connected(self) -> bool:
         return True

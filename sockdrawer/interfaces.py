@@ -27,16 +27,20 @@ class Batch:
         ``None`` until a sink fills it.  All sinks that read it encode the
         same way.
     :ivar encodings: a cache for other encodings (permessage-deflate, by
-        window bits), ``None`` until a sink needs one.
+        window bits; ``sockdrawer.v1`` envelopes), ``None`` until a sink
+        needs one.
+    :ivar offsets: the history offset of each message (``None`` for a
+        message without history), or ``None`` when no message has one.
     """
 
-    __slots__ = ("key", "messages", "encoded", "encodings")
+    __slots__ = ("key", "messages", "encoded", "encodings", "offsets")
 
-    def __init__(self, key: bytes, messages: list[bytes]) -> None:
+    def __init__(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None) -> None:
         self.key = key
         self.messages = messages
+        self.offsets = offsets
         self.encoded: bytes | None = None
-        self.encodings: dict[int, bytes] | None = None
+        self.encodings: dict[Any, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<Batch {self.key!r} messages={len(self.messages)}>"
@@ -88,9 +92,10 @@ class IChannelHub(Interface):
         :meth:`channels`.
         """
 
-    def deliver(key: bytes, message: bytes) -> int:
+    def deliver(key: bytes, message: bytes, offset: str | None = None) -> int:
         """
-        Give ``message`` to every sink subscribed to ``key`` when it is
+        Give ``message`` (with its history ``offset``, if it has one) to
+        every sink subscribed to ``key`` when it is
         fanned out, in the order of calls: at once, or, while the hub is held
         (see :meth:`hold`), at the matching :meth:`release`, all messages of
         one channel in one :class:`Batch`.  A delivery made by a sink while it
@@ -148,6 +153,25 @@ class IBroker(Interface):
             Redis, the number of sockdrawer nodes subscribed; for the embedded
             broker, the number of local sinks), or fails when the broker cannot
             take the message.
+        """
+
+    def publish_history(key: bytes, message: bytes, size: int, ttl: float) -> Any:
+        """
+        Publish ``message`` on channel ``key`` and keep it in the channel's
+        history (at most ``size`` messages, kept ``ttl`` seconds after the
+        last one), atomically.
+
+        :return: a Deferred firing with the message's offset.
+        """
+
+    def replay(key: bytes, since: str | None, limit: int) -> Any:
+        """
+        What the history of ``key`` holds after offset ``since``.
+
+        :return: a Deferred firing with a :class:`sockdrawer.history.Replay`
+            (the latest offset, and the messages after ``since`` when given),
+            or failing with :class:`sockdrawer.history.HistoryReset` when the
+            history cannot cover ``since``.
         """
 
     def is_connected() -> bool:

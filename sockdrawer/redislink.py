@@ -21,7 +21,7 @@ import txredisapi
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import _private
+from . import _private, history
 from ._channels import Namespace
 from .interfaces import IBroker, IChannelHub
 from .stats import Histogram
@@ -175,7 +175,8 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         return d
 
     def _subscribe(self, _: object) -> Deferred[Any]:
-        d: Deferred[Any] = self.psubscribe([self.namespace.pattern])
+        # raw messages, and messages published with history
+        d: Deferred[Any] = self.psubscribe([self.namespace.pattern, self.namespace.history_pattern])
         d.addCallback(self._subscribed)
         d.addErrback(self._subscribe_failed)
         return d
@@ -224,6 +225,8 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             reader.feed(data)
         prefix = self.namespace.prefix
         cut = len(prefix)
+        hprefix = self.namespace.history_prefix
+        hcut = len(hprefix)
         limit = self.max_message_size
         deliver = self.hub.deliver
         received = 0
@@ -237,6 +240,13 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
                     else:
                         deliver(channel[cut:], message)
                         received += 1
+                elif channel.startswith(hprefix):
+                    offset, _, message = message.partition(b"\n")
+                    if limit and len(message) > limit:
+                        self._dropped(channel[hcut:], len(message))
+                    else:
+                        deliver(channel[hcut:], message, offset.decode("ascii", "replace"))
+                        received += 1
             else:
                 # everything else exactly as HiredisProtocol does it
                 _private.dispatch_reply(self, reply)
@@ -246,13 +256,18 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         # the pure-Python parser's way in (hiredis takes the path in _parse)
+        offset: str | None = None
         key = self.namespace.key_from_redis(channel)
         if key is None:
-            return
+            if not channel.startswith(self.namespace.history_prefix):
+                return
+            key = channel[len(self.namespace.history_prefix):]
+            raw_offset, _, message = message.partition(b"\n")
+            offset = raw_offset.decode("ascii", "replace")
         if self.max_message_size and len(message) > self.max_message_size:
             self._dropped(key, len(message))
             return
-        self.hub.deliver(key, message)
+        self.hub.deliver(key, message, offset)
         if self.link is not None:
             self.link.messages += 1
 
@@ -446,6 +461,44 @@ class RedisLink(MultiService):
         d.addTimeout(self.timeout, self._clock)
         return d
 
+    def publish_history(self, key: bytes, message: bytes, size: int, ttl: float) -> Deferred[str]:
+        """
+        Append ``message`` to ``key``'s history stream (capped at ``size``,
+        expiring after ``ttl`` seconds) and publish it with its offset, in one
+        script; fires with the offset.
+        """
+        stream, epoch = history.redis_keys(self.namespace.name, key)
+        channel = history.history_channel(self.namespace.name, key)
+        d: Deferred[Any] = self._pub.whenConnected(failAfterFailures=1)
+        d.addCallback(lambda p: p.whenConnected())
+        d.addCallback(lambda p: p.eval(history.PUBLISH_SCRIPT, [stream, epoch],
+                                       [channel, message, size, max(1, int(ttl))]))
+        d.addCallback(lambda offset: offset.decode("ascii") if isinstance(offset, bytes) else str(offset))
+        d.addTimeout(self.timeout, self._clock)
+        return d
+
+    def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[history.Replay]:
+        """
+        The latest offset of ``key``'s history and, with ``since``, the
+        messages after it; fails with :class:`~sockdrawer.history.HistoryReset`
+        when history cannot cover ``since``.
+        """
+        stream, epoch_key = history.redis_keys(self.namespace.name, key)
+        after = ""
+        wanted_epoch: str | None = None
+        if since is not None:
+            try:
+                wanted_epoch, after = history.split_offset(since)
+                history.stream_id(after)
+            except history.HistoryReset as e:
+                return fail(e)
+        d: Deferred[Any] = self._pub.whenConnected(failAfterFailures=1)
+        d.addCallback(lambda p: p.whenConnected())
+        d.addCallback(lambda p: p.eval(history.REPLAY_SCRIPT, [stream, epoch_key], [after, limit]))
+        d.addCallback(_replay_result, since, wanted_epoch, after, limit)
+        d.addTimeout(self.timeout, self._clock)
+        return d
+
     # -- link state, called by the protocol
 
     def _subscribed(self, protocol: RedisSubscriberProtocol) -> None:
@@ -487,6 +540,34 @@ class RedisLink(MultiService):
             # A timed-out PING aborts the connection (txredisapi), which makes
             # ClientService reconnect; nothing else to do here.
             d.addErrback(lambda f: None)
+
+
+def _text(value: Any) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
+
+
+def _replay_result(result: Any, since: str | None, wanted_epoch: str | None, after: str,
+                   limit: int) -> history.Replay:
+    if not result or result[0] is None:
+        if since is not None:
+            raise history.HistoryReset("no history")
+        return history.Replay(None)
+    epoch, maxdel, last = _text(result[0]), _text(result[1]), _text(result[2])
+    latest = None if last == "0-0" else f"{epoch}:{last}"
+    if since is None:
+        return history.Replay(latest)
+    if wanted_epoch != epoch:
+        raise history.HistoryReset("another epoch")
+    position = history.stream_id(after)
+    if history.stream_id(maxdel) > position:
+        raise history.HistoryReset("trimmed past the offset")
+    if position > history.stream_id(last):
+        raise history.HistoryReset("offset from the future")
+    pairs = result[3:]
+    messages = tuple((f"{epoch}:{_text(pairs[i])}", bytes(pairs[i + 1])) for i in range(0, len(pairs), 2))
+    if len(messages) >= limit:
+        raise history.HistoryReset("more than a replay may send")
+    return history.Replay(latest, messages)
 
 
 def _ping(protocol: Any) -> Any:

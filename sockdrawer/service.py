@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from ._channels import Namespace, validate_channel
 from .api import ApiResource, ApiSite, ConnectionLimit
 from .config import Settings, endpoint_string
+from .history import MemoryHistory
 from .hub import EmbeddedBroker, MemoryChannelHub
 from .interfaces import IBroker, IChannelHub
 from .listeners import ListenerRegistry
@@ -227,7 +228,8 @@ class SockDrawerService(MultiService):
             link.setServiceParent(self)
             self.broker = link
         else:
-            self.broker = EmbeddedBroker(self.hub)
+            history = MemoryHistory(settings.history_size, settings.history_ttl) if settings.history_size else None
+            self.broker = EmbeddedBroker(self.hub, history)
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
@@ -331,6 +333,12 @@ class SockDrawerService(MultiService):
             return defer.fail(
                 ValueError(f"message over the limit of {self.settings.max_publish_size} bytes")
             )
+        size = self.settings.history_size
+        if size:
+            # with history: the broker reports the message's offset
+            kept: Deferred[Any] = defer.maybeDeferred(
+                self.broker.publish_history, key, message, size, self.settings.history_ttl)
+            return kept
         d: Deferred[int] = defer.maybeDeferred(self.broker.publish, key, message)
         return d
 

@@ -41,9 +41,30 @@ def test_hiredis_is_used() -> None:
 
 
 def test_psubscribes_to_namespace_on_connect() -> None:
-    """On connect the protocol sends exactly one PSUBSCRIBE for '<name>/*'."""
+    """On connect the protocol sends exactly one PSUBSCRIBE, for '<name>/*' and (messages with history)
+    '<name>#/*'."""
     _, transport, _ = connected_protocol(name="my-app")
-    assert transport.value() == bulk(b"PSUBSCRIBE", b"my-app/*")
+    assert transport.value() == bulk(b"PSUBSCRIBE", b"my-app/*", b"my-app#/*")
+
+
+def test_history_messages_carry_their_offset() -> None:
+    """A pmessage on '<name>#/news' with payload '<offset>\\n<message>' reaches the hub as the message with its
+    offset; a raw one has no offset."""
+    from sockdrawer.interfaces import Batch
+
+    p, _, hub = connected_protocol()
+    got: list[tuple[bytes, list[bytes], list[str | None] | None]] = []
+
+    class Sink:
+        receivers = 1
+
+        def receive(self, batch: Batch) -> None:
+            got.append((batch.key, list(batch.messages), batch.offsets))
+
+    hub.subscribe(b"news", Sink())
+    p.dataReceived(b"*3\r\n$10\r\npsubscribe\r\n$13\r\nsock-drawer/*\r\n:1\r\n")
+    p.dataReceived(pmessage(b"sock-drawer#/news", b"e1:5-0\nhello\nworld") + pmessage(b"sock-drawer/news", b"raw"))
+    assert got == [(b"news", [b"hello\nworld", b"raw"], ["e1:5-0", None])]
 
 
 def test_pmessage_goes_to_hub_as_bytes() -> None:
