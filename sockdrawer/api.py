@@ -163,11 +163,14 @@ class ApiResource(Resource):
         finished = []
         request.notifyFinish().addErrback(lambda f: finished.append(True))
 
-        def done(count: int) -> None:
+        def done(result: int | str) -> None:
             if not finished:
-                request.write(
-                    _respond(request, 200, {"channel": key.decode("utf-8"), "subscribers": count})
-                )
+                answer: dict[str, Any] = {"channel": key.decode("utf-8")}
+                if isinstance(result, str):
+                    answer["offset"] = result  # kept in history
+                else:
+                    answer["subscribers"] = result
+                request.write(_respond(request, 200, answer))
                 request.finish()
 
         def failed(failure: Failure) -> None:

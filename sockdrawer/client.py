@@ -58,6 +58,11 @@ class Client:
     :param max_channel_length: the server's ``--max-channel-length``.
     :param max_message_size: the server's ``--max-publish-size``: larger
         messages would be dropped by every node, so they are refused here.
+    :param history_size: the server's ``--history-size``: when above 0,
+        messages published on Redis are kept in the channel's history (one
+        Lua script appends and publishes), so ``sockdrawer.v1`` clients can
+        resume; :meth:`pub` then returns the message's offset.
+    :param history_ttl: the server's ``--history-ttl``.
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class Client:
         timeout: float = _DEFAULTS.redis_timeout,
         max_channel_length: int = _DEFAULTS.max_channel_length,
         max_message_size: int = _DEFAULTS.max_publish_size,
+        history_size: int = 0,
+        history_ttl: float = _DEFAULTS.history_ttl,
     ) -> None:
         self._namespace = Namespace(name)
         self._log = logger if logger is not None else logging.getLogger("sockdrawer.client")
@@ -77,6 +84,9 @@ class Client:
         self._api_key = api_key
         self._max_channel_length = max_channel_length
         self._max_message_size = max_message_size
+        self._history_size = history_size
+        self._history_ttl = history_ttl
+        self._script: Any = None
         self._http: str | None = None
         self._redis: _Publisher | None = None
         self._owns_redis = False
@@ -101,7 +111,7 @@ class Client:
         else:
             raise ValueError("url must start with redis://, rediss://, unix://, http:// or https://")
 
-    def pub(self, message: str | bytes, channel: str = "") -> int:
+    def pub(self, message: str | bytes, channel: str = "") -> Any:
         """
         Publish ``message`` on ``channel``.
 
@@ -110,7 +120,8 @@ class Client:
         :param channel: the channel without namespace: ``"news"`` reaches
             sockets on ``/news``; ``""`` (the default) the root ``/``.
         :return: what the broker reports: for Redis, the number of subscribed
-            sockdrawer nodes; for the HTTP API, the count it answers.
+            sockdrawer nodes (with ``history_size``, the message's offset);
+            for the HTTP API, the count (or offset) it answers.
         :raises ValueError: for a bad channel name, message type or size.
         :raises PublishError: when the message could not be published.
         """
@@ -131,12 +142,25 @@ class Client:
         assert self._redis is not None
         redis_channel = self._namespace.redis_channel(key)
         try:
+            if self._history_size:
+                return self._pub_history(key, payload)
             result = self._redis.publish(redis_channel, payload)
         except Exception as e:
             raise PublishError(f"could not publish on {self._where()}: {type(e).__name__}: {e}") from e
         return int(result) if result is not None else 0
 
-    def _pub_http(self, channel: str, payload: bytes) -> int:
+    def _pub_history(self, key: bytes, payload: bytes) -> str:
+        from .history import PUBLISH_SCRIPT, history_channel, redis_keys
+
+        if self._script is None:
+            self._script = self._redis.register_script(PUBLISH_SCRIPT)  # type: ignore[union-attr]
+        name = self._namespace.name
+        offset = self._script(keys=list(redis_keys(name, key)),
+                              args=[history_channel(name, key), payload, self._history_size,
+                                    max(1, int(self._history_ttl))])
+        return offset.decode("ascii") if isinstance(offset, bytes) else str(offset)
+
+    def _pub_http(self, channel: str, payload: bytes) -> Any:
         url = f"{self._http}/publish/{quote(channel, safe='/')}"
         request = urllib.request.Request(url, data=payload, method="POST")
         request.add_header("Content-Type", "application/octet-stream")
@@ -153,6 +177,8 @@ class Client:
             raise PublishError(f"{self._where()} refused the message: HTTP {e.code}: {reason}") from e
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise PublishError(f"could not publish on {self._where()}: {e}") from e
+        if "offset" in body:
+            return body["offset"]
         return int(body.get("subscribers", 0))
 
     def _where(self) -> str:

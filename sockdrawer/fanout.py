@@ -67,6 +67,10 @@ class Encoders:
         self.threshold = threshold
         self._deflaters: dict[int, Deflater] = {}
 
+    def deflater(self, encoding: int) -> Deflater | None:
+        """The shared deflater of ``encoding`` (``None`` for :data:`PLAIN`)."""
+        return None if encoding == PLAIN else self._deflater(encoding)
+
     def _deflater(self, encoding: int) -> Deflater:
         deflater = self._deflaters.get(encoding)
         if deflater is None:

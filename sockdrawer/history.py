@@ -45,19 +45,17 @@ redis.call('PUBLISH', ARGV[1], offset .. '\\n' .. ARGV[2])
 return offset
 """
 
-#: returns {epoch or false, max deleted entry id, last entry id, entries after
+#: returns {epoch or false, first entry id, last entry id, entries after
 #: stream id ARGV[1] ("" for none) as id, payload pairs, at most ARGV[2]}
+#: (trimming removes the oldest entries first: when the entry a client saw
+#: last is older than the first one kept, it may have missed some)
 REPLAY_SCRIPT = """
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then return {false} end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {epoch, '0-0', '0-0'} end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local maxdel, last = '0-0', '0-0'
-for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
-  if info[i] == 'last-generated-id' then last = info[i + 1] end
-end
-local result = {epoch, maxdel, last}
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #first == 0 then return {epoch, '0-0', '0-0'} end
+local result = {epoch, first[1][1], last[1][1]}
 if ARGV[1] ~= '' then
   local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
   for _, entry in ipairs(entries) do

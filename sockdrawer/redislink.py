@@ -552,15 +552,15 @@ def _replay_result(result: Any, since: str | None, wanted_epoch: str | None, aft
         if since is not None:
             raise history.HistoryReset("no history")
         return history.Replay(None)
-    epoch, maxdel, last = _text(result[0]), _text(result[1]), _text(result[2])
+    epoch, first, last = _text(result[0]), _text(result[1]), _text(result[2])
     latest = None if last == "0-0" else f"{epoch}:{last}"
     if since is None:
         return history.Replay(latest)
     if wanted_epoch != epoch:
         raise history.HistoryReset("another epoch")
     position = history.stream_id(after)
-    if history.stream_id(maxdel) > position:
-        raise history.HistoryReset("trimmed past the offset")
+    if history.stream_id(first) > position:
+        raise history.HistoryReset("older than the history")
     if position > history.stream_id(last):
         raise history.HistoryReset("offset from the future")
     pairs = result[3:]

@@ -237,6 +237,10 @@ class SockDrawerService(MultiService):
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
+        if settings.history_size:
+            limit = settings.history_size + 1
+            broker = self.broker
+            self.factory.history = lambda key, since: broker.replay(key, since, limit)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
             drain_window=settings.drain_window, close_code=settings.drain_close_code,

@@ -30,7 +30,8 @@ from .interfaces import IChannelHub
 from .origins import OriginPolicy
 from .subscriber import SOCKET, Source
 from .timers import BucketTimer
-from .tokens import TokenRefused, pattern_matches
+from .tokens import Grant, TokenRefused, pattern_matches
+from .v1 import SUBPROTOCOL, EnvelopeGroup, Subscription, V1Session
 
 #: Called with each frame a browser sends: returns one Deferred per handler,
 #: each firing with the reply to send back (or ``None``).
@@ -105,6 +106,11 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     _bucket_at = 0.0
     #: frames in the message being received
     _fragments = 0
+    #: what this socket's token allows (``None``: no token)
+    grant: Grant | None = None
+    #: the sockdrawer.v1 state, for a socket that speaks it
+    _session: V1Session | None = None
+    _v1 = False
 
     # -- Twisted
 
@@ -211,17 +217,23 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if factory.open_sockets >= factory.settings.max_connections:
             self._deny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
         channel = key.decode("utf-8")
-        if factory.verifier is not None and not factory.is_public(channel):
+        v1 = SUBPROTOCOL in request.protocols and key == b""
+        if factory.verifier is not None and (token or not (v1 or factory.is_public(channel))):
+            # v1: the token (if any) is checked here, each channel at its subscribe
             try:
                 grant = factory.verifier.verify(token)
             except TokenRefused as e:
                 self._deny(e.status, e.reason)
-            if not grant.allows(channel):
+            if not v1 and not grant.allows(channel):
                 self._deny(ConnectionDeny.FORBIDDEN, "token does not cover this channel")
+            self.grant = grant
             self.user = grant.user
             self._expires_at = grant.expires + factory.verifier.leeway
         _private.set_extension_offers(self, acceptable_offers(request.extensions, factory.compression))
         self.key = key
+        if v1:
+            self._v1 = True
+            return SUBPROTOCOL  # type: ignore[return-value]
         if factory.authorize is not None:
             decision = factory.authorize(Source(SOCKET, channel, self.peer, self.user))
             if decision is not None:
@@ -292,6 +304,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if deflate is not None:
             self.encoding = deflate.server_max_window_bits
         _private.compact(self)
+        if self._v1:
+            self._sock = None  # v1 frames always go through Twisted's buffer
+            self._session = V1Session(self)
+            return
         self.factory.join(key, self)
 
     # -- Autobahn: open
@@ -337,6 +353,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         return True
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self._session
+        if session is not None:
+            session.received(payload, isBinary)
+            return
         handler = self.factory.frame_handler
         if handler is None or self._group is None or self.key is None:
             return
@@ -356,7 +376,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if group is not None:
             group.demote(self)
         super().sendData(data, sync, chopsize)
-        if group is not None and self._group is group:
+        if (group is not None and self._group is group) or self._session is not None:
             # pongs and replies to a client that sends but never reads
             # count against its limits too
             self._check_backlog(len(data))
@@ -424,7 +444,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     def _check_slow(self) -> None:
         self._slow_timer = None
-        if self._group is not None and self._buffered() > _HIGH_WATER:
+        if (self._group is not None or self._session is not None) and self._buffered() > _HIGH_WATER:
             self._cut_off("stayed too slow")
 
     # -- own
@@ -471,6 +491,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         self._cancel_slow_timer()
         if self._group is not None:
             self.factory.leave(self)
+        session = self._session
+        if session is not None:
+            self._session = None
+            session.close()
 
     def _reply(self, result: Any) -> None:
         if result is None or self.state != self.STATE_OPEN:
@@ -605,6 +629,10 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.refusals: dict[int, int] = {}
         self.rate_limited = 0
         self.connections_total = 0
+        #: reads a channel's history for v1 subscriptions: ``(key, since)``
+        #: -> Deferred[Replay]; ``None`` without history
+        self.history: Callable[[bytes, str | None], Deferred[Any]] | None = None
+        self.v1_groups: dict[tuple[bytes, int], EnvelopeGroup] = {}
         self.frames_received = 0
         self.stats = FanoutStats()
         self.connections: dict[SockDrawerServerProtocol, None] = {}
@@ -682,6 +710,27 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         if not len(group) and self.groups.get(index) is group:
             del self.groups[index]
             self.hub.unsubscribe(key, group)
+
+    def join_v1(self, sub: Subscription, encoding: int) -> None:
+        """Add a v1 subscription to its channel's envelope group for ``encoding``."""
+        index = (sub.key, encoding)
+        group = self.v1_groups.get(index)
+        if group is None:
+            group = self.v1_groups[index] = EnvelopeGroup(sub.key, encoding, self.encoders.deflater(encoding),
+                                                          self.stats)
+            self.hub.subscribe(sub.key, group)
+        group.members[sub] = None
+        sub.group = group
+
+    def leave_v1(self, sub: Subscription) -> None:
+        group, sub.group = sub.group, None
+        if group is None:
+            return
+        group.members.pop(sub, None)
+        index = (group.key, group.encoding)
+        if not group.members and self.v1_groups.get(index) is group:
+            del self.v1_groups[index]
+            self.hub.unsubscribe(group.key, group)
 
     def group(self, key: bytes, encoding: int = PLAIN) -> ChannelGroup | None:
         """The group of the sockets on ``key`` with ``encoding``, if any."""

@@ -266,7 +266,7 @@ DOCUMENTED_DEFAULTS = {
     "drain_window": 0.0, "drain_close_code": 1012, "metrics_public": False, "log_format": "text",
     "auth_leeway": 30.0, "max_frames_per_second": 100.0, "frame_burst": 200, "max_fragments": 1000,
     "max_pending_handshakes": 1000, "max_connections_per_ip": 1000, "api_timeout": 10.0,
-    "api_max_connections": 100,
+    "api_max_connections": 100, "history_size": 0, "history_ttl": 300.0, "max_subscriptions": 100,
 }
 
 

@@ -39,10 +39,10 @@ class WSClient(protocol.Protocol):
 
     def __init__(self, uri: str, origin: str | None = None, max_size: int | None = 2**26,
                  extra_headers: Sequence[tuple[str, str]] = (), deflate: bool = False,
-                 record: bool = False) -> None:
+                 record: bool = False, subprotocols: Sequence[str] | None = None) -> None:
         extensions = [ClientPerMessageDeflateFactory()] if deflate else None
         self.ws = ClientProtocol(parse_uri(uri), origin=origin, max_size=max_size,  # type: ignore[arg-type]
-                                 extensions=extensions)
+                                 extensions=extensions, subprotocols=subprotocols)  # type: ignore[arg-type]
         self.extra_headers = extra_headers
         #: every byte received, when ``record`` is true
         self.raw: bytearray | None = bytearray() if record else None
@@ -141,6 +141,19 @@ class WSClient(protocol.Protocol):
         d.addTimeout(timeout, reactor)
         result = yield d
         return result
+
+    @defer.inlineCallbacks
+    def next_json(self, timeout: float = 5.0) -> Any:
+        """The next data frame, a text frame, parsed as JSON."""
+        import json
+
+        text = yield self.next_text(timeout)
+        return json.loads(text)
+
+    def send_json(self, value: Any) -> None:
+        import json
+
+        self.send_text(json.dumps(value))
 
     @defer.inlineCallbacks
     def next_text(self, timeout: float = 5.0) -> Any:

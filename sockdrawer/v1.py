@@ -1,0 +1,322 @@
+"""
+The ``sockdrawer.v1`` subprotocol: many channels on one socket, offsets, and
+resume from history.  (The raw mode, path = channel and payload = frame, is
+unchanged.)
+
+A client that offers ``Sec-WebSocket-Protocol: sockdrawer.v1`` on ``/``
+speaks JSON text frames; every message and error is in ``docs/protocol.rst``.
+Fan-out stays framed once per channel per batch: an envelope is the same
+bytes for every v1 socket on the channel (:class:`EnvelopeGroup`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._channels import ChannelNameError, validate_channel
+from .fanout import FanoutStats
+from .frames import TEXT, Deflater, encode_frame
+from .history import HistoryReset, Replay
+from .interfaces import Batch, ISink
+from .subscriber import SOCKET, Source
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .websocket import SockDrawerServerProtocol
+
+SUBPROTOCOL = "sockdrawer.v1"
+_log = Logger(namespace="sockdrawer.v1")
+
+
+def _position(offset: str) -> tuple[str, tuple[int, ...]]:
+    epoch, _, position = offset.partition(":")
+    try:
+        return epoch, tuple(int(part) for part in position.split("-"))
+    except ValueError:
+        return epoch, ()
+
+
+def envelope(channel_json: str, offset: str | None, message: bytes) -> bytes:
+    """The ``message`` envelope of one message (UTF-8 as text, anything else as base64)."""
+    try:
+        data, encoding = json.dumps(message.decode("utf-8"), ensure_ascii=False), ""
+    except UnicodeDecodeError:
+        data, encoding = '"' + base64.b64encode(message).decode("ascii") + '"', ',"encoding":"base64"'
+    off = "null" if offset is None else json.dumps(offset)
+    return (f'{{"op":"message","channel":{channel_json},"offset":{off},"data":{data}{encoding}}}').encode()
+
+
+def control(op: str, **fields: Any) -> bytes:
+    """A control message (``subscribed``, ``reset``, ``error``, ``reply``) as JSON bytes."""
+    return json.dumps({"op": op, **fields}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@implementer(ISink)
+class EnvelopeGroup:
+    """
+    The v1 subscriptions of one channel with one encoding, as one sink: each
+    batch becomes envelope frames once, and the same bytes go to every
+    subscription.
+    """
+
+    def __init__(self, key: bytes, encoding: int, deflater: Deflater | None, stats: FanoutStats) -> None:
+        self.key = key
+        self.encoding = encoding
+        self._channel_json = json.dumps(key.decode("utf-8"), ensure_ascii=False)
+        self._deflater = deflater
+        self._stats = stats
+        self.members: dict[Subscription, None] = {}
+
+    @property
+    def receivers(self) -> int:
+        return len(self.members)
+
+    def frames(self, batch: Batch) -> bytes:
+        cache_key = ("v1", self.encoding)
+        cache = batch.encodings
+        if cache is None:
+            cache = batch.encodings = {}
+        data = cache.get(cache_key)
+        if data is None:
+            offsets = batch.offsets or [None] * len(batch.messages)
+            frame = self._deflater.encode_frame if self._deflater is not None else encode_frame
+            pairs = zip(batch.messages, offsets, strict=True)
+            data = cache[cache_key] = b"".join(frame(envelope(self._channel_json, off, m), TEXT) for m, off in pairs)
+        return data
+
+    def receive(self, batch: Batch) -> None:
+        data = self.frames(batch)
+        members = tuple(self.members)
+        self._stats.deliveries += len(members) * len(batch.messages)
+        self._stats.bytes_sent += len(members) * len(data)
+        for sub in members:
+            sub.deliver(batch, data)
+
+
+class Subscription:
+    """
+    One channel of one v1 socket.  While its replay is being read it keeps
+    live messages aside; then it sends the replay, the kept messages that
+    came after it (never one twice), and goes live.
+    """
+
+    __slots__ = ("session", "key", "channel", "group", "live", "_kept")
+
+    def __init__(self, session: V1Session, key: bytes) -> None:
+        self.session = session
+        self.key = key
+        self.channel = key.decode("utf-8")
+        self.group: EnvelopeGroup | None = None
+        self.live = False
+        self._kept: list[tuple[str | None, bytes]] = []
+
+    def deliver(self, batch: Batch, data: bytes) -> None:
+        if self.live:
+            self.session.write(data)
+        else:
+            offsets = batch.offsets or [None] * len(batch.messages)
+            self._kept.extend(zip(offsets, batch.messages, strict=True))
+
+    def go_live(self, replay: Replay, reset: bool) -> None:
+        """Send what the replay holds, then what arrived meanwhile after it, and go live."""
+        session = self.session
+        if reset:
+            session.send_control("reset", channel=self.channel)
+        session.send_control("subscribed", channel=self.channel, offset=replay.latest)
+        last: str | None = replay.latest
+        channel_json = json.dumps(self.channel, ensure_ascii=False)
+        for offset, message in replay.messages:
+            session.send_text(envelope(channel_json, offset, message))
+            last = offset
+        seen = _position(last) if last is not None else None
+        for kept_offset, message in self._kept:
+            if kept_offset is not None and seen is not None:
+                here = _position(kept_offset)
+                if here[0] == seen[0] and here[1] <= seen[1]:
+                    continue  # already in the replay
+            session.send_text(envelope(channel_json, kept_offset, message))
+        self._kept = []
+        self.live = True
+
+
+class V1Session:
+    """
+    The v1 state of one socket: its subscriptions, and the handling of the
+    client's messages.
+    """
+
+    def __init__(self, proto: SockDrawerServerProtocol) -> None:
+        self.proto = proto
+        self.subscriptions: dict[bytes, Subscription] = {}
+
+    # -- out
+
+    def write(self, frames: bytes) -> None:
+        self.proto.deliver_queued(frames)
+
+    def send_text(self, payload: bytes) -> None:
+        self.proto.deliver_queued(self.proto.factory.encoders.frame(self.proto.encoding, payload, TEXT))
+
+    def send_control(self, op: str, **fields: Any) -> None:
+        self.send_text(control(op, **fields))
+
+    def error(self, status: int, reason: str, channel: str | None = None, id: Any = None) -> None:
+        fields: dict[str, Any] = {"status": status, "reason": reason}
+        if channel is not None:
+            fields["channel"] = channel
+        if id is not None:
+            fields["id"] = id
+        self.send_control("error", **fields)
+
+    # -- in
+
+    def received(self, payload: bytes, binary: bool) -> None:
+        if binary:
+            self.error(400, "binary frames are not part of sockdrawer.v1")
+            return
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            self.error(400, "not JSON")
+            return
+        if not isinstance(msg, dict):
+            self.error(400, "a message is a JSON object")
+            return
+        op, channel = msg.get("op"), msg.get("channel")
+        if op not in ("subscribe", "unsubscribe", "send"):
+            self.error(400, "unknown op")
+            return
+        if not isinstance(channel, str):
+            self.error(400, "channel must be a string")
+            return
+        try:
+            key = validate_channel(channel, self.proto.factory.max_channel_length)
+        except ChannelNameError as e:
+            self.error(400, str(e), channel=channel if len(channel) < 300 else None)
+            return
+        if op == "subscribe":
+            since = msg.get("since")
+            if since is not None and not isinstance(since, str):
+                self.error(400, "since must be an offset string", channel)
+                return
+            self.subscribe(key, channel, since)
+        elif op == "unsubscribe":
+            self.unsubscribe(key)
+        else:
+            self.send(key, channel, msg.get("data"), msg.get("id"))
+
+    def _allowed(self, channel: str) -> bool:
+        factory = self.proto.factory
+        if factory.verifier is None or factory.is_public(channel):
+            return True
+        grant = self.proto.grant
+        return grant is not None and grant.allows(channel)
+
+    def subscribe(self, key: bytes, channel: str, since: str | None) -> None:
+        factory = self.proto.factory
+        if key in self.subscriptions:
+            self.error(409, "already subscribed", channel)
+            return
+        if len(self.subscriptions) >= factory.settings.max_subscriptions:
+            self.error(429, "too many subscriptions", channel)
+            return
+        if not self._allowed(channel):
+            self.error(403, "token does not cover this channel", channel)
+            return
+        sub = Subscription(self, key)
+        self.subscriptions[key] = sub
+        decision = factory.authorize(Source(SOCKET, channel, self.proto.peer, self.proto.user)) \
+            if factory.authorize is not None else None
+        if decision is None:
+            self._start(sub, since)
+        else:
+            decision.addCallback(self._authorized, sub, since)
+
+    def _authorized(self, allowed: bool, sub: Subscription, since: str | None) -> None:
+        if self.subscriptions.get(sub.key) is not sub:
+            return
+        if not allowed:
+            del self.subscriptions[sub.key]
+            self.error(403, "refused by a listener", sub.channel)
+            return
+        self._start(sub, since)
+
+    def _start(self, sub: Subscription, since: str | None) -> None:
+        factory = self.proto.factory
+        factory.join_v1(sub, self.proto.encoding)
+        history = factory.history
+        if history is None:
+            if since is not None:
+                sub.go_live(Replay(None), reset=True)
+            else:
+                sub.go_live(Replay(None), reset=False)
+            return
+        d: Deferred[Replay] = history(sub.key, since)
+        d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, False),
+                       errbackArgs=(sub, since))
+
+    def _replayed(self, replay: Replay, sub: Subscription, reset: bool) -> None:
+        if self.subscriptions.get(sub.key) is sub and self.proto.state == self.proto.STATE_OPEN:
+            sub.go_live(replay, reset)
+
+    def _replay_failed(self, failure: Failure, sub: Subscription, since: str | None) -> None:
+        if self.subscriptions.get(sub.key) is not sub:
+            return
+        history = self.proto.factory.history
+        if failure.check(HistoryReset) and since is not None and history is not None:
+            d = history(sub.key, None)
+            d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, True), errbackArgs=(sub, None))
+            return
+        _log.warn("history of {channel!r} unavailable: {error}", channel=sub.channel,
+                  error=failure.getErrorMessage())
+        self.unsubscribe(sub.key)
+        self.error(503, "history unavailable", sub.channel)
+
+    def unsubscribe(self, key: bytes) -> None:
+        sub = self.subscriptions.pop(key, None)
+        if sub is not None:
+            self.proto.factory.leave_v1(sub)
+
+    def send(self, key: bytes, channel: str, data: Any, id: Any) -> None:
+        factory = self.proto.factory
+        if not self._allowed(channel):
+            self.error(403, "token does not cover this channel", channel, id)
+            return
+        handler = factory.frame_handler
+        if handler is None:
+            self.send_control("reply", id=id, data=None)
+            return
+        message = data if isinstance(data, str) else json.dumps(data)
+        source = Source(SOCKET, channel, self.proto.peer, self.proto.user)
+        for d in handler(source, message):
+            d.addCallback(self._reply, id)
+
+    def _reply(self, result: Any, id: Any) -> None:
+        if result is None or self.proto.state != self.proto.STATE_OPEN:
+            return
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            result = {"data": base64.b64encode(bytes(result)).decode("ascii"), "encoding": "base64"}
+        try:
+            payload = control("reply", id=id, data=result)
+        except (TypeError, ValueError) as e:
+            _log.error("listener reply is not JSON: {error}", error=e)
+            return
+        limit = self.proto.factory.max_reply_size
+        if len(payload) > limit:
+            _log.warn("listener reply of {size} bytes not sent: over --max-reply-size ({limit})",
+                      size=len(payload), limit=limit)
+            return
+        self.send_text(payload)
+
+    def close(self) -> None:
+        """Leave every channel (the socket is closing)."""
+        for key in list(self.subscriptions):
+            self.unsubscribe(key)
+
+
