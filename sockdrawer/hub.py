@@ -122,6 +122,16 @@ class MemoryChannelHub:
     def channels(self) -> list[bytes]:
         return list(self._sinks)
 
+    def broker_gap(self) -> None:
+        for sinks in list(self._sinks.values()):
+            for sink in list(sinks):
+                gap = getattr(sink, "gap", None)
+                if gap is not None:
+                    try:
+                        gap()
+                    except Exception:
+                        self._log.failure("sink {sink!r} failed to recover a gap", sink=sink)
+
     def _fan_out(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None) -> None:
         fanout = self._fanout.get(key)
         if fanout is None:

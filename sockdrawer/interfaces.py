@@ -136,6 +136,13 @@ class IChannelHub(Interface):
         :return: the keys of the channels that have at least one sink.
         """
 
+    def broker_gap() -> None:
+        """
+        The broker may have lost messages (its link was down and is back):
+        every sink that defines ``gap()`` is called, so that those that can
+        recover what they missed from history do.
+        """
+
 
 class IBroker(Interface):
     """

@@ -506,6 +506,8 @@ class RedisLink(MultiService):
         self._sub_backoff.reset()
         if self._subscribed_once:
             self.reconnects += 1
+            # messages published while the link was down never reached us
+            self.hub.broker_gap()
         again = "re" if self._subscribed_once else ""
         self._subscribed_once = True
         _log.info(

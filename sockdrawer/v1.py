@@ -90,6 +90,11 @@ class EnvelopeGroup:
             data = cache[cache_key] = b"".join(frame(envelope(self._channel_json, off, m), TEXT) for m, off in pairs)
         return data
 
+    def gap(self) -> None:
+        """The broker may have lost messages: every subscription catches up from history."""
+        for sub in tuple(self.members):
+            sub.session.catch_up(sub)
+
     def receive(self, batch: Batch) -> None:
         data = self.frames(batch)
         members = tuple(self.members)
@@ -106,7 +111,7 @@ class Subscription:
     came after it (never one twice), and goes live.
     """
 
-    __slots__ = ("session", "key", "channel", "group", "live", "_kept")
+    __slots__ = ("session", "key", "channel", "group", "live", "_kept", "last")
 
     def __init__(self, session: V1Session, key: bytes) -> None:
         self.session = session
@@ -115,20 +120,29 @@ class Subscription:
         self.group: EnvelopeGroup | None = None
         self.live = False
         self._kept: list[tuple[str | None, bytes]] = []
+        #: the offset of the last message sent to the client
+        self.last: str | None = None
 
     def deliver(self, batch: Batch, data: bytes) -> None:
         if self.live:
             self.session.write(data)
+            offsets = batch.offsets
+            if offsets is not None:
+                for offset in reversed(offsets):
+                    if offset is not None:
+                        self.last = offset
+                        break
         else:
             offsets = batch.offsets or [None] * len(batch.messages)
             self._kept.extend(zip(offsets, batch.messages, strict=True))
 
-    def go_live(self, replay: Replay, reset: bool) -> None:
+    def go_live(self, replay: Replay, reset: bool, announce: bool = True) -> None:
         """Send what the replay holds, then what arrived meanwhile after it, and go live."""
         session = self.session
         if reset:
             session.send_control("reset", channel=self.channel)
-        session.send_control("subscribed", channel=self.channel, offset=replay.latest)
+        if announce or reset:
+            session.send_control("subscribed", channel=self.channel, offset=replay.latest)
         last: str | None = replay.latest
         channel_json = json.dumps(self.channel, ensure_ascii=False)
         for offset, message in replay.messages:
@@ -143,6 +157,7 @@ class Subscription:
             session.send_text(envelope(channel_json, kept_offset, message))
         self._kept = []
         self.live = True
+        self.last = last
 
 
 class V1Session:
@@ -261,9 +276,26 @@ class V1Session:
         d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, False),
                        errbackArgs=(sub, since))
 
-    def _replayed(self, replay: Replay, sub: Subscription, reset: bool) -> None:
+    def _replayed(self, replay: Replay, sub: Subscription, reset: bool, announce: bool = True) -> None:
         if self.subscriptions.get(sub.key) is sub and self.proto.state == self.proto.STATE_OPEN:
-            sub.go_live(replay, reset)
+            sub.go_live(replay, reset, announce)
+
+    def catch_up(self, sub: Subscription) -> None:
+        """
+        After a broker outage: replay what ``sub`` missed since its last
+        offset (keeping live messages aside meanwhile), or ``reset`` it when
+        history cannot say.
+        """
+        history = self.proto.factory.history
+        if not sub.live:
+            return  # its first replay is still being read: it will cover the gap
+        sub.live = False
+        if history is None or sub.last is None:
+            sub.go_live(Replay(None), reset=True)
+            return
+        d: Deferred[Replay] = history(sub.key, sub.last)
+        d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, False, False),
+                       errbackArgs=(sub, sub.last))
 
     def _replay_failed(self, failure: Failure, sub: Subscription, since: str | None) -> None:
         if self.subscriptions.get(sub.key) is not sub:

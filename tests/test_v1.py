@@ -198,3 +198,36 @@ async def test_plain_publish_reaches_v1_without_offset(own_redis: RedisServer, r
     await subscribe(client, "news")
     await deferToThread(own_redis.publish, "sock-drawer/news", "plain")
     assert await client.next_json() == {"op": "message", "channel": "news", "offset": None, "data": "plain"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_redis_outage_is_caught_up(own_redis: RedisServer, run_service: Any) -> None:
+    """When the node's Redis link drops and comes back, a v1 socket gets what was published meanwhile from the
+    stream, each message exactly once and in order; without history it is told reset instead."""
+    svc = await run_service(redis=own_redis.url, history_size=100, redis_retry_max=0.3)
+    plain = await run_service(redis=own_redis.url, name="plain", redis_retry_max=0.3)
+    await wait_subscribed(svc, own_redis)
+    await wait_for(lambda: plain.broker.is_connected())
+    client = await v1(svc)
+    await subscribe(client, "news")
+    no_history = await v1(plain)
+    await subscribe(no_history, "news")
+    publisher = Client(own_redis.url, history_size=100)
+    await deferToThread(publisher.pub, "before", "news")
+    assert (await client.next_json())["data"] == "before"
+    reconnects = svc.broker.reconnects
+
+    def outage() -> None:
+        with own_redis.client() as r:
+            r.client_kill_filter(_type="pubsub")
+        for i in range(5):
+            publisher.pub(f"during{i}", "news")
+
+    await deferToThread(outage)
+    await wait_for(lambda: svc.broker.reconnects > reconnects and plain.broker.reconnects >= 1)
+    await deferToThread(publisher.pub, "after", "news")
+    got = []
+    while not got or got[-1] != "after":
+        got.append((await client.next_json())["data"])
+    assert got == [f"during{i}" for i in range(5)] + ["after"]
+    assert (await no_history.next_json())["op"] == "reset"
