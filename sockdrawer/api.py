@@ -33,6 +33,21 @@ _log = Logger(namespace="sockdrawer.api")
 _PUBLISH_PREFIX = b"/publish/"
 
 
+def client_js() -> bytes:
+    """
+    The browser client ``sockdrawer.js``: shipped inside the package
+    (``sockdrawer/static/``), or from the checkout's ``js/`` when running
+    from a source tree.
+    """
+    from importlib import resources
+    from pathlib import Path
+
+    packaged = resources.files("sockdrawer") / "static" / "sockdrawer.js"
+    if packaged.is_file():
+        return packaged.read_bytes()
+    return (Path(__file__).resolve().parent.parent / "js" / "sockdrawer.js").read_bytes()
+
+
 class _BoundedRequest(Request):
     """
     A request that keeps at most ``max_body`` bytes of its body, and must
@@ -119,6 +134,8 @@ class ApiResource(Resource):
             if path == b"/health":  # liveness: the reactor runs
                 return _respond(request, 200, state)
             return _respond(request, 200 if state["ready"] else 503, state)
+        if path == b"/sockdrawer.js":
+            return self._client_js(request)
         if path == b"/metrics" and self._service.settings.metrics_public:
             return self._metrics(request)
         if not self._authorized(request):
@@ -132,6 +149,13 @@ class ApiResource(Resource):
                 return _respond(request, 405, {"error": "use POST"})
             return self._publish(request)
         return _respond(request, 404, {"error": "not found; use POST /publish/<channel>"})
+
+    def _client_js(self, request: Request) -> bytes:
+        # the browser client, for pages that load it from the node (public:
+        # it is the same file as on npm)
+        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        request.setHeader(b"access-control-allow-origin", b"*")
+        return client_js()
 
     def _metrics(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):

@@ -1,0 +1,239 @@
+// sockdrawer.js: the browser client of the sockdrawer.v1 protocol.
+//
+//   import { SockDrawer } from "./sockdrawer.js";
+//   const sd = new SockDrawer("ws://localhost:8020/", { token: async () => fetchToken() });
+//   const stop = sd.subscribe("news", (data, meta) => console.log(meta.channel, meta.offset, data));
+//   const answer = await sd.send("chat", "hello");   // a listener's reply
+//
+// Many channels on one socket; reconnects with exponential backoff and full
+// jitter (base 0.5 s, cap 30 s, reset after a stable connection); asks for a
+// fresh token on close code 4001 or a refused handshake; resubscribes with
+// `since` = the last offset it saw on each channel, so nothing is missed (or
+// a "reset" event says plainly that history could not cover the gap).
+// No dependencies.
+
+const PROTOCOL = "sockdrawer.v1";
+const TOKEN_EXPIRED = 4001;
+
+function decode(message) {
+  if (message.encoding !== "base64") return message.data;
+  const bytes = atob(message.data);
+  const out = new Uint8Array(bytes.length);
+  for (let i = 0; i < bytes.length; i++) out[i] = bytes.charCodeAt(i);
+  return out;
+}
+
+export class SockDrawer extends EventTarget {
+  /**
+   * @param {string} url the node's ws:// or wss:// URL (its root path "/")
+   * @param {object} [options]
+   * @param {string | (() => string | Promise<string>)} [options.token] a token, or a function returning a fresh one
+   * @param {number} [options.baseDelay] first reconnect delay cap, ms (500)
+   * @param {number} [options.maxDelay] longest reconnect delay, ms (30000)
+   * @param {number} [options.stableAfter] ms open after which the backoff starts over (5000)
+   * @param {typeof WebSocket} [options.WebSocket] the WebSocket class (for tests)
+   * @param {() => number} [options.random] a random number in [0, 1) (for tests)
+   * @param {(fn: () => void, ms: number) => any} [options.setTimeout]
+   * @param {(handle: any) => void} [options.clearTimeout]
+   */
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.options = options;
+    this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._random = options.random || Math.random;
+    this._setTimeout = options.setTimeout || ((fn, ms) => globalThis.setTimeout(fn, ms));
+    this._clearTimeout = options.clearTimeout || ((h) => globalThis.clearTimeout(h));
+    this._base = options.baseDelay ?? 500;
+    this._cap = options.maxDelay ?? 30000;
+    this._stableAfter = options.stableAfter ?? 5000;
+    this._channels = new Map(); // channel -> {callbacks: Set, offset: string | null}
+    this._pending = new Map(); // send id -> {resolve, reject}
+    this._queue = []; // messages waiting for the socket to open
+    this._nextId = 1;
+    this._attempt = 0;
+    this._token = null;
+    this._needToken = true;
+    this._closed = false;
+    this._opened = false;
+    this._stableTimer = null;
+    this._retryTimer = null;
+    this.state = "connecting";
+    this._connect();
+  }
+
+  /** Subscribe `callback(data, {channel, offset})` to `channel`; returns a function that unsubscribes it. */
+  subscribe(channel, callback) {
+    let entry = this._channels.get(channel);
+    if (!entry) {
+      entry = { callbacks: new Set(), offset: null };
+      this._channels.set(channel, entry);
+      this._send({ op: "subscribe", channel });
+    }
+    entry.callbacks.add(callback);
+    return () => {
+      entry.callbacks.delete(callback);
+      if (entry.callbacks.size === 0 && this._channels.get(channel) === entry) {
+        this._channels.delete(channel);
+        this._send({ op: "unsubscribe", channel });
+      }
+    };
+  }
+
+  /** Send `data` to the listeners of `channel`; resolves with the first reply. */
+  send(channel, data) {
+    const id = this._nextId++;
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { resolve, reject });
+      this._send({ op: "send", channel, data, id });
+    });
+  }
+
+  /** Close for good (no reconnect). */
+  close() {
+    this._closed = true;
+    this._clearTimeout(this._retryTimer);
+    this._clearTimeout(this._stableTimer);
+    if (this._ws) this._ws.close(1000);
+    this._setState("closed");
+  }
+
+  /** The delay before reconnect attempt `attempt` (0-based): full jitter over min(cap, base * 2^attempt). */
+  delayFor(attempt) {
+    return this._random() * Math.min(this._cap, this._base * 2 ** attempt);
+  }
+
+  _setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.dispatchEvent(new CustomEvent("state", { detail: { state } }));
+  }
+
+  async _connect() {
+    if (this._closed) return;
+    this._setState("connecting");
+    let url = this.url;
+    const token = this.options.token;
+    if (token !== undefined) {
+      if (this._needToken || this._token === null) {
+        try {
+          this._token = typeof token === "function" ? await token() : token;
+        } catch (error) {
+          this.dispatchEvent(new CustomEvent("error", { detail: { error } }));
+          this._retry();
+          return;
+        }
+        this._needToken = false;
+      }
+      url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(this._token);
+    }
+    if (this._closed) return;
+    const ws = new this._WebSocket(url, PROTOCOL);
+    this._ws = ws;
+    this._opened = false;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (event) => this._onMessage(event);
+    ws.onclose = (event) => this._onClose(ws, event);
+  }
+
+  _onOpen(ws) {
+    if (ws !== this._ws) return;
+    this._opened = true;
+    this._setState("open");
+    this._stableTimer = this._setTimeout(() => { this._attempt = 0; }, this._stableAfter);
+    for (const [channel, entry] of this._channels) {
+      const message = { op: "subscribe", channel };
+      if (entry.offset !== null) message.since = entry.offset;
+      ws.send(JSON.stringify(message));
+    }
+    const queued = this._queue;
+    this._queue = [];
+    for (const message of queued) {
+      if (message.op === "send") ws.send(JSON.stringify(message));
+    }
+  }
+
+  _onMessage(event) {
+    let message;
+    try {
+      message = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    const entry = message.channel !== undefined ? this._channels.get(message.channel) : undefined;
+    switch (message.op) {
+      case "message":
+        if (!entry) return;
+        if (message.offset !== null && message.offset !== undefined) entry.offset = message.offset;
+        for (const callback of [...entry.callbacks]) {
+          try {
+            callback(decode(message), { channel: message.channel, offset: message.offset });
+          } catch (error) {
+            this.dispatchEvent(new CustomEvent("error", { detail: { error, channel: message.channel } }));
+          }
+        }
+        break;
+      case "subscribed":
+        if (entry && message.offset !== null && message.offset !== undefined) entry.offset = message.offset;
+        this.dispatchEvent(new CustomEvent("subscribed", { detail: message }));
+        break;
+      case "reset":
+        if (entry) entry.offset = null;
+        this.dispatchEvent(new CustomEvent("reset", { detail: { channel: message.channel } }));
+        break;
+      case "reply": {
+        const waiting = this._pending.get(message.id);
+        if (waiting) {
+          this._pending.delete(message.id);
+          waiting.resolve(message.data);
+        }
+        break;
+      }
+      case "error": {
+        const waiting = message.id !== undefined ? this._pending.get(message.id) : undefined;
+        if (waiting) {
+          this._pending.delete(message.id);
+          waiting.reject(Object.assign(new Error(message.reason), { status: message.status }));
+        } else {
+          this.dispatchEvent(new CustomEvent("error", { detail: message }));
+        }
+        break;
+      }
+    }
+  }
+
+  _onClose(ws, event) {
+    if (ws !== this._ws) return;
+    this._ws = null;
+    this._clearTimeout(this._stableTimer);
+    if (this._closed) return;
+    // a fresh token after expiry, and after a refused handshake (browsers
+    // report it as a close before open)
+    if (event.code === TOKEN_EXPIRED || !this._opened) this._needToken = true;
+    for (const [id, waiting] of this._pending) {
+      this._pending.delete(id);
+      waiting.reject(Object.assign(new Error("connection closed"), { status: 0 }));
+    }
+    this._retry();
+  }
+
+  _retry() {
+    if (this._closed) return;
+    this._setState("reconnecting");
+    const delay = this.delayFor(this._attempt);
+    this._attempt += 1;
+    this._retryTimer = this._setTimeout(() => this._connect(), delay);
+  }
+
+  _send(message) {
+    const ws = this._ws;
+    if (ws && this._opened && ws.readyState === 1) {
+      ws.send(JSON.stringify(message));
+    } else if (message.op === "send") {
+      this._queue.push(message);
+    }
+    // subscribe/unsubscribe need no queue: the channel map is sent on open
+  }
+}
+
+export default SockDrawer;

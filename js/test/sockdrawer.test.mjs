@@ -1,0 +1,142 @@
+// Unit tests of sockdrawer.js with a fake WebSocket and fake timers: `node --test js/test/`.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { SockDrawer } from "../sockdrawer.js";
+
+class FakeSocket {
+  static instances = [];
+  constructor(url, protocol) {
+    this.url = url;
+    this.protocol = protocol;
+    this.sent = [];
+    this.readyState = 0;
+    FakeSocket.instances.push(this);
+  }
+  send(text) { this.sent.push(JSON.parse(text)); }
+  close(code) { this.closed = code; }
+  open() { this.readyState = 1; this.onopen(); }
+  receive(message) { this.onmessage({ data: JSON.stringify(message) }); }
+  drop(code = 1006) { this.readyState = 3; this.onclose({ code }); }
+}
+
+function harness(options = {}) {
+  FakeSocket.instances = [];
+  const timers = [];
+  const sd = new SockDrawer("ws://node/", {
+    WebSocket: FakeSocket,
+    random: () => 0.5,
+    setTimeout: (fn, ms) => { const t = { fn, ms }; timers.push(t); return t; },
+    clearTimeout: (t) => { if (t) t.cancelled = true; },
+    ...options,
+  });
+  const runTimer = async () => {
+    const t = timers.find((x) => !x.cancelled && !x.ran && x.ms !== (options.stableAfter ?? 5000));
+    t.ran = true;
+    t.fn();
+    await new Promise((r) => setImmediate(r));
+    return t.ms;
+  };
+  const last = () => FakeSocket.instances.at(-1);
+  return { sd, timers, runTimer, last };
+}
+
+const tick = () => new Promise((r) => setImmediate(r));
+
+test("offers the sockdrawer.v1 subprotocol and subscribes on open", async () => {
+  const { sd, last } = harness();
+  await tick();
+  const seen = [];
+  sd.subscribe("news", (data, meta) => seen.push([data, meta.offset]));
+  assert.equal(last().protocol, "sockdrawer.v1");
+  last().open();
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "news" }]);
+  last().receive({ op: "subscribed", channel: "news", offset: "e:1" });
+  last().receive({ op: "message", channel: "news", offset: "e:2", data: "hi" });
+  last().receive({ op: "message", channel: "news", offset: "e:3", data: "AAE=", encoding: "base64" });
+  assert.deepEqual(seen[0], ["hi", "e:2"]);
+  assert.deepEqual([...seen[1][0]], [0, 1]);
+});
+
+test("reconnects with full-jitter backoff and resubscribes from the last offset", async () => {
+  const { sd, runTimer, last } = harness();
+  await tick();
+  sd.subscribe("news", () => {});
+  last().open();
+  last().receive({ op: "message", channel: "news", offset: "e:7", data: "x" });
+  last().drop();
+  assert.equal(sd.state, "reconnecting");
+  const delays = [];
+  delays.push(await runTimer());
+  last().drop(); // refused again
+  delays.push(await runTimer());
+  last().drop();
+  delays.push(await runTimer());
+  assert.deepEqual(delays, [250, 500, 1000]); // random() = 0.5 of 500, 1000, 2000
+  last().open();
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "news", since: "e:7" }]);
+});
+
+test("the backoff is capped and full jitter stays below the cap", () => {
+  const { sd } = harness({ random: () => 0.999 });
+  assert.ok(sd.delayFor(20) < 30000 && sd.delayFor(20) > 29000);
+  const low = harness({ random: () => 0 }).sd;
+  assert.equal(low.delayFor(3), 0);
+});
+
+test("asks for a fresh token after 4001 and after a refused handshake, not after a plain drop", async () => {
+  let n = 0;
+  const { runTimer, last } = harness({ token: async () => `t${++n}` });
+  await tick();
+  assert.equal(last().url, "ws://node/?token=t1");
+  last().open();
+  last().drop(1006);
+  await runTimer();
+  assert.equal(last().url, "ws://node/?token=t1"); // dropped after it was open: the token is fine
+  last().open();
+  last().drop(4001);
+  await runTimer();
+  assert.equal(last().url, "ws://node/?token=t2");
+  last().drop(1006); // refused before open
+  await runTimer();
+  assert.equal(last().url, "ws://node/?token=t3");
+});
+
+test("send resolves with the reply and is queued until open", async () => {
+  const { sd, last } = harness();
+  await tick();
+  const answer = sd.send("chat", "hello");
+  last().open();
+  assert.deepEqual(last().sent, [{ op: "send", channel: "chat", data: "hello", id: 1 }]);
+  last().receive({ op: "reply", id: 1, data: { ok: true } });
+  assert.deepEqual(await answer, { ok: true });
+});
+
+test("reset clears the channel's offset and is reported", async () => {
+  const { sd, last, runTimer } = harness();
+  await tick();
+  const resets = [];
+  sd.addEventListener("reset", (e) => resets.push(e.detail.channel));
+  sd.subscribe("news", () => {});
+  last().open();
+  last().receive({ op: "message", channel: "news", offset: "e:1", data: "x" });
+  last().receive({ op: "reset", channel: "news" });
+  assert.deepEqual(resets, ["news"]);
+  last().drop();
+  await runTimer();
+  last().open();
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "news" }]);
+});
+
+test("unsubscribing the last callback unsubscribes the channel; close stops reconnecting", async () => {
+  const { sd, last, timers } = harness();
+  await tick();
+  last().open();
+  const stop = sd.subscribe("news", () => {});
+  stop();
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "news" }, { op: "unsubscribe", channel: "news" }]);
+  sd.close();
+  assert.equal(sd.state, "closed");
+  last().drop();
+  assert.equal(timers.filter((t) => t.ms !== 5000 && !t.cancelled).length, 0);
+});
