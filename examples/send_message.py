@@ -1,6 +1,8 @@
 """
 Publish one message to every browser on a sockdrawer channel.
 
+Usage::
+
     python send_message.py "hello, browsers"                   # Redis on localhost
     python send_message.py --url http://127.0.0.1:8021 "hi"    # a node's HTTP API
     python send_message.py --channel news "extra, extra"

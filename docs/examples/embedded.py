@@ -22,9 +22,11 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from sockdrawer.service import SockDrawerService
+
+_log = Logger(namespace="clock")
 
 
 def make_service(port: str = "tcp:8020", redis: str | None = None, reactor: Any = None) -> MultiService:
@@ -38,8 +40,10 @@ def make_service(port: str = "tcp:8020", redis: str | None = None, reactor: Any 
     sockdrawer.setServiceParent(top)
 
     def tick() -> None:
-        # publish through the broker: with Redis, every node's sockets get it
-        sockdrawer.publish(time.strftime("%H:%M:%S"), channel="clock")
+        # publish through the broker: with Redis, every node's sockets get it; a publish
+        # fails while Redis is unreachable (and when the link closes at shutdown)
+        d = sockdrawer.publish(time.strftime("%H:%M:%S"), channel="clock")
+        d.addErrback(lambda failure: _log.warn("no tick: {why}", why=failure.getErrorMessage()))
 
     TimerService(1.0, tick).setServiceParent(top)
     top.sockdrawer = sockdrawer  # type: ignore[attr-defined]
