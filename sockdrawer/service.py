@@ -203,10 +203,19 @@ class SockDrawerService(MultiService):
 
     def __init__(self, settings: Settings | None = None, reactor: Any = None, **overrides: Any) -> None:
         super().__init__()
-        settings = (settings or Settings()).replace(**overrides)
+        base = settings or Settings()
+        unknown = sorted(set(overrides) - set(base.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} (keyword arguments are Settings field names, "
+                             f"e.g. max_message_size, listeners, allowed_origins)")
+        settings = base.replace(**overrides)
         self.settings = settings.validate()
         if reactor is None:
             from twisted.internet import reactor
+        check_endpoint("--port", settings.port, reactor)
+        if settings.api_enabled:
+            assert settings.api is not None
+            check_endpoint("--api", settings.api, reactor)
         self.namespace = Namespace(settings.name)
         self.hub: IChannelHub = MemoryChannelHub()
         self._reactor = reactor
@@ -369,6 +378,18 @@ class SockDrawerService(MultiService):
             "sockets": len(self.factory.connections),
             "channels": len(hub.channels()),
         }
+
+
+def check_endpoint(option: str, description: str | int, reactor: Any) -> None:
+    """
+    :raises ValueError: ``"--port: bad endpoint 'x': <why>"`` when
+        ``description`` is not a server endpoint Twisted can parse.
+    """
+    try:
+        serverFromString(reactor, endpoint_string(description))
+    except Exception as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{option}: bad endpoint {description!r}: {detail}") from None
 
 
 def makeService(settings: Settings | None = None, reactor: Any = None, **overrides: Any) -> SockDrawerService:

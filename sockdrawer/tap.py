@@ -142,13 +142,13 @@ def spec_env(field: str) -> str:
 
 def _check_endpoint(option: str, description: str | int) -> None:
     from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
+
+    from .service import check_endpoint
 
     try:
-        serverFromString(reactor, endpoint_string(description))
-    except Exception as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise usage.UsageError(f"{option}: bad endpoint {description!r}: {detail}") from None
+        check_endpoint(option, description, reactor)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> IService:

@@ -276,3 +276,21 @@ def test_options_reference_is_generated_from_the_table() -> None:
         assert f"--{option.cli}" in text and option.env in text
         if not option.repeatable:
             assert f"default ``{option.describe_default()}``" in text
+
+
+def test_embedding_gets_the_command_lines_errors() -> None:
+    """SockDrawerService raises ValueError at construction with the command line's one-line message, for bad
+    endpoints and unknown keyword arguments too."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from sockdrawer.service import SockDrawerService
+
+    for kwargs, message in (({"port": "tcp:nope"}, "--port: bad endpoint 'tcp:nope'"),
+                            ({"api": "zz:1"}, "--api: bad endpoint 'zz:1'"),
+                            ({"config": "x.toml"}, "unknown option 'config'"),
+                            ({"max_message_size": 0}, "--max-message-size must be an integer >= 1")):
+        with pytest.raises(ValueError) as e:
+            SockDrawerService(reactor=MemoryReactorClock(), **kwargs)
+        assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="--port: bad endpoint 'tcp:nope'"):
+        parse("--port", "tcp:nope")

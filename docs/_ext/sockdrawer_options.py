@@ -21,7 +21,7 @@ def option_rows() -> list[str]:
         if spec.short:
             flag += f", -{spec.short}"
         lines.append(f"``{flag}``")
-        text = spec.help[0].upper() + spec.help[1:] + "."
+        text = (spec.help[0].upper() + spec.help[1:] + ".").replace("\\", "\\\\").replace("*", "\\*")
         lines.append(f"   {text}")
         lines.append("")
         details = [f"environment ``{spec.env}``", f"config key ``{spec.cli}``"]
