@@ -81,5 +81,17 @@ class Guard(Subscriber):
         return f"you are {source.user}" if source.from_socket else None
 
 
+class Witness(Subscriber):
+    """For each broker message on /witness, publishes 'seen by <pid>' on witness/seen: one per node."""
+
+    @on("witness")
+    def seen(self, message: Any, source: Source) -> Any:
+        if not source.from_socket:
+            import os
+
+            self.publish(f"seen by {os.getpid()}", "witness/seen")
+        return None
+
+
 class NotAListener:
     pass
