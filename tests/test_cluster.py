@@ -5,6 +5,7 @@ Several nodes on one redis-server, as real ``twistd sockdrawer`` children.
 from __future__ import annotations
 
 import signal
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ def test_three_nodes_exactly_once_and_sigkill_loses_only_its_own(tmp_path: Path,
         (tmp_path / f"n{i}").mkdir()
         nodes.append(ChildNode(tmp_path / f"n{i}", ["--redis", redis_server.url, "--listener", "listeners:Witness",
                                                     "--name", "cluster"]).start())
+    stack = ExitStack()
     try:
-        sockets = [[connect(node.url("/news"), open_timeout=5) for _ in range(2)] for node in nodes]
+        sockets = [[stack.enter_context(connect(node.url("/news"), open_timeout=5)) for _ in range(2)]
+                   for node in nodes]
         for node in nodes:
             node.wait_sockets(2)
         publisher = Client(redis_server.url, name="cluster")
@@ -49,10 +52,8 @@ def test_three_nodes_exactly_once_and_sigkill_loses_only_its_own(tmp_path: Path,
             assert len(reports) == 2 and all(r.startswith("seen by ") for r in reports)
             publisher.pub("fence", "witness/seen")
             assert watcher.recv(timeout=5) == "fence", "a third report: some node ran its listener twice"
-        for per_node in sockets[1:]:
-            for ws in per_node:
-                ws.close()
     finally:
+        stack.close()
         for node in nodes:
             if node.proc is not None and node.proc.poll() is None:
                 node.stop()
