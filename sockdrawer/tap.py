@@ -22,7 +22,6 @@ from .config import (
     OptionSpec,
     Settings,
     describe,
-    endpoint_string,
     from_environment,
     load_config_file,
     parse_value,

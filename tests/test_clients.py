@@ -454,7 +454,8 @@ def node_ws_client(url: str) -> ProcessClient:
 def test_chromium(chromium: webdriver.Chrome, start_node: NodeStarter, redis_server: Any, serve: Any,
                   tmp_path: Path, compression: bool) -> None:
     """Headless Chromium on an http:// page connects, receives API and Redis messages, gets the listener's reply
-    and sees 1012 (service restart) at SIGTERM; permessage-deflate is negotiated exactly when the node runs with --compression."""
+    and sees 1012 (service restart) at SIGTERM; permessage-deflate is negotiated exactly when the node runs with
+    --compression."""
     node = start_node(*echo_node_args(compression))
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "blank.html").write_text("<!DOCTYPE html><title>sockdrawer client test</title>\n")
