@@ -25,6 +25,7 @@ from typing import Any
 import autobahn.twisted.websocket
 import autobahn.websocket.protocol
 from autobahn import util
+from autobahn.exception import PayloadExceededError
 from twisted.internet import tcp
 from twisted.internet.defer import succeed
 from twisted.internet.interfaces import ISSLTransport
@@ -235,6 +236,42 @@ def negotiated_deflate(proto: Any) -> Any:
     Assumption: Autobahn keeps it in ``_perMessageCompress``.
     """
     return proto._perMessageCompress
+
+
+class _BoundedInflation:
+    """Mixin for Autobahn's PerMessageDeflate: see :func:`bound_inflation`."""
+
+    _decompressor: Any
+
+    def decompress_message_data(self, data: bytes, max_output_len: int | None = None) -> bytes:
+        out: bytes = super().decompress_message_data(data, max_output_len)  # type: ignore[misc]
+        inflater = self._decompressor
+        if max_output_len is not None and len(out) >= max_output_len and not inflater.unconsumed_tail:
+            # zlib took all the input but may still hold output: probe it
+            if inflater.decompress(b"", 1):
+                raise PayloadExceededError("WebSocket message exceeds the decompression limit")
+        return out
+
+
+_bounded_classes: dict[type, type] = {}
+
+
+def bound_inflation(deflate: Any) -> None:
+    """
+    Make a connection's permessage-deflate state refuse (1009) a message that
+    inflates past the limit even when zlib has consumed all of its input.
+
+    Assumption: Autobahn's ``PerMessageDeflate.decompress_message_data``
+    bounds its output with ``decompress(data, max_length)`` on
+    ``_decompressor`` and flags an overflow only by a leftover
+    ``unconsumed_tail``, so output zlib still holds when the input is all
+    consumed is silently cut (the message reaches listeners truncated).
+    """
+    cls = type(deflate)
+    bounded = _bounded_classes.get(cls)
+    if bounded is None:
+        bounded = _bounded_classes[cls] = type("Bounded" + cls.__name__, (_BoundedInflation, cls), {})
+    deflate.__class__ = bounded
 
 
 def break_close_cycle(proto: Any) -> None:

@@ -33,7 +33,7 @@ class OriginPolicy:
             return True
         try:
             parts = urlsplit(origin.strip())
-            port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+            port = parts.port if parts.port is not None else {"https": 443, "http": 80}.get(parts.scheme.lower())
         except ValueError:
             return False
         if not parts.hostname or port is None:

@@ -241,4 +241,8 @@ class TokenVerifier:
         exp = claims["exp"]
         if not isinstance(exp, (int, float)) or isinstance(exp, bool):
             raise TokenRefused(401, "malformed token")
-        return Grant(user if isinstance(user, str) else None, tuple(channels), float(exp))
+        try:
+            expires = float(exp)
+        except OverflowError:
+            raise TokenRefused(401, "malformed token") from None
+        return Grant(user if isinstance(user, str) else None, tuple(channels), expires)

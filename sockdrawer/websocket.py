@@ -162,6 +162,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             self._head_complete = True
             if self.factory.verifier is not None:
                 self._token, head = take_token(head)
+            if head.lower().count(b"\r\nsec-websocket-extensions:", 0, end + 2) > 1:
+                head = merge_extension_headers(head)
             data = head
         _private.feed(self, data)
 
@@ -271,8 +273,12 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         # instead, and log the detail.
         factory = self.factory
         factory.refusals[code] = factory.refusals.get(code, 0) + 1
-        if code == 426:
-            responseHeaders = [*(responseHeaders or []), ("Sec-WebSocket-Version", "13")]
+        headers = [h for h in (responseHeaders or []) if h[0].lower() != "sec-websocket-version"]
+        if code == 426 or len(headers) != len(responseHeaders or []):
+            # an unsupported version: RFC 6455 4.4, and only 13 (version 8
+            # would be refused too)
+            code = 426
+            responseHeaders = [*headers, ("Sec-WebSocket-Version", "13")]
         if reason != self._own_reason:
             self._log.info("refused a WebSocket handshake from {peer}: {reason}", peer=self.peer, reason=reason)
             try:
@@ -303,6 +309,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         deflate = _private.negotiated_deflate(self)
         if deflate is not None:
             self.encoding = deflate.server_max_window_bits
+            _private.bound_inflation(deflate)
         _private.compact(self)
         if self._v1:
             self._sock = None  # v1 frames always go through Twisted's buffer
@@ -319,12 +326,15 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     def onMessageFrameBegin(self, length: int) -> None:
         # every frame counts, before any of it reaches a listener: an endless
         # message of empty fragments is as costly as a flood of messages
-        if not self._take_frame():
-            return
-        self._fragments += 1
-        if self._fragments > self.factory.settings.max_fragments:
-            _private.fail_connection(self, 1009, "too many fragments")
-            return
+        if self.state == _STATE_OPEN:
+            if not self._take_frame():
+                return  # failed: Autobahn ignores the rest of the frame
+            self._fragments += 1
+            if self._fragments > self.factory.settings.max_fragments:
+                _private.fail_connection(self, 1009, "too many fragments")
+                return
+        # after our own close (shutdown, expiry) frames are still parsed, and
+        # dropped at onMessage: the socket has left its channel
         super().onMessageFrameBegin(length)
 
     def onPing(self, payload: bytes) -> None:
@@ -386,6 +396,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         # no data frame may follow a close frame: leave the channel first
         self._leave()
         super().sendCloseFrame(code, reasonUtf8, isReply)
+        if not isReply and not self.closeHandshakeTimeout and self.state == self.STATE_CLOSING:
+            # no close handshake timer to drop a peer that never answers:
+            # close TCP once the close frame is written
+            self.dropConnection(abort=False)
 
     # -- delivery, driven by the ChannelGroup (fanout.Member)
 
@@ -541,6 +555,25 @@ def _address(peer: str | None) -> str | None:
     if peer.startswith(("tcp4:", "tcp6:")):
         return peer[5:].rsplit(":", 1)[0]
     return peer
+
+
+def merge_extension_headers(head: bytes) -> bytes:
+    """
+    Join repeated ``Sec-WebSocket-Extensions`` lines into one (RFC 6455 9.1
+    allows several; Autobahn refuses the handshake when it sees more than
+    one).
+    """
+    end = head.index(b"\r\n\r\n")
+    lines = head[:end].split(b"\r\n")
+    kept, offers = [], []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"sec-websocket-extensions":
+            offers.append(value.strip())
+        else:
+            kept.append(line)
+    kept.append(b"Sec-WebSocket-Extensions: " + b", ".join(o for o in offers if o))
+    return b"\r\n".join(kept) + head[end:]
 
 
 def take_token(head: bytes) -> tuple[str | None, bytes]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from childnode import ROOT, ChildNode
 from conftest import INSTALL_HINT, free_port
 from selenium import webdriver
@@ -59,14 +60,13 @@ class PersistentRedis:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
              "--appendfsync", "always", "--dir", str(self.dir), "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while True:
-            try:
-                import socket
-
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            try:  # answering PING, its append-only file loaded
+                with redis.Redis(port=self.port, socket_timeout=1) as r:
+                    r.ping()
                 return
-            except OSError:
+            except redis.exceptions.RedisError:
                 assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.02)
 

@@ -293,3 +293,23 @@ def test_txredisapi_factory_adds_connections_through_connectionready() -> None:
     factory = Bypassing(None, None, 1)
     factory._connectionReady(object())
     assert factory.pool == []
+
+
+def test_autobahn_inflation_cuts_output_when_input_is_consumed() -> None:
+    """Autobahn's PerMessageDeflate bounds inflation with decompress(data, max_length) on _decompressor and flags
+    an overflow only by a leftover unconsumed_tail; bound_inflation also refuses output zlib still holds."""
+    import zlib
+
+    from autobahn.exception import PayloadExceededError
+
+    source = inspect.getsource(PerMessageDeflate.decompress_message_data)
+    assert "self._decompressor.decompress(data" in source and "unconsumed_tail" in source
+    deflate = PerMessageDeflate(True, False, False, 15, 15, 8)
+    deflate.start_decompress_message()
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    payload = raw.compress(bytes(range(256)) * 4) + raw.flush(zlib.Z_SYNC_FLUSH)
+    _private.bound_inflation(deflate)
+    import pytest
+
+    with pytest.raises(PayloadExceededError):
+        deflate.decompress_message_data(payload[:-4], max_output_len=125)
