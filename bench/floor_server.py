@@ -5,9 +5,11 @@ WebSocket clients, for comparison with sockdrawer in the same benchmark run.
 No Twisted, no Autobahn, no error handling worth the name: an epoll loop that
 answers WebSocket handshakes, PSUBSCRIBEs ``sock-drawer/*`` with hiredis, and
 for each read from Redis sends each socket of a channel its frames, joined,
-with one ``send()``.  It never buffers (a socket that cannot take its bytes
-loses them), so it is only a measuring stick: sockdrawer's figures minus these
-are what sockdrawer itself costs.
+with one ``send()``.  The frames are built by sockdrawer's own
+``sockdrawer.frames.encode_batch`` (standard library only, no Twisted), so
+both servers send the same bytes.  It never buffers (a socket that cannot take
+its bytes loses them), so it is only a measuring stick: sockdrawer's figures
+minus these are what sockdrawer itself costs.
 
     python bench/floor_server.py --port 8020 --redis-port 6379
 """
@@ -19,26 +21,13 @@ import base64
 import hashlib
 import selectors
 import socket
-import struct
 
 import hiredis
 
+from sockdrawer.frames import encode_batch
+
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PREFIX = b"sock-drawer/"
-
-
-def frame(message: bytes) -> bytes:
-    try:
-        message.decode("utf-8")
-        op = 0x81
-    except UnicodeDecodeError:
-        op = 0x82
-    n = len(message)
-    if n < 126:
-        return bytes((op, n)) + message
-    if n < 65536:
-        return struct.pack("!BBH", op, 126, n) + message
-    return struct.pack("!BBQ", op, 127, n) + message
 
 
 def main() -> None:
@@ -93,7 +82,7 @@ def main() -> None:
                 for channel, messages in batch.items():
                     members = channels.get(channel)
                     if members:
-                        wire = b"".join([frame(m) for m in messages])
+                        wire = encode_batch(messages)
                         for member in members:
                             try:
                                 member.send(wire)

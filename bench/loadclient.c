@@ -12,6 +12,24 @@
  *      step  per-channel   CLOCK_MONOTONIC  channel
  *            sequence      ns at publish    index      (all lowercase hex)
  *
+ * or, for publisher --payload json, the same header as the first JSON field,
+ * at offset 8: {"seq":"SSSS QQQQ..." (a payload that starts with "{" must).
+ *
+ * permessage-deflate (RFC 7692), with --deflate: the handshake offers
+ * "permessage-deflate; client_max_window_bits", and a 101 that does not
+ * accept it with server_no_context_takeover fails the connection (reported
+ * as failed_ext; so does a 101 that accepts an extension never offered).
+ * Frames with RSV1 set are inflated (raw deflate, the payload followed by
+ * 00 00 ff ff, a reset inflater per message) and the inflated payload is
+ * checked as a plain one.  A fan-out sends the same compressed bytes to
+ * every socket of a channel, so up to 16,384 distinct compressed payloads
+ * are kept (in slots chosen by a hash of their bytes, compared byte for
+ * byte, never by hash alone) with what they inflated to, and each distinct
+ * payload is inflated about once: the same checks, without the load
+ * client's core becoming the limit (--inflate-cache 0 inflates every
+ * frame).  Byte counts: "bytes" is payload bytes (inflated),
+ * "wire_bytes" frame headers + payloads as received (compressed).
+ *
  * Per connection it tracks the next expected sequence number of the current
  * step and a 64-message window behind it, counting losses (gaps),
  * duplicates and late (reordered) frames; frames of an older step (stragglers
@@ -31,7 +49,7 @@
  *     p   peek: cumulative frame count only (cheap, no reset)
  *     q   final report, close everything, exit (also on EOF, SIGTERM, SIGINT)
  *
- * Build: gcc -O2 -o loadclient loadclient.c      (libc only)
+ * Build: gcc -O2 -o loadclient loadclient.c -lz      (libc and zlib)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -49,6 +67,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define RBUF_SIZE (1 << 20)
 #define HIST_N 1024
@@ -56,6 +75,10 @@
 #define HDR_LEN 44
 #define MAX_ATTEMPTS 5
 #define HS_BUF 2048
+#define JSON_AT 8               /* the header's offset in a JSON payload: {"seq":" */
+#define HEAD_MAX (JSON_AT + HDR_LEN)
+#define IBUF_SIZE (1 << 20)     /* the largest inflated message */
+#define ICACHE_N 16384         /* distinct compressed payloads kept: more than one full read of frames */
 
 enum { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_CLOSED, ST_FAILED };
 
@@ -64,6 +87,7 @@ typedef struct {
     uint8_t state;
     uint8_t attempts;
     uint8_t in_frag;       /* inside a fragmented data message */
+    uint8_t deflate;       /* permessage-deflate negotiated */
     uint32_t chan;         /* channel index */
     uint32_t step;         /* publisher step of the sequence being tracked */
     uint64_t next;         /* next expected sequence number */
@@ -76,6 +100,7 @@ typedef struct {
 
 typedef struct {
     uint64_t frames, bytes, lost, dup, late, stale, wrong_chan, bad_payload, fragments;
+    uint64_t wire_bytes, deflated, inflates, inflate_errors;
     uint64_t pings, closes, reads;
     uint64_t lat_min, lat_max, lat_sum;
     uint64_t hist[HIST_N];
@@ -99,9 +124,23 @@ static uint64_t t_begin, t_connected;
 static int n_open, n_failed, n_closed, in_flight, next_to_start;
 static uint64_t hs_hist[HIST_N];
 static uint64_t hs_max;
-static int fail_status[6];  /* 0 refused/reset, 1 timeout, 2 http non-101, 3 other */
-static char last_http_status[64];
+static int fail_status[6];  /* 0 refused/reset, 1 timeout, 2 http non-101, 3 other, 4 extension */
+static char last_http_status[192];
 static uint32_t mask_seed = 0x9e3779b9u;
+static int want_deflate;       /* --deflate */
+static int inflate_cache = 1;  /* --inflate-cache */
+static z_stream zs;
+static unsigned char *ibuf;
+
+/* compressed payload -> what it inflated to (its length and first bytes) */
+typedef struct {
+    unsigned char *comp;
+    uint32_t clen, cap;
+    uint64_t plen;
+    uint32_t hlen;
+    unsigned char head[HEAD_MAX];
+} icache_t;
+static icache_t icache[ICACHE_N];
 
 static inline uint64_t now_ns(void) {
     struct timespec ts;
@@ -204,7 +243,7 @@ static void handshake_failed(conn_t *c, int why) {
     int was_hs = (c->state == ST_CONNECTING || c->state == ST_HANDSHAKE);
     conn_close(c, ST_IDLE);
     if (was_hs) in_flight--;
-    if (why != 2 && c->attempts < MAX_ATTEMPTS) {
+    if (why != 2 && why != 4 && c->attempts < MAX_ATTEMPTS) {
         start_connect(c);
         return;
     }
@@ -259,8 +298,10 @@ static void send_handshake(conn_t *c) {
                      "Upgrade: websocket\r\n"
                      "Connection: Upgrade\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "%s"
                      "Sec-WebSocket-Version: 13\r\n\r\n",
-                     prefix, c->chan, host, port);
+                     prefix, c->chan, host, port,
+                     want_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
     ssize_t w = write(c->fd, req, (size_t)n);
     if (w != n) {
         handshake_failed(c, 0);
@@ -283,10 +324,24 @@ static void send_control(conn_t *c, int opcode, const unsigned char *payload, si
     (void)w;
 }
 
-static inline void count_data(conn_t *c, const unsigned char *p, uint64_t len, uint64_t now) {
+/*
+ * One data message: p holds (at least) its first HEAD_MAX bytes, len is its
+ * whole (inflated) payload length, wire the bytes it took on the wire.
+ */
+static inline void count_data(conn_t *c, const unsigned char *p, uint64_t len, uint64_t wire, uint64_t now) {
+    uint64_t plen = len;  /* counted as payload bytes: the whole message */
+    if (len && p[0] == '{') {  /* publisher --payload json: the header is the "seq" string */
+        if (len < JSON_AT + HDR_LEN || memcmp(p, "{\"seq\":\"", JSON_AT) != 0) {
+            len = 0;  /* bad */
+        } else {
+            p += JSON_AT;
+            len -= JSON_AT;
+        }
+    }
     if (len < HDR_LEN || p[4] != ' ' || p[17] != ' ' || p[34] != ' ' || p[43] != ' ') {
         st.frames++;
-        st.bytes += len;
+        st.bytes += plen;
+        st.wire_bytes += wire;
         c->step_frames++;
         st.bad_payload++;
         return;
@@ -301,7 +356,8 @@ static inline void count_data(conn_t *c, const unsigned char *p, uint64_t len, u
         return;
     }
     st.frames++;
-    st.bytes += len;
+    st.bytes += plen;
+    st.wire_bytes += wire;
     c->step_frames++;
     if (bad) {
         st.bad_payload++;
@@ -336,6 +392,87 @@ static inline void count_data(conn_t *c, const unsigned char *p, uint64_t len, u
             if (st.lost) st.lost--;  /* it was counted as a gap */
         }
     }
+}
+
+/*
+ * Inflate one compressed message on its own (server_no_context_takeover):
+ * fills head with its first bytes, *hlen with how many, *plen with its
+ * length.  0 on success, -1 if it is not valid deflate data or inflates to
+ * more than IBUF_SIZE.
+ */
+static int inflate_message(const unsigned char *in, uint64_t len, unsigned char *head, uint32_t *hlen,
+                           uint64_t *plen) {
+    static unsigned char tail[4] = {0x00, 0x00, 0xff, 0xff};
+    st.inflates++;
+    if (inflateReset(&zs) != Z_OK) return -1;
+    zs.next_in = (unsigned char *)in;
+    zs.avail_in = (uInt)len;
+    zs.next_out = ibuf;
+    zs.avail_out = IBUF_SIZE;
+    int ret = len ? inflate(&zs, Z_SYNC_FLUSH) : Z_OK;
+    if (ret == Z_OK && zs.avail_in == 0 && zs.avail_out) {  /* RFC 7692 7.2.2: append the stripped tail */
+        zs.next_in = tail;
+        zs.avail_in = sizeof tail;
+        ret = inflate(&zs, Z_SYNC_FLUSH);
+    }
+    /* done: the tail consumed (or a final block, after which nothing counts) and room left */
+    int ok = (ret == Z_STREAM_END || ((ret == Z_OK || ret == Z_BUF_ERROR) && zs.avail_in == 0)) && zs.avail_out;
+    if (!ok) return -1;
+    *plen = IBUF_SIZE - zs.avail_out;
+    *hlen = (uint32_t)(*plen < HEAD_MAX ? *plen : HEAD_MAX);
+    memcpy(head, ibuf, *hlen);
+    return 0;
+}
+
+/*
+ * A hash of the whole compressed payload: messages of one kind share their
+ * first bytes (the block's Huffman tables) and their last, so a hash of a
+ * few bytes would put them all in a few slots.
+ */
+static inline uint64_t icache_key(const unsigned char *p, uint64_t len) {
+    uint64_t h = len * 0x9e3779b97f4a7c15ull, w;
+    uint64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+    }
+    for (; i < len; i++) h = (h ^ p[i]) * 0xc4ceb9fe1a85ec53ull;
+    return h ^ (h >> 29);
+}
+
+/* A compressed data message: inflate it (or find it inflated before) and count it. */
+static void count_deflated(conn_t *c, const unsigned char *p, uint64_t len, uint64_t wire, uint64_t now) {
+    st.deflated++;
+    icache_t *e = &icache[icache_key(p, len) % ICACHE_N];
+    if (inflate_cache && e->comp && e->clen == len && memcmp(e->comp, p, len) == 0) {
+        count_data(c, e->head, e->plen, wire, now);
+        return;
+    }
+    unsigned char head[HEAD_MAX];
+    uint32_t hlen;
+    uint64_t plen;
+    if (inflate_message(p, len, head, &hlen, &plen) < 0) {
+        st.inflate_errors++;
+        st.frames++;
+        st.wire_bytes += wire;
+        c->step_frames++;
+        st.bad_payload++;
+        return;
+    }
+    if (inflate_cache && len <= UINT32_MAX) {
+        if (e->cap < len) {
+            free(e->comp);
+            e->cap = (uint32_t)(len < 512 ? 512 : len);
+            e->comp = malloc(e->cap);
+        }
+        memcpy(e->comp, p, len);
+        e->clen = (uint32_t)len;
+        e->plen = plen;
+        e->hlen = hlen;
+        memcpy(e->head, head, hlen);
+    }
+    count_data(c, head, plen, wire, now);
 }
 
 /* Parse frames in buf[0..len); keep the incomplete tail in c->left. */
@@ -373,14 +510,38 @@ static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now
             st.bad_payload++;
         }
         int op = b0 & 0x0f;
+        int rsv = b0 & 0x70;
+        if (rsv && !(rsv == 0x40 && c->deflate && (op == 0x1 || op == 0x2))) {
+            /* RSV1 only on the first frame of a data message, only with permessage-deflate; never RSV2/3 */
+            st.bad_payload++;
+            rsv = 0;
+            if (op == 0x1 || op == 0x2 || op == 0x0) {
+                st.frames++;
+                st.wire_bytes += hl + plen;
+                c->step_frames++;
+                pos += hl + plen;
+                continue;
+            }
+        }
         switch (op) {
         case 0x1:
         case 0x2:
             c->in_frag = !(b0 & 0x80);
-            count_data(c, p, plen, now);
+            if (!rsv) {
+                count_data(c, p, plen, hl + plen, now);
+            } else if (c->in_frag) {  /* a fragmented compressed message: never sent by the servers measured */
+                st.deflated++;
+                st.frames++;
+                st.wire_bytes += hl + plen;
+                c->step_frames++;
+                st.bad_payload++;
+            } else {
+                count_deflated(c, p, plen, hl + plen, now);
+            }
             break;
         case 0x0:
             st.fragments++;
+            st.wire_bytes += hl + plen;
             if (b0 & 0x80) c->in_frag = 0;
             break;
         case 0x9:
@@ -411,6 +572,55 @@ static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now
         memmove(c->left, buf + pos, rest);
     }
     c->left_len = (uint32_t)rest;
+}
+
+/* The value of header `name` (lowercase, with the colon) in a response head, or NULL. */
+static const char *find_header(const unsigned char *buf, size_t len, const char *name, size_t *vlen) {
+    size_t nl = strlen(name);
+    const unsigned char *line = memmem(buf, len, "\r\n", 2), *stop = buf + len;
+    while (line && line + 2 < stop) {
+        line += 2;
+        const unsigned char *eol = memmem(line, (size_t)(stop - line), "\r\n", 2);
+        if (!eol) eol = stop;
+        if ((size_t)(eol - line) >= nl && strncasecmp((const char *)line, name, nl) == 0) {
+            const unsigned char *v = line + nl;
+            while (v < eol && (*v == ' ' || *v == '\t')) v++;
+            *vlen = (size_t)(eol - v);
+            return (const char *)v;
+        }
+        line = eol < stop ? eol : NULL;
+    }
+    return NULL;
+}
+
+/*
+ * The 101's Sec-WebSocket-Extensions: with --deflate it must accept
+ * permessage-deflate with server_no_context_takeover (this client inflates
+ * each message on its own); without, there must be none.  0 if acceptable.
+ */
+static int check_extensions(conn_t *c, const unsigned char *head, size_t len) {
+    size_t vlen = 0;
+    const char *v = find_header(head, len, "sec-websocket-extensions:", &vlen);
+    char val[256];
+    if (vlen >= sizeof val) vlen = sizeof val - 1;
+    if (v) memcpy(val, v, vlen);
+    val[v ? vlen : 0] = 0;
+    const char *why = NULL;
+    if (!want_deflate) {
+        if (v) why = "101 with an extension never offered";
+    } else if (!v || !strcasestr(val, "permessage-deflate")) {
+        why = "101 without permessage-deflate";
+    } else if (!strcasestr(val, "server_no_context_takeover")) {
+        why = "101 without server_no_context_takeover";
+    }
+    if (why) {
+        snprintf(last_http_status, sizeof last_http_status, "%s%s%s", why, v ? ": " : "", val);
+        for (char *q = last_http_status; *q; q++)  /* it goes into a JSON string */
+            if (*q == '"' || *q == '\\' || (unsigned char)*q < 0x20) *q = '\'';
+        return -1;
+    }
+    c->deflate = (uint8_t)(v != NULL);
+    return 0;
 }
 
 static void on_readable(conn_t *c) {
@@ -452,6 +662,10 @@ static void on_readable(conn_t *c) {
             memcpy(last_http_status, rbuf, l);
             last_http_status[l] = 0;
             handshake_failed(c, 2);
+            return;
+        }
+        if (check_extensions(c, rbuf, (size_t)(end - rbuf)) < 0) {
+            handshake_failed(c, 4);
             return;
         }
         uint64_t dt = now - c->t_start;
@@ -500,7 +714,8 @@ static void report(const char *event, stats_t *s) {
     printf("{\"event\":\"%s\",\"id\":%d,\"t\":%.6f,\"cpu_s\":%.6f,\"sys_s\":%.6f,\"open\":%d,\"closed\":%d,"
            "\"frames\":%llu,\"bytes\":%llu,\"lost\":%llu,\"dup\":%llu,\"late\":%llu,\"stale\":%llu,"
            "\"wrong_chan\":%llu,\"bad_payload\":%llu,\"fragments\":%llu,\"pings\":%llu,\"closes\":%llu,"
-           "\"reads\":%llu,\"conn_frames_min\":%llu,\"conn_frames_max\":%llu,"
+           "\"reads\":%llu,\"wire_bytes\":%llu,\"deflated\":%llu,\"inflates\":%llu,\"inflate_errors\":%llu,"
+           "\"conn_frames_min\":%llu,\"conn_frames_max\":%llu,"
            "\"lat_min_ns\":%llu,\"lat_max_ns\":%llu,\"lat_sum_ns\":%llu,\"total_frames\":%llu,\"hist\":",
            event, client_id, (now_ns() - t_begin) / 1e9, cpu_seconds(), sys_seconds(), n_open, n_closed,
            (unsigned long long)s->frames, (unsigned long long)s->bytes, (unsigned long long)s->lost,
@@ -508,7 +723,8 @@ static void report(const char *event, stats_t *s) {
            (unsigned long long)s->wrong_chan,
            (unsigned long long)s->bad_payload, (unsigned long long)s->fragments,
            (unsigned long long)s->pings, (unsigned long long)s->closes, (unsigned long long)s->reads,
-           (unsigned long long)fmin, (unsigned long long)fmax,
+           (unsigned long long)s->wire_bytes, (unsigned long long)s->deflated, (unsigned long long)s->inflates,
+           (unsigned long long)s->inflate_errors, (unsigned long long)fmin, (unsigned long long)fmax,
            (unsigned long long)(s->frames ? s->lat_min : 0), (unsigned long long)s->lat_max,
            (unsigned long long)s->lat_sum, (unsigned long long)(tot.frames + st.frames));
     print_hist(s->hist);
@@ -529,18 +745,30 @@ static void fold_step(void) {
     tot.pings += st.pings;
     tot.closes += st.closes;
     tot.reads += st.reads;
+    tot.wire_bytes += st.wire_bytes;
+    tot.deflated += st.deflated;
+    tot.inflates += st.inflates;
+    tot.inflate_errors += st.inflate_errors;
     memset(&st, 0, sizeof st);
     st.lat_min = UINT64_MAX;
     for (int i = 0; i < nconns; i++) conns[i].step_frames = 0;
 }
 
+static int n_deflate(void) {
+    int n = 0;
+    for (int i = 0; i < nconns; i++) n += conns[i].state == ST_OPEN && conns[i].deflate;
+    return n;
+}
+
 static void report_connected(void) {
     double secs = (t_connected - t_begin) / 1e9;
     printf("{\"event\":\"connected\",\"id\":%d,\"conns\":%d,\"open\":%d,\"failed\":%d,"
-           "\"failed_refused\":%d,\"failed_timeout\":%d,\"failed_http\":%d,\"failed_other\":%d,"
+           "\"failed_refused\":%d,\"failed_timeout\":%d,\"failed_http\":%d,\"failed_other\":%d,\"failed_ext\":%d,"
+           "\"deflate\":%d,"
            "\"last_http_status\":\"%s\",\"connect_s\":%.6f,\"conn_per_s\":%.1f,"
            "\"hs_p50_us\":%.1f,\"hs_p99_us\":%.1f,\"hs_max_us\":%.1f,\"cpu_s\":%.6f,\"sys_s\":%.6f,\"hs_hist\":",
            client_id, nconns, n_open, n_failed, fail_status[0], fail_status[1], fail_status[2], fail_status[3],
+           fail_status[4], n_deflate(),
            last_http_status, secs, secs > 0 ? n_open / secs : 0.0, hist_quantile(hs_hist, 0.5) / 1e3,
            hist_quantile(hs_hist, 0.99) / 1e3, hs_max / 1e3, cpu_seconds(), sys_seconds());
     print_hist(hs_hist);
@@ -557,7 +785,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadclient --port P --conns N [--host 127.0.0.1] [--offset O] [--channels M]\n"
             "                  [--prefix bench] [--concurrency 64] [--max-seconds 3600] [--id K]\n"
-            "                  [--poll-us 0]\n"
+            "                  [--poll-us 0] [--deflate] [--inflate-cache 1]\n"
             "connection i (global index O+i) opens ws://HOST:P/<prefix><(O+i) %% M>\n"
             "stdin commands: r (report and reset), p (peek), q (quit)\n");
     exit(2);
@@ -567,6 +795,10 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--deflate")) {
+            want_deflate = 1;
+            continue;
+        }
         if (!v) usage();
         if (!strcmp(a, "--port")) port = atoi(v);
         else if (!strcmp(a, "--host")) host = v;
@@ -578,6 +810,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--max-seconds")) max_seconds = atof(v);
         else if (!strcmp(a, "--id")) client_id = atoi(v);
         else if (!strcmp(a, "--poll-us")) poll_us = atoi(v);
+        else if (!strcmp(a, "--inflate-cache")) inflate_cache = atoi(v);
         else usage();
         i++;
     }
@@ -603,7 +836,12 @@ int main(int argc, char **argv) {
 
     conns = calloc((size_t)nconns, sizeof *conns);
     rbuf = malloc(RBUF_SIZE);
-    if (!conns || !rbuf) return 1;
+    ibuf = malloc(IBUF_SIZE);
+    if (!conns || !rbuf || !ibuf) return 1;
+    if (inflateInit2(&zs, -15) != Z_OK) {  /* raw deflate, any window up to 32 KiB */
+        fprintf(stderr, "loadclient: inflateInit2 failed\n");
+        return 1;
+    }
     for (int i = 0; i < nconns; i++) {
         conns[i].fd = -1;
         conns[i].chan = (offset + (uint32_t)i) % nchannels;

@@ -12,6 +12,16 @@
  *     "SSSS QQQQQQQQQQQQ TTTTTTTTTTTTTTTT CCCCCCCC "
  *      step  seq          CLOCK_MONOTONIC ns at write, channel index
  *
+ * With --payload json, the same 44-byte header is the first field of a JSON
+ * object of exactly --size bytes, at offset 8:
+ *     {"seq":"SSSS QQQQQQQQQQQQ TTTTTTTTTTTTTTTT CCCCCCCC ","type":"trade.batch",...,
+ *      "items":[{"id":4821337,"symbol":"ACME","side":"buy","price":101.25,...},...],"note":"..."}
+ * a batch of trade records (repeated keys, numbers, a few enumerated
+ * strings) as a JSON API would send, and as compressible (deflate, each
+ * message on its own: 1,024 bytes to about 400).  64 variants with different
+ * numbers are made at start (fixed seed) and used in turn; the header is
+ * written into each message.
+ *
  * At the end it waits for every reply and prints one JSON line.
  *
  * Build: gcc -O2 -o publisher publisher.c      (libc only)
@@ -34,6 +44,9 @@
 #include <unistd.h>
 
 #define HDR_LEN 44
+#define JSON_AT 8          /* strlen("{\"seq\":\"") */
+#define JSON_VARIANTS 64
+#define JSON_MIN_SIZE 192
 
 static inline uint64_t now_ns(void) {
     struct timespec ts;
@@ -54,6 +67,55 @@ static inline void puthex(char *p, uint64_t v, int n) {
         p[i] = HEX[v & 15];
         v >>= 4;
     }
+}
+
+/* xorshift64: deterministic payloads from run to run */
+static uint64_t rng_state = 0x243f6a8885a308d3ull;
+static uint32_t rnd(uint32_t n) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)((rng_state >> 11) % n);
+}
+
+/*
+ * One JSON message of exactly `size` bytes (size >= JSON_MIN_SIZE), the
+ * header placeholder at JSON_AT: trade records while they fit, then a "note"
+ * string of words filling the rest.
+ */
+static void json_payload(char *out, size_t size) {
+    static const char *symbols[] = {"ACME", "GLOBX", "INITECH", "UMBRL", "HOOLI", "STARK", "WAYNE", "CYBDN",
+                                    "SOYLNT", "TYRELL", "WONKA", "OSCORP"};
+    static const char *venues[] = {"XNAS", "XNYS", "BATS", "ARCX", "IEXG"};
+    static const char *status[] = {"filled", "partial", "open", "cancelled"};
+    static const char *words[] = {"order", "book", "snapshot", "delayed", "market", "data", "feed", "partial",
+                                  "fill", "cancel", "replace", "venue", "halt", "resumed", "auction", "close"};
+    const char *tail = "],\"note\":\"";
+    size_t n = (size_t)sprintf(out,
+                               "{\"seq\":\"0000 000000000000 0000000000000000 00000000 \",\"type\":\"trade.batch\","
+                               "\"source\":\"bench-feed\",\"version\":3,\"items\":[");
+    char item[256];
+    for (int k = 0;; k++) {
+        uint32_t price = 1000 + rnd(99000);
+        int l = snprintf(item, sizeof item,
+                         "%s{\"id\":%u,\"symbol\":\"%s\",\"side\":\"%s\",\"price\":%u.%02u,\"qty\":%u,"
+                         "\"venue\":\"%s\",\"status\":\"%s\",\"ts\":%llu}",
+                         k ? "," : "", 1000000 + rnd(9000000), symbols[rnd(12)], rnd(2) ? "buy" : "sell",
+                         price / 100, price % 100, (1 + rnd(50)) * 100, venues[rnd(5)], status[rnd(4)],
+                         1732749000000ull + rnd(1000000));
+        if (n + (size_t)l + strlen(tail) + 2 + 8 > size) break;  /* keep room for a note of >= 8 bytes */
+        memcpy(out + n, item, (size_t)l);
+        n += (size_t)l;
+    }
+    memcpy(out + n, tail, strlen(tail));
+    n += strlen(tail);
+    while (n < size - 2) {  /* words, the last one cut to fit */
+        const char *w = words[rnd(16)];
+        while (*w && n < size - 2) out[n++] = *w++;
+        if (n < size - 2) out[n++] = ' ';
+    }
+    out[n++] = '"';
+    out[n++] = '}';
 }
 
 static volatile sig_atomic_t stop_flag;
@@ -93,12 +155,13 @@ static void usage(void) {
     fprintf(stderr,
             "usage: publisher --port REDIS_PORT --rate MSG_PER_S --duration S [--host 127.0.0.1]\n"
             "                 [--channels 1] [--prefix bench] [--namespace sock-drawer] [--size 100]\n"
-            "                 [--step 1] [--tick-us 1000] [--max-batch 20000] [--max-wait 60]\n");
+            "                 [--step 1] [--tick-us 1000] [--max-batch 20000] [--max-wait 60]\n"
+            "                 [--payload dots|json]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
-    const char *host = "127.0.0.1", *prefix = "bench", *ns = "sock-drawer";
+    const char *host = "127.0.0.1", *prefix = "bench", *ns = "sock-drawer", *kind = "dots";
     int port = 0;
     double rate = 0, duration = 0, max_wait = 60;
     uint64_t nchan = 1, size = 100, step = 1, tick_us = 1000, max_batch = 20000;
@@ -117,10 +180,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--tick-us")) tick_us = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--max-batch")) max_batch = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--max-wait")) max_wait = atof(v);
+        else if (!strcmp(a, "--payload")) kind = v;
         else usage();
         i++;
     }
+    int json = !strcmp(kind, "json");
+    if (!json && strcmp(kind, "dots")) usage();
     if (port <= 0 || rate <= 0 || duration <= 0 || nchan == 0 || size < HDR_LEN || tick_us == 0) usage();
+    if (json && size < JSON_MIN_SIZE) {
+        fprintf(stderr, "publisher: --payload json needs --size >= %d\n", JSON_MIN_SIZE);
+        return 2;
+    }
     if (step > 0xffff) step &= 0xffff;
     uint64_t total = (uint64_t)(rate * duration + 0.5);
     signal(SIGPIPE, SIG_IGN);
@@ -144,10 +214,20 @@ int main(int argc, char **argv) {
         if ((size_t)l > maxpre) maxpre = (size_t)l;
     }
     size_t msgmax = maxpre + size + 2;
-    char *payload = malloc(size);
-    memset(payload, '.', size);
-    memcpy(payload, "0000 000000000000 0000000000000000 00000000 ", HDR_LEN);
-    puthex(payload, step, 4);
+    /* the payload(s), header at `at`; per message only seq, time and channel change */
+    int variants = json ? JSON_VARIANTS : 1;
+    size_t at = json ? JSON_AT : 0;
+    char *payload = malloc(size * (size_t)variants);
+    for (int k = 0; k < variants; k++) {
+        char *p = payload + size * (size_t)k;
+        if (json) {
+            json_payload(p, size);
+        } else {
+            memset(p, '.', size);
+            memcpy(p, "0000 000000000000 0000000000000000 00000000 ", HDR_LEN);
+        }
+        puthex(p + at, step, 4);
+    }
 
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -191,7 +271,8 @@ int main(int argc, char **argv) {
                     memcpy(out + outlen, pre[c], prelen[c]);
                     outlen += prelen[c];
                     char *p = out + outlen;
-                    memcpy(p, payload, size);
+                    memcpy(p, payload + size * (seq % (uint64_t)variants), size);
+                    p += at;
                     puthex(p + 5, seq, 12);
                     puthex(p + 18, ts, 16);
                     puthex(p + 35, c, 8);

@@ -18,12 +18,19 @@ Scenarios:
   channels  10,000 sockets, one channel each, 100 B, rate stepped up from 5,000 msg/s
   idle      10,000 idle sockets: RSS per socket, connect rate, handshake CPU
   large     1,000 sockets on 1 channel, 16 KiB messages, rate stepped up from 10 msg/s
+  fanout-json  1 channel, 1,000 sockets, 1 KiB JSON messages, rate stepped up from 100 msg/s
+
+--compression measures each sockdrawer build twice, plain and with
+permessage-deflate (server --compression, load clients offering and
+inflating it), side by side.
 
 Examples:
   python bench/run.py --quick                       # smoke run, < 1 minute
   python bench/run.py --scenario all --rev HEAD --json-out bench/results/results.jsonl \
         --plot docs/_static/bench.png --rst           # the run behind docs/performance.rst
   python bench/run.py --scenario fanout --clients 2 --no-baseline
+  python bench/run.py --scenario fanout-json --compression --no-baseline --rates 100,1000   # deflate vs plain
+  python bench/run.py --scenario fanout --rev f45089b --rev HEAD --no-baseline --rates 100  # two builds, one run
   python bench/run.py --server-cmd "twistd -n --pidfile= sockdrawer --port tcp:{port}:interface=127.0.0.1 \\
         --api none --redis redis://127.0.0.1:{redis_port}/0" --label mybuild --no-baseline
   python bench/run.py --from-json bench/results/results.jsonl --rst --plot out.png
@@ -42,6 +49,7 @@ import select
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +72,7 @@ DEFAULT_BASELINE_CMD = "{python} bench/baseline_autobahn.py --port {port} --redi
 FLOOR_CMD = "{python} bench/floor_server.py --port {port} --redis-port {redis_port}"
 
 P99_LIMIT_MS = 250.0
+DEFLATE_SUFFIX = "+deflate"
 
 
 @dataclass
@@ -75,6 +84,7 @@ class Scenario:
     size: int = 100
     start_rate: float = 0.0  # msg/s; 0: no publishing (idle)
     max_rate: float = 0.0
+    payload: str = "dots"  # publisher --payload: "dots" (header + '.' padding) or "json"
 
     @property
     def fanout(self) -> float:
@@ -86,14 +96,28 @@ SCENARIOS = {
     "channels": Scenario("channels", "10,000 sockets, 1 channel each, 100 B", 10_000, 10_000, 100, 5000, 200_000),
     "idle": Scenario("idle", "10,000 idle sockets", 10_000, 1),
     "large": Scenario("large", "1 channel, 1,000 sockets, 16 KiB", 1000, 1, 16384, 10, 5000),
+    "fanout-json": Scenario("fanout-json", "1 channel, 1,000 sockets, 1 KiB JSON", 1000, 1, 1024, 100, 10_000,
+                            "json"),
 }
 QUICK = {
     "fanout": dict(sockets=200, start_rate=100),
     "channels": dict(sockets=1000, channels=1000, start_rate=2000),
     "idle": dict(sockets=1000),
     "large": dict(sockets=100, start_rate=20),
+    "fanout-json": dict(sockets=200, start_rate=100),
 }
-ORDER = ["fanout", "channels", "idle", "large"]
+ORDER = ["fanout", "channels", "idle", "large", "fanout-json"]
+
+
+@dataclass
+class Server:
+    """A server under test: its label, command template, PYTHONPATH, build, and whether clients offer deflate."""
+
+    label: str
+    cmd: str
+    pythonpath: str | None = None
+    git: dict[str, Any] | None = None
+    deflate: bool = False
 
 
 class BenchError(Exception):
@@ -276,10 +300,13 @@ class Children:
 
 class LoadClient:
     def __init__(self, children: Children, idx: int, port: int, conns: int, offset: int, channels: int,
-                 concurrency: int, cpus: set[int] | None, log: Path, poll_us: int = 0) -> None:
+                 concurrency: int, cpus: set[int] | None, log: Path, poll_us: int = 0, deflate: bool = False,
+                 inflate_cache: bool = True) -> None:
         argv = [str(BUILD / "loadclient"), "--port", str(port), "--conns", str(conns), "--offset", str(offset),
                 "--channels", str(channels), "--concurrency", str(concurrency), "--id", str(idx),
-                "--max-seconds", "3600", "--poll-us", str(poll_us)]
+                "--max-seconds", "3600", "--poll-us", str(poll_us), "--inflate-cache", "1" if inflate_cache else "0"]
+        if deflate:
+            argv.append("--deflate")
         self.idx = idx
         self.conns = conns
         self.logf = open(log, "wb")
@@ -356,10 +383,10 @@ class Setup:
 
 def build() -> None:
     BUILD.mkdir(exist_ok=True)
-    for name in ("loadclient", "publisher"):
+    for name, libs in (("loadclient", ["-lz"]), ("publisher", [])):
         src, out = BENCH / f"{name}.c", BUILD / name
         if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-            cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(src)]
+            cmd = ["gcc", "-O2", "-Wall", "-o", str(out), str(src), *libs]
             print("$", " ".join(cmd), file=sys.stderr)
             subprocess.run(cmd, check=True)
 
@@ -497,7 +524,7 @@ def run_publisher(env: Env, setup: Setup, sc: Scenario, rate: float, duration: f
     setup.step_id += 1
     argv = [str(BUILD / "publisher"), "--port", str(setup.redis_port), "--rate", f"{rate:g}",
             "--duration", f"{duration:g}", "--channels", str(sc.channels), "--size", str(sc.size),
-            "--step", str(setup.step_id)]
+            "--step", str(setup.step_id), "--payload", sc.payload]
     p = env.children.start(argv, env.load_cpus, stdout=subprocess.PIPE,
                            stderr=open(env.logdir / "publisher.err", "ab"))
     r = setup.redis()
@@ -552,7 +579,9 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
                  ) -> dict[str, Any]:
     args = env.args
     clients = setup.clients
-    ask_all(clients, "r", "report")  # reset the clients' step counters
+    # reset the clients' step counters, and their CPU time: not what they used while waiting between steps
+    for cl, e in zip(clients, ask_all(clients, "r", "report"), strict=True):
+        cl.last_cpu, cl.last_sys = e["cpu_s"], e["sys_s"]
     r0 = setup.redis()
     try:  # the subscriber(s) as of now: a reconnection after an earlier step is not this step's
         setup.sub_ids |= {c.get("id", "?") for c in pubsub_clients(r0)}
@@ -609,6 +638,8 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     for cl, e in zip(clients, reps, strict=True):
         cl.last_cpu, cl.last_sys = e["cpu_s"], e["sys_s"]
     reads = sum(e["reads"] for e in reps)
+    payload_bytes = sum(e["bytes"] for e in reps)
+    wire_bytes = sum(e["wire_bytes"] for e in reps)
     all_busy = sum(cores1[c][0] - cores0[c][0] for c in cores1 if c in cores0)
     ours = server_cpu + (redis1 - redis0) + client_cpu + pub["cpu_s"] + (self1 - self0)
     other_cpu = max(0.0, all_busy - ours)
@@ -641,7 +672,7 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     if backlog:
         problems.append(f"{backlog} still queued {drain_limit:.0f} s after publishing")
     for key, what in (("dup", "duplicates"), ("late", "out of order"), ("wrong_chan", "on the wrong channel"),
-                      ("bad_payload", "bad payloads")):
+                      ("bad_payload", "bad payloads"), ("inflate_errors", "did not inflate")):
         n = sum(e[key] for e in reps)
         if n:
             problems.append(f"{n} {what}")
@@ -689,6 +720,13 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
         "client_sys_s": round(client_sys, 4),
         "client_reads": reads,
         "frames_per_read": delivered / reads if reads else None,
+        "payload_bytes": payload_bytes,
+        "wire_bytes": wire_bytes,
+        "payload_bytes_per_delivery": payload_bytes / delivered if delivered else None,
+        "wire_bytes_per_delivery": wire_bytes / delivered if delivered else None,
+        "deflated": sum(e["deflated"] for e in reps),
+        "inflates": sum(e["inflates"] for e in reps),
+        "inflate_errors": sum(e["inflate_errors"] for e in reps),
         "publisher_cpu_s": pub["cpu_s"],
         "publisher_rate": pub["achieved_rate"],
         "publisher_max_lag_ms": pub["max_lag_ms"],
@@ -710,11 +748,16 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
 
 def fmt_step(s: dict[str, Any]) -> str:
     us = s["us_per_delivery"]
+    deflated = ""
+    if s.get("deflated") and s["delivered"]:
+        deflated = f" ({100 * s['deflated'] / s['delivered']:.0f}% deflated)"
     return (f"  {s['phase']:<8} {s['rate']:>9,.0f} msg/s {s['offered_dps']:>12,.0f} dl/s  "
             f"got {s['delivered']:>10,}  p50 {s['p50_ms']:8.2f} p99 {s['p99_ms']:8.2f} ms  "
             f"srv {s['server_util'] * 100:4.0f}% {us if us is not None else float('nan'):6.2f} us/dl  "
             f"cli {s['client_util'] * 100:3.0f}%  load-core {s['load_core_util'] * 100:3.0f}%"
             f"{'!' if s.get('load_limited') else ' '} "
+            f"wire {s['wire_bytes_per_delivery'] or 0:,.0f} B/dl"
+            f"{deflated} "
             f"{'ok' if s['ok'] else 'FAIL: ' + ', '.join(s['problems'])}"
             + (f"  [other processes: {s['other_cpu_s'] / s['wall_s'] * 100:.0f}% of a core]"
                if s.get("other_cpu_s", 0) > 0.15 * s["wall_s"] else ""))
@@ -730,13 +773,13 @@ def ramp(env: Env, setup: Setup, sc: Scenario) -> tuple[list[dict[str, Any]], di
     max_probes = 2 if args.quick else 14
 
     def step(rate: float, window: float, phase: str) -> dict[str, Any]:
-        for attempt in range(3):
+        for attempt in range(args.noisy_retries + 1):
             s = measure_step(env, setup, sc, rate, window, phase)
             s["noisy"] = s["other_cpu_s"] > 0.25 * s["wall_s"]
             print(fmt_step(s), flush=True)
             if not s["ok"]:
                 wait_idle(setup)
-            if not s["noisy"] or attempt == 2:
+            if not s["noisy"] or attempt == args.noisy_retries:
                 break
             print("  other processes used the CPU during that step: waiting for a quiet machine, then "
                   "measuring it again", flush=True)
@@ -831,16 +874,21 @@ def snapshot(rev: str) -> tuple[str, Path]:
     return commit, dest
 
 
-def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None = None) -> dict[str, Any]:
+def start_setup(env: Env, server: Server, sc: Scenario) -> tuple[Setup, dict[str, Any]]:
+    """Redis, the server, the load clients with every socket open: the setup and the connect-phase figures."""
     args = env.args
+    label, cmd, pythonpath = server.label, server.cmd, server.pythonpath
     tag = re.sub(r"[^A-Za-z0-9@._-]+", "_", f"{sc.name}-{label}")
     print(f"\n== {sc.name} ({sc.title}) on {label}", flush=True)
     children = env.children
     redis_port, redis_proc, redis_log = start_redis(env, tag)
-    setup = None
     try:
         server_proc, server_pid, port = start_server(env, cmd, redis_port, tag, pythonpath)
-        setup = Setup(redis_port, redis_proc, redis_log, server_proc, server_pid, port)
+    except BaseException:
+        children.stop(redis_proc)  # start_server stopped its own process
+        raise
+    setup = Setup(redis_port, redis_proc, redis_log, server_proc, server_pid, port)
+    try:
         print(f"  server pid {server_pid} on port {port}, redis pid {redis_proc.pid} on port {redis_port}", flush=True)
         time.sleep(0.2 if args.quick else 0.5)
         rss0 = proc_rss(server_pid)
@@ -852,7 +900,8 @@ def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None
         off = 0
         for i, n in enumerate(per):
             c = LoadClient(children, i, port, n, off, sc.channels, max(1, args.concurrency // k), env.load_cpus,
-                           env.logdir / f"{tag}-client{i}.log", args.client_poll_us)
+                           env.logdir / f"{tag}-client{i}.log", args.client_poll_us, server.deflate,
+                           not args.no_inflate_cache)
             setup.clients.append(c)
             off += n
         conn = [c.read_event("connected", 300) for c in setup.clients]
@@ -874,7 +923,8 @@ def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None
             "open": opened,
             "failed": failed,
             "failures": {k2: sum(e[k2] for e in conn) for k2 in
-                         ("failed_refused", "failed_timeout", "failed_http", "failed_other")},
+                         ("failed_refused", "failed_timeout", "failed_http", "failed_other", "failed_ext")},
+            "deflate": sum(e["deflate"] for e in conn),
             "http_status": [e["last_http_status"] for e in conn if e["last_http_status"]],
             "connect_s": round(t_conn, 4),
             "conn_per_s": opened / t_conn if t_conn else None,
@@ -891,22 +941,51 @@ def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None
               f"handshake CPU {connect['handshake_cpu_us'] or 0:.0f} us/conn, "
               f"p99 {connect['handshake_p99_ms']:.1f} ms, "
               f"RSS {connect['rss_per_socket'] or 0:,.0f} B/socket ({rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB)"
+              + (f", permessage-deflate on {connect['deflate']:,}" if server.deflate else "")
               + (f", {failed} FAILED {connect['failures']} {connect['http_status'][:1]}" if failed else ""),
               flush=True)
         if opened == 0:
             raise BenchError("no connection opened")
+    except BaseException:
+        stop_setup(env, setup)
+        raise
+    return setup, connect
+
+
+def stop_setup(env: Env, setup: Setup) -> None:
+    """Stop the load clients, the server and Redis of a setup."""
+    for c in setup.clients:
+        try:
+            c.send("q")
+        except OSError:
+            pass
+    for c in setup.clients:
+        env.children.stop(c.p, timeout=5)
+        c.logf.close()
+    env.children.stop(setup.server_proc, timeout=10)
+    env.children.stop(setup.redis_proc)
+
+
+def warm_up(env: Env, setup: Setup, sc: Scenario) -> None:
+    """Check delivery end to end before measuring."""
+    w = measure_step(env, setup, sc, min(sc.start_rate, 100), 0.5, "warmup")
+    if not w["delivered"]:
+        raise BenchError(f"warm-up: nothing delivered ({w['problems']}); see {env.logdir}")
+
+
+def run_one(env: Env, server: Server, sc: Scenario) -> dict[str, Any]:
+    args = env.args
+    setup, connect = start_setup(env, server, sc)
+    try:
         steps: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
         if sc.start_rate:
-            # warm-up: check delivery end to end before measuring
-            w = measure_step(env, setup, sc, min(sc.start_rate, 100), 0.5, "warmup")
-            if not w["delivered"]:
-                raise BenchError(f"warm-up: nothing delivered ({w['problems']}); see {env.logdir}")
+            warm_up(env, setup, sc)
             steps, summary = ramp(env, setup, sc)
         else:
-            c0 = proc_cpu(server_pid)
+            c0 = proc_cpu(setup.server_pid)
             time.sleep(args.probe)
-            summary["idle_cpu_util"] = (proc_cpu(server_pid) - c0) / args.probe
+            summary["idle_cpu_util"] = (proc_cpu(setup.server_pid) - c0) / args.probe
             rep = ask_all(setup.clients, "r", "report")
             summary["idle_frames"] = sum(e["frames"] for e in rep)
             summary["idle_open"] = sum(e["open"] for e in rep)
@@ -914,23 +993,75 @@ def run_one(env: Env, label: str, cmd: str, sc: Scenario, pythonpath: str | None
             "connect": connect,
             "steps": steps,
             "summary": summary,
-            "server_pid_is_child": server_pid == server_proc.pid,
+            "server_pid_is_child": setup.server_pid == setup.server_proc.pid,
         }
     finally:
-        if setup is not None:
-            for c in setup.clients:
-                try:
-                    c.send("q")
-                except OSError:
-                    pass
-            for c in setup.clients:
-                children.stop(c.p, timeout=5)
-                c.logf.close()
-            children.stop(setup.server_proc, timeout=10)
-        else:
-            # start_server failed: it stopped its own process
-            pass
-        children.stop(redis_proc)
+        stop_setup(env, setup)
+
+
+def run_interleaved(env: Env, servers: list[Server], sc: Scenario
+                    ) -> list[tuple[dict[str, Any] | None, str | None]]:
+    """
+    --interleave: every server of the scenario set up at once (each with its
+    own Redis and load clients; the idle ones cost nothing), then each
+    --rates step measured on one server after the other, --repeat rounds,
+    every other round in reverse order, so that a machine whose load drifts
+    affects all of them alike.  Returns (result, error) per server.
+    """
+    args = env.args
+    live: list[tuple[int, Setup, dict[str, Any]]] = []
+    out: list[tuple[dict[str, Any] | None, str | None]] = [(None, None)] * len(servers)
+    steps: dict[int, list[dict[str, Any]]] = {}
+    try:
+        for i, server in enumerate(servers):
+            try:
+                setup, connect = start_setup(env, server, sc)
+            except BenchError as e:
+                print(f"  ERROR: {e}", file=sys.stderr)
+                out[i] = (None, str(e))
+                continue
+            live.append((i, setup, connect))
+            steps[i] = []
+        for item in list(live):
+            try:
+                warm_up(env, item[1], sc)
+            except BenchError as e:
+                print(f"  ERROR: {servers[item[0]].label}: {e}", file=sys.stderr)
+                out[item[0]] = (None, str(e))
+                live.remove(item)
+                stop_setup(env, item[1])
+        print(f"\n== {sc.name}: {args.repeat} round(s) of {', '.join(num(r) for r in args.rates)} msg/s, "
+              f"{args.probe:g} s each, on {', '.join(servers[i].label for i, _, _ in live)}", flush=True)
+        width = max([len(servers[i].label) for i, _, _ in live] + [1])
+        for rnd in range(args.repeat):
+            order = list(live) if rnd % 2 == 0 else live[::-1]
+            for rate in args.rates:
+                for item in order:
+                    i, setup, _ = item
+                    if item not in live:
+                        continue
+                    try:
+                        s = measure_step(env, setup, sc, rate, args.probe, "fixed")
+                    except BenchError as e:  # this server is out; the others go on
+                        print(f"  ERROR: {servers[i].label}: {e}", file=sys.stderr)
+                        out[i] = ({"connect": item[2], "steps": steps[i], "summary": {"rates": args.rates},
+                                   "server_pid_is_child": setup.server_pid == setup.server_proc.pid}, str(e))
+                        live.remove(item)
+                        stop_setup(env, setup)
+                        continue
+                    s["round"] = rnd
+                    s["noisy"] = s["other_cpu_s"] > 0.25 * s["wall_s"]
+                    print(f"  {servers[i].label:<{width}} r{rnd}" + fmt_step(s), flush=True)
+                    steps[i].append(s)
+                    if not s["ok"]:
+                        wait_idle(setup)
+        for i, setup, connect in live:
+            out[i] = ({"connect": connect, "steps": steps[i], "summary": {"rates": args.rates, "rounds": args.repeat},
+                       "server_pid_is_child": setup.server_pid == setup.server_proc.pid}, None)
+    finally:
+        for _, setup, _ in live:
+            stop_setup(env, setup)
+    return out
 
 
 # ---------------------------------------------------------------- reporting
@@ -1020,6 +1151,11 @@ def fail_text(r: dict[str, Any]) -> str:
     return f"{num(fail)} ({', '.join(why)})"
 
 
+def bytes_text(x: dict[str, Any]) -> str:
+    """Wire / payload bytes per delivery of a step (frame headers + payload as sent; payload inflated)."""
+    return f"{num(x['wire_bytes_per_delivery'])} / {num(x['payload_bytes_per_delivery'])}"
+
+
 def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Rows: (scenario, figure, value per label)."""
     labels: list[str] = []
@@ -1051,6 +1187,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
             row(s, "  server CPU use at that rate", lambda r: f"{held(r)['server_util'] * 100:.0f}%")
             row(s, "  latency p50 / p99 / max, ms",
                 lambda r: f"{held(r)['p50_ms']:.1f} / {held(r)['p99_ms']:.1f} / {held(r)['max_ms']:.0f}")
+            row(s, "  bytes per delivery on the wire / payload", lambda r: bytes_text(held(r)))
             row(s, "  load clients CPU, ns/frame (core-1 busy)",
                 lambda r: f"{held(r)['client_ns_per_frame']:.0f} ({held(r)['load_core_util'] * 100:.0f}%)")
             start = next((x["rate"] for r in runs if r["scenario"] == s for x in r["steps"]
@@ -1060,6 +1197,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
                 + ("" if first(r)["ok"] else " (" + ", ".join(first(r)["problems"]) + ")"))
             row(s, "  latency p50 / p99 there, ms",
                 lambda r: f"{first(r)['p50_ms']:.1f} / {first(r)['p99_ms']:.1f}")
+            row(s, "  bytes per delivery on the wire / payload there", lambda r: bytes_text(first(r)))
             row(s, "lowest failing rate tried, msg/s (why)", fail_text)
             row(s, "steps disturbed by other processes",
                 lambda r: str(sum(1 for x in r["steps"] if x.get("noisy"))))
@@ -1090,6 +1228,131 @@ def print_table(runs: list[dict[str, Any]]) -> None:
         prev = r[0]
         print("  ".join(str(cell).ljust(w) for cell, w in zip(cells, widths, strict=True)))
     print(line)
+
+
+def ratio_text(x: dict[str, Any], ref: dict[str, Any] | None, key: str) -> str:
+    """" (1.23x)": x[key] / ref[key]; empty without a reference."""
+    if ref is None or not ref.get(key) or x.get(key) is None:
+        return ""
+    v = x[key] / ref[key]
+    return f" ({v:.2f}x)" if v >= 0.1 else f" ({v:.2g}x)"
+
+
+def pooled(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steps at one rate taken together: CPU and bytes summed over deliveries, median latencies."""
+    delivered = sum(x["delivered"] for x in steps)
+    if not delivered:
+        return {"delivered": 0}
+    wire = [x.get("wire_bytes") for x in steps]
+    reads = sum(x.get("client_reads") or 0 for x in steps)
+    return {
+        "delivered": delivered,
+        "us_per_delivery": sum(x["server_cpu_s"] for x in steps) / delivered * 1e6,
+        "us_per_read": sum(x["server_cpu_s"] for x in steps) / reads * 1e6 if reads else None,
+        "p50_ms": statistics.median(x["p50_ms"] for x in steps),
+        "p99_ms": statistics.median(x["p99_ms"] for x in steps),
+        "wire_bytes_per_delivery": None if None in wire else sum(w for w in wire if w is not None) / delivered,
+        "failed": sum(1 for x in steps if not x["ok"]),
+        "n": len(steps),
+        "rounds": {x.get("round", k): x for k, x in enumerate(steps)},
+    }
+
+
+def paired_text(x: dict[str, Any], base: dict[str, Any], per: str) -> str:
+    """
+    " [lo-hi, median m]": the ratios of server CPU per ``per`` (``delivered``
+    or ``client_reads``) of the rounds measured back to back (--interleave).
+    """
+    paired = sorted(a["server_cpu_s"] / a[per] / (b["server_cpu_s"] / b[per])
+                    for k, a in x["rounds"].items() if (b := base["rounds"].get(k))
+                    and a.get(per) and b.get(per) and b["server_cpu_s"])
+    if len(paired) < 2:
+        return ""
+    return f" [{paired[0]:.2f}-{paired[-1]:.2f}, median {statistics.median(paired):.2f}]"
+
+
+def compare_rows(runs: list[dict[str, Any]], scenario: str) -> tuple[list[str], list[list[str]]]:
+    """
+    Per rate, each run of ``scenario`` side by side: server CPU us/delivery
+    and its ratio to the first run's at that rate, server CPU per load-client
+    read (about one per socket write: the cost per send, which does not
+    depend on how many messages a busy server batches into each), latency
+    p50 / p99, wire bytes per delivery and the ratio.  The probe/refine/fixed steps at each
+    rate, pooled (see :func:`pooled`); with --interleave --repeat, the range
+    and the median of the ratios of the rounds (each pair measured back to
+    back) in brackets.
+    """
+    runs = runs_of(runs, scenario)
+    cols: list[dict[float, dict[str, Any]]] = []
+    for r in runs:
+        by: dict[float, list[dict[str, Any]]] = {}
+        for x in r["steps"]:
+            if x["phase"] in ("probe", "refine", "fixed"):
+                by.setdefault(x["rate"], []).append(x)
+        cols.append({rate: pooled(xs) for rate, xs in by.items()})
+    head = ["msg/s", "deliveries/s"]
+    for r in runs:
+        head += [f"{r['label']}: us/dl", "us/read", "p50 / p99 ms", "wire B/dl"]
+    fan = runs[0]["params"]["sockets"] / runs[0]["params"]["channels"] if runs else 1
+    rows = []
+    for rate in sorted({rate for c in cols for rate in c}):
+        ref = cols[0].get(rate)
+        row = [num(rate), num(rate * fan)]
+        for i, c in enumerate(cols):
+            x = c.get(rate)
+            if x is None or not x["delivered"]:
+                row += ["-", "-", "-", "-"]
+                continue
+            base = ref if i and ref and ref["delivered"] else None
+            us = num(x["us_per_delivery"], 2) + ratio_text(x, base, "us_per_delivery")
+            per_read = num(x["us_per_read"], 2) + ratio_text(x, base, "us_per_read")
+            if base is not None and x["n"] > 1:
+                us += paired_text(x, base, "delivered")
+                per_read += paired_text(x, base, "client_reads")
+            if x["n"] > 1:
+                us += f" n={x['n']}"
+            if x["failed"]:
+                us += " (failed)" if x["n"] == 1 else f" ({x['failed']} failed)"
+            wire = x.get("wire_bytes_per_delivery")
+            row += [us, per_read, f"{x['p50_ms']:.1f} / {x['p99_ms']:.1f}",
+                    "-" if wire is None else num(wire) + ratio_text(x, base, "wire_bytes_per_delivery")]
+        rows.append(row)
+    return head, rows
+
+
+def compare_text(runs: list[dict[str, Any]], scenario: str) -> str:
+    head, rows = compare_rows(runs, scenario)
+    widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
+    line = "  ".join("-" * w for w in widths)
+    out = [f"{scenario}, per rate (ratios: to {runs_of(runs, scenario)[0]['label']} at the same rate)", line,
+           "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    out.append(line)
+    return "\n".join(out)
+
+
+def compare_rst(runs: list[dict[str, Any]], scenario: str) -> str:
+    head, rows = compare_rows(runs, scenario)
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    for r in [head] + rows:
+        r = [re.sub(r"\bus\b", "µs", c.replace("us/dl", "µs/delivery")) for c in r]
+        out.append(f"   * - {r[0]}")
+        out += [f"     - {c}" for c in r[1:]]
+    return "\n".join(out)
+
+
+def runs_of(runs: list[dict[str, Any]], scenario: str) -> list[dict[str, Any]]:
+    return [r for r in runs if r["scenario"] == scenario and r["steps"]]
+
+
+def print_compare(runs: list[dict[str, Any]], rst: bool) -> None:
+    for s in ORDER:
+        if s != "idle" and len(runs_of(runs, s)) > 1:
+            print()
+            print(compare_text(runs, s))
+            if rst:
+                print()
+                print(compare_rst(runs, s))
 
 
 def rst_table(runs: list[dict[str, Any]]) -> str:
@@ -1221,14 +1484,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=None,
                    help="comma-separated msg/s to measure instead of the ramp")
     p.add_argument("--sockets", type=int, default=None, help="override the scenario's socket count")
+    p.add_argument("--interleave", action="store_true",
+                   help="with --rates: set up every server of a scenario at once, then measure each rate on "
+                        "one server after the other (--repeat rounds, every other round in reverse order), so "
+                        "that load from other work on the machine affects all servers alike")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="with --interleave: rounds of the --rates steps (default 1)")
     p.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD,
                    help="command template of the server under test; {port}, {redis_port}, {python}, {bench}, "
                         "{root} are filled in (default: %(default)s)")
     p.add_argument("--label", default="sockdrawer", help="name of the server under test (default: sockdrawer)")
-    p.add_argument("--rev", default=None,
+    p.add_argument("--rev", action="append", default=None,
                    help="measure sockdrawer as committed at this git revision (e.g. HEAD, HEAD~3, a tag): "
                         "sockdrawer/ is exported to bench/build/rev-<hash> and put first on the server's "
-                        "PYTHONPATH, so work in progress in the tree is not measured")
+                        "PYTHONPATH, so work in progress in the tree is not measured.  Repeatable: each "
+                        "revision is measured in turn, in the same run; 'tree' is the working tree")
+    p.add_argument("--compression", action="store_true",
+                   help="measure each sockdrawer build (not the baseline or the floor) twice: as it is, then "
+                        "with --compression-args added to its command and the load clients offering "
+                        "permessage-deflate (labelled '<label>" + DEFLATE_SUFFIX + "')")
+    p.add_argument("--compression-args", default="--compression",
+                   help="what the deflate variant adds to the server command (default: %(default)s; "
+                        "e.g. '--compression --compression-threshold 0')")
+    p.add_argument("--no-inflate-cache", action="store_true",
+                   help="load clients inflate every compressed frame, instead of each distinct compressed "
+                        "payload once (same checks; costs the load core about 2 us per frame)")
     p.add_argument("--baseline-cmd", default=DEFAULT_BASELINE_CMD, help="baseline command template")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not measure the baseline (with --from-json: leave its runs out)")
@@ -1245,6 +1525,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-cpu", type=int, default=0, help="core the server is pinned to (default 0)")
     p.add_argument("--load-cpu", type=int, default=1, help="core for Redis, clients, publisher (default 1)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--noisy-retries", type=int, default=2,
+                   help="measure a step during which other processes used more than a quarter of a core again, "
+                        "once the machine is quiet, at most N times (default 2; 0: never)")
     p.add_argument("--json-out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
     p.add_argument("--rst", action="store_true", help="also print the summary as an RST list-table")
@@ -1255,6 +1538,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps-table", default=None, choices=[s for s in ORDER if s != "idle"],
                    help="with --from-json: also print an RST table of this scenario's steps, one column "
                         "per run: server CPU us/delivery and p99 latency at each rate")
+    p.add_argument("--no-compare", action="store_true",
+                   help="do not print the per-rate comparison of the runs of each scenario (printed when "
+                        "a scenario has more than one run: CPU per delivery and its ratio to the first run, "
+                        "latency, bytes on the wire per delivery)")
     a = p.parse_args(argv)
     scen = a.scenario or ["all"]
     a.scenarios = ORDER[:] if "all" in scen else [s for s in ORDER if s in scen]
@@ -1264,6 +1551,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.probe = 1.0 if a.quick else 4.0
     if a.clients < 1:
         p.error("--clients must be >= 1")
+    if a.interleave and not a.rates:
+        p.error("--interleave needs --rates")
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
     return a
 
 
@@ -1283,6 +1574,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rst:
             print()
             print(rst_table(runs))
+        if not args.no_compare:
+            print_compare(runs, args.rst)
         if args.steps_table:
             print()
             print(steps_rst(runs, args.steps_table))
@@ -1302,21 +1595,30 @@ def main(argv: list[str] | None = None) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     children = Children()
     env = Env(args, children, server_cpus, load_cpus, logdir)
-    machine, git = machine_info(), git_info()
-    pythonpath = None
-    label = args.label
-    if args.rev:
-        commit, dest = snapshot(args.rev)
-        pythonpath = str(dest)
-        git = {"commit": commit, "dirty": False, "snapshot": str(dest)}
-        if label == "sockdrawer":
-            label = f"sockdrawer@{commit}"
-    servers = [(label, args.server_cmd, pythonpath)]
+    machine, tree_git = machine_info(), git_info()
+    servers: list[Server] = []
+    for rev in args.rev or [None]:
+        if rev is None or rev == "tree":
+            pythonpath, git = None, tree_git
+            label = args.label if rev is None else f"{args.label}@tree"
+        else:
+            commit, dest = snapshot(rev)
+            pythonpath = str(dest)
+            git = {"commit": commit, "dirty": False, "snapshot": str(dest)}
+            label = f"{args.label}@{commit}" if args.label == "sockdrawer" or len(args.rev) > 1 else args.label
+        servers.append(Server(label, args.server_cmd, pythonpath, git))
+        if args.compression:
+            servers.append(Server(label + DEFLATE_SUFFIX, f"{args.server_cmd} {args.compression_args}", pythonpath,
+                                  git, deflate=True))
     if not args.no_baseline:
-        servers.append(("baseline", args.baseline_cmd, None))
+        servers.append(Server("baseline", args.baseline_cmd, None, tree_git))
     if args.floor:
-        servers.append(("floor", FLOOR_CMD, None))
-    print(f"sockdrawer benchmark {run_id}: build {git['commit']}{' (sockdrawer/ modified)' if git['dirty'] else ''}, "
+        servers.append(Server("floor", FLOOR_CMD, None, tree_git))
+    git = servers[0].git or tree_git
+    builds = ", ".join(dict.fromkeys(
+        f"{sv.git['commit']}{' (sockdrawer/ modified)' if sv.git.get('dirty') else ''}"
+        for sv in servers if sv.git and sv.label not in ("baseline", "floor")))
+    print(f"sockdrawer benchmark {run_id}: build {builds or git['commit']}, "
           f"{machine['cpu_model']} x{machine['nproc']}, kernel {machine['kernel']}; logs in {logdir}")
     busy = machine_busy()
     if busy > 0.15:
@@ -1329,6 +1631,46 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     runs: list[dict[str, Any]] = []
     status = 0
+
+    def record(name: str, sc: Scenario, server: Server, res: dict[str, Any] | None, error: str | None,
+               elapsed: float) -> None:
+        """One run (a scenario on a server): kept, printed, appended to the JSON files."""
+        if res is None:
+            res = {"connect": None, "steps": [], "summary": {}}
+        run = {
+            "kind": "sockdrawer-bench",
+            "format": 1,
+            "run_id": run_id,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "label": server.label,
+            "server_cmd": server.cmd,
+            "pythonpath": server.pythonpath,
+            "scenario": name,
+            "params": {"sockets": sc.sockets, "channels": sc.channels, "size": sc.size,
+                       "payload": sc.payload, "deflate": server.deflate,
+                       "start_rate": sc.start_rate, "clients": args.clients, "quick": args.quick,
+                       "interleave": bool(args.interleave and sc.start_rate), "repeat": args.repeat,
+                       "probe_s": args.probe, "confirm_s": args.duration,
+                       "client_poll_us": args.client_poll_us, "concurrency": args.concurrency,
+                       "pinned": {"server": sorted(server_cpus or []), "load": sorted(load_cpus or [])}},
+            "git": server.git or tree_git,
+            "machine": machine,
+            "elapsed_s": round(elapsed, 1),
+            "error": error,
+            **res,
+        }
+        runs.append(run)
+        line = json.dumps(run, separators=(",", ":"))
+        brief = {k: v for k, v in run.items() if k not in ("steps", "machine")}
+        if brief["summary"].get("held"):
+            brief["summary"] = {k: v for k, v in brief["summary"].items() if k != "held"}
+        print(json.dumps(brief, separators=(",", ":")), flush=True)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(line + "\n")
+        with open(logdir / "results.jsonl", "a") as f:
+            f.write(line + "\n")
+
     try:
         for name in args.scenarios:
             base = SCENARIOS[name]
@@ -1337,45 +1679,20 @@ def main(argv: list[str] | None = None) -> int:
                 sc.sockets = args.sockets
                 if name == "channels":
                     sc.channels = args.sockets
-            for label, cmd, ppath in servers:
+            if args.interleave and sc.start_rate:
                 t0 = time.monotonic()
-                try:
-                    res = run_one(env, label, cmd, sc, ppath)
-                    error = None
-                except BenchError as e:
-                    print(f"  ERROR: {e}", file=sys.stderr)
-                    res, error, status = {"connect": None, "steps": [], "summary": {}}, str(e), 1
-                run = {
-                    "kind": "sockdrawer-bench",
-                    "format": 1,
-                    "run_id": run_id,
-                    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    "label": label,
-                    "server_cmd": cmd,
-                    "pythonpath": ppath,
-                    "scenario": name,
-                    "params": {"sockets": sc.sockets, "channels": sc.channels, "size": sc.size,
-                               "start_rate": sc.start_rate, "clients": args.clients, "quick": args.quick,
-                               "probe_s": args.probe, "confirm_s": args.duration,
-                               "client_poll_us": args.client_poll_us, "concurrency": args.concurrency,
-                               "pinned": {"server": sorted(server_cpus or []), "load": sorted(load_cpus or [])}},
-                    "git": git,
-                    "machine": machine,
-                    "elapsed_s": round(time.monotonic() - t0, 1),
-                    "error": error,
-                    **res,
-                }
-                runs.append(run)
-                line = json.dumps(run, separators=(",", ":"))
-                brief = {k: v for k, v in run.items() if k not in ("steps", "machine")}
-                if brief["summary"].get("held"):
-                    brief["summary"] = {k: v for k, v in brief["summary"].items() if k != "held"}
-                print(json.dumps(brief, separators=(",", ":")), flush=True)
-                if args.json_out:
-                    with open(args.json_out, "a") as f:
-                        f.write(line + "\n")
-                with open(logdir / "results.jsonl", "a") as f:
-                    f.write(line + "\n")
+                for server, (res, error) in zip(servers, run_interleaved(env, servers, sc), strict=True):
+                    status = status or (1 if error else 0)
+                    record(name, sc, server, res, error, time.monotonic() - t0)
+            else:
+                for server in servers:
+                    t0 = time.monotonic()
+                    try:
+                        res, error = run_one(env, server, sc), None
+                    except BenchError as e:
+                        print(f"  ERROR: {e}", file=sys.stderr)
+                        res, error, status = None, str(e), 1
+                    record(name, sc, server, res, error, time.monotonic() - t0)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping child processes", file=sys.stderr)
         status = 130
@@ -1387,6 +1704,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rst:
             print()
             print(rst_table(ok_runs))
+        if not args.no_compare:
+            print_compare(ok_runs, args.rst)
         if args.plot:
             plot(ok_runs, args.plot)
     print(f"\nresults: {logdir / 'results.jsonl'}" + (f" and {args.json_out}" if args.json_out else ""))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any, NoReturn
@@ -85,6 +86,9 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     #: backlog (the transport itself, or the one under TLS)
     _tcp: tcp.Connection | None = None
     _slow_timer: IDelayedCall | None = None
+    #: whether a producer registered with the transport is told when its
+    #: buffer fills and drains
+    _watched = False
     #: the reason of a refusal sockdrawer chose itself (fixed text, safe
     #: for the status line)
     _own_reason: str | None = None
@@ -311,6 +315,13 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             self.encoding = deflate.server_max_window_bits
             _private.bound_inflation(deflate)
         _private.compact(self)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            try:
+                register(_BufferWatch(self), True)
+                self._watched = True
+            except RuntimeError:  # a producer is registered already (under a Site)
+                pass
         if self._v1:
             self._sock = None  # v1 frames always go through Twisted's buffer
             self._session = V1Session(self)
@@ -448,8 +459,27 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             factory = self.factory
             if buffered - just_queued > factory.send_buffer:
                 self._cut_off("queued too much")
-            elif self._slow_timer is None and factory.slow_timeout > 0:
+            elif self._slow_timer is None and factory.slow_timeout > 0 and not self._watched:
+                # no producer registered (a transport without producer
+                # support): time from here, check at the end
                 self._slow_timer = factory.clock.callLater(factory.slow_timeout, self._check_slow)
+
+    # -- Twisted's producer API: the buffer went over bufferSize / drained
+
+    def buffer_full(self) -> None:
+        """Twisted's write buffer went over its limit (64 KiB): start the ``slow_timeout`` clock."""
+        factory = self.factory
+        if self._slow_timer is None and factory.slow_timeout > 0 and self.state == _STATE_OPEN:
+            self._slow_timer = factory.clock.callLater(factory.slow_timeout, self._stayed_slow)
+
+    def buffer_drained(self) -> None:
+        """Twisted's write buffer is empty again: the socket kept up."""
+        self._cancel_slow_timer()
+
+    def _stayed_slow(self) -> None:
+        self._slow_timer = None
+        if self._group is not None or self._session is not None:
+            self._cut_off("stayed too slow")
 
     def _buffered(self) -> int:
         """Bytes waiting in Twisted for this socket."""
@@ -546,6 +576,34 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
 
 _private.install_compact_defaults(SockDrawerServerProtocol)
+
+
+class _BufferWatch:
+    """
+    A streaming producer for Twisted's ``registerProducer``: Twisted pauses
+    it when a socket's write buffer grows past ``bufferSize`` (64 KiB) and
+    resumes it when the buffer has drained, which is exactly the "too slow,
+    for how long" that the ``slow_timeout`` limit needs.
+    """
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: SockDrawerServerProtocol) -> None:
+        # weak: the transport holds this, and the protocol the transport
+        self._proto = weakref.ref(proto)
+
+    def pauseProducing(self) -> None:
+        proto = self._proto()
+        if proto is not None:
+            proto.buffer_full()
+
+    def resumeProducing(self) -> None:
+        proto = self._proto()
+        if proto is not None:
+            proto.buffer_drained()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def _address(peer: str | None) -> str | None:

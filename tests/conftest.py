@@ -192,3 +192,31 @@ def run_service(services: list[Any]) -> Any:
 def pytest_configure(config: Any) -> None:
     # the example listeners used by the tests live in tests/listeners.py
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+# -- the conformance suite's behaviour counts (tests/test_conformance.py)
+
+#: run name -> {behaviour: count, ..., "cases": n, "seconds": s}
+CONFORMANCE_COUNTS = pytest.StashKey[dict[str, dict[str, float]]]()
+
+
+@pytest.fixture
+def conformance_summary(request: pytest.FixtureRequest) -> dict[str, dict[str, float]]:
+    """Where a conformance run stores its behaviour counts, for the table at the end of the session."""
+    return request.config.stash.setdefault(CONFORMANCE_COUNTS, {})
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Print the conformance runs' behaviour counts (pytest captures the tests' own output)."""
+    runs = config.stash.get(CONFORMANCE_COUNTS, {})
+    if not runs:
+        return
+    columns: dict[str, None] = {}
+    for row in runs.values():
+        columns.update(dict.fromkeys(row))
+    width = max(len(name) for name in runs)
+    terminalreporter.section("WebSocket conformance (kosoku)")
+    terminalreporter.write_line(f"{'run':<{width}}" + "".join(f"  {c:>{max(len(c), 5)}}" for c in columns))
+    for name, row in runs.items():
+        cells = "".join(f"  {row.get(c, ''):>{max(len(c), 5)}}" for c in columns)
+        terminalreporter.write_line(f"{name:<{width}}{cells}")
