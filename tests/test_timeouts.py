@@ -122,8 +122,10 @@ async def test_shutdown_drops_peers_that_never_answer_the_close(run_service: Any
     await svc.stopService()
     took = reactor.seconds() - started
     assert 0.4 <= took < 3, took
+    assert not svc.factory.connections, "a socket that never answered was left open"
     assert close_code(peer) == 1012
-    await peer.lost
+    lost_at = await peer.lost.addTimeout(5, reactor)
+    assert lost_at - started < 3, lost_at - started
 
 
 # -- handshake, close and ping timers ------------------------------------------
