@@ -169,7 +169,11 @@ class WebSocketService(ListeningService):
             except defer.TimeoutError:
                 pass
             for proto in list(self.factory.connections):
-                proto.dropConnection(abort=True)
+                # dropConnection does nothing once Autobahn thinks the socket
+                # closed, while a loseConnection may wait on a backlog forever
+                transport = proto.transport
+                if transport is not None:
+                    transport.abortConnection()
             # aborted connections are gone one reactor turn later
             gone = self.factory.when_all_closed().addTimeout(1.0, clock)
             try:

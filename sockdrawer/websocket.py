@@ -86,6 +86,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     #: backlog (the transport itself, or the one under TLS)
     _tcp: tcp.Connection | None = None
     _slow_timer: IDelayedCall | None = None
+    #: set when cutting off a slow reader: no waiting for its buffer to drain
+    _abort_on_close = False
     #: whether a producer registered with the transport is told when its
     #: buffer fills and drains
     _watched = False
@@ -409,8 +411,9 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         super().sendCloseFrame(code, reasonUtf8, isReply)
         if not isReply and not self.closeHandshakeTimeout and self.state == self.STATE_CLOSING:
             # no close handshake timer to drop a peer that never answers:
-            # close TCP once the close frame is written
-            self.dropConnection(abort=False)
+            # close TCP once the close frame is written (at once for a slow
+            # reader, whose backlog may never drain)
+            self.dropConnection(abort=self._abort_on_close)
 
     # -- delivery, driven by the ChannelGroup (fanout.Member)
 
@@ -512,9 +515,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             why=why,
         )
         self.factory.slow_cut_offs += 1
+        # a slow reader's backlog may never drain: without a close
+        # handshake timer, abort instead of waiting for it
+        self._abort_on_close = True
         self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow reader", isReply=False)
-        if not self.closeHandshakeTimeout:
-            self.dropConnection(abort=True)
 
     def _token_expired(self) -> None:
         self._expiry = None

@@ -238,6 +238,130 @@ async def test_http_api_key_and_errors(run_service: Any) -> None:
     assert status == 200 and body["broker"] == "embedded" and body["sockets"] == 1
 
 
+def raw_http(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is on a new connection; return the whole answer (blocking)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def api_call(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+             body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of one API request (blocking)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_api_methods_errors_and_headers(run_service: Any) -> None:
+    """Every answer says Server: sockdrawer; /health takes GET and HEAD only (405 with Allow); without the key,
+    401 with a Bearer challenge; /publish/<channel> takes POST only (405 with Allow: POST); any other path is 404;
+    each error is JSON with its fixed text."""
+    svc = await run_service(api_key="k")
+    port, key = svc.api_port, {"Authorization": "Bearer k"}
+
+    async def call(method: str, path: str, headers: dict[str, str] | None = None) -> Any:
+        status, head, body = await deferToThread(api_call, port, method, path, headers)
+        assert head["server"] == "sockdrawer", head
+        return status, head, (json.loads(body) if body else None)
+
+    assert (await call("HEAD", "/health"))[0] == 200
+    status, head, body = await call("POST", "/health")
+    assert (status, head["allow"], body) == (405, "GET, HEAD", {"error": "use GET"})
+    status, head, body = await call("GET", "/publish/news")
+    assert (status, head["www-authenticate"], body) == (401, 'Bearer realm="sockdrawer"',
+                                                         {"error": "missing or wrong API key"})
+    status, head, body = await call("GET", "/publish/news", key)
+    assert (status, head["allow"], body) == (405, "POST", {"error": "use POST"})
+    assert (await call("GET", "/publish", key))[0] == 405  # /publish itself is the root channel's
+    assert (await call("GET", "/publish/news", {"Authorization": "bearer  k"}))[0] == 405  # 1*SP, any case
+    for path in ("/publishing", "/nowhere", "/"):
+        status, _, body = await call("POST", path, key)
+        assert (status, body) == (404, {"error": "not found; use POST /publish/<channel>"}), path
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_api_answers_in_detail(run_service: Any) -> None:
+    """413 names the limit; POST /publish (no slash) publishes on the root channel; a channel over
+    --max-channel-length is 400 'bad channel'; each publish through the API is counted once, refusals not."""
+    svc = await run_service(max_publish_size=100, max_channel_length=8)
+    root = await connect(svc.ws_port, "/")
+    base = f"http://127.0.0.1:{svc.api_port}"
+    status, body = await deferToThread(http, "POST", base + "/publish/news", b"x" * 101)
+    assert (status, body) == (413, {"error": "body over the limit of 100 bytes"})
+    head = (await deferToThread(raw_http, svc.api_port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n"
+                                b"Connection: close\r\n\r\n")).split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 404 ")
+    assert b"\r\ncontent-type: application/json\r\n" in head + b"\r\n"
+    assert b"\r\ncache-control: no-store\r\n" in head + b"\r\n"
+    status, body = await deferToThread(http, "POST", base + "/publish", b"to the root")
+    assert (status, body) == (200, {"channel": "", "subscribers": 1})
+    assert (await root.next_text()) == "to the root"
+    status, body = await deferToThread(http, "POST", base + "/publish/123456789", b"x")
+    assert status == 400 and body["error"].startswith("bad channel: ")
+    status, body = await deferToThread(http, "POST", base + "/publish/news", b"x" * 100)  # exactly the limit
+    assert (status, body) == (200, {"channel": "news", "subscribers": 0})
+    assert svc.published["api"] == 2  # the two publishes, not the refusals
+    # a body over the limit in several chunks (chunked encoding), each under it
+    chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(2)) + b"0\r\n\r\n"
+    answer = await deferToThread(raw_http, svc.api_port, b"POST /publish/news HTTP/1.1\r\nHost: x\r\n"
+                                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_publish_outlived_by_its_client(run_service: Any, monkeypatch: Any) -> None:
+    """A client that hangs up while its publish is still pending is not written to when the publish completes:
+    no error is logged, and the API goes on answering."""
+    import gc
+
+    from twisted.internet import defer, task
+    from twisted.internet import reactor as the_reactor
+    from twisted.logger import globalLogPublisher
+
+    svc = await run_service()
+    pending: list[defer.Deferred[int]] = []
+
+    def slow_publish(key: bytes, message: bytes) -> defer.Deferred[int]:
+        d: defer.Deferred[int] = defer.Deferred()
+        pending.append(d)
+        return d
+
+    monkeypatch.setattr(svc.broker, "publish", slow_publish)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        import socket
+
+        s = socket.create_connection(("127.0.0.1", svc.api_port), timeout=5)
+        s.sendall(b"POST /publish/news HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+        await wait_for(lambda: pending)
+        s.close()
+        await task.deferLater(the_reactor, 0.2, lambda: None)  # the server sees the hang-up
+        pending[0].callback(0)
+        await task.deferLater(the_reactor, 0.1, lambda: None)
+        del pending[:]
+        gc.collect()  # a failure nobody handled is logged when its Deferred is collected
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if e.get("log_failure") is not None or e.get("isError")], events
+    monkeypatch.undo()
+    status, _ = await deferToThread(http, "GET", f"http://127.0.0.1:{svc.api_port}/health")
+    assert status == 200
+
+
 # -- listeners ---------------------------------------------------------------------
 
 
@@ -347,7 +471,7 @@ async def test_publish_while_redis_down_fails_clearly(own_redis: RedisServer, ru
     own_redis.stop()
     await wait_for(lambda: not svc.broker.is_connected())
     status, body = await deferToThread(http, "POST", f"http://127.0.0.1:{svc.api_port}/publish/news", b"x")
-    assert status == 503 and body["error"] == "broker unavailable"
+    assert status == 503 and body == {"error": "broker unavailable", "broker": svc.broker.description}
     status, body = await deferToThread(http, "GET", f"http://127.0.0.1:{svc.api_port}/health")
     assert status == 200 and body["broker_connected"] is False  # liveness: the process still runs
     status, body = await deferToThread(http, "GET", f"http://127.0.0.1:{svc.api_port}/ready")

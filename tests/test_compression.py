@@ -22,7 +22,7 @@ from twisted.logger import globalLogPublisher
 from websockets.frames import Opcode
 from wsclient import connect
 
-from sockdrawer.frames import TEXT, Deflater, encode_frame
+from sockdrawer.frames import BINARY, TEXT, Deflater, encode_frame
 
 UPGRADE = (
     "GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -83,6 +83,34 @@ def test_window_bits_are_respected() -> None:
     assert inflate(deflater.deflate(message), window_bits=9) == message
     with pytest.raises(ValueError):
         Deflater(window_bits=8)
+
+
+def test_deflater_batches_opcodes_and_settings() -> None:
+    """A batch of several messages is their frames in order, joined for one write (compressed ones and one under
+    the threshold); an opcode given for a message under the threshold is kept; the deflater keeps its window and
+    says which windows are allowed."""
+    deflater = Deflater(window_bits=10, threshold=64)
+    long = JSON_1K.encode()
+    one = deflater.encode_frame(long)
+    assert deflater.encode_batch([long]) == one
+    assert deflater.encode_batch([long, b"hi"]) == one + b"\x81\x02hi"
+    assert deflater.encode_batch([long, b"hi", long]) == one + b"\x81\x02hi" + one
+    assert deflater.encode_frame(b"hi", BINARY) == b"\x82\x02hi"
+    assert (deflater.window_bits, deflater.threshold) == (10, 64)
+    with pytest.raises(ValueError, match="^window_bits must be from 9 to 15$"):
+        Deflater(window_bits=16)
+
+
+def test_encoders_share_one_deflater_per_window() -> None:
+    """Encoders builds one Deflater per window, with its threshold, and hands the same one out after."""
+    from sockdrawer.fanout import PLAIN, Encoders
+
+    encoders = Encoders(threshold=10)
+    deflater = encoders.get(12).__self__  # type: ignore[attr-defined]
+    assert encoders.get(12).__self__ is deflater  # type: ignore[attr-defined]
+    assert (deflater.window_bits, deflater.threshold) == (12, 10)
+    assert encoders.frame(12, b"x" * 20)[0] == 0xC1  # over this threshold (not the default 64): compressed
+    assert encoders.frame(PLAIN, b"x" * 20) == encode_frame(b"x" * 20)
 
 
 # -- negotiation ---------------------------------------------------------------
@@ -260,8 +288,8 @@ async def test_error_after_the_101_closes_with_1011(run_service: Any, monkeypatc
     globalLogPublisher.addObserver(events.append)
     try:
         client = await connect(svc.ws_port, "/news")
-        code, _ = await client.wait_closed(timeout=2)
+        code, reason = await client.wait_closed(timeout=2)
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert code == 1011
+    assert (code, reason) == (1011, "internal error")
     assert any("join failed" in str(e["log_failure"].value) for e in events if e.get("log_failure"))

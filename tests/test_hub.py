@@ -197,3 +197,24 @@ def test_embedded_broker_delivers_locally() -> None:
     assert results == [1]
     assert sink.messages == [b"hello"]
     assert broker.is_connected()
+
+
+def test_receivers_counts_a_plain_sink_as_one() -> None:
+    """A sink without a ``receivers`` attribute (a listener's) counts as one receiver; a group counts its sockets."""
+    from sockdrawer.hub import MemoryChannelHub
+
+    class Plain:
+        def receive(self, batch: object) -> None:
+            pass
+
+    class Group:
+        receivers = 3
+
+        def receive(self, batch: object) -> None:
+            pass
+
+    hub = MemoryChannelHub()
+    hub.subscribe(b"news", Plain())  # type: ignore[arg-type]
+    assert hub.receivers(b"news") == 1
+    hub.subscribe(b"news", Group())  # type: ignore[arg-type]
+    assert hub.receivers(b"news") == 4 and hub.receivers(b"other") == 0

@@ -84,6 +84,25 @@ async def test_frame_flood_closes_with_1008(run_service: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_frame_burst_is_exact_and_counted(run_service: Any) -> None:
+    """With --frame-burst 3 and next to no refill, exactly 3 frames reach the listener and the 4th closes the socket
+    with 1008; frames after it are not handed on; the counters say 4 frames received and 1 socket rate-limited,
+    per socket."""
+    from listeners import SEEN, Echo
+
+    SEEN.clear()
+    svc = await run_service(listeners=(Echo,), max_frames_per_second=0.001, frame_burst=3)
+    clients = [await connect(svc.ws_port, "/echo") for _ in range(2)]
+    await wait_for(lambda: svc.factory.sockets(b"echo") == 2)
+    for client in clients:
+        client.send_raw(masked(0x81, b"x") * 6)
+        code, reason = await client.wait_closed()
+        assert (code, reason) == (1008, "rate limit")
+    assert len([s for s in SEEN if s[0] == "Echo"]) == 2 * 3
+    assert (svc.factory.frames_received, svc.factory.rate_limited) == (2 * 4, 2)
+
+
+@pytest_twisted.ensureDeferred
 async def test_steady_rate_under_the_limit_is_fine(run_service: Any) -> None:
     """A client sending steadily below the rate is never cut off (the bucket refills)."""
     from listeners import Echo
@@ -105,6 +124,22 @@ async def test_empty_fragment_flood_closes_with_1009(run_service: Any) -> None:
     svc = await run_service(max_fragments=50, max_frames_per_second=1e9, frame_burst=10**9)
     client = await connect(svc.ws_port, "/news")
     client.send_raw(masked(0x01, b"") + masked(0x00, b"") * 200)
+    code, reason = await client.wait_closed()
+    assert (code, reason) == (1009, "too many fragments")
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_fragments_is_the_most_frames_a_message_may_have(run_service: Any) -> None:
+    """With --max-fragments 3, a message of exactly 3 frames arrives (twice in a row: the count starts over per
+    message); one of 4 frames closes the socket with 1009."""
+    from listeners import Echo
+
+    svc = await run_service(listeners=(Echo,), max_fragments=3, max_frames_per_second=1e9, frame_burst=10**9)
+    client = await connect(svc.ws_port, "/echo")
+    three = masked(0x01, b"a") + masked(0x00, b"b") + masked(0x80, b"c")
+    client.send_raw(three + three)
+    assert [await client.next_text(), await client.next_text()] == ["abc", "abc"]
+    client.send_raw(masked(0x01, b"a") + masked(0x00, b"b") + masked(0x00, b"c") + masked(0x80, b"d"))
     code, reason = await client.wait_closed()
     assert (code, reason) == (1009, "too many fragments")
 
@@ -348,6 +383,10 @@ async def test_listener_replies_are_bounded_by_max_reply_size(run_service: Any) 
     client = await connect(svc.ws_port, "/big")
     client.send_text("100000")
     assert await client.next_text() == "y" * 100_000
+    client.send_text("200000")  # exactly the limit: sent
+    client.send_text("1")
+    assert await client.next_text() == "y" * 200_000
+    assert await client.next_text() == "y"
     with _Capture() as events:
         client.send_text("300000")
         client.send_text("10")
@@ -395,3 +434,36 @@ def test_blocking_handlers_are_named_in_a_warning() -> None:
     assert len(warnings) == 1 and warnings[0]["handler"] == "Sleepy.slow" and warnings[0]["ms"] >= 100
 
 
+
+
+def test_api_connection_limit_counts_refusals() -> None:
+    """Past --api-max-connections each new connection is refused, and counted."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+
+    from sockdrawer.api import ConnectionLimit
+
+    limit = ConnectionLimit(Factory.forProtocol(Protocol), 1)
+    addr = IPv4Address("TCP", "127.0.0.1", 1)
+    first = limit.buildProtocol(addr)
+    first.makeConnection(StringTransport())
+    assert limit.buildProtocol(addr) is None and limit.buildProtocol(addr) is None
+    assert limit.refused == 2
+
+
+def test_api_request_deadline_runs_on_the_given_clock() -> None:
+    """The --api-timeout deadline of a request is scheduled on the site's clock (a test Clock here)."""
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from sockdrawer.api import ApiSite
+
+    clock = Clock()
+    site = ApiSite(Resource(), max_body=10, timeout=7, clock=clock)
+    channel = DummyChannel()
+    site.requestFactory(channel)
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [7]
+    clock.advance(7)
+    assert channel.transport.written.getvalue().startswith(b"HTTP/1.1 408 ")

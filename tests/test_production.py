@@ -116,6 +116,33 @@ async def test_ready_follows_redis(own_redis: RedisServer, run_service: Any) -> 
     assert (await deferToThread(get, url + "/ready"))[0] == 200
 
 
+def _request(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_methods_and_headers(run_service: Any) -> None:
+    """GET and HEAD /metrics answer in the Prometheus text format, never cached; other methods get 405 with
+    Allow: GET, HEAD and a JSON error."""
+    svc = await run_service()
+    status, headers, body = await deferToThread(_request, svc.api_port, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=")
+    assert headers["cache-control"] == "no-store" and b"sockdrawer_sockets" in body
+    status, headers, body = await deferToThread(_request, svc.api_port, "HEAD", "/metrics")
+    assert status == 200 and body == b"" and headers["content-type"].startswith("text/plain")
+    status, headers, body = await deferToThread(_request, svc.api_port, "POST", "/metrics")
+    assert (status, headers["allow"], json.loads(body)) == (405, "GET, HEAD", {"error": "use GET"})
+    assert headers["content-type"] == "application/json"
+
+
 def test_ready_while_starting() -> None:
     """Before its port listens, a service is not ready ('starting')."""
     from sockdrawer.service import SockDrawerService

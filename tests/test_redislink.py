@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
 import txredisapi
 from twisted.internet.testing import StringTransport
 
@@ -156,19 +157,20 @@ def test_redis_url_parsing(url: str, expected: RedisURL) -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("http://h", "must start with"),
-        ("redis://", "no host"),
+        ("http://h", "Redis URL must start with"),
+        ("redis://", "Redis URL has no host"),
         ("redis://h:notaport", "bad Redis URL"),
-        ("redis://h/x", "database number"),
-        ("unix://", "socket path"),
-        ("redis://h?ssl_ca_certs=/x", "only for rediss"),
+        ("redis://h/x", "Redis database number must be a non-negative integer"),
+        ("redis://h/X", "Redis database number must be a non-negative integer"),
+        ("unix://", "unix:// Redis URL needs a socket path"),
+        ("redis://h?ssl_ca_certs=/x", "ssl_ca_certs is only for rediss:// URLs"),
     ],
 )
 def test_bad_redis_urls(url: str, reason: str) -> None:
     """A bad Redis URL raises ValueError with a one-line reason."""
     with pytest.raises(ValueError) as e:
         RedisURL.parse(url)
-    assert reason in str(e.value)
+    assert str(e.value).startswith(reason)
     assert "\n" not in str(e.value)
 
 
@@ -202,6 +204,34 @@ def test_pure_python_parser_path() -> None:
     assert sink.messages == [b"hello"]
 
 
+def test_both_parsers_count_and_log_what_they_drop() -> None:
+    """Both ways in (hiredis and txredisapi's own parser) count each delivered message once on the link, and the
+    warning for a dropped message names its channel and size."""
+    from twisted.logger import globalLogPublisher
+
+    from sockdrawer.redislink import RedisLink
+
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        p, _, hub = connected_protocol(max_message_size=5)
+        p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
+        hub.subscribe(b"news", RecordingSink())
+        p.messageReceived(b"sock-drawer/*", b"sock-drawer/news", b"hello")
+        assert p.link.messages == 1
+        p.messageReceived(b"sock-drawer/*", b"sock-drawer/news", b"hello")
+        assert p.link.messages == 2
+        p.dataReceived(pmessage(b"sock-drawer/news", b"one") + pmessage(b"sock-drawer/news", b"two"))
+        assert p.link.messages == 4
+        p.messageReceived(b"sock-drawer/*", b"sock-drawer/news", b"too long")
+        p.dataReceived(pmessage(b"sock-drawer/sport", b"longer still"))
+        assert p.link.messages == 4
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    dropped = [(e["channel"], e["size"], e["limit"]) for e in events if "dropped a" in str(e.get("log_format"))]
+    assert dropped == [(b"news", 8, 5), (b"sport", 12, 5)]
+
+
 def test_link_lost_while_behind_explains_itself() -> None:
     """When the link drops during a run of full reads, the log says Redis probably cut the node off."""
     from twisted.logger import globalLogPublisher
@@ -227,3 +257,155 @@ def test_link_lost_while_behind_explains_itself() -> None:
         globalLogPublisher.removeObserver(events.append)
     assert any("client-output-buffer-limit" in str(e.get("log_format")) for e in events)
     assert not link.is_connected()
+
+
+def test_failed_psubscribe_drops_the_connection() -> None:
+    """A refused PSUBSCRIBE drops the connection, so the link reconnects and tries again."""
+    from twisted.python.failure import Failure
+
+    p, transport, _ = connected_protocol()
+    p._subscribe_failed(Failure(txredisapi.ResponseError("NOPERM")))
+    assert transport.disconnecting
+
+
+def test_reconnects_count_each_new_subscription_after_the_first() -> None:
+    """The first subscription is not a reconnect; each one after it is."""
+    from sockdrawer.redislink import RedisLink
+
+    link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0)
+    for _ in range(3):
+        p, _, _ = connected_protocol()
+        link._subscribed(p)
+    assert link.reconnects == 2 and link.is_connected()
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_stop_waits_for_its_connections() -> None:
+    """stopService returns a Deferred (what twistd waits on) that fires once both connections are stopped."""
+    from twisted.internet.defer import Deferred
+
+    from sockdrawer.redislink import RedisLink
+
+    link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0.05,
+                     timeout=0.5)
+    link.startService()
+    d = link.stopService()
+    assert isinstance(d, Deferred)
+    await d
+    assert not link.running and not link._ping.running
+
+
+def test_endpoints_for_each_scheme() -> None:
+    """unix:// connects to its socket path, redis:// over TCP, rediss:// over TLS; each with the given connect
+    timeout (5 s by default)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+
+    unix = RedisURL.parse("unix:///run/redis.sock").endpoint(reactor, 3)
+    assert isinstance(unix, UNIXClientEndpoint) and (unix._path, unix._timeout) == ("/run/redis.sock", 3)
+    assert unix._reactor is reactor
+    tcp = RedisURL.parse("redis://h:1").endpoint(reactor)
+    assert isinstance(tcp, HostnameEndpoint) and tcp._timeout == 5.0
+    tls = RedisURL.parse("rediss://h:1").endpoint(reactor, 2)
+    assert not isinstance(tls, HostnameEndpoint) and tls._wrappedEndpoint._timeout == 2
+
+
+def test_refused_psubscribe_reply_drops_the_connection() -> None:
+    """An error reply to PSUBSCRIBE (an ACL without pattern subscriptions) drops the connection to retry."""
+    p, transport, _ = connected_protocol()
+    p.dataReceived(b"-NOPERM this user has no permissions to access one of the channels\r\n")
+    assert transport.disconnecting
+
+
+def test_full_reads_are_counted_in_a_row() -> None:
+    """A read of at least 60 KiB counts as full; a shorter one ends the run; the fan-out latency is recorded per
+    read, in seconds."""
+    from sockdrawer.redislink import _FULL_READ, RedisLink
+
+    p, _, hub = connected_protocol()
+    p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
+    size = _FULL_READ - len(pmessage(b"sock-drawer/x", b""))
+    while len(pmessage(b"sock-drawer/x", b"y" * size)) > _FULL_READ:
+        size -= 1
+    exact = pmessage(b"sock-drawer/x", b"y" * size)
+    assert len(exact) == _FULL_READ
+    p.dataReceived(exact)
+    p.dataReceived(exact)
+    assert p.full_reads == 2
+    p.dataReceived(pmessage(b"sock-drawer/x", b"short"))
+    assert p.full_reads == 0
+    p.dataReceived(exact)
+    assert p.full_reads == 1
+    latency = p.link.fanout_latency
+    assert latency.count == 4 and 0 <= latency.total < 1
+
+
+def test_factories_wire_their_protocols_to_the_link() -> None:
+    """The subscriber factory gives each protocol the link's hub, namespace, link and message limit; the
+    publisher factory starts the publish backoff over once a connection is ready."""
+    from twisted.internet.address import IPv4Address
+
+    from sockdrawer.redislink import RedisLink, _PublisherFactory, _SubscriberFactory
+
+    hub = MemoryChannelHub()
+    link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace("app"), hub, ping_interval=0,
+                     max_message_size=123)
+    addr = IPv4Address("TCP", "127.0.0.1", 1)
+    sub = _SubscriberFactory(link).buildProtocol(addr)
+    assert (sub.hub, sub.namespace, sub.link, sub.max_message_size) == (hub, link.namespace, link, 123)
+    link._pub_backoff.failures = 5
+    pub = _PublisherFactory(link).buildProtocol(addr)
+    pub.makeConnection(StringTransport())  # no password: ready at once
+    assert link._pub_backoff.failures == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_liveness_pings_start_one_interval_after_start() -> None:
+    """The first liveness PING goes out one --redis-ping-interval after start, not at once; interval 0 sends none."""
+    from sockdrawer.redislink import RedisLink
+
+    for interval, running in ((30.0, True), (0.0, False)):
+        link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(),
+                         ping_interval=interval)
+        calls: list[None] = []
+        link._ping.f = lambda calls=calls: calls.append(None)
+        link.startService()
+        try:
+            assert (link._ping.running, calls) == (running, [])
+        finally:
+            await link.stopService()
+
+
+def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link's defaults, and its timeout, retry maximum, limit and password reaching the endpoint, both
+    backoffs and both factories (bytes in and out, no factory noise)."""
+    from twisted.internet import reactor
+
+    from sockdrawer import redislink
+    from sockdrawer.redislink import Backoff, RedisLink
+
+    default = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0)
+    assert (default.timeout, default._sub_backoff.maximum, default._pub_backoff.maximum) == (5.0, 30.0, 30.0)
+    assert Backoff().maximum == 30.0 and Backoff().jitter == 0.25
+    services: list[tuple[object, ...]] = []
+
+    class Recorder:
+        def __init__(self, endpoint: object, factory: object, retryPolicy: object, clock: object) -> None:
+            services.append((endpoint, factory, retryPolicy, clock))
+
+        def setServiceParent(self, parent: object) -> None:
+            pass
+
+    monkeypatch.setattr(redislink, "ClientService", Recorder)
+    url = RedisURL.parse("redis://user:pw@127.0.0.1:1/0")
+    link = RedisLink(url, Namespace(), MemoryChannelHub(), ping_interval=0, timeout=2.5, retry_max_delay=7,
+                     max_message_size=99)
+    assert (link.max_message_size, link.description, link._subscribed_once) == (99, "redis://127.0.0.1:1/0", False)
+    assert link._clock is reactor and not link.is_connected()
+    assert link._sub_backoff.maximum == link._pub_backoff.maximum == 7
+    assert [s[2] for s in services] == [link._sub_backoff, link._pub_backoff]
+    for endpoint, factory, _, clock in services:
+        assert endpoint._timeout == 2.5 and clock is reactor  # type: ignore[attr-defined]
+        assert factory.link is link  # type: ignore[attr-defined]
+        assert (factory.noisy, factory.charset, factory.convertNumbers, factory.replyTimeout,  # type: ignore
+                factory.password, factory.username) == (False, None, False, 2.5, "pw", "user")  # type: ignore

@@ -109,6 +109,25 @@ async def test_slow_reader_gets_1008_on_the_wire(run_service: Any) -> None:
     peer.transport.resumeProducing()
     await wait_for(lambda: close_code(peer) is not None, timeout=10)
     assert close_code(peer) == 1008
+    assert [c[2:] for c in peer.closes] == [b"slow reader"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_readers_dropped_at_once_without_a_close_handshake_timeout(run_service: Any) -> None:
+    """With --close-handshake-timeout 0 a slow reader cannot be waited for: each one cut off is dropped at once
+    (its backlog discarded), and every cut-off is counted."""
+    svc = await run_service(send_buffer=128 * 1024, slow_timeout=30, close_handshake_timeout=0)
+    for _ in range(2):
+        await open_peer(svc.ws_port, Peer(read=False))
+    await wait_for(lambda: svc.factory.sockets(b"news") == 2)
+    sent = 0
+    while svc.factory.slow_cut_offs < 2:
+        assert sent < 3000, "never cut off"
+        svc.hub.deliver(b"news", b"x" * 16384)
+        sent += 1
+        await task.deferLater(reactor, 0, lambda: None)
+    await wait_for(lambda: not svc.factory.connections, timeout=2)  # the peers, not reading, cannot tell yet
+    assert svc.factory.slow_cut_offs == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -215,6 +234,26 @@ async def test_publish_times_out_when_redis_does_not_answer(own_redis: RedisServ
         assert 0.4 <= reactor.seconds() - started < 2.0
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_times_out_while_no_connection_is_ready(run_service: Any) -> None:
+    """A publish while the publishing connection never becomes usable (here: a wrong password, so AUTH fails and
+    the connection drops) fails after --redis-timeout too: txredisapi's reply timeout bounds the reply to a
+    command sent, not the wait for a connection that is ready to send it."""
+    server = RedisServer()
+    server.start()
+    try:
+        with server.client() as r:
+            r.config_set("requirepass", "right-password")
+        svc = await run_service(redis=f"redis://:wrong-password@127.0.0.1:{server.port}/0", redis_timeout=0.5,
+                                redis_ping_interval=0)
+        started = reactor.seconds()
+        with pytest.raises(defer.TimeoutError):
+            await svc.publish("lost", "news").addTimeout(5, reactor)  # the test's own bound, should it hang
+        assert 0.4 <= reactor.seconds() - started < 2.0, reactor.seconds() - started
+    finally:
+        server.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -132,6 +132,16 @@ async def test_allowed_origins(run_service: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_refusals_are_counted_by_status(run_service: Any) -> None:
+    """Each refused handshake counts once under its HTTP status (what /metrics reports)."""
+    svc = await run_service(allowed_origins=("https://app.example:443",))
+    for _ in range(2):
+        assert (await connect_refused(svc.ws_port, "/news", origin="https://evil.example")).status == 403
+    assert (await connect_refused(svc.ws_port, "/a//b")).status == 400
+    assert svc.factory.refusals == {403: 2, 400: 1}
+
+
+@pytest_twisted.ensureDeferred
 async def test_max_connections_gets_503(run_service: Any) -> None:
     """Past --max-connections, new handshakes get HTTP 503 and existing sockets are untouched."""
     svc = await run_service(max_connections=2)
@@ -220,6 +230,38 @@ async def test_slow_reader_cut_off_after_timeout(run_service: Any) -> None:
     await wait_for(lambda: not svc.factory.connections)  # the server dropped it
     peer.transport.resumeProducing()
     await wait_for(lambda: peer.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_that_catches_up_stays(run_service: Any) -> None:
+    """A socket that falls behind past the high-water mark, then reads its backlog before --slow-timeout runs
+    out, is not cut off when the clock fires."""
+    svc = await run_service(send_buffer=64 * 1024 * 1024, slow_timeout=0.5)
+    peer = await connect_silent(svc)
+    (proto,) = svc.factory.connections
+    while proto._buffered() <= 64 * 1024:
+        await svc.publish("z" * 16384, "flood")
+    assert proto._slow_timer is not None, "the slow clock must be running"
+    peer.transport.resumeProducing()
+    await wait_for(lambda: proto._buffered() == 0, timeout=5)
+    await task.deferLater(reactor, 0.8, lambda: None)  # past --slow-timeout
+    assert svc.factory.slow_cut_offs == 0
+    assert proto.state == proto.STATE_OPEN
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_timeout_zero_turns_the_clock_off(run_service: Any) -> None:
+    """With --slow-timeout 0 a reader far behind (but under --send-buffer) is never cut off by the clock."""
+    svc = await run_service(send_buffer=64 * 1024 * 1024, slow_timeout=0)
+    await connect_silent(svc)
+    (proto,) = svc.factory.connections
+    for _ in range(2000):
+        if proto._buffered() > 64 * 1024:
+            break
+        await svc.publish("z" * 16384, "flood")
+    assert proto._buffered() > 64 * 1024 and proto._slow_timer is None
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert svc.factory.slow_cut_offs == 0 and proto.state == proto.STATE_OPEN
 
 
 @pytest_twisted.ensureDeferred
@@ -352,3 +394,61 @@ async def test_client_that_sends_but_never_reads_is_cut_off(run_service: Any) ->
         sent += 1
         await task.deferLater(reactor, 0, lambda: None)
     await wait_for(lambda: not svc.factory.connections)
+
+
+# -- taking the token out of the request head (unit) ----------------------------
+
+
+def test_take_token_redacts_query_and_header() -> None:
+    """The token comes from ?token= (percent-decoded, among other parameters; '=' may be in its value), both places
+    are rewritten to 'redacted', and the bytes after the head's blank line are left as they are, even when they
+    look like a header."""
+    from sockdrawer.websocket import take_token
+
+    rest = b"Authorization: Bearer later\r\n\r\n"
+    head = (b"GET /news?a=1&token=abc%2Bd=&b=2 HTTP/1.1\r\nHost: x\r\nauthorization: bearer other\r\n\r\n" + rest)
+    token, rewritten = take_token(head)
+    assert token == "abc+d="
+    assert rewritten == (b"GET /news?a=1&token=redacted&b=2 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer redacted"
+                         b"\r\n\r\n" + rest)
+
+
+def test_take_token_leaves_other_requests_alone() -> None:
+    """A request without a token keeps every byte (no '?' added to its target); a '?' inside the query is part of a
+    value, not the start of another query; the header is the fallback when the query has no token."""
+    from sockdrawer.websocket import take_token
+
+    plain = b"GET /news HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert take_token(plain) == (None, plain)
+    nested = b"GET /news?a=b?token=x HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert take_token(nested) == (None, nested)
+    # not a request line of three parts separated by single spaces (RFC 9112 3): not parsed, no token taken
+    odd = b"GET  /news?token=x HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert take_token(odd) == (None, odd)
+    token, rewritten = take_token(b"GET /news?a=1 HTTP/1.1\r\nX-Note: Bearer no\r\n"
+                                  b"Authorization: Bearer  hdr:1 \r\n\r\n")
+    assert token == "hdr:1"
+    assert rewritten == (b"GET /news?a=1 HTTP/1.1\r\nX-Note: Bearer no\r\nAuthorization: Bearer redacted"
+                         b"\r\n\r\n")
+
+
+def test_address_of_a_peer_string() -> None:
+    """The client address in Autobahn's peer strings, IPv4 and IPv6 (colons inside), or a forwarded bare one."""
+    from sockdrawer.websocket import _address
+
+    assert _address("tcp4:198.51.100.2:5678") == "198.51.100.2"
+    assert _address("tcp6:2001:db8::1:5678") == "2001:db8::1"
+    assert _address("203.0.113.1") == "203.0.113.1"
+    assert _address(None) is None and _address("") is None
+
+
+def test_factory_public_channels_and_origins() -> None:
+    """is_public follows --public-channel patterns; origin_allowed follows --allowed-origin."""
+    from sockdrawer.config import Settings
+    from sockdrawer.hub import MemoryChannelHub
+    from sockdrawer.websocket import SockDrawerServerFactory
+
+    settings = Settings(public_channel=("public/*",), allowed_origins=("https://app.example:443",))
+    factory = SockDrawerServerFactory(MemoryChannelHub(), settings=settings, clock=reactor)
+    assert factory.is_public("public/news") and not factory.is_public("news")
+    assert factory.origin_allowed("https://app.example") and not factory.origin_allowed("https://evil.example")
