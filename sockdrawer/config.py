@@ -206,6 +206,17 @@ class Settings:
         above=0, high=MAX_SECONDS)
     api_max_connections: int = option(
         100, "most simultaneous API connections (more: refused)", part=API, low=1)
+    workers: int = option(
+        1, "processes that accept on the same port (SO_REUSEPORT), each with its own Redis subscription, "
+        "supervised by the parent (a crashed worker is restarted); more than 1 needs --redis", part=SERVICE,
+        low=1, high=256)
+    subscribe: str = option(
+        "pattern", "how a node subscribes to Redis: pattern (PSUBSCRIBE <name>/*: every message of the "
+        "namespace reaches every node) or channels (SUBSCRIBE to exactly the channels this node has sockets "
+        "or listeners on)", part=REDIS, metavar="MODE")
+    presence_timeout: float = option(
+        30.0, "seconds after which the presence entries of a node that stopped refreshing them expire (nodes "
+        "refresh every third of it)", part=SERVICE, above=0, high=MAX_SECONDS)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied."""
@@ -236,6 +247,11 @@ class Settings:
             raise ValueError("--drain-close-code must be 1001 or 1012")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be text or json")
+        if self.subscribe not in ("pattern", "channels"):
+            raise ValueError("--subscribe must be pattern or channels")
+        if self.workers > 1 and not self.redis:
+            raise ValueError("--workers above 1 needs --redis: each worker is its own process, and the "
+                             "embedded broker cannot carry messages between processes")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
         for pattern in self.public_channel:

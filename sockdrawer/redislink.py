@@ -469,11 +469,27 @@ class RedisLink(MultiService):
         """
         stream, epoch = history.redis_keys(self.namespace.name, key)
         channel = history.history_channel(self.namespace.name, key)
+        d = self.eval(history.PUBLISH_SCRIPT, [stream, epoch], [channel, message, size, max(1, int(ttl))])
+        d.addCallback(lambda offset: offset.decode("ascii") if isinstance(offset, bytes) else str(offset))
+        return d
+
+    def execute(self, command: str, *args: Any) -> Deferred[Any]:
+        """
+        Run one Redis command on the publishing connection (for the parts that
+        keep state in Redis, like presence); fails after ``timeout`` seconds
+        or at once while no connection is ready.
+        """
         d: Deferred[Any] = self._pub.whenConnected(failAfterFailures=1)
         d.addCallback(lambda p: p.whenConnected())
-        d.addCallback(lambda p: p.eval(history.PUBLISH_SCRIPT, [stream, epoch],
-                                       [channel, message, size, max(1, int(ttl))]))
-        d.addCallback(lambda offset: offset.decode("ascii") if isinstance(offset, bytes) else str(offset))
+        d.addCallback(lambda p: p.execute_command(command, *args))
+        d.addTimeout(self.timeout, self._clock)
+        return d
+
+    def eval(self, script: str, keys: list[Any], args: list[Any]) -> Deferred[Any]:
+        """Run a Lua ``script`` on the publishing connection, like :meth:`execute`."""
+        d: Deferred[Any] = self._pub.whenConnected(failAfterFailures=1)
+        d.addCallback(lambda p: p.whenConnected())
+        d.addCallback(lambda p: p.eval(script, keys, args))
         d.addTimeout(self.timeout, self._clock)
         return d
 
@@ -492,11 +508,8 @@ class RedisLink(MultiService):
                 history.stream_id(after)
             except history.HistoryReset as e:
                 return fail(e)
-        d: Deferred[Any] = self._pub.whenConnected(failAfterFailures=1)
-        d.addCallback(lambda p: p.whenConnected())
-        d.addCallback(lambda p: p.eval(history.REPLAY_SCRIPT, [stream, epoch_key], [after, limit]))
+        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key], [after, limit])
         d.addCallback(_replay_result, since, wanted_epoch, after, limit)
-        d.addTimeout(self.timeout, self._clock)
         return d
 
     # -- link state, called by the protocol

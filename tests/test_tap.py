@@ -188,7 +188,9 @@ def test_every_option_has_an_environment_variable() -> None:
         raw, value = samples[spec.kind]
         if spec.kind == "int" and spec.low is not None and spec.low > 7:
             raw, value = str(int(spec.low)), int(spec.low)
-        settings = parse_env({spec.env: raw}).settings
+        # --workers above 1 needs a Redis URL
+        env = {spec.env: raw, "SOCKDRAWER_REDIS": "redis://h:1/0"}
+        settings = parse_env(env).settings
         assert getattr(settings, spec.field) == value, spec.env
     s = parse_env({"SOCKDRAWER_REDIS": "redis://h:1/0", "SOCKDRAWER_PORT": "9001", "SOCKDRAWER_NAME": "app",
                    "SOCKDRAWER_ALLOWED_ORIGIN": "https://a.example:443, https://b.example:443",
