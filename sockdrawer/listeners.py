@@ -5,6 +5,7 @@ subscribing them to the hub, and calling their handlers safely.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -67,8 +68,9 @@ class _ChannelSink:
         self._source = Source(BROKER, channel)
 
     def receive(self, batch: Batch) -> None:
-        for message in batch.messages:
-            self._registry.dispatch(self._source, _decode(message))
+        offsets = batch.offsets
+        for i, message in enumerate(batch.messages):
+            self._registry.dispatch(self._source, _decode(message), offsets[i] if offsets else None)
 
     def __repr__(self) -> str:
         return f"<listener sink {self._source.channel!r}>"
@@ -133,6 +135,41 @@ class _FailureLog:
             self._report()
 
 
+#: seconds a ``once`` handler's claim on a message is kept in Redis: every
+#: node receives a message within milliseconds, so this only needs to outlast
+#: a node that is behind; it is also how long identical messages published
+#: without history on one channel count as one
+ONCE_WINDOW = 60.0
+
+#: ``claim(handler, channel, message, offset)``: a Deferred firing with whether
+#: this node runs a ``once`` handler on that message
+Claim = Callable[[str, str, bytes, "str | None"], Deferred[bool]]
+
+
+def redis_claim(execute: Callable[..., Deferred[Any]], namespace: str, node: str,
+                window: float = ONCE_WINDOW) -> Claim:
+    """
+    The claim for ``once`` handlers on Redis: the nodes race to ``SET NX`` a
+    key naming the handler and the message; the one that sets it runs the
+    handler.  A message is named by its history offset when it has one (unique
+    per message), else by a hash of its bytes.
+
+    :param execute: runs one Redis command (:meth:`RedisLink.execute`).
+    :param namespace: the channel namespace (the keys are ``<namespace>:once:...``).
+    :param node: this node's name, stored as the key's value (for operators).
+    """
+    millis = max(1, int(window * 1000))
+
+    def claim(handler: str, channel: str, message: bytes, offset: str | None) -> Deferred[bool]:
+        ident = offset if offset else "sha256:" + hashlib.sha256(message).hexdigest()
+        key = f"{namespace}:once:{handler}:{channel}:{ident}"
+        d = execute("SET", key, node, "NX", "PX", millis)
+        d.addCallback(lambda reply: reply in ("OK", b"OK"))
+        return d
+
+    return claim
+
+
 class ListenerRegistry:
     """
     The listener instances of one service, and the handlers per channel.
@@ -147,20 +184,25 @@ class ListenerRegistry:
 
     def __init__(self, listeners: Iterable[str | type[Subscriber] | Subscriber] = (), clock: Any = None) -> None:
         self.instances: list[Subscriber] = []
-        self._handlers: dict[str, list[tuple[Callable[..., Any], bool]]] = {}
+        self._handlers: dict[str, list[tuple[Callable[..., Any], bool, bool]]] = {}
         self._authorizers: dict[str, list[Callable[[Source], Any]]] = {}
         self._sinks: dict[bytes, _ChannelSink] = {}
         self._failures = _FailureLog(clock)
+        self._claim: Claim | None = None
+        #: broker messages whose ``once`` handler this node ran / left to another node
+        self.once_won = 0
+        self.once_lost = 0
         for spec in listeners:
             if isinstance(spec, str):
                 spec = load_listener_class(spec)
             instance = spec() if isinstance(spec, type) else spec
             self.instances.append(instance)
             veto = getattr(instance, "authorize", None)
+            once = type(instance).once_handlers
             for channel, methods in type(instance).handlers.items():
                 for name, takes_source in methods:
                     self._handlers.setdefault(channel, []).append(
-                        (getattr(instance, name), takes_source)
+                        (getattr(instance, name), takes_source, name in once)
                     )
                 if callable(veto) and veto not in self._authorizers.get(channel, ()):
                     self._authorizers.setdefault(channel, []).append(veto)
@@ -201,8 +243,20 @@ class ListenerRegistry:
         """The channels that have at least one handler."""
         return list(self._handlers)
 
-    def attach(self, hub: IChannelHub, publish: Callable[[str | bytes, str], Any]) -> None:
-        """Give each listener the hub and publisher, and subscribe to the hub."""
+    def has_once_handlers(self) -> bool:
+        """Whether any handler is declared with ``@on(..., once=True)``."""
+        return any(once for handlers in self._handlers.values() for _, _, once in handlers)
+
+    def attach(self, hub: IChannelHub, publish: Callable[[str | bytes, str], Any],
+               claim: Claim | None = None) -> None:
+        """
+        Give each listener the hub and publisher, and subscribe to the hub.
+
+        :param claim: decides which node runs a ``once`` handler on a broker
+            message (:func:`redis_claim`); ``None`` for a single node (the
+            embedded broker), where every ``once`` handler runs.
+        """
+        self._claim = claim
         for instance in self.instances:
             instance.attach(publish, hub)
         for channel in self._handlers:
@@ -217,9 +271,15 @@ class ListenerRegistry:
         self._sinks.clear()
         self._failures.stop()
 
-    def dispatch(self, source: Source, message: str | bytes) -> list[Deferred[Any]]:
+    def dispatch(self, source: Source, message: str | bytes, offset: str | None = None) -> list[Deferred[Any]]:
         """
         Run every handler of ``source.channel`` on ``message``.
+
+        A ``once`` handler runs on a broker message only when this node wins
+        the message's claim (see :meth:`attach`); when the claim cannot be
+        made (Redis does not answer), the handler does not run here, and the
+        failure is logged like a handler's.  ``offset`` is the message's
+        history offset, when it has one.
 
         A handler that raises, or whose Deferred or coroutine fails, is logged
         with its traceback (the first time; then counted) and gives no
@@ -231,33 +291,50 @@ class ListenerRegistry:
             the handler's result (``None`` for none or for a failure).
         """
         results: list[Deferred[Any]] = []
-        for handler, takes_source in self._handlers.get(source.channel, ()):
-            started = time.monotonic()
-            try:
-                try:
-                    result = handler(message, source) if takes_source else handler(message)
-                finally:
-                    held = time.monotonic() - started
-                    if held > BLOCKING_WARNING:
-                        self._log.warn(
-                            "listener handler {handler} held the reactor for {ms:.0f} ms on channel {channel!r}: "
-                            "no socket is served meanwhile; return a Deferred or use deferToThread for slow work",
-                            handler=_name(handler), ms=held * 1000, channel=source.channel,
-                        )
-                if isinstance(result, Deferred):
-                    d = result
-                elif hasattr(result, "__await__"):
-                    d = ensureDeferred(result)
-                else:
-                    results.append(succeed(result))
-                    continue
-            except Exception:
-                self._failures.failed(_name(handler), Failure(), source)
-                results.append(succeed(None))
+        for handler, takes_source, once in self._handlers.get(source.channel, ()):
+            if once and self._claim is not None and source.kind == BROKER:
+                raw = message.encode("utf-8") if isinstance(message, str) else message
+                claimed = self._claim(_name(handler), source.channel, raw, offset)
+                claimed.addCallback(self._run_claimed, handler, takes_source, message, source)
+                claimed.addErrback(self._handler_failed, handler, source)
+                results.append(claimed)
                 continue
-            d.addErrback(self._handler_failed, handler, source)
-            results.append(d)
+            results.append(self._run(handler, takes_source, message, source))
         return results
+
+    def _run_claimed(self, won: bool, handler: Callable[..., Any], takes_source: bool, message: str | bytes,
+                     source: Source) -> Deferred[Any] | None:
+        if not won:
+            self.once_lost += 1
+            return None
+        self.once_won += 1
+        return self._run(handler, takes_source, message, source)
+
+    def _run(self, handler: Callable[..., Any], takes_source: bool, message: str | bytes,
+             source: Source) -> Deferred[Any]:
+        started = time.monotonic()
+        try:
+            try:
+                result = handler(message, source) if takes_source else handler(message)
+            finally:
+                held = time.monotonic() - started
+                if held > BLOCKING_WARNING:
+                    self._log.warn(
+                        "listener handler {handler} held the reactor for {ms:.0f} ms on channel {channel!r}: "
+                        "no socket is served meanwhile; return a Deferred or use deferToThread for slow work",
+                        handler=_name(handler), ms=held * 1000, channel=source.channel,
+                    )
+        except Exception:
+            self._failures.failed(_name(handler), Failure(), source)
+            return succeed(None)
+        if isinstance(result, Deferred):
+            d = result
+        elif hasattr(result, "__await__"):
+            d = ensureDeferred(result)
+        else:
+            return succeed(result)
+        d.addErrback(self._handler_failed, handler, source)
+        return d
 
     def _handler_failed(self, failure: Failure, handler: Callable[..., Any], source: Source) -> None:
         self._failures.failed(_name(handler), failure, source)

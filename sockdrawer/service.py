@@ -21,7 +21,7 @@ from .config import Settings, endpoint_string
 from .history import MemoryHistory
 from .hub import EmbeddedBroker, MemoryChannelHub
 from .interfaces import IBroker, IChannelHub
-from .listeners import ListenerRegistry
+from .listeners import ListenerRegistry, redis_claim
 from .metrics import registry_for
 from .redislink import RedisLink, RedisURL
 from .websocket import SockDrawerServerFactory
@@ -275,7 +275,11 @@ class SockDrawerService(MultiService):
 
     def startService(self) -> None:
         self.draining = False
-        self.listeners.attach(self.hub, self._listener_publish)
+        claim = None
+        if isinstance(self.broker, RedisLink) and self.listeners.has_once_handlers():
+            # once handlers: the nodes race for each broker message in Redis
+            claim = redis_claim(self.broker.execute, self.namespace.name, _node_name())
+        self.listeners.attach(self.hub, self._listener_publish, claim)
         _log.info(
             "sockdrawer starting: WebSocket on {port}, API on {api}, broker {broker}, namespace {name!r}, "
             "{count} listener(s)",
@@ -382,6 +386,14 @@ class SockDrawerService(MultiService):
             "sockets": len(self.factory.connections),
             "channels": len(hub.channels()),
         }
+
+
+def _node_name() -> str:
+    """This process, for operators reading Redis keys: ``host:pid``."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def check_endpoint(option: str, description: str | int, reactor: Any) -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 _CHANNELS_ATTR = "__sockdrawer_channels__"
+_ONCE_ATTR = "__sockdrawer_once__"
 
 #: :attr:`Source.kind` of a message published through the broker (Redis, or
 #: the embedded broker standing in for it).
@@ -68,7 +69,7 @@ class Source:
         return "/" + self.channel
 
 
-def on(*channels: str) -> Callable[[_F], _F]:
+def on(*channels: str, once: bool = False) -> Callable[[_F], _F]:
     """
     Register the decorated method as a handler for each of ``channels``.
 
@@ -80,6 +81,9 @@ def on(*channels: str) -> Callable[[_F], _F]:
 
     :param channels: channel names without the namespace, e.g. ``"echo"``;
         ``""`` is the root channel.
+    :param once: run the handler on one node of the cluster per message
+        published on the broker, instead of on every node (frames from
+        browsers run on their own node anyway); see ``docs/listeners.rst``.
     :raises sockdrawer.ChannelNameError: for a name that is not a valid channel.
     """
     if not channels:
@@ -90,6 +94,8 @@ def on(*channels: str) -> Callable[[_F], _F]:
     def decorate(method: _F) -> _F:
         existing = getattr(method, _CHANNELS_ATTR, ())
         setattr(method, _CHANNELS_ATTR, tuple(existing) + tuple(channels))
+        if once:
+            setattr(method, _ONCE_ATTR, True)
         return method
 
     return decorate
@@ -120,6 +126,8 @@ class Subscriber:
     """
 
     handlers: ClassVar[dict[str, tuple[tuple[str, bool], ...]]] = {}
+    #: the names of the methods declared with ``@on(..., once=True)``
+    once_handlers: ClassVar[frozenset[str]] = frozenset()
 
     #: The service's hub, for local delivery and introspection.
     hub: IChannelHub | None = None
@@ -128,6 +136,7 @@ class Subscriber:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         found: dict[str, list[tuple[str, bool]]] = {}
+        once: set[str] = set()
         seen: set[str] = set()
         for klass in cls.__mro__:
             for name, attr in vars(klass).items():
@@ -136,7 +145,10 @@ class Subscriber:
                 seen.add(name)
                 for channel in getattr(attr, _CHANNELS_ATTR, ()):
                     found.setdefault(channel, []).append((name, _takes_source(attr)))
+                if getattr(attr, _ONCE_ATTR, False):
+                    once.add(name)
         cls.handlers = {channel: tuple(names) for channel, names in found.items()}
+        cls.once_handlers = frozenset(once)
 
     def attach(self, publish: Callable[[str | bytes, str], Any], hub: IChannelHub) -> None:
         """
