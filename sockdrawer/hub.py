@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .history import HistoryReset, MemoryHistory, Replay
-from .interfaces import Batch, IBroker, IChannelHub, ISink
+from .interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
 from .stats import Histogram
 
 _Receive = Callable[[Batch], None]
@@ -33,6 +33,10 @@ class MemoryChannelHub:
     :ivar deliveries: messages times sinks, fanned out so far (a channel's
         group of sockets is one sink).
     :ivar turns: a histogram of fan-out durations, in seconds.
+
+    Observers (:meth:`watch`) hear of a channel's first sink and last one
+    right after the change, from a plain tuple that is empty unless some
+    broker subscribes per channel.
     """
 
     _log = Logger()
@@ -48,12 +52,34 @@ class MemoryChannelHub:
         self.deliveries = 0
         #: how long each fan-out (the flush of one hold, or one delivery) took
         self.turns = Histogram()
+        self._observers: tuple[IChannelObserver, ...] = ()
+
+    def watch(self, observer: IChannelObserver) -> None:
+        if observer not in self._observers:
+            self._observers += (observer,)
+
+    def unwatch(self, observer: IChannelObserver) -> None:
+        self._observers = tuple(o for o in self._observers if o is not observer)
+
+    def _tell(self, opened: bool, key: bytes) -> None:
+        for observer in self._observers:
+            try:
+                if opened:
+                    observer.channel_opened(key)
+                else:
+                    observer.channel_closed(key)
+            except Exception:
+                self._log.failure("channel observer {observer!r} failed on channel {channel!r}",
+                                  observer=observer, channel=key)
 
     def subscribe(self, key: bytes, sink: ISink) -> None:
         sinks = self._sinks.get(key)
         if sinks is None:
-            sinks = self._sinks[key] = {}
-        if sink not in sinks:
+            self._sinks[key] = {sink: None}
+            self._fanout.pop(key, None)
+            if self._observers:
+                self._tell(True, key)
+        elif sink not in sinks:
             sinks[sink] = None
             self._fanout.pop(key, None)
 
@@ -65,6 +91,8 @@ class MemoryChannelHub:
         self._fanout.pop(key, None)
         if not sinks:
             del self._sinks[key]
+            if self._observers:
+                self._tell(False, key)
 
     def deliver(self, key: bytes, message: bytes, offset: str | None = None) -> int:
         sinks = self._sinks.get(key)

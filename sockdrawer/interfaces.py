@@ -143,6 +143,35 @@ class IChannelHub(Interface):
         recover what they missed from history do.
         """
 
+    def watch(observer: IChannelObserver) -> None:
+        """
+        Tell ``observer`` from now on when a channel gets its first sink and
+        when it loses its last (channels that have sinks already are not
+        reported: read :meth:`channels`).  Watching twice changes nothing.
+        """
+
+    def unwatch(observer: IChannelObserver) -> None:
+        """Stop telling ``observer``; an observer not watching is ignored."""
+
+
+class IChannelObserver(Interface):
+    """
+    Learns which channels have sinks, as they come and go: what a broker
+    that subscribes per channel (``--subscribe channels``) needs.
+
+    Both methods are called synchronously inside :meth:`IChannelHub.subscribe`
+    and :meth:`IChannelHub.unsubscribe`, once the change is made: they must
+    be quick, must not subscribe or unsubscribe sinks themselves, and
+    should not raise (the hub logs and carries on if they do).  A channel
+    may open and close several times within one reactor turn.
+    """
+
+    def channel_opened(key: bytes) -> None:
+        """Channel ``key`` has its first sink."""
+
+    def channel_closed(key: bytes) -> None:
+        """Channel ``key`` lost its last sink."""
+
 
 class IBroker(Interface):
     """

@@ -79,6 +79,21 @@ class ServiceCollector(Collector):
                                 value=1 if svc.broker.is_connected() else 0)
         yield CounterMetricFamily("sockdrawer_redis_reconnects", "Times the Redis subscription was made again",
                                   value=getattr(svc.broker, "reconnects", 0))
+        broker = svc.broker
+        subscriptions = getattr(broker, "subscriptions", None)
+        if subscriptions is not None:
+            yield GaugeMetricFamily("sockdrawer_redis_subscriptions", "Redis channels and patterns the node's "
+                                    "subscriber holds, as Redis last counted them (--subscribe channels: two per "
+                                    "channel with sockets or listeners)", value=subscriptions)
+            sent = CounterMetricFamily("sockdrawer_redis_commands", "SUBSCRIBE and UNSUBSCRIBE commands sent "
+                                       "(--subscribe channels; one each per reactor turn at most)",
+                                       labels=["command"])
+            sent.add_metric(["subscribe"], getattr(broker, "subscribe_commands", 0))
+            sent.add_metric(["unsubscribe"], getattr(broker, "unsubscribe_commands", 0))
+            yield sent
+            yield CounterMetricFamily("sockdrawer_redis_stale_messages", "Messages Redis sent for channels the "
+                                      "node had just unsubscribed from, dropped",
+                                      value=getattr(broker, "stale_messages", 0))
         latency = getattr(svc.broker, "fanout_latency", None)
         if latency is not None:
             yield _histogram("sockdrawer_fanout_latency_seconds",

@@ -1,7 +1,14 @@
 """
-The Redis side: one pattern subscription per node, kept alive by Twisted's
+The Redis side: one subscription per node, kept alive by Twisted's
 :class:`~twisted.application.internet.ClientService`, feeding the hub; and a
 second connection for publishing.
+
+The subscription is a pattern (``PSUBSCRIBE <name>/*``: every message of the
+namespace reaches the node) or, with ``--subscribe channels``, exactly the
+channels the hub has sinks for: the link watches the hub
+(:class:`~sockdrawer.interfaces.IChannelObserver`) and sends one SUBSCRIBE
+and one UNSUBSCRIBE per reactor turn for what changed, and everything again
+on each new connection.
 
 Payloads stay :class:`bytes` end to end (``charset=None``,
 ``convertNumbers=False``), and hiredis parses when it is installed.
@@ -11,7 +18,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
@@ -32,7 +39,7 @@ from zope.interface import implementer
 
 from . import _private, history
 from ._channels import Namespace
-from .interfaces import IBroker, IChannelHub
+from .interfaces import IBroker, IChannelHub, IChannelObserver
 from .stats import Histogram
 
 _log = Logger(namespace="sockdrawer.redis")
@@ -44,6 +51,9 @@ HIREDIS = txredisapi.RedisProtocol is txredisapi.HiredisProtocol
 _FULL_READ = 60 * 1024
 # that many full reads in a row when the link drops: Redis probably dropped us
 _BEHIND = 8
+
+#: most Redis channel names in one SUBSCRIBE or UNSUBSCRIBE command
+MAX_CHANNELS_PER_COMMAND = 10_000
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
@@ -154,8 +164,16 @@ class RedisURL:
 
 class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """
-    A txredisapi subscriber that PSUBSCRIBEs to the namespace as soon as the
-    connection is ready (after AUTH), and hands every message to the hub.
+    A txredisapi subscriber that subscribes as soon as the connection is
+    ready (after AUTH), and hands every message to the hub.
+
+    By pattern (the default), it PSUBSCRIBEs to the namespace.  By channel
+    (:attr:`by_channel`), it SUBSCRIBEs to each channel the hub has sinks for
+    (the raw channel and the one carrying messages with history), and
+    :meth:`update_channels` follows the hub from there; those commands are
+    written as they are and their confirmations counted here, out of
+    txredisapi's reply queue (one SUBSCRIBE of n channels gets n replies,
+    which that queue would hand to the next caller, such as a PING).
 
     Everything parsed from one read of the socket is delivered inside one
     :meth:`IChannelHub.hold`, so the hub can send each socket the messages of
@@ -166,6 +184,17 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
     namespace: Namespace
     link: RedisLink | None = None
     max_message_size: int = 0
+    #: subscribe per channel (``--subscribe channels``) instead of by pattern
+    by_channel: bool = False
+    #: by channel, once subscribing: the channel keys whose last command on
+    #: this connection was SUBSCRIBE (Redis runs a connection's commands in
+    #: order, so this is what it ends up with); messages for other keys are
+    #: for channels just unsubscribed, and dropped.  ``None`` by pattern.
+    subscribed_keys: set[bytes] | None = None
+    #: (un)subscribe confirmations still to come
+    _outstanding = 0
+    #: confirmations still to come for the first SUBSCRIBE on this connection
+    _initial = 0
 
     def connectionMade(self) -> Any:
         d = super().connectionMade()
@@ -174,19 +203,92 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         self.whenConnected().addCallback(self._subscribe).addErrback(lambda f: None)
         return d
 
-    def _subscribe(self, _: object) -> Deferred[Any]:
+    def _subscribe(self, _: object) -> Deferred[Any] | None:
+        if self.by_channel:
+            keys = self.hub.channels()
+            self.subscribed_keys = set(keys)
+            self._initial = self._send(b"SUBSCRIBE", keys)
+            if self.link is not None:
+                self.link._channels_connection(self)
+            if not self._initial:
+                self._subscribed(None)
+            return None
         # raw messages, and messages published with history
         d: Deferred[Any] = self.psubscribe([self.namespace.pattern, self.namespace.history_pattern])
         d.addCallback(self._subscribed)
         d.addErrback(self._subscribe_failed)
         return d
 
+    def update_channels(self, keys: Iterable[bytes]) -> None:
+        """
+        By channel: SUBSCRIBE to those of ``keys`` that have sinks in the hub
+        now and are not subscribed, UNSUBSCRIBE from those that have none
+        and are; one command each at most (per
+        :data:`MAX_CHANNELS_PER_COMMAND` names).
+        """
+        subscribed = self.subscribed_keys
+        if subscribed is None:
+            return
+        has_sinks = self.hub.subscribers
+        wanted: list[bytes] = []
+        unwanted: list[bytes] = []
+        for key in keys:
+            if has_sinks(key):
+                if key not in subscribed:
+                    subscribed.add(key)
+                    wanted.append(key)
+            elif key in subscribed:
+                subscribed.discard(key)
+                unwanted.append(key)
+        self._send(b"UNSUBSCRIBE", unwanted)
+        self._send(b"SUBSCRIBE", wanted)
+
+    def _send(self, command: bytes, keys: Iterable[bytes]) -> int:
+        # each key is two Redis channels: raw messages, and messages with history
+        prefix, hprefix = self.namespace.prefix, self.namespace.history_prefix
+        names = [name for key in keys for name in (prefix + key, hprefix + key)]
+        if not names or self.transport is None:
+            return 0
+        commands = 0
+        for start in range(0, len(names), MAX_CHANNELS_PER_COMMAND):
+            self.transport.write(_command(command, *names[start:start + MAX_CHANNELS_PER_COMMAND]))
+            commands += 1
+        self._outstanding += len(names)
+        link = self.link
+        if link is not None:
+            if command == b"SUBSCRIBE":
+                link.subscribe_commands += commands
+            else:
+                link.unsubscribe_commands += commands
+        return len(names)
+
+    def replyReceived(self, reply: Any) -> None:
+        if self.subscribed_keys is not None:
+            if type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
+                self._confirmed(reply[2])
+                return
+            if isinstance(reply, Exception) and self._outstanding:
+                self._subscribe_failed(Failure(reply))
+                return
+        super().replyReceived(reply)
+
+    def _confirmed(self, count: Any) -> None:
+        if self._outstanding:
+            self._outstanding -= 1
+        if self.link is not None and isinstance(count, int):
+            self.link.subscriptions = count
+        if self._initial:
+            self._initial -= 1
+            if not self._initial:
+                self._subscribed(None)
+
     def _subscribed(self, reply: Any) -> None:
         if self.link is not None:
             self.link._subscribed(self)
 
     def _subscribe_failed(self, failure: Failure) -> None:
-        _log.warn("PSUBSCRIBE failed ({error}); dropping the Redis link to retry",
+        command = "SUBSCRIBE" if self.by_channel else "PSUBSCRIBE"
+        _log.warn("{command} failed ({error}); dropping the Redis link to retry", command=command,
                   error=failure.getErrorMessage() or type(failure.value).__name__)
         if self.transport is not None:
             self.transport.loseConnection()
@@ -217,9 +319,10 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
     def _parse(self, data: bytes) -> None:
         # HiredisProtocol.dataReceived, with a short path for the replies
-        # that make up nearly all traffic on this connection: pmessages,
-        # whose parts are already bytes (charset=None) and need none of
-        # txredisapi's conversions or transaction bookkeeping.
+        # that make up nearly all traffic on this connection: pmessages (by
+        # pattern) or messages (by channel), whose parts are already bytes
+        # (charset=None) and need none of txredisapi's conversions or
+        # transaction bookkeeping.
         reader = _private.hiredis_reader(self)
         if data:
             reader.feed(data)
@@ -229,30 +332,45 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         hcut = len(hprefix)
         limit = self.max_message_size
         deliver = self.hub.deliver
-        received = 0
+        subscribed = self.subscribed_keys
+        received = stale = 0
         reply = reader.gets()
         while reply is not False:
             if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
                 channel, message = reply[2], reply[3]
-                if channel.startswith(prefix):
-                    if limit and len(message) > limit:
-                        self._dropped(channel[cut:], len(message))
-                    else:
-                        deliver(channel[cut:], message)
-                        received += 1
-                elif channel.startswith(hprefix):
-                    offset, _, message = message.partition(b"\n")
-                    if limit and len(message) > limit:
-                        self._dropped(channel[hcut:], len(message))
-                    else:
-                        deliver(channel[hcut:], message, offset.decode("ascii", "replace"))
-                        received += 1
+            elif subscribed is not None and type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                channel, message = reply[1], reply[2]
             else:
                 # everything else exactly as HiredisProtocol does it
                 _private.dispatch_reply(self, reply)
+                reply = reader.gets()
+                continue
+            if channel.startswith(prefix):
+                key = channel[cut:]
+                offset = None
+            elif channel.startswith(hprefix):
+                key = channel[hcut:]
+                offset, _, message = message.partition(b"\n")
+            else:
+                reply = reader.gets()
+                continue
+            if subscribed is not None and key not in subscribed:
+                stale += 1
+            elif limit and len(message) > limit:
+                self._dropped(key, len(message))
+            elif offset is None:
+                deliver(key, message)
+                received += 1
+            else:
+                deliver(key, message, offset.decode("ascii", "replace"))
+                received += 1
             reply = reader.gets()
-        if received and self.link is not None:
-            self.link.messages += received
+        link = self.link
+        if link is not None:
+            if received:
+                link.messages += received
+            if stale:
+                link.stale_messages += stale
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         # the pure-Python parser's way in (hiredis takes the path in _parse)
@@ -264,6 +382,10 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             key = channel[len(self.namespace.history_prefix):]
             raw_offset, _, message = message.partition(b"\n")
             offset = raw_offset.decode("ascii", "replace")
+        if self.subscribed_keys is not None and key not in self.subscribed_keys:
+            if self.link is not None:
+                self.link.stale_messages += 1
+            return
         if self.max_message_size and len(message) > self.max_message_size:
             self._dropped(key, len(message))
             return
@@ -308,6 +430,7 @@ class _SubscriberFactory(_LinkFactoryMixin, txredisapi.SubscriberFactory):  # ty
         p.namespace = self.link.namespace
         p.link = self.link
         p.max_message_size = self.link.max_message_size
+        p.by_channel = self.link.subscribe == "channels"
         return p
 
 
@@ -369,11 +492,11 @@ class Backoff:
         self.failures = 0
 
 
-@implementer(IBroker)
+@implementer(IBroker, IChannelObserver)
 class RedisLink(MultiService):
     """
-    The Redis broker: subscribes the hub to ``<namespace>/*`` and publishes
-    through a second connection.
+    The Redis broker: subscribes the hub to ``<namespace>/*`` (or to each of
+    its channels) and publishes through a second connection.
 
     Both connections are kept by a :class:`ClientService` with capped
     exponential backoff, and pinged every ``ping_interval`` seconds so that a
@@ -381,6 +504,12 @@ class RedisLink(MultiService):
     ``ping_interval + timeout`` seconds.  A new subscriber connection
     re-issues PSUBSCRIBE, so sockets stay connected through an outage and get
     the messages published after it.
+
+    With ``subscribe="channels"`` the link watches the hub while it runs and
+    subscribes to exactly the channels that have sinks (sockets, listeners):
+    the changes of one reactor turn go out as one SUBSCRIBE and one
+    UNSUBSCRIBE, and a new connection subscribes to all of them again.  A
+    channel that closes and opens again within the turn sends nothing.
 
     :param url: where Redis is.
     :param namespace: the channel namespace.
@@ -390,6 +519,7 @@ class RedisLink(MultiService):
     :param ping_interval: seconds between liveness PINGs.
     :param retry_max_delay: the longest wait between reconnection attempts.
     :param max_message_size: messages larger than this are dropped (logged).
+    :param subscribe: ``"pattern"`` or ``"channels"``.
     """
 
     def __init__(
@@ -402,8 +532,12 @@ class RedisLink(MultiService):
         ping_interval: float = 30.0,
         retry_max_delay: float = 30.0,
         max_message_size: int = 1024 * 1024,
+        subscribe: str = "pattern",
     ) -> None:
         super().__init__()
+        if subscribe not in ("pattern", "channels"):
+            raise ValueError("subscribe must be pattern or channels")
+        self.subscribe = subscribe
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -430,6 +564,19 @@ class RedisLink(MultiService):
         self.reconnects = 0
         #: seconds from reading a batch off Redis to its last socket write
         self.fanout_latency = Histogram()
+        #: channels and patterns the subscriber connection holds, as Redis
+        #: last reported (by channel: two per channel, raw and history)
+        self.subscriptions = 0
+        #: SUBSCRIBE and UNSUBSCRIBE commands sent (by channel)
+        self.subscribe_commands = 0
+        self.unsubscribe_commands = 0
+        #: messages that came for channels just unsubscribed, dropped
+        self.stale_messages = 0
+        #: by channel: the connection that follows the hub's channels
+        self._following: RedisSubscriberProtocol | None = None
+        #: channels opened or closed this turn, in order
+        self._changed: dict[bytes, None] = {}
+        self._update: Any = None
         self._ping = LoopingCall(self._send_pings)
         self._ping.clock = reactor
         self._ping_interval = ping_interval
@@ -438,6 +585,8 @@ class RedisLink(MultiService):
 
     def startService(self) -> None:
         _log.info("connecting to Redis at {url}", url=self.description)
+        if self.subscribe == "channels":
+            self.hub.watch(self)
         super().startService()
         if self._ping_interval > 0:
             self._ping.start(self._ping_interval, now=False)
@@ -445,6 +594,11 @@ class RedisLink(MultiService):
     def stopService(self) -> Deferred[None]:
         if self._ping.running:
             self._ping.stop()
+        self.hub.unwatch(self)
+        if self._update is not None and self._update.active():
+            self._update.cancel()
+        self._update = None
+        self._changed.clear()
         d: Deferred[None] = super().stopService()
         return d
 
@@ -512,10 +666,46 @@ class RedisLink(MultiService):
         d.addCallback(_replay_result, since, wanted_epoch, after, limit)
         return d
 
+    def unconfirmed(self) -> int:
+        """
+        By channel: Redis channels subscribed or unsubscribed and not yet
+        confirmed by Redis, plus channels changed this turn and not yet sent
+        (0 once Redis holds exactly the hub's channels).
+        """
+        following = self._following
+        return 0 if following is None else following._outstanding + len(self._changed)
+
+    # -- IChannelObserver (by channel)
+
+    def channel_opened(self, key: bytes) -> None:
+        self._change(key)
+
+    def channel_closed(self, key: bytes) -> None:
+        self._change(key)
+
+    def _change(self, key: bytes) -> None:
+        self._changed[key] = None
+        if self._update is None:
+            # every change of this reactor turn in one command
+            self._update = self._clock.callLater(0, self._send_changes)
+
+    def _send_changes(self) -> None:
+        self._update = None
+        changed, self._changed = self._changed, {}
+        # with no connection following, the next one subscribes to the
+        # hub's channels as they are then
+        if self._following is not None:
+            self._following.update_channels(changed)
+
     # -- link state, called by the protocol
+
+    def _channels_connection(self, protocol: RedisSubscriberProtocol) -> None:
+        self._following = protocol
 
     def _subscribed(self, protocol: RedisSubscriberProtocol) -> None:
         self.subscriber = protocol
+        if not protocol.by_channel:
+            self.subscriptions = 2
         self._sub_backoff.reset()
         if self._subscribed_once:
             self.reconnects += 1
@@ -523,6 +713,15 @@ class RedisLink(MultiService):
             self.hub.broker_gap()
         again = "re" if self._subscribed_once else ""
         self._subscribed_once = True
+        if protocol.by_channel:
+            _log.info(
+                "{again}subscribed to {count} channel(s) of {name!r} on Redis at {url}",
+                again=again,
+                count=len(protocol.subscribed_keys or ()),
+                name=self.namespace.name,
+                url=self.description,
+            )
+            return
         _log.info(
             "{again}subscribed to {pattern} on Redis at {url}",
             again=again,
@@ -531,8 +730,12 @@ class RedisLink(MultiService):
         )
 
     def _lost(self, protocol: RedisSubscriberProtocol, why: Failure) -> None:
+        if self._following is protocol:
+            self._following = None
+            self.subscriptions = 0
         if self.subscriber is protocol:
             self.subscriber = None
+            self.subscriptions = 0
             if self.running:
                 _log.warn(
                     "lost the Redis link to {url} ({reason}); reconnecting",
@@ -583,6 +786,11 @@ def _replay_result(result: Any, since: str | None, wanted_epoch: str | None, aft
     if len(messages) >= limit:
         raise history.HistoryReset("more than a replay may send")
     return history.Replay(latest, messages)
+
+
+def _command(*parts: bytes) -> bytes:
+    """One Redis command in RESP, an array of bulk strings."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
 
 
 def _ping(protocol: Any) -> Any:

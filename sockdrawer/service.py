@@ -237,6 +237,7 @@ class SockDrawerService(MultiService):
                 ping_interval=settings.redis_ping_interval,
                 retry_max_delay=settings.redis_retry_max,
                 max_message_size=settings.max_publish_size,
+                subscribe=settings.subscribe,
             )
             link.setServiceParent(self)
             self.broker = link

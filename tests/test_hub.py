@@ -9,7 +9,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sockdrawer.hub import EmbeddedBroker, MemoryChannelHub
-from sockdrawer.interfaces import Batch, IBroker, IChannelHub, ISink
+from sockdrawer.interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
 from sockdrawer.testing import RecordingSink
 
 
@@ -169,6 +169,71 @@ class HubContract:
         hub.subscribe(b"x", good)
         hub.deliver(b"x", b"1")
         assert good.messages == [b"1"]
+
+    def test_observers_hear_first_and_last_sink(self) -> None:
+        """A watching observer hears of a channel's first sink and of its last leaving, once each, after the
+        change (the hub already counts the sink, or no longer has the channel); other sinks coming and going
+        are not reported, nor channels that had sinks before the watch."""
+        hub = self.make_hub()
+        before = RecordingSink()
+        hub.subscribe(b"old", before)
+        events: list[tuple[str, bytes, int]] = []
+
+        @implementer(IChannelObserver)
+        class Observer:
+            def channel_opened(self, key: bytes) -> None:
+                events.append(("opened", key, hub.subscribers(key)))
+
+            def channel_closed(self, key: bytes) -> None:
+                events.append(("closed", key, hub.subscribers(key)))
+
+        observer = Observer()
+        assert verifyObject(IChannelObserver, observer)
+        hub.watch(observer)
+        hub.watch(observer)  # twice: still told once
+        a, b = RecordingSink("a"), RecordingSink("b")
+        hub.subscribe(b"news", a)
+        hub.subscribe(b"news", b)
+        hub.subscribe(b"news", a)
+        hub.unsubscribe(b"news", a)
+        hub.unsubscribe(b"news", a)
+        hub.unsubscribe(b"news", b)
+        hub.unsubscribe(b"old", before)
+        hub.unsubscribe(b"never", a)
+        assert events == [("opened", b"news", 1), ("closed", b"news", 0), ("closed", b"old", 0)]
+        hub.unwatch(observer)
+        hub.unwatch(observer)
+        hub.subscribe(b"news", a)
+        assert len(events) == 3
+
+    def test_failing_observer_changes_nothing_else(self) -> None:
+        """An observer that raises is logged; the sink is subscribed all the same and other observers are told."""
+        hub = self.make_hub()
+        told: list[bytes] = []
+
+        @implementer(IChannelObserver)
+        class Bad:
+            def channel_opened(self, key: bytes) -> None:
+                raise ValueError("boom")
+
+            def channel_closed(self, key: bytes) -> None:
+                raise ValueError("boom")
+
+        @implementer(IChannelObserver)
+        class Good:
+            def channel_opened(self, key: bytes) -> None:
+                told.append(key)
+
+            def channel_closed(self, key: bytes) -> None:
+                told.append(b"-" + key)
+
+        hub.watch(Bad())
+        hub.watch(Good())
+        sink = RecordingSink()
+        hub.subscribe(b"x", sink)
+        hub.deliver(b"x", b"1")
+        hub.unsubscribe(b"x", sink)
+        assert sink.messages == [b"1"] and hub.channels() == [] and told == [b"x", b"-x"]
 
 
 class TestMemoryChannelHub(HubContract):
