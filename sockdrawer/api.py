@@ -3,7 +3,8 @@ The internal HTTP API: ``POST /publish/<channel>`` publishes the request body
 through the service's broker; ``GET /health`` (liveness: 200 while the
 reactor runs) and ``GET /ready`` (200 when the node can serve, 503 while
 starting, with the broker down or while draining) report the service's
-state; ``GET /metrics`` is the Prometheus exposition.
+state; ``GET /metrics`` is the Prometheus exposition; ``GET /presence/<channel>``
+lists who is on a channel (``sockdrawer.v1`` presence).
 
 It listens on loopback by default; with an API key, publish and metrics
 requests must carry ``Authorization: Bearer <key>`` (``/health`` and
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _log = Logger(namespace="sockdrawer.api")
 
 _PUBLISH_PREFIX = b"/publish/"
+_PRESENCE_PREFIX = b"/presence/"
 
 
 def client_js() -> bytes:
@@ -148,7 +150,39 @@ class ApiResource(Resource):
                 request.setHeader(b"allow", b"POST")
                 return _respond(request, 405, {"error": "use POST"})
             return self._publish(request)
+        if path.startswith(_PRESENCE_PREFIX):
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                return _respond(request, 405, {"error": "use GET"})
+            return self._presence(request)
         return _respond(request, 404, {"error": "not found; use POST /publish/<channel>"})
+
+    def _presence(self, request: Request) -> Any:
+        # who is on a channel (v1 presence): GET /presence/<channel>
+        raw_channel = request.path[len(_PRESENCE_PREFIX) - 1 :]
+        try:
+            key = channel_from_path(
+                raw_channel.decode("ascii", "replace"), self._service.settings.max_channel_length
+            )
+        except ChannelNameError as e:
+            return _respond(request, 400, {"error": f"bad channel: {e}"})
+        finished: list[bool] = []
+        request.notifyFinish().addErrback(lambda f: finished.append(True))
+
+        def done(entries: list[dict[str, Any]]) -> None:
+            if not finished:
+                request.write(_respond(request, 200, {"channel": key.decode("utf-8"), "clients": entries}))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.warn("presence of {channel!r} unavailable: {error}", channel=key,
+                      error=failure.getErrorMessage() or repr(failure.value))
+            if not finished:
+                request.write(_respond(request, 503, {"error": "broker unavailable"}))
+                request.finish()
+
+        self._service.presence.entries(key).addCallbacks(done, failed)
+        return NOT_DONE_YET
 
     def _client_js(self, request: Request) -> bytes:
         # the browser client, for pages that load it from the node (public:

@@ -87,6 +87,7 @@ class Client:
         self._history_size = history_size
         self._history_ttl = history_ttl
         self._script: Any = None
+        self._read_script: Any = None
         self._http: str | None = None
         self._redis: _Publisher | None = None
         self._owns_redis = False
@@ -148,6 +149,52 @@ class Client:
         except Exception as e:
             raise PublishError(f"could not publish on {self._where()}: {type(e).__name__}: {e}") from e
         return int(result) if result is not None else 0
+
+    def presence(self, channel: str) -> list[dict[str, Any]]:
+        """
+        Who is on ``channel``: the live presence entries of the
+        ``sockdrawer.v1`` sockets subscribed to it with ``"presence": true``,
+        on every node (see ``docs/protocol.rst``).
+
+        :return: ``[{"user": <token sub or None>, "client": <socket id>}, ...]``
+            in no particular order.
+        :raises ValueError: for a bad channel name.
+        :raises TypeError: for a ``redis=`` object that is not a redis-py client.
+        :raises PublishError: when the broker could not be read.
+        """
+        key = validate_channel(channel, self._max_channel_length)
+        if self._http is not None:
+            body = self._http_get(f"/presence/{quote(channel, safe='/')}")
+            return list(body.get("clients", []))
+        from .presence import READ_SCRIPT, hash_key, parse_entries
+
+        register = getattr(self._redis, "register_script", None)
+        if register is None:
+            raise TypeError("presence needs a redis-py client (or an http:// URL)")
+        if self._read_script is None:
+            self._read_script = register(READ_SCRIPT)
+        try:
+            values = self._read_script(keys=[hash_key(self._namespace.name, key)], args=[])
+        except Exception as e:
+            raise PublishError(f"could not read presence on {self._where()}: {type(e).__name__}: {e}") from e
+        return parse_entries(values)
+
+    def _http_get(self, path: str) -> dict[str, Any]:
+        request = urllib.request.Request(f"{self._http}{path}", method="GET")
+        if self._api_key:
+            request.add_header("Authorization", f"Bearer {self._api_key}")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                body: dict[str, Any] = json.loads(response.read() or b"{}")
+                return body
+        except urllib.error.HTTPError as e:
+            try:
+                reason = json.loads(e.read()).get("error", e.reason)
+            except Exception:
+                reason = e.reason
+            raise PublishError(f"{self._where()} refused: HTTP {e.code}: {reason}") from e
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise PublishError(f"could not read {self._where()}: {e}") from e
 
     def _pub_history(self, key: bytes, payload: bytes) -> str:
         from .history import PUBLISH_SCRIPT, history_channel, redis_keys

@@ -23,7 +23,9 @@ from .hub import EmbeddedBroker, MemoryChannelHub
 from .interfaces import IBroker, IChannelHub
 from .listeners import ListenerRegistry, redis_claim
 from .metrics import registry_for
+from .presence import MemoryPresence, RedisPresence
 from .redislink import RedisLink, RedisURL
+from .v1 import PresenceService
 from .websocket import SockDrawerServerFactory
 
 _log = Logger(namespace="sockdrawer")
@@ -241,9 +243,16 @@ class SockDrawerService(MultiService):
             )
             link.setServiceParent(self)
             self.broker = link
+            store: MemoryPresence | RedisPresence = RedisPresence(link.eval, settings.name,
+                                                                  settings.presence_timeout)
         else:
             history = MemoryHistory(settings.history_size, settings.history_ttl) if settings.history_size else None
             self.broker = EmbeddedBroker(self.hub, history)
+            store = MemoryPresence(self.hub.deliver)
+        #: who is on each channel, for v1 subscriptions with presence; stopped
+        #: before the link (children stop in reverse), so its last leaves go out
+        self.presence = PresenceService(store, self.hub, reactor, settings.presence_timeout)
+        self.presence.setServiceParent(self)
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
@@ -251,6 +260,7 @@ class SockDrawerService(MultiService):
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
+        self.factory.presence = self.presence  # read by sockdrawer.v1 sessions
         if settings.history_size:
             limit = settings.history_size + 1
             broker = self.broker

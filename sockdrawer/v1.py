@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import presence as _presence
 from ._channels import ChannelNameError, validate_channel
 from .fanout import FanoutStats
 from .frames import TEXT, Deflater, encode_frame
 from .history import HistoryReset, Replay
-from .interfaces import Batch, ISink
+from .interfaces import Batch, IChannelHub, ISink
 from .subscriber import SOCKET, Source
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,7 +116,7 @@ class Subscription:
     came after it (never one twice), and goes live.
     """
 
-    __slots__ = ("session", "key", "channel", "group", "live", "_kept", "last")
+    __slots__ = ("session", "key", "channel", "group", "live", "_kept", "last", "presence", "present")
 
     def __init__(self, session: V1Session, key: bytes) -> None:
         self.session = session
@@ -122,6 +127,10 @@ class Subscription:
         self._kept: list[tuple[str | None, bytes]] = []
         #: the offset of the last message sent to the client
         self.last: str | None = None
+        #: subscribed with ``"presence": true``
+        self.presence = False
+        #: its presence entry has been added (once ``subscribed`` was sent)
+        self.present = False
 
     def deliver(self, batch: Batch, data: bytes) -> None:
         if self.live:
@@ -158,6 +167,11 @@ class Subscription:
         self._kept = []
         self.live = True
         self.last = last
+        if self.presence and not self.present:
+            self.present = True
+            service = self.session.presence
+            if service is not None:
+                service.join(self)
 
 
 class V1Session:
@@ -169,6 +183,19 @@ class V1Session:
     def __init__(self, proto: SockDrawerServerProtocol) -> None:
         self.proto = proto
         self.subscriptions: dict[bytes, Subscription] = {}
+        self._client: str | None = None
+
+    @property
+    def client(self) -> str:
+        """This socket's id in presence entries (random, made on first use)."""
+        if self._client is None:
+            self._client = secrets.token_urlsafe(9)
+        return self._client
+
+    @property
+    def presence(self) -> PresenceService | None:
+        """The node's presence (``None`` when the factory was not given one)."""
+        return self.proto.factory.presence
 
     # -- out
 
@@ -220,7 +247,14 @@ class V1Session:
             if since is not None and not isinstance(since, str):
                 self.error(400, "since must be an offset string", channel)
                 return
-            self.subscribe(key, channel, since)
+            presence = msg.get("presence", False)
+            if not isinstance(presence, bool):
+                self.error(400, "presence must be true or false", channel)
+                return
+            if presence and self.presence is None:
+                self.error(501, "presence is not available on this node", channel)
+                return
+            self.subscribe(key, channel, since, presence)
         elif op == "unsubscribe":
             self.unsubscribe(key)
         else:
@@ -233,7 +267,7 @@ class V1Session:
         grant = self.proto.grant
         return grant is not None and grant.allows(channel)
 
-    def subscribe(self, key: bytes, channel: str, since: str | None) -> None:
+    def subscribe(self, key: bytes, channel: str, since: str | None, presence: bool = False) -> None:
         factory = self.proto.factory
         if key in self.subscriptions:
             self.error(409, "already subscribed", channel)
@@ -245,6 +279,7 @@ class V1Session:
             self.error(403, "token does not cover this channel", channel)
             return
         sub = Subscription(self, key)
+        sub.presence = presence
         self.subscriptions[key] = sub
         decision = factory.authorize(Source(SOCKET, channel, self.proto.peer, self.proto.user)) \
             if factory.authorize is not None else None
@@ -314,6 +349,10 @@ class V1Session:
         sub = self.subscriptions.pop(key, None)
         if sub is not None:
             self.proto.factory.leave_v1(sub)
+            if sub.present:
+                service = self.presence
+                if service is not None:
+                    service.leave(sub)
 
     def send(self, key: bytes, channel: str, data: Any, id: Any) -> None:
         factory = self.proto.factory
@@ -352,3 +391,274 @@ class V1Session:
             self.unsubscribe(key)
 
 
+
+
+#: seconds a presence group waits for the marker of its snapshot before it
+#: asks for another (a per-channel Redis subscription may still be on its way)
+RESYNC_DELAY = 1.0
+#: events a presence group keeps while it waits for a snapshot
+MAX_BUFFERED = 10_000
+
+_Store = _presence.MemoryPresence | _presence.RedisPresence
+
+
+@implementer(ISink)
+class PresenceGroup:
+    """
+    The presence subscriptions of one channel on this node, subscribed to the
+    channel's presence events (:func:`sockdrawer.presence.events_key`).
+
+    It keeps the channel's list of entries (:attr:`view`) from one snapshot
+    and the events after it (see :mod:`sockdrawer.presence` for the markers
+    that line them up).  A new subscription waits for the marker of its own
+    join: then it is sent the list (itself in it) and, from there on, every
+    event.  After a broker gap the group takes a new snapshot and sends every
+    subscription the list again.
+    """
+
+    def __init__(self, service: PresenceService, key: bytes) -> None:
+        self.service = service
+        self.key = key
+        self.channel = key.decode("utf-8")
+        #: client id -> user, as of the last event applied
+        self.view: dict[str, Any] = {}
+        self.synced = False
+        self.closed = False
+        #: subscriptions that get every event
+        self.live: dict[Subscription, None] = {}
+        #: nonce of its join -> a subscription waiting for that marker
+        self.pending: dict[str, Subscription] = {}
+        #: live before a gap: they get the list again once synced
+        self._stale: dict[Subscription, None] = {}
+        self._buffer: list[tuple[str, dict[str, Any] | None, bytes]] = []
+        self._snapshots: dict[str, list[Any]] = {}
+        self._retry: IDelayedCall | None = None
+
+    @property
+    def receivers(self) -> int:
+        return len(self.live) + len(self.pending) + len(self._stale)
+
+    def add(self, sub: Subscription) -> None:
+        nonce = secrets.token_hex(8)
+        self.pending[nonce] = sub
+        session = sub.session
+        fields = _presence.entry_fields(session.proto.user, session.client)
+        d = maybeDeferred(self.service.store.join, self.key, self.service.field(session), fields, nonce,
+                          not self.synced)
+        d.addCallbacks(self._snapshot, self._failed, callbackArgs=(nonce,))
+
+    def remove(self, sub: Subscription) -> None:
+        self.live.pop(sub, None)
+        self._stale.pop(sub, None)
+        for nonce, waiting in list(self.pending.items()):
+            if waiting is sub:
+                del self.pending[nonce]
+
+    def close(self) -> None:
+        self.closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    # -- snapshots
+
+    def _snapshot(self, values: Any, nonce: str) -> None:
+        if self.closed or self.synced:
+            return
+        self._snapshots[nonce] = list(values or ())
+        for i, (marker, _, _) in enumerate(self._buffer):
+            if marker == nonce:
+                self._sync_at(i)
+                return
+        self._schedule_resync()
+
+    def _failed(self, failure: Failure) -> None:
+        if self.closed:
+            return
+        _log.warn("presence of {channel!r} unavailable: {error}", channel=self.channel,
+                  error=failure.getErrorMessage() or type(failure.value).__name__)
+        if not self.synced:
+            self._schedule_resync()
+
+    def _schedule_resync(self) -> None:
+        if self._retry is None or not self._retry.active():
+            self._retry = self.service.clock.callLater(RESYNC_DELAY, self.resync)
+
+    def resync(self) -> None:
+        """Ask for a snapshot (and its marker) again."""
+        self._retry = None
+        if self.closed or self.synced:
+            return
+        nonce = secrets.token_hex(8)
+        d = maybeDeferred(self.service.store.sync, self.key, nonce)
+        d.addCallbacks(self._snapshot, self._failed, callbackArgs=(nonce,))
+
+    def gap(self) -> None:
+        """The broker may have lost events: take a new snapshot."""
+        if self.closed:
+            return
+        self.synced = False
+        self._stale.update(self.live)
+        self.live.clear()
+        self._buffer = []
+        self._snapshots = {}
+        self.resync()
+
+    def _sync_at(self, index: int) -> None:
+        marker = self._buffer[index][0]
+        values = self._snapshots[marker]
+        before = {nonce for nonce, _, _ in self._buffer[: index + 1] if nonce}
+        rest = self._buffer[index + 1:]
+        self._buffer = []
+        self._snapshots = {}
+        self.synced = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        self.view = {entry["client"]: entry["user"] for entry in _presence.parse_entries(values)}
+        starting = list(self._stale)
+        self._stale.clear()
+        for nonce, sub in list(self.pending.items()):
+            # its join is in the snapshot: its marker came before, or was lost
+            if nonce in before or sub.session.client in self.view:
+                del self.pending[nonce]
+                starting.append(sub)
+        for sub in starting:
+            self.live[sub] = None
+            self._send_list(sub)
+        for nonce, event, body in rest:
+            self._apply(nonce, event, body)
+
+    # -- events
+
+    def receive(self, batch: Batch) -> None:
+        for message in batch.messages:
+            nonce, event, body = _presence.parse_event(message)
+            if self.synced:
+                self._apply(nonce, event, body)
+                continue
+            if len(self._buffer) >= MAX_BUFFERED:
+                self._buffer = []
+                self._snapshots = {}
+            self._buffer.append((nonce, event, body))
+            if nonce and nonce in self._snapshots:
+                self._sync_at(len(self._buffer) - 1)
+
+    def _apply(self, nonce: str, event: dict[str, Any] | None, body: bytes) -> None:
+        client: str | None = None
+        if event is not None:
+            client = event["client"]
+            if event["op"] == "join":
+                self.view[client] = event.get("user")
+            else:
+                self.view.pop(client, None)
+                client = None
+            for sub in tuple(self.live):
+                sub.session.send_text(body)
+        for waiting_nonce, waiting in list(self.pending.items()):
+            # its own marker, or its entry came back by a refresh (its join failed)
+            if waiting_nonce == nonce or waiting.session.client == client:
+                del self.pending[waiting_nonce]
+                self.live[waiting] = None
+                self._send_list(waiting)
+
+    def _send_list(self, sub: Subscription) -> None:
+        clients = [{"user": user, "client": client} for client, user in self.view.items()]
+        sub.session.send_text(control("presence", channel=self.channel, self=sub.session.client, clients=clients))
+
+
+class PresenceService(Service):
+    """
+    Presence on this node: the :class:`PresenceGroup` of each channel with
+    presence subscriptions, and the store of entries (in memory, or Redis
+    with :meth:`refresh` every third of ``timeout``).  When it stops, it
+    removes this node's entries at once (other nodes see them leave).
+
+    :param store: a :class:`~sockdrawer.presence.MemoryPresence` or
+        :class:`~sockdrawer.presence.RedisPresence`.
+    :param hub: where presence events arrive.
+    :param clock: the reactor.
+    :param timeout: the ``presence_timeout`` setting.
+    """
+
+    def __init__(self, store: _Store, hub: IChannelHub, clock: Any, timeout: float) -> None:
+        self.store = store
+        self.hub = hub
+        self.clock = clock
+        self.timeout = timeout
+        #: this process's id in presence fields (``<node>/<client>``)
+        self.node = secrets.token_hex(6)
+        self.groups: dict[bytes, PresenceGroup] = {}
+        self._refresh = LoopingCall(self.refresh)
+        self._refresh.clock = clock
+        self._stopped = False
+
+    def field(self, session: V1Session) -> str:
+        return f"{self.node}/{session.client}"
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = False
+        if isinstance(self.store, _presence.RedisPresence):
+            self._refresh.start(self.timeout / 3, now=False)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._refresh.running:
+            self._refresh.stop()
+        self._stopped = True
+        calls: list[Deferred[Any]] = []
+        for call in self.store.leave_all():
+            # the link may be down or stopping: then the entries expire
+            calls.append(call.addErrback(lambda f: None))
+        for group in self.groups.values():
+            group.close()
+        return DeferredList(calls)
+
+    def join(self, sub: Subscription) -> None:
+        """Add ``sub``'s entry; it gets the list, then joins and leaves."""
+        if self._stopped:
+            return
+        group = self.groups.get(sub.key)
+        if group is None:
+            group = self.groups[sub.key] = PresenceGroup(self, sub.key)
+            self.hub.subscribe(_presence.events_key(sub.key), group)
+        group.add(sub)
+
+    def leave(self, sub: Subscription) -> None:
+        """Remove ``sub``'s entry (its socket unsubscribed or closed); the others see it leave."""
+        group = self.groups.get(sub.key)
+        if group is not None:
+            group.remove(sub)
+            if not group.receivers:
+                group.close()
+                del self.groups[sub.key]
+                self.hub.unsubscribe(_presence.events_key(sub.key), group)
+        if self._stopped:
+            return
+        d = maybeDeferred(self.store.leave, sub.key, [self.field(sub.session)])
+        d.addErrback(self._leave_failed, sub.channel)
+
+    def _leave_failed(self, failure: Failure, channel: str) -> None:
+        _log.warn("presence leave on {channel!r} failed ({error}); the entry expires", channel=channel,
+                  error=failure.getErrorMessage() or type(failure.value).__name__)
+
+    def entries(self, key: bytes) -> Deferred[list[dict[str, Any]]]:
+        """Fires with the live entries of ``key`` (``{"user", "client"}`` each)."""
+        d = maybeDeferred(self.store.read, key)
+        d.addCallback(_presence.parse_entries)
+        return d
+
+    def refresh(self) -> None:
+        """Renew this node's entries (and remove expired ones of every channel it has entries on)."""
+        calls = self.store.refresh()
+        failures: list[Failure] = []
+
+        def failed(failure: Failure) -> None:
+            failures.append(failure)
+            if len(failures) == 1:
+                _log.warn("presence refresh failed: {error}",
+                          error=failure.getErrorMessage() or type(failure.value).__name__)
+
+        for d in calls:
+            d.addErrback(failed)

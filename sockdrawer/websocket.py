@@ -32,7 +32,7 @@ from .origins import OriginPolicy
 from .subscriber import SOCKET, Source
 from .timers import BucketTimer
 from .tokens import Grant, TokenRefused, pattern_matches
-from .v1 import SUBPROTOCOL, EnvelopeGroup, Subscription, V1Session
+from .v1 import SUBPROTOCOL, EnvelopeGroup, PresenceService, Subscription, V1Session
 
 #: Called with each frame a browser sends: returns one Deferred per handler,
 #: each firing with the reply to send back (or ``None``).
@@ -728,6 +728,8 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         #: -> Deferred[Replay]; ``None`` without history
         self.history: Callable[[bytes, str | None], Deferred[Any]] | None = None
         self.v1_groups: dict[tuple[bytes, int], EnvelopeGroup] = {}
+        #: who is on each channel, for v1 ``"presence": true``; ``None``: not offered (set by the service)
+        self.presence: PresenceService | None = None
         self.frames_received = 0
         self.stats = FanoutStats()
         self.connections: dict[SockDrawerServerProtocol, None] = {}

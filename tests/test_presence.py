@@ -1,0 +1,361 @@
+"""
+Presence on sockdrawer.v1 channels (``"presence": true``): the list, joins and
+leaves, on the embedded broker and across nodes on a real redis-server, the
+expiry of a dead node's entries, ``Client.presence``, ``GET /presence/...``,
+and the Lua scripts that keep the entries.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from childnode import ChildNode
+from conftest import RedisServer, wait_for, wait_subscribed
+from twisted.internet.threads import deferToThread
+from websockets.sync.client import connect as sync_connect
+from wsclient import connect
+
+from sockdrawer import Client, make_token, presence
+from sockdrawer.interfaces import Batch
+
+V1 = ["sockdrawer.v1"]
+SECRET = "p" * 40
+
+
+def token(user: str) -> str:
+    return make_token(SECRET, user=user, channels=["room/*"])
+
+
+async def v1(svc: Any, user: str | None = None) -> Any:
+    path = "/" if user is None else f"/?token={token(user)}"
+    return await connect(svc.ws_port, path, subprotocols=V1)
+
+
+async def subscribe_with_presence(client: Any, channel: str) -> dict[str, Any]:
+    """Subscribe with presence; return the ``presence`` message that follows ``subscribed``."""
+    client.send_json({"op": "subscribe", "channel": channel, "presence": True})
+    subscribed = await client.next_json()
+    assert subscribed["op"] == "subscribed", subscribed
+    listing: dict[str, Any] = await client.next_json()
+    assert listing["op"] == "presence", listing
+    return listing
+
+
+def users(listing: dict[str, Any]) -> list[Any]:
+    return sorted(entry["user"] for entry in listing["clients"])
+
+
+# -- the embedded broker
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_list_join_and_leave(run_service: Any) -> None:
+    """On the embedded broker, a presence subscriber gets the list (itself in it, with its token's sub), then a
+    join when another socket subscribes with presence, and a leave when it unsubscribes and when it closes."""
+    svc = await run_service(auth_secret=SECRET)
+    alice = await v1(svc, "alice")
+    listing = await subscribe_with_presence(alice, "room/1")
+    assert listing["channel"] == "room/1"
+    assert listing["clients"] == [{"user": "alice", "client": listing["self"]}]
+    bob = await v1(svc, "bob")
+    bobs = await subscribe_with_presence(bob, "room/1")
+    assert users(bobs) == ["alice", "bob"]
+    assert await alice.next_json() == {"op": "join", "channel": "room/1", "user": "bob", "client": bobs["self"]}
+    bob.send_json({"op": "unsubscribe", "channel": "room/1"})
+    assert await alice.next_json() == {"op": "leave", "channel": "room/1", "user": "bob", "client": bobs["self"]}
+    again = await subscribe_with_presence(bob, "room/1")
+    assert again["self"] == bobs["self"]  # one id per socket
+    assert (await alice.next_json())["op"] == "join"
+    bob.close()
+    assert await alice.next_json() == {"op": "leave", "channel": "room/1", "user": "bob", "client": bobs["self"]}
+    assert list(svc.presence.store.local) == [b"room/1"]  # only alice's entry is left
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_is_opt_in_and_per_channel(run_service: Any) -> None:
+    """A socket subscribed without presence neither gets presence messages nor shows in the list; presence on
+    one channel says nothing of another; an anonymous socket on a public channel is listed with user null."""
+    svc = await run_service(auth_secret=SECRET, public_channel=("lobby",))
+    watcher = await v1(svc, "watcher")
+    listing = await subscribe_with_presence(watcher, "room/1")
+    quiet = await v1(svc, "quiet")
+    quiet.send_json({"op": "subscribe", "channel": "room/1"})
+    assert (await quiet.next_json())["op"] == "subscribed"
+    other = await v1(svc, "other")
+    await subscribe_with_presence(other, "room/2")
+    anonymous = await v1(svc)
+    lobby = await subscribe_with_presence(anonymous, "lobby")
+    assert lobby["clients"] == [{"user": None, "client": lobby["self"]}]
+    await svc.publish("fence", "room/1")
+    # the next frame for the watcher is the message: no join came for quiet or for room/2's subscriber
+    assert await watcher.next_json() == {"op": "message", "channel": "room/1", "offset": None, "data": "fence"}
+    assert await quiet.next_json() == {"op": "message", "channel": "room/1", "offset": None, "data": "fence"}
+    entries = await svc.presence.entries(b"room/1")
+    assert entries == [{"user": "watcher", "client": listing["self"]}]
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", "null", "{}"])
+@pytest_twisted.ensureDeferred
+async def test_presence_must_be_a_bool(run_service: Any, value: str) -> None:
+    """"presence" that is not true or false is a 400 error on that channel, and the socket stays usable."""
+    svc = await run_service()
+    client = await v1(svc)
+    client.send_text(f'{{"op": "subscribe", "channel": "room/1", "presence": {value}}}')
+    error = await client.next_json()
+    assert error == {"op": "error", "status": 400, "reason": "presence must be true or false", "channel": "room/1"}
+    assert (await subscribe_with_presence(client, "room/1"))["clients"][0]["user"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_over_http_and_client(run_service: Any) -> None:
+    """GET /presence/<channel> answers the channel's entries (with the API key), and Client(http://).presence
+    reads them; a bad channel is 400."""
+    svc = await run_service(api_key="k" * 20)
+    client = await v1(svc)
+    listing = await subscribe_with_presence(client, "room/1")
+    base = f"http://127.0.0.1:{svc.api_port}"
+
+    def read() -> Any:
+        request = urllib.request.Request(f"{base}/presence/room/1", headers={"Authorization": "Bearer " + "k" * 20})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.loads(response.read())
+        with Client(base, api_key="k" * 20) as publisher:
+            entries = publisher.presence("room/1")
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/presence/a//b",
+                                                          headers={"Authorization": "Bearer " + "k" * 20}))
+        except urllib.error.HTTPError as e:
+            status = e.code
+        return body, entries, status
+
+    body, entries, status = await deferToThread(read)
+    assert body == {"channel": "room/1", "clients": [{"user": None, "client": listing["self"]}]}
+    assert entries == body["clients"]
+    assert status == 400
+
+
+# -- two nodes on Redis
+
+
+def recv_json(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(ws.recv(timeout=timeout))
+    return message
+
+
+def sync_presence(ws: Any, channel: str) -> dict[str, Any]:
+    ws.send(json.dumps({"op": "subscribe", "channel": channel, "presence": True}))
+    assert recv_json(ws)["op"] == "subscribed"
+    listing = recv_json(ws)
+    assert listing["op"] == "presence", listing
+    return listing
+
+
+def test_two_nodes_join_leave_and_a_killed_node_expires(tmp_path: Path, redis_server: RedisServer) -> None:
+    """With two nodes on one Redis, a client on node A sees the list, a join when a client on node B subscribes
+    with presence, a leave when it unsubscribes and when it closes; Client.presence returns the entries; when
+    node B is SIGKILLed, its client leaves within --presence-timeout and a third of it (plus the poll)."""
+    timeout = 1.5
+    args = ["--redis", redis_server.url, "--name", "pres", "--presence-timeout", str(timeout)]
+    env = {"SOCKDRAWER_AUTH_SECRET": SECRET}  # a secret stays out of the command line
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    node_a = ChildNode(tmp_path / "a", args, env).start()
+    node_b = ChildNode(tmp_path / "b", args, env).start()
+    try:
+        with sync_connect(node_a.url(f"/?token={token('alice')}"), subprotocols=V1, open_timeout=5) as alice:
+            mine = sync_presence(alice, "room/1")
+            assert mine["clients"] == [{"user": "alice", "client": mine["self"]}]
+            with sync_connect(node_b.url(f"/?token={token('bob')}"), subprotocols=V1, open_timeout=5) as bob:
+                bobs = sync_presence(bob, "room/1")
+                assert users(bobs) == ["alice", "bob"]
+                joined = {"op": "join", "channel": "room/1", "user": "bob", "client": bobs["self"]}
+                assert recv_json(alice) == joined
+                with Client(redis_server.url, name="pres") as backend:
+                    assert sorted(backend.presence("room/1"), key=lambda e: e["user"]) == [
+                        {"user": "alice", "client": mine["self"]}, {"user": "bob", "client": bobs["self"]}]
+                    assert backend.presence("room/2") == []
+                bob.send(json.dumps({"op": "unsubscribe", "channel": "room/1"}))
+                assert recv_json(alice) == {**joined, "op": "leave"}
+                sync_presence(bob, "room/1")
+                assert recv_json(alice) == joined
+            assert recv_json(alice) == {**joined, "op": "leave"}  # bob's socket closed
+            # a client on node B that never leaves: node B dies
+            with sync_connect(node_b.url(f"/?token={token('carol')}"), subprotocols=V1, open_timeout=5) as carol_ws:
+                carol = sync_presence(carol_ws, "room/1")
+                assert users(carol) == ["alice", "carol"]
+                assert recv_json(alice)["user"] == "carol"
+                assert node_b.proc is not None
+                node_b.proc.send_signal(signal.SIGKILL)
+                killed = time.monotonic()
+                node_b.proc.wait(10)
+                left = recv_json(alice, timeout=10)
+                elapsed = time.monotonic() - killed
+            print(f"a SIGKILLed node's client left after {elapsed:.2f} s (--presence-timeout {timeout})")
+            assert left == {"op": "leave", "channel": "room/1", "user": "carol", "client": carol["self"]}
+            assert elapsed < timeout + timeout / 3 + 0.5, elapsed
+            with Client(redis_server.url, name="pres") as backend:
+                assert backend.presence("room/1") == [{"user": "alice", "client": mine["self"]}]
+        node_a.assert_no_traceback()
+    finally:
+        for node in (node_a, node_b):
+            if node.proc is not None and node.proc.poll() is None:
+                node.stop()
+
+
+# -- the scripts, on a real redis-server
+
+
+def _channel_events(redis: RedisServer, channel: bytes) -> Any:
+    pubsub = redis.client().pubsub()
+    pubsub.subscribe(channel)
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    return pubsub
+
+
+def _next(pubsub: Any) -> bytes:
+    while True:
+        message = pubsub.get_message(timeout=5)
+        assert message is not None, "no event"
+        if message["type"] == "message":
+            data: bytes = message["data"]
+            return data
+
+
+def test_scripts_expire_refresh_and_leave(redis_server: RedisServer) -> None:
+    """The scripts remove an expired entry with a leave, hide it from readers, renew live entries, put back a
+    missing one with a join, join without a snapshot returns nothing, and leave publishes only for an entry
+    that was there; sync publishes a bare marker."""
+    r = redis_server.client()
+    name, key = "scripts", b"room/9"
+    hkey, channel = presence.hash_key(name, key), presence.events_channel(name, key)
+    cj = presence.channel_json(key)
+    r.delete(hkey)
+    events = _channel_events(redis_server, channel)
+    gone = presence.entry_fields("old", "c0")
+    r.hset(hkey, "dead/c0", "{" + gone + ',"expires":1.000}')
+    read = r.register_script(presence.READ_SCRIPT)
+    assert read(keys=[hkey]) == []  # expired: invisible to readers
+    join = r.register_script(presence.JOIN_SCRIPT)
+    fields = presence.entry_fields("ann", "c1")
+    values = join(keys=[hkey], args=[channel, cj, "30", 31, "n1", "node/c1", fields, "1"])
+    assert presence.parse_entries(values) == [{"user": "ann", "client": "c1"}]
+    assert _next(events) == b'\n{"op":"leave","channel":"room/9","user":"old","client":"c0"}'
+    assert _next(events) == b'n1\n{"op":"join","channel":"room/9","user":"ann","client":"c1"}'
+    assert r.hkeys(hkey) == [b"node/c1"]
+    assert 29 <= r.ttl(hkey) <= 31
+    first = json.loads(r.hget(hkey, "node/c1"))["expires"]
+    refresh = r.register_script(presence.REFRESH_SCRIPT)
+    ben = presence.entry_fields("ben", "c2")
+    assert refresh(keys=[hkey], args=[channel, cj, "60", 61, "node/c1", fields, "node/c2", ben]) == 1
+    assert _next(events) == b'\n{"op":"join","channel":"room/9","user":"ben","client":"c2"}'
+    assert json.loads(r.hget(hkey, "node/c1"))["expires"] >= first + 29
+    leave = r.register_script(presence.LEAVE_SCRIPT)
+    assert leave(keys=[hkey], args=[channel, cj, "node/c2", "node/none"]) == 1
+    assert _next(events) == b'\n{"op":"leave","channel":"room/9","user":"ben","client":"c2"}'
+    cat = presence.entry_fields("cat", "c3")
+    assert join(keys=[hkey], args=[channel, cj, "30", 31, "n3", "node/c3", cat, "0"]) == []  # no snapshot asked
+    assert _next(events) == b'n3\n{"op":"join","channel":"room/9","user":"cat","client":"c3"}'
+    assert leave(keys=[hkey], args=[channel, cj, "node/c3"]) == 1
+    assert _next(events).startswith(b'\n{"op":"leave"')
+    sync = r.register_script(presence.SYNC_SCRIPT)
+    assert presence.parse_entries(sync(keys=[hkey], args=[channel, cj, "n2"])) == [{"user": "ann", "client": "c1"}]
+    assert _next(events) == b"n2\n"
+    events.close()
+
+
+# -- the group's snapshot and markers, with fakes
+
+
+class _Session:
+    def __init__(self, client: str) -> None:
+        self.client = client
+        self.sent: list[Any] = []
+
+    def send_text(self, payload: bytes) -> None:
+        self.sent.append(json.loads(payload))
+
+    def send_control(self, op: str, **fields: Any) -> None:
+        self.sent.append({"op": op, **fields})
+
+
+class _Sub:
+    def __init__(self, client: str) -> None:
+        self.session = _Session(client)
+        self.key = b"c"
+
+
+class _Store:
+    """Records join and sync calls; the test answers them when it wants."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        from twisted.internet.defer import Deferred
+
+        self._Deferred = Deferred
+
+    def join(self, key: bytes, field: str, fields: str, nonce: str, snapshot: bool) -> Any:
+        d = self._Deferred()
+        self.calls.append((nonce, d))
+        return d
+
+    sync = None
+
+
+def _event(nonce: str, op: str = "", client: str = "", user: str = "u") -> bytes:
+    body = json.dumps({"op": op, "channel": "c", "user": user, "client": client}) if op else ""
+    return f"{nonce}\n{body}".encode()
+
+
+@pytest.mark.parametrize("snapshot_first", [True, False])
+def test_group_lines_up_snapshot_and_events(snapshot_first: bool) -> None:
+    """A new subscription gets the snapshot of its own join with the events after its marker applied (those
+    before it dropped), whether the snapshot or the marker arrives first; then each later event once."""
+    from twisted.internet.task import Clock
+
+    from sockdrawer.v1 import PresenceGroup
+
+    store = _Store()
+    service: Any = type("S", (), {"store": store, "clock": Clock(), "field": lambda self, s: "n/" + s.client})()
+    group = PresenceGroup(service, b"c")
+    sub: Any = _Sub("me")
+    sub.session.proto = type("P", (), {"user": "me"})()
+    group.add(sub)
+    nonce, d = store.calls[0]
+    snapshot = ['{"user":"x","client":"x"}', '{"user":"me","client":"me"}']
+    before, marker = _event("", "join", "x", "x"), _event(nonce, "join", "me", "me")
+    after = _event("", "join", "y", "y")
+    if snapshot_first:
+        d.callback(snapshot)
+    group.receive(Batch(b"/presence/c", [before, marker, after]))
+    if not snapshot_first:
+        assert sub.session.sent == []
+        d.callback(snapshot)
+    listing, join_y = sub.session.sent
+    assert listing == {"op": "presence", "channel": "c", "self": "me",
+                       "clients": [{"user": "x", "client": "x"}, {"user": "me", "client": "me"}]}
+    assert join_y["client"] == "y"
+    group.receive(Batch(b"/presence/c", [_event("", "leave", "x", "x")]))
+    assert sub.session.sent[-1]["op"] == "leave" and len(sub.session.sent) == 3
+    assert set(group.view) == {"me", "y"}
+    group.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_stopping_removes_its_entries(redis_server: RedisServer, run_service: Any) -> None:
+    """A node that stops removes its entries from Redis at once (other nodes see them leave, not expire)."""
+    svc = await run_service(redis=redis_server.url, name="stopping")
+    await wait_subscribed(svc, redis_server)
+    client = await v1(svc)
+    await subscribe_with_presence(client, "room/1")
+    hkey = presence.hash_key("stopping", b"room/1")
+    assert redis_server.client().hlen(hkey) == 1
+    await svc.stopService()
+    await wait_for(lambda: redis_server.client().hlen(hkey) == 0, timeout=5)
