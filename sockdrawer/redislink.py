@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -162,6 +162,23 @@ class RedisURL:
         return f"{self.scheme}://{self.host}:{self.port}/{self.db}"
 
 
+class SubscriberLink(Protocol):
+    """What a :class:`RedisSubscriberProtocol` tells its link (a :class:`RedisLink`, or one per cluster shard)."""
+
+    messages: int
+    stale_messages: int
+    subscriptions: int
+    subscribe_commands: int
+    unsubscribe_commands: int
+    fanout_latency: Histogram
+
+    def _subscribed(self, protocol: RedisSubscriberProtocol) -> None: ...
+
+    def _channels_connection(self, protocol: RedisSubscriberProtocol) -> None: ...
+
+    def _lost(self, protocol: RedisSubscriberProtocol, why: Failure) -> None: ...
+
+
 class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """
     A txredisapi subscriber that subscribes as soon as the connection is
@@ -182,19 +199,26 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
     hub: IChannelHub
     namespace: Namespace
-    link: RedisLink | None = None
+    link: SubscriberLink | None = None
     max_message_size: int = 0
     #: subscribe per channel (``--subscribe channels``) instead of by pattern
     by_channel: bool = False
-    #: by channel, once subscribing: the channel keys whose last command on
-    #: this connection was SUBSCRIBE (Redis runs a connection's commands in
-    #: order, so this is what it ends up with); messages for other keys are
+    #: by channel, once subscribing: the Redis channels whose last command
+    #: on this connection was SUBSCRIBE (Redis runs a connection's commands
+    #: in order, so this is what it ends up with); messages on others are
     #: for channels just unsubscribed, and dropped.  ``None`` by pattern.
-    subscribed_keys: set[bytes] | None = None
+    subscribed: set[bytes] | None = None
     #: (un)subscribe confirmations still to come
     _outstanding = 0
     #: confirmations still to come for the first SUBSCRIBE on this connection
     _initial = 0
+
+    #: by channel: the commands, their confirmations, and the message reply
+    #: (Redis Cluster's sharded pub/sub has its own: SSUBSCRIBE, ...)
+    SUBSCRIBE = b"SUBSCRIBE"
+    UNSUBSCRIBE = b"UNSUBSCRIBE"
+    CONFIRMATIONS = (b"subscribe", b"unsubscribe")
+    MESSAGE = b"message"
 
     def connectionMade(self) -> Any:
         d = super().connectionMade()
@@ -205,9 +229,9 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
     def _subscribe(self, _: object) -> Deferred[Any] | None:
         if self.by_channel:
-            keys = self.hub.channels()
-            self.subscribed_keys = set(keys)
-            self._initial = self._send(b"SUBSCRIBE", keys)
+            names = [name for key in self.hub.channels() for name in self._names(key) if self._owns(name)]
+            self.subscribed = set(names)
+            self._initial = self._write(self.SUBSCRIBE, names)
             if self.link is not None:
                 self.link._channels_connection(self)
             if not self._initial:
@@ -219,60 +243,73 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         d.addErrback(self._subscribe_failed)
         return d
 
+    def _names(self, key: bytes) -> tuple[bytes, bytes]:
+        # each channel is two Redis channels: raw messages, and messages with history
+        return self.namespace.prefix + key, self.namespace.history_prefix + key
+
+    def _owns(self, name: bytes) -> bool:
+        """Whether this connection is the one to subscribe to Redis channel ``name`` (all of them, here)."""
+        return True
+
     def update_channels(self, keys: Iterable[bytes]) -> None:
         """
-        By channel: SUBSCRIBE to those of ``keys`` that have sinks in the hub
-        now and are not subscribed, UNSUBSCRIBE from those that have none
+        By channel: SUBSCRIBE to the Redis channels of those of ``keys``
+        that have sinks in the hub now and are not subscribed, UNSUBSCRIBE
+        from those that have none (or are not this connection's any more)
         and are; one command each at most (per
         :data:`MAX_CHANNELS_PER_COMMAND` names).
         """
-        subscribed = self.subscribed_keys
+        subscribed = self.subscribed
         if subscribed is None:
             return
         has_sinks = self.hub.subscribers
+        owns = self._owns
         wanted: list[bytes] = []
         unwanted: list[bytes] = []
         for key in keys:
-            if has_sinks(key):
-                if key not in subscribed:
-                    subscribed.add(key)
-                    wanted.append(key)
-            elif key in subscribed:
-                subscribed.discard(key)
-                unwanted.append(key)
-        self._send(b"UNSUBSCRIBE", unwanted)
-        self._send(b"SUBSCRIBE", wanted)
+            sinks = has_sinks(key)
+            for name in self._names(key):
+                if sinks and owns(name):
+                    if name not in subscribed:
+                        subscribed.add(name)
+                        wanted.append(name)
+                elif name in subscribed:
+                    subscribed.discard(name)
+                    unwanted.append(name)
+        self._write(self.UNSUBSCRIBE, unwanted)
+        self._write(self.SUBSCRIBE, wanted)
 
-    def _send(self, command: bytes, keys: Iterable[bytes]) -> int:
-        # each key is two Redis channels: raw messages, and messages with history
-        prefix, hprefix = self.namespace.prefix, self.namespace.history_prefix
-        names = [name for key in keys for name in (prefix + key, hprefix + key)]
+    def _write(self, command: bytes, names: list[bytes]) -> int:
         if not names or self.transport is None:
             return 0
-        commands = 0
-        for start in range(0, len(names), MAX_CHANNELS_PER_COMMAND):
-            self.transport.write(_command(command, *names[start:start + MAX_CHANNELS_PER_COMMAND]))
-            commands += 1
-        self._outstanding += len(names)
+        commands = [names[start:start + MAX_CHANNELS_PER_COMMAND]
+                    for start in range(0, len(names), MAX_CHANNELS_PER_COMMAND)]
+        return self._write_commands(command, commands)
+
+    def _write_commands(self, command: bytes, commands: list[list[bytes]]) -> int:
+        # all in one write: one send() for the whole batch
+        self.transport.write(b"".join(_command(command, *names) for names in commands))
+        count = sum(len(names) for names in commands)
+        self._outstanding += count
         link = self.link
         if link is not None:
-            if command == b"SUBSCRIBE":
-                link.subscribe_commands += commands
+            if command == self.SUBSCRIBE:
+                link.subscribe_commands += len(commands)
             else:
-                link.unsubscribe_commands += commands
-        return len(names)
+                link.unsubscribe_commands += len(commands)
+        return count
 
     def replyReceived(self, reply: Any) -> None:
-        if self.subscribed_keys is not None:
-            if type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
-                self._confirmed(reply[2])
+        if self.subscribed is not None:
+            if type(reply) is list and len(reply) == 3 and reply[0] in self.CONFIRMATIONS:
+                self._confirmed(reply[0], reply[1], reply[2])
                 return
             if isinstance(reply, Exception) and self._outstanding:
                 self._subscribe_failed(Failure(reply))
                 return
         super().replyReceived(reply)
 
-    def _confirmed(self, count: Any) -> None:
+    def _confirmed(self, kind: bytes, name: bytes, count: Any) -> None:
         if self._outstanding:
             self._outstanding -= 1
         if self.link is not None and isinstance(count, int):
@@ -287,7 +324,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             self.link._subscribed(self)
 
     def _subscribe_failed(self, failure: Failure) -> None:
-        command = "SUBSCRIBE" if self.by_channel else "PSUBSCRIBE"
+        command = (self.SUBSCRIBE if self.by_channel else b"PSUBSCRIBE").decode()
         _log.warn("{command} failed ({error}); dropping the Redis link to retry", command=command,
                   error=failure.getErrorMessage() or type(failure.value).__name__)
         if self.transport is not None:
@@ -332,14 +369,19 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         hcut = len(hprefix)
         limit = self.max_message_size
         deliver = self.hub.deliver
-        subscribed = self.subscribed_keys
+        subscribed = self.subscribed
+        kind = self.MESSAGE
         received = stale = 0
         reply = reader.gets()
         while reply is not False:
             if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
                 channel, message = reply[2], reply[3]
-            elif subscribed is not None and type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+            elif subscribed is not None and type(reply) is list and len(reply) == 3 and reply[0] == kind:
                 channel, message = reply[1], reply[2]
+                if channel not in subscribed:
+                    stale += 1
+                    reply = reader.gets()
+                    continue
             else:
                 # everything else exactly as HiredisProtocol does it
                 _private.dispatch_reply(self, reply)
@@ -354,9 +396,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             else:
                 reply = reader.gets()
                 continue
-            if subscribed is not None and key not in subscribed:
-                stale += 1
-            elif limit and len(message) > limit:
+            if limit and len(message) > limit:
                 self._dropped(key, len(message))
             elif offset is None:
                 deliver(key, message)
@@ -382,7 +422,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             key = channel[len(self.namespace.history_prefix):]
             raw_offset, _, message = message.partition(b"\n")
             offset = raw_offset.decode("ascii", "replace")
-        if self.subscribed_keys is not None and key not in self.subscribed_keys:
+        if self.subscribed is not None and channel not in self.subscribed:
             if self.link is not None:
                 self.link.stale_messages += 1
             return
@@ -717,7 +757,7 @@ class RedisLink(MultiService):
             _log.info(
                 "{again}subscribed to {count} channel(s) of {name!r} on Redis at {url}",
                 again=again,
-                count=len(protocol.subscribed_keys or ()),
+                count=len(protocol.subscribed or ()) // 2,
                 name=self.namespace.name,
                 url=self.description,
             )
