@@ -261,7 +261,7 @@ class MemoryPresence:
         """Every entry of ``key``, as JSON objects."""
         return ["{" + fields + "}" for fields in self.local.get(key, {}).values()]
 
-    def refresh(self) -> list[Any]:
+    def refresh(self, keys: Iterable[bytes] | None = None) -> list[Any]:
         """Nothing to renew in one process."""
         return []
 
@@ -322,10 +322,13 @@ class RedisPresence:
         """Fires with every live entry of ``key``, as JSON objects."""
         return self._eval(READ_SCRIPT, [hash_key(self._name, key)], [])
 
-    def refresh(self) -> list[Any]:
-        """Renew this node's entries, one script per channel; returns their Deferreds."""
+    def refresh(self, keys: Iterable[bytes] | None = None) -> list[Any]:
+        """Renew this node's entries (on ``keys``, else every channel), one script per channel; returns their
+        Deferreds."""
         calls = []
-        for key, entries in list(self.local.items()):
+        chosen = list(self.local) if keys is None else [key for key in keys if key in self.local]
+        for key in chosen:
+            entries = self.local[key]
             keys, args = self._head(key)
             pairs = [part for item in entries.items() for part in item]
             calls.append(self._eval(REFRESH_SCRIPT, keys, [*args, repr(self.timeout), self._ttl, *pairs]))

@@ -394,8 +394,9 @@ class V1Session:
 
 
 #: seconds a presence group waits for the marker of its snapshot before it
-#: asks for another (a per-channel Redis subscription may still be on its way)
-RESYNC_DELAY = 1.0
+#: asks for another (a per-channel Redis subscription may still be on its
+#: way), doubling up to the second number
+RESYNC_DELAY = (0.05, 1.0)
 #: events a presence group keeps while it waits for a snapshot
 MAX_BUFFERED = 10_000
 
@@ -433,6 +434,7 @@ class PresenceGroup:
         self._buffer: list[tuple[str, dict[str, Any] | None, bytes]] = []
         self._snapshots: dict[str, list[Any]] = {}
         self._retry: IDelayedCall | None = None
+        self._delay = RESYNC_DELAY[0]
 
     @property
     def receivers(self) -> int:
@@ -482,7 +484,8 @@ class PresenceGroup:
 
     def _schedule_resync(self) -> None:
         if self._retry is None or not self._retry.active():
-            self._retry = self.service.clock.callLater(RESYNC_DELAY, self.resync)
+            self._retry = self.service.clock.callLater(self._delay, self.resync)
+            self._delay = min(RESYNC_DELAY[1], self._delay * 2)
 
     def resync(self) -> None:
         """Ask for a snapshot (and its marker) again."""
@@ -494,7 +497,11 @@ class PresenceGroup:
         d.addCallbacks(self._snapshot, self._failed, callbackArgs=(nonce,))
 
     def gap(self) -> None:
-        """The broker may have lost events: take a new snapshot."""
+        """
+        The broker may have lost events (and Redis its entries, if it
+        restarted): put this node's entries back, then take a new snapshot
+        (the same connection runs both in order, so the snapshot has them).
+        """
         if self.closed:
             return
         self.synced = False
@@ -502,6 +509,8 @@ class PresenceGroup:
         self.live.clear()
         self._buffer = []
         self._snapshots = {}
+        for d in self.service.store.refresh([self.key]):
+            d.addErrback(lambda f: None)  # the snapshot's failure is reported
         self.resync()
 
     def _sync_at(self, index: int) -> None:
@@ -512,6 +521,7 @@ class PresenceGroup:
         self._buffer = []
         self._snapshots = {}
         self.synced = True
+        self._delay = RESYNC_DELAY[0]
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None

@@ -158,12 +158,15 @@ def sync_presence(ws: Any, channel: str) -> dict[str, Any]:
     return listing
 
 
-def test_two_nodes_join_leave_and_a_killed_node_expires(tmp_path: Path, redis_server: RedisServer) -> None:
-    """With two nodes on one Redis, a client on node A sees the list, a join when a client on node B subscribes
-    with presence, a leave when it unsubscribes and when it closes; Client.presence returns the entries; when
-    node B is SIGKILLed, its client leaves within --presence-timeout and a third of it (plus the poll)."""
+@pytest.mark.parametrize("mode", ["pattern", "channels"])
+def test_two_nodes_join_leave_and_a_killed_node_expires(tmp_path: Path, redis_server: RedisServer,
+                                                        mode: str) -> None:
+    """With two nodes on one Redis (either --subscribe mode), a client on node A sees the list, a join when a
+    client on node B subscribes with presence, a leave when it unsubscribes and when it closes; Client.presence
+    returns the entries; when node B is SIGKILLed, its client leaves within --presence-timeout and a third of
+    it (plus the poll)."""
     timeout = 1.5
-    args = ["--redis", redis_server.url, "--name", "pres", "--presence-timeout", str(timeout)]
+    args = ["--redis", redis_server.url, "--name", "pres", "--presence-timeout", str(timeout), "--subscribe", mode]
     env = {"SOCKDRAWER_AUTH_SECRET": SECRET}  # a secret stays out of the command line
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -208,6 +211,48 @@ def test_two_nodes_join_leave_and_a_killed_node_expires(tmp_path: Path, redis_se
         for node in (node_a, node_b):
             if node.proc is not None and node.proc.poll() is None:
                 node.stop()
+
+
+def _converge(messages: list[dict[str, Any]], view: dict[str, Any]) -> dict[str, Any]:
+    for message in messages:
+        if message["op"] == "presence":
+            view = {e["client"]: e["user"] for e in message["clients"]}
+        elif message["op"] == "join":
+            view[message["client"]] = message["user"]
+        elif message["op"] == "leave":
+            view.pop(message["client"], None)
+    return view
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restart_puts_entries_back(own_redis: RedisServer, run_service: Any) -> None:
+    """When Redis restarts empty, each node puts its entries back and sends its presence subscribers the list
+    again (themselves in it), and the clients' lists come back to every socket on the channel."""
+    settings = {"redis": own_redis.url, "name": "restart", "redis_retry_max": 0.3, "auth_secret": SECRET}
+    one, two = await run_service(**settings), await run_service(**settings)
+    for svc in (one, two):
+        await wait_for(lambda svc=svc: svc.broker.is_connected())
+    alice, bob = await v1(one, "alice"), await v1(two, "bob")
+    mine = await subscribe_with_presence(alice, "room/1")
+    theirs = await subscribe_with_presence(bob, "room/1")
+    assert (await alice.next_json())["user"] == "bob"
+    everyone = {mine["self"]: "alice", theirs["self"]: "bob"}
+    reconnects = (one.broker.reconnects, two.broker.reconnects)
+    await deferToThread(own_redis.stop)
+    await deferToThread(own_redis.start, own_redis.port)
+    await wait_for(lambda: one.broker.reconnects > reconnects[0] and two.broker.reconnects > reconnects[1])
+    hkey = presence.hash_key("restart", b"room/1")
+    await wait_for(lambda: own_redis.client().hlen(hkey) == 2)
+    for client in (alice, bob):
+        seen: list[dict[str, Any]] = []
+        while not seen or _converge(seen, {}) != everyone:
+            message = await client.next_json()
+            if message["op"] in ("reset", "subscribed"):  # no history: the message side is told reset
+                continue
+            if not seen:
+                assert message["op"] == "presence", message  # the list comes again first
+                assert message["self"] in [c["client"] for c in message["clients"]]
+            seen.append(message)
 
 
 # -- the scripts, on a real redis-server
@@ -306,7 +351,26 @@ class _Store:
         self.calls.append((nonce, d))
         return d
 
-    sync = None
+    def sync(self, key: bytes, nonce: str) -> Any:
+        d = self._Deferred()
+        self.calls.append((nonce, d))
+        return d
+
+    def refresh(self, keys: Any = None) -> list[Any]:
+        return []
+
+
+def _group() -> tuple[Any, Any, Any, Any]:
+    from twisted.internet.task import Clock
+
+    from sockdrawer.v1 import PresenceGroup
+
+    store, clock = _Store(), Clock()
+    service: Any = type("S", (), {"store": store, "clock": clock, "field": lambda self, s: "n/" + s.client})()
+    group = PresenceGroup(service, b"c")
+    sub: Any = _Sub("me")
+    sub.session.proto = type("P", (), {"user": "me"})()
+    return group, store, clock, sub
 
 
 def _event(nonce: str, op: str = "", client: str = "", user: str = "u") -> bytes:
@@ -318,15 +382,7 @@ def _event(nonce: str, op: str = "", client: str = "", user: str = "u") -> bytes
 def test_group_lines_up_snapshot_and_events(snapshot_first: bool) -> None:
     """A new subscription gets the snapshot of its own join with the events after its marker applied (those
     before it dropped), whether the snapshot or the marker arrives first; then each later event once."""
-    from twisted.internet.task import Clock
-
-    from sockdrawer.v1 import PresenceGroup
-
-    store = _Store()
-    service: Any = type("S", (), {"store": store, "clock": Clock(), "field": lambda self, s: "n/" + s.client})()
-    group = PresenceGroup(service, b"c")
-    sub: Any = _Sub("me")
-    sub.session.proto = type("P", (), {"user": "me"})()
+    group, store, _, sub = _group()
     group.add(sub)
     nonce, d = store.calls[0]
     snapshot = ['{"user":"x","client":"x"}', '{"user":"me","client":"me"}']
@@ -359,3 +415,41 @@ async def test_node_stopping_removes_its_entries(redis_server: RedisServer, run_
     assert redis_server.client().hlen(hkey) == 1
     await svc.stopService()
     await wait_for(lambda: redis_server.client().hlen(hkey) == 0, timeout=5)
+
+
+def test_group_asks_again_when_its_marker_never_comes() -> None:
+    """When the marker of a new group's join never arrives (its Redis subscription was not in place yet), the
+    group asks for another snapshot, soon, and the subscription gets the list from the one whose marker came."""
+    group, store, clock, sub = _group()
+    group.add(sub)
+    store.calls[0][1].callback(['{"user":"me","client":"me"}'])
+    assert len(store.calls) == 1
+    clock.advance(0.05)  # the first retry comes after 50 ms
+    nonce, d = store.calls[1]
+    d.callback(['{"user":"me","client":"me"}', '{"user":"z","client":"z"}'])
+    assert sub.session.sent == []
+    group.receive(Batch(b"/presence/c", [_event(nonce)]))
+    assert sub.session.sent == [{"op": "presence", "channel": "c", "self": "me",
+                                 "clients": [{"user": "me", "client": "me"}, {"user": "z", "client": "z"}]}]
+    clock.advance(5)
+    assert len(store.calls) == 2  # synced: no more snapshots asked for
+    group.close()
+
+
+def test_group_sends_the_list_again_after_a_gap() -> None:
+    """After a broker gap, the group takes a new snapshot and every live subscription gets the list again
+    (events lost in the gap are not replayed one by one)."""
+    group, store, clock, sub = _group()
+    group.add(sub)
+    nonce, d = store.calls[0]
+    d.callback(['{"user":"me","client":"me"}'])
+    group.receive(Batch(b"/presence/c", [_event(nonce, "join", "me", "me")]))
+    assert [m["op"] for m in sub.session.sent] == ["presence"]
+    group.gap()
+    group.receive(Batch(b"/presence/c", [_event("", "join", "lost", "lost")]))  # before the new marker
+    nonce, d = store.calls[1]
+    group.receive(Batch(b"/presence/c", [_event(nonce)]))
+    d.callback(['{"user":"me","client":"me"}', '{"user":"new","client":"new"}'])
+    assert sub.session.sent[1:] == [{"op": "presence", "channel": "c", "self": "me",
+                                     "clients": [{"user": "me", "client": "me"}, {"user": "new", "client": "new"}]}]
+    group.close()
