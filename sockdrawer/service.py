@@ -11,7 +11,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,6 +46,9 @@ class ListeningService(Service):
     """
 
     port: IListeningPort | None = None
+    #: the endpoint to listen on instead of ``serverFromString(description)``
+    #: (``--workers``: a :class:`~sockdrawer.workers.ReusePortEndpoint`)
+    endpoint: IStreamServerEndpoint | None = None
     #: under twistd: a listen failure ends the process with a one-line
     #: message instead of a traceback
     exit_on_failure = False
@@ -66,7 +69,7 @@ class ListeningService(Service):
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
-        endpoint = serverFromString(reactor, self.description)
+        endpoint = self.endpoint if self.endpoint is not None else serverFromString(reactor, self.description)
         failed_at_once: list[Failure] = []
         self._starting = True
         endpoint.listen(self.factory).addCallbacks(self._listened, self._listen_failed, errbackArgs=(failed_at_once,))

@@ -66,6 +66,12 @@ class Options(usage.Options):
         super().__init__()
         self._repeated: dict[str, list[str]] = {}
         self.environ: dict[str, str] = dict(os.environ)
+        #: the arguments as given (``--workers`` passes them on to each worker)
+        self.argv: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def postOptions(self) -> None:
         values: dict[str, Any] = {}
@@ -100,6 +106,12 @@ class Options(usage.Options):
             settings = Settings(**values).validate()
         except (TypeError, ValueError) as e:
             raise usage.UsageError(str(e).splitlines()[0]) from None
+        from .workers import check_workers
+
+        try:
+            check_workers(settings)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         _check_endpoint("--port", settings.port)
         if settings.api_enabled:
             assert settings.api is not None
@@ -151,10 +163,24 @@ def _check_endpoint(option: str, description: str | int) -> None:
 
 
 def makeService(options: Options) -> IService:
-    """Build the service ``twistd`` runs."""
+    """
+    Build the service ``twistd`` runs: a node; with ``--workers`` above 1,
+    the supervisor of that many nodes (:mod:`sockdrawer.workers`), or one of
+    those nodes when the supervisor started this process.
+    """
     from .service import SockDrawerService
+    from .workers import WorkerSupervisor, make_worker, worker_index
 
-    service = SockDrawerService(options.settings)
+    settings = options.settings
+    service: SockDrawerService
+    if settings.workers > 1 and worker_index(options.environ) is None:
+        supervisor = WorkerSupervisor(settings, options.argv, options.environ)
+        supervisor.exit_on_failure = True
+        return supervisor
+    if worker_index(options.environ) is not None:
+        service = make_worker(settings, options.environ)
+    else:
+        service = SockDrawerService(settings)
     for listener in (service.websocket, service.api):
         if listener is not None:
             listener.exit_on_failure = True
