@@ -66,8 +66,11 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 DEFAULT_SERVER_CMD = (
     "twistd -n --pidfile= sockdrawer --port tcp:{port}:interface=127.0.0.1 --api none "
-    "--redis redis://127.0.0.1:{redis_port}/0 --max-connections 20000 --auto-ping-interval 0"
+    "--redis redis://127.0.0.1:{redis_port}/0 --max-connections 20000 --max-connections-per-ip 20000 "
+    "--auto-ping-interval 0"
 )
+#: what --server-probe puts in front of a sockdrawer command (bench/probe.py)
+PROBE_PREFIX = "{python} {bench}/probe.py -- "
 DEFAULT_BASELINE_CMD = "{python} bench/baseline_autobahn.py --port {port} --redis-port {redis_port}"
 FLOOR_CMD = "{python} bench/floor_server.py --port {port} --redis-port {redis_port}"
 
@@ -374,6 +377,7 @@ class Setup:
     step_id: int = 0
     failed: int = 0
     sub_ids: set[str] = field(default_factory=set)
+    server_log: Path | None = None
 
     def redis(self) -> Any:
         import redis
@@ -593,6 +597,7 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     srv0 = proc_cpu(setup.server_pid)
     redis0 = proc_cpu(setup.redis_proc.pid)
     t0 = time.monotonic()
+    wall0 = time.time()
     total0 = sum(e["total_frames"] for e in ask_all(clients, "p", "peek"))
     pub, red = run_publisher(env, setup, sc, rate, duration)
     t_pub = time.monotonic()
@@ -625,6 +630,7 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     self1 = sum(os.times()[:2])
     reps = ask_all(clients, "r", "report")
     drops = redis_output_limit_drops(setup) - drops0
+    probed = probe_figures(setup, wall0, time.time())
 
     hist: dict[int, int] = {}
     for e in reps:
@@ -742,8 +748,46 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
         "load_limited": core_load / wall > 0.9,
         "ok": not problems,
         "problems": problems,
+        **probed,
     }
     return res
+
+
+def probe_figures(setup: Setup, since: float, until: float) -> dict[str, Any]:
+    """
+    What bench/probe.py logged (one line a second) between ``since`` and
+    ``until`` (wall clock, seconds, widened by a second at the end): garbage
+    collections per generation, the longest gen-2 pass, the reactor's longest
+    lateness and its stalls.  Empty without ``--server-probe``.
+    """
+    log = setup.server_log
+    if log is None or not log.exists():
+        return {}
+    gc_n, gc_ms, gc_max = [0, 0, 0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    stalls, late_max, lines = 0, 0.0, 0
+    with open(log, errors="replace") as f:
+        for line in f:
+            at = line.find("probe {")
+            if at < 0:
+                continue
+            try:
+                e = json.loads(line[at + 6:])
+            except ValueError:
+                continue
+            if not since < e["t"] <= until + 1.0:
+                continue
+            lines += 1
+            for g in range(3):
+                gc_n[g] += e["gc"][g]
+                gc_ms[g] += e["gc_ms"][g]
+                gc_max[g] = max(gc_max[g], e["gc_max_ms"][g])
+            stalls += e["stalls"]
+            late_max = max(late_max, e["late_max_ms"])
+    if not lines:
+        return {}
+    return {"gc0": gc_n[0], "gc1": gc_n[1], "gc2": gc_n[2], "gc_ms": round(sum(gc_ms), 1),
+            "gc2_max_ms": round(gc_max[2], 1), "gc_max_ms": round(max(gc_max), 1),
+            "stall_max_ms": round(late_max, 1), "stalls": stalls}
 
 
 def fmt_step(s: dict[str, Any]) -> str:
@@ -758,7 +802,9 @@ def fmt_step(s: dict[str, Any]) -> str:
             f"{'!' if s.get('load_limited') else ' '} "
             f"wire {s['wire_bytes_per_delivery'] or 0:,.0f} B/dl"
             f"{deflated} "
-            f"{'ok' if s['ok'] else 'FAIL: ' + ', '.join(s['problems'])}"
+            + (f"gc2 {s['gc2']} (max {s['gc_max_ms']:.0f} ms) stall {s['stall_max_ms']:.0f} ms "
+               if "stall_max_ms" in s else "")
+            + f"{'ok' if s['ok'] else 'FAIL: ' + ', '.join(s['problems'])}"
             + (f"  [other processes: {s['other_cpu_s'] / s['wall_s'] * 100:.0f}% of a core]"
                if s.get("other_cpu_s", 0) > 0.15 * s["wall_s"] else ""))
 
@@ -887,7 +933,8 @@ def start_setup(env: Env, server: Server, sc: Scenario) -> tuple[Setup, dict[str
     except BaseException:
         children.stop(redis_proc)  # start_server stopped its own process
         raise
-    setup = Setup(redis_port, redis_proc, redis_log, server_proc, server_pid, port)
+    setup = Setup(redis_port, redis_proc, redis_log, server_proc, server_pid, port,
+                  server_log=env.logdir / f"{tag}-server.log")
     try:
         print(f"  server pid {server_pid} on port {port}, redis pid {redis_proc.pid} on port {redis_port}", flush=True)
         time.sleep(0.2 if args.quick else 0.5)
@@ -1494,6 +1541,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="command template of the server under test; {port}, {redis_port}, {python}, {bench}, "
                         "{root} are filled in (default: %(default)s)")
     p.add_argument("--label", default="sockdrawer", help="name of the server under test (default: sockdrawer)")
+    p.add_argument("--server-probe", action="store_true",
+                   help="run each sockdrawer build under bench/probe.py: per step, the garbage collector's "
+                        "passes (gen2 count, longest pass) and reactor stalls (longest lateness of a 5 ms timer) "
+                        "go into the step's figures ('gc2', 'gc_max_ms', 'stall_max_ms', 'stalls')")
     p.add_argument("--rev", action="append", default=None,
                    help="measure sockdrawer as committed at this git revision (e.g. HEAD, HEAD~3, a tag): "
                         "sockdrawer/ is exported to bench/build/rev-<hash> and put first on the server's "
@@ -1606,9 +1657,10 @@ def main(argv: list[str] | None = None) -> int:
             pythonpath = str(dest)
             git = {"commit": commit, "dirty": False, "snapshot": str(dest)}
             label = f"{args.label}@{commit}" if args.label == "sockdrawer" or len(args.rev) > 1 else args.label
-        servers.append(Server(label, args.server_cmd, pythonpath, git))
+        cmd = (PROBE_PREFIX if args.server_probe else "") + args.server_cmd
+        servers.append(Server(label, cmd, pythonpath, git))
         if args.compression:
-            servers.append(Server(label + DEFLATE_SUFFIX, f"{args.server_cmd} {args.compression_args}", pythonpath,
+            servers.append(Server(label + DEFLATE_SUFFIX, f"{cmd} {args.compression_args}", pythonpath,
                                   git, deflate=True))
     if not args.no_baseline:
         servers.append(Server("baseline", args.baseline_cmd, None, tree_git))

@@ -19,11 +19,13 @@ reads stay here.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import autobahn.twisted.websocket
 import autobahn.websocket.protocol
+import autobahn.websocket.utf8validator
 from autobahn import util
 from autobahn.exception import PayloadExceededError
 from twisted.internet import tcp
@@ -120,29 +122,120 @@ COMPACT_DEFAULTS.update(
 )
 
 
+class _Lazy:
+    """A class attribute that gives each instance its own ``make()`` on first access (a non-data descriptor)."""
+
+    __slots__ = ("_name", "_make")
+
+    def __init__(self, name: str, make: Callable[[], Any]) -> None:
+        self._name = name
+        self._make = make
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self._name] = self._make()
+        return value
+
+
+class _EmptySendQueue:
+    """
+    What an idle connection's ``send_queue`` reads as: empty, and a real
+    ``deque`` on the connection from the first ``append`` (Autobahn only
+    calls ``len``, ``append`` and ``popleft`` on it).
+    """
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: Any) -> None:
+        self._proto = proto
+
+    def __len__(self) -> int:
+        return 0
+
+    def append(self, item: Any) -> None:
+        self._proto.__dict__["send_queue"] = deque([item])
+
+    def popleft(self) -> Any:
+        raise IndexError("pop from an empty deque")
+
+
+class _SendQueue:
+    __slots__ = ()
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        return self if obj is None else _EmptySendQueue(obj)
+
+
+def _pristine_queue(value: Any) -> bool:
+    return type(value) is deque and not value
+
+
+def _any(value: Any) -> bool:
+    return True
+
+
+def _no_listeners_results(value: Any) -> bool:
+    return type(value) is dict and value == {"message": None}
+
+
+def _no_listeners_events(value: Any) -> bool:
+    return type(value) is list and value == ["message"]
+
+
+#: Per-connection objects Autobahn makes in ``_connectionMade`` that an
+#: idle socket never uses, each with when it may be dropped from an open
+#: connection: a class attribute then makes a fresh one on first use.
+#: ``send_queue`` (a 760-byte ``deque``) is used only for chopped or ``sync``
+#: sends; ``trafficStats`` only counts (nothing reads it); ``utf8validator``
+#: is reset at the start of each incoming text message; ``_valid_events``
+#: and ``_results`` are the same ``["message"]`` and ``{"message": None}``
+#: on every connection until someone calls ``.on()``.
+LAZY_STATE: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+    "send_queue": (_SendQueue(), _pristine_queue),
+    "trafficStats": (_Lazy("trafficStats", autobahn.websocket.protocol.TrafficStats), _any),
+    "utf8validator": (_Lazy("utf8validator", autobahn.websocket.utf8validator.Utf8Validator), _any),
+    "_results": (_Lazy("_results", lambda: {"message": None}), _no_listeners_results),
+    "_valid_events": (("message",), _no_listeners_events),
+}
+
+#: instance values equal to their class attribute, of these types, are dropped by :func:`compact`
+_SCALARS = (bool, int, float, str, bytes, type(None))
+
+
 def install_compact_defaults(cls: type) -> None:
-    """Make :data:`COMPACT_DEFAULTS` class attributes of the protocol class ``cls``."""
+    """Make :data:`COMPACT_DEFAULTS` and :data:`LAZY_STATE` class attributes of the protocol class ``cls``."""
     for name, default in COMPACT_DEFAULTS.items():
+        setattr(cls, name, default)
+    for name, (default, _) in LAZY_STATE.items():
         setattr(cls, name, default)
 
 
 def compact(proto: Any) -> None:
     """
     Shrink an open connection's instance dict: drop the opening handshake
-    (:data:`HANDSHAKE_STATE`, never read again once open) and every attribute
-    that holds its class default (:data:`COMPACT_DEFAULTS`), then rebuild the
-    dict (deleting keys never shrinks one).
+    (:data:`HANDSHAKE_STATE`, never read again once open), every attribute
+    that holds its class default (:data:`COMPACT_DEFAULTS`, and any scalar
+    equal to the class attribute of that name), and the per-connection
+    objects of :data:`LAZY_STATE` an idle socket does not use; then rebuild
+    the dict (deleting keys never shrinks one).
 
     Assumption: Autobahn reads none of :data:`HANDSHAKE_STATE` after the
-    opening handshake, and falls back to class attributes for the others.
+    opening handshake, falls back to class attributes for the others, and
+    uses :data:`LAZY_STATE` as described there.
     """
     state = proto.__dict__
     for name in HANDSHAKE_STATE:
         state.pop(name, None)
-    for name, default in COMPACT_DEFAULTS.items():
-        if name in state:
-            value = state[name]
-            if value is default or (type(value) is type(default) and value == default):
+    cls = type(proto)
+    for name, value in list(state.items()):
+        if type(value) in _SCALARS:
+            default = getattr(cls, name, state)  # the dict itself: no class attribute
+            if type(default) is type(value) and default == value:
+                del state[name]
+    if state.get("_listeners") is None:
+        for name, (_, droppable) in LAZY_STATE.items():
+            if name in state and droppable(state[name]):
                 del state[name]
     proto.__dict__ = dict(state)
 

@@ -96,10 +96,15 @@ class ChannelGroup:
     The open sockets of channel ``key`` with encoding ``encoding``:
     :data:`PLAIN`, or the permessage-deflate window bits (9 to 15).
 
+    A group of one socket (the usual case with one channel per user) keeps
+    it in two slots and allocates no container; a second member moves both
+    into the dicts of direct and queued members.
+
     :param encode: frames a batch's messages (see :class:`Encoders`).
     """
 
-    __slots__ = ("key", "encoding", "_encode", "_direct", "_queued", "_direct_items", "_stats")
+    __slots__ = ("key", "encoding", "_encode", "_solo", "_solo_send", "_direct", "_queued", "_direct_items",
+                 "_stats")
 
     def __init__(self, key: bytes, encoding: int = PLAIN,
                  encode: Callable[[Sequence[bytes]], bytes] = encode_batch, stats: FanoutStats | None = None) -> None:
@@ -107,42 +112,83 @@ class ChannelGroup:
         self.encoding = encoding
         self._encode = encode
         self._stats = stats if stats is not None else FanoutStats()
-        #: direct members, each with its socket's bound ``send``
-        self._direct: dict[Member, Callable[[bytes], int]] = {}
-        self._queued: dict[Member, None] = {}
+        #: the only member, while there is just one (the dicts are then ``None``)
+        self._solo: Member | None = None
+        #: its socket's bound ``send`` while it is direct, else ``None``
+        self._solo_send: Callable[[bytes], int] | None = None
+        #: with several members: the direct ones, each with its socket's bound ``send``
+        self._direct: dict[Member, Callable[[bytes], int]] | None = None
+        self._queued: dict[Member, None] | None = None
         self._direct_items: tuple[tuple[Member, Callable[[bytes], int]], ...] | None = None
 
     def __len__(self) -> int:
-        return len(self._direct) + len(self._queued)
+        if self._solo is not None:
+            return 1
+        return len(self._direct) + len(self._queued) if self._direct is not None else 0  # type: ignore[arg-type]
 
     @property
     def receivers(self) -> int:
         """The number of sockets in the group."""
         return len(self)
 
+    @property
+    def direct(self) -> int:
+        """How many members get their frames straight from ``send()``."""
+        if self._solo is not None:
+            return 1 if self._solo_send is not None else 0
+        return len(self._direct) if self._direct is not None else 0
+
+    @property
+    def queued(self) -> int:
+        """How many members get their frames through their Twisted buffer."""
+        if self._solo is not None:
+            return 0 if self._solo_send is not None else 1
+        return len(self._queued) if self._queued is not None else 0
+
     def add(self, member: Member) -> None:
         member._group = self
-        self._queued[member] = None  # the first batch finds out whether it can go direct
+        solo = self._solo
+        if solo is None and self._direct is None:
+            self._solo = member  # queued: the first batch finds out whether it can go direct
+            return
+        if solo is not None:
+            send, self._solo, self._solo_send = self._solo_send, None, None
+            self._direct, self._queued = ({solo: send}, {}) if send is not None else ({}, {solo: None})
+            self._direct_items = None
+        self._queued[member] = None  # type: ignore[index]
 
     def remove(self, member: Member) -> None:
         member._group = None
-        if self._direct.pop(member, None) is not None:
+        if self._solo is member:
+            self._solo = self._solo_send = None
+            return
+        direct, queued = self._direct, self._queued
+        if direct is None or queued is None:
+            return
+        if direct.pop(member, None) is not None:
             self._direct_items = None
-        self._queued.pop(member, None)
+        queued.pop(member, None)
+        if not direct and not queued:
+            self._direct = self._queued = None
 
     def demote(self, member: Member) -> None:
         """``member`` has bytes queued in Twisted: stop sending to it directly."""
-        if self._direct.pop(member, None) is not None:
+        if self._solo is member:
+            self._solo_send = None
+        elif self._direct is not None and self._direct.pop(member, None) is not None:
             self._direct_items = None
-            self._queued[member] = None
+            self._queued[member] = None  # type: ignore[index]
 
     def promote(self, member: Member) -> None:
         """``member``'s Twisted buffer has drained: send to it directly again."""
-        if member in self._queued:
+        if self._solo is member:
+            if self._solo_send is None:
+                self._solo_send = member.direct_send()
+        elif self._queued is not None and member in self._queued:
             send = member.direct_send()
             if send is not None:
                 del self._queued[member]
-                self._direct[member] = send
+                self._direct[member] = send  # type: ignore[index]
                 self._direct_items = None
 
     def encoded(self, batch: Batch) -> bytes:
@@ -162,14 +208,31 @@ class ChannelGroup:
 
     def receive(self, batch: Batch) -> None:
         data = self.encoded(batch)
+        size = len(data)
+        stats = self._stats
+        solo = self._solo
+        if solo is not None:
+            stats.deliveries += len(batch.messages)
+            stats.bytes_sent += size
+            send = self._solo_send
+            if send is None:
+                solo.deliver_queued(data)
+                return
+            try:
+                sent = send(data)
+            except OSError:
+                sent = 0
+            if sent != size:
+                solo.backlog(data[sent:] if sent else data)
+            return
+        if self._direct is None:
+            return
         # the queued members as they are now: a direct member demoted in the
         # loop below already has this batch in its Twisted buffer
         queued = tuple(self._queued) if self._queued else ()
         direct = self._direct_items
         if direct is None:
             direct = self._direct_items = tuple(self._direct.items())
-        size = len(data)
-        stats = self._stats
         members = len(direct) + len(queued)
         stats.deliveries += members * len(batch.messages)
         stats.bytes_sent += members * size
@@ -187,5 +250,4 @@ class ChannelGroup:
                 member.deliver_queued(data)
 
     def __repr__(self) -> str:
-        return (f"<ChannelGroup {self.key!r} encoding={self.encoding} "
-                f"direct={len(self._direct)} queued={len(self._queued)}>")
+        return f"<ChannelGroup {self.key!r} encoding={self.encoding} direct={self.direct} queued={self.queued}>"

@@ -26,7 +26,7 @@ from ._channels import ChannelNameError, channel_from_path
 from .compression import accept_deflate, acceptable_offers
 from .config import Settings
 from .fanout import PLAIN, ChannelGroup, Encoders, FanoutStats
-from .frames import BINARY, TEXT
+from .frames import BINARY, MAX_WINDOW_BITS, TEXT
 from .interfaces import IChannelHub
 from .origins import OriginPolicy
 from .subscriber import SOCKET, Source
@@ -733,9 +733,11 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.frames_received = 0
         self.stats = FanoutStats()
         self.connections: dict[SockDrawerServerProtocol, None] = {}
-        #: (channel key, encoding) -> the group of those sockets
-        self.groups: dict[tuple[bytes, int], ChannelGroup] = {}
-        self._members: dict[bytes, int] = {}
+        #: channel key -> the group of its plain sockets; (key, window bits)
+        #: -> the group of its sockets with that permessage-deflate window
+        #: (apart, so that the usual plain group costs no key tuple)
+        self.groups: dict[bytes, ChannelGroup] = {}
+        self.deflate_groups: dict[tuple[bytes, int], ChannelGroup] = {}
         self.slow_cut_offs = 0
         self._empty_waiters: list[Deferred[None]] = []
         options: dict[str, Any] = {}
@@ -780,16 +782,21 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         """Whether a browser from ``origin`` may connect (see :class:`~sockdrawer.origins.OriginPolicy`)."""
         return self.origins.allows(origin)
 
+    def _groups_of(self, key: bytes, encoding: int) -> tuple[dict[Any, ChannelGroup], Any]:
+        """Where the group of ``key`` with ``encoding`` is kept, and under which index."""
+        if encoding == PLAIN:
+            return self.groups, key
+        return self.deflate_groups, (key, encoding)
+
     def join(self, key: bytes, proto: SockDrawerServerProtocol) -> None:
         """Add an open socket to its channel's group for its encoding (subscribing the group)."""
-        index = (key, proto.encoding)
-        group = self.groups.get(index)
+        encoding = proto.encoding
+        groups, index = self._groups_of(key, encoding)
+        group = groups.get(index)
         if group is None:
-            group = self.groups[index] = ChannelGroup(key, proto.encoding, self.encoders.get(proto.encoding),
-                                                      self.stats)
+            group = groups[index] = ChannelGroup(key, encoding, self.encoders.get(encoding), self.stats)
             self.hub.subscribe(key, group)
         group.add(proto)
-        self._members[key] = self._members.get(key, 0) + 1
 
     def leave(self, proto: SockDrawerServerProtocol) -> None:
         """Take a socket out of its group; the last one out unsubscribes the group."""
@@ -797,15 +804,12 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         if group is None:
             return
         group.remove(proto)
+        if len(group):
+            return
         key = group.key
-        left = self._members.get(key, 1) - 1
-        if left:
-            self._members[key] = left
-        else:
-            self._members.pop(key, None)
-        index = (key, group.encoding)
-        if not len(group) and self.groups.get(index) is group:
-            del self.groups[index]
+        groups, index = self._groups_of(key, group.encoding)
+        if groups.get(index) is group:
+            del groups[index]
             self.hub.unsubscribe(key, group)
 
     def join_v1(self, sub: Subscription, encoding: int) -> None:
@@ -831,11 +835,19 @@ class SockDrawerServerFactory(WebSocketServerFactory):
 
     def group(self, key: bytes, encoding: int = PLAIN) -> ChannelGroup | None:
         """The group of the sockets on ``key`` with ``encoding``, if any."""
-        return self.groups.get((key, encoding))
+        if encoding == PLAIN:
+            return self.groups.get(key)
+        return self.deflate_groups.get((key, encoding))
 
     def sockets(self, key: bytes) -> int:
-        """How many open sockets are on channel ``key``."""
-        return self._members.get(key, 0)
+        """How many open sockets (not counting sockdrawer.v1 subscriptions) are on channel ``key``."""
+        count = len(self.groups.get(key) or ())
+        if self.deflate_groups:
+            for bits in range(9, MAX_WINDOW_BITS + 1):
+                group = self.deflate_groups.get((key, bits))
+                if group is not None:
+                    count += len(group)
+        return count
 
     def when_all_closed(self) -> Deferred[None]:
         """A Deferred that fires once no connection is left."""

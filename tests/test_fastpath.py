@@ -118,19 +118,108 @@ def test_partial_direct_send_queues_the_rest_in_order() -> None:
     group = ChannelGroup(b"k")
     group.add(proto)
     group.receive(Batch(b"k", [b"m0"]))  # a new member starts queued: finds an empty buffer, goes direct
-    assert group._direct and not group._queued
+    assert group.direct and not group.queued
     kernel.room = 3
     group.receive(Batch(b"k", [b"m1-long", b"m2"]))  # partial: the rest is queued
-    assert group._queued and not group._direct
+    assert group.queued and not group.direct
     kernel.room = 10**9
     group.receive(Batch(b"k", [b"m3"]))  # buffer not drained yet: behind the rest
-    assert group._queued
+    assert group.queued
     proto.transport.drain()
     group.receive(Batch(b"k", [b"m4"]))  # drained: direct again
-    assert group._direct and not group._queued
+    assert group.direct and not group.queued
     from sockdrawer.frames import encode_batch
 
     assert kernel.accepted == b"".join(encode_batch([m]) for m in (b"m0", b"m1-long", b"m2", b"m3", b"m4"))
+
+
+def test_group_of_one_and_of_many_deliver_the_same() -> None:
+    """A group keeps a single member in slots and several in dicts: through joins, partial sends, drains and
+    leaves in any order, every member gets every batch once, in order, direct or queued."""
+    from sockdrawer.fanout import ChannelGroup
+    from sockdrawer.frames import encode_batch
+    from sockdrawer.interfaces import Batch
+
+    class Member:
+        _group: ChannelGroup | None = None
+
+        def __init__(self) -> None:
+            self.got = b""
+            self.buffered = b""  # what waits in "Twisted"
+            self.room = 10**9
+
+        def send(self, data: bytes) -> int:
+            n = min(len(data), self.room)
+            self.got += data[:n]
+            return n
+
+        def direct_send(self) -> Any:
+            return None if self.buffered else self.send
+
+        def deliver_queued(self, data: bytes) -> None:
+            if not self.buffered:
+                sent = self.send(data)
+                if sent == len(data):
+                    assert self._group is not None
+                    self._group.promote(self)
+                    return
+                data = data[sent:]
+            self.buffered += data
+
+        def backlog(self, rest: bytes) -> None:
+            assert self._group is not None
+            self._group.demote(self)
+            self.buffered += rest
+
+        def drain(self) -> None:
+            self.got += self.buffered
+            self.buffered = b""
+
+    group = ChannelGroup(b"k")
+    members = [Member() for _ in range(3)]
+    sent: dict[int, list[bytes]] = {id(m): [] for m in members}
+    count = [0]
+
+    def batch(n: int = 2) -> None:
+        messages = [b"m%d" % (count[0] + i) for i in range(n)]
+        count[0] += n
+        for m in members:
+            if m._group is group:
+                sent[id(m)].extend(messages)
+        group.receive(Batch(b"k", messages))
+
+    a, b, c = members
+    group.add(a)
+    assert len(group) == 1 and group.queued == 1
+    batch()
+    assert group.direct == 1 and group._direct is None  # one member: no dict
+    a.room = 3
+    batch()  # partial send: a is queued now
+    assert group.queued == 1
+    a.room = 10**9
+    group.add(b)  # two members: the dicts, a still queued
+    assert len(group) == 2 and group.queued == 2
+    batch()
+    a.drain()
+    batch()
+    group.add(c)
+    batch()
+    assert group.direct == 3
+    group.remove(b)
+    batch()
+    group.remove(a)
+    group.remove(c)
+    assert len(group) == 0
+    batch()
+    group.add(b)
+    assert len(group) == 1 and group._direct is None
+    b.drain()
+    batch()
+    batch()
+    for m in members:
+        m.drain()
+        assert m.got == encode_batch(sent[id(m)]), "a member missed, repeated or reordered a message"
+    assert group.direct == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -162,10 +251,10 @@ async def test_queued_socket_returns_to_direct_sends(run_service: Any) -> None:
     burst(svc, b"q", 0, 1)
     await wait_for(lambda: client.pending() == 1)
     burst(svc, b"q", 1, 1)  # buffer drained: this one goes direct
-    assert len(group._direct) == 1
+    assert group.direct == 1
     client.ping(b"x")
     await wait_for(lambda: client.pongs_received == 1)
-    assert len(group._queued) == 1  # Autobahn wrote the pong through Twisted
+    assert group.queued == 1  # Autobahn wrote the pong through Twisted
     burst(svc, b"q", 2, 1)
-    assert len(group._direct) == 1
+    assert group.direct == 1
     assert [await client.next_message() for _ in range(3)] == expected(0, 3)

@@ -170,6 +170,54 @@ def test_autobahn_reads_no_handshake_state_once_open() -> None:
     assert proto.state == proto.STATE_CLOSING
 
 
+def test_autobahn_makes_the_lazy_state_per_connection_and_uses_it_as_assumed() -> None:
+    """Autobahn gives each connection the LAZY_STATE objects (an empty send_queue deque, trafficStats,
+    utf8validator, ["message"] / {"message": None} events), and only calls len, append and popleft on
+    send_queue: a class attribute standing in for them until first use changes nothing."""
+    import collections
+    import re
+
+    proto, _ = open_connection()
+    state = proto.__dict__
+    assert type(state["send_queue"]) is collections.deque and not state["send_queue"]
+    assert type(state["trafficStats"]) is autobahn.websocket.protocol.TrafficStats
+    assert type(state["utf8validator"]) is autobahn.websocket.protocol.Utf8Validator
+    assert state["_valid_events"] == ["message"] and state["_results"] == {"message": None}
+    assert state.get("_listeners") is None
+    for name, (_, droppable) in _private.LAZY_STATE.items():
+        assert droppable(state[name]), name
+    source = inspect.getsource(autobahn.websocket.protocol)
+    uses = set(re.findall(r"send_queue(?:\.\w+|\)| =)", source))
+    assert uses <= {"send_queue)", "send_queue.append", "send_queue.popleft", "send_queue ="}, uses
+
+
+def test_autobahn_works_on_a_connection_without_its_lazy_state() -> None:
+    """A compacted connection (no send_queue, trafficStats, utf8validator or event tables of its own)
+    validates UTF-8 (1007 for bad text), echoes, and sends synchronously and chopped through a fresh queue."""
+    proto, transport = open_connection()
+    _private.install_compact_defaults(Recording)
+    proto.onMessage = lambda payload, binary: proto.sendMessage(payload, binary)
+    _private.compact(proto)
+    assert not set(_private.LAZY_STATE) & set(proto.__dict__)
+    assert len(proto.send_queue) == 0
+    transport.clear()
+    mask = b"\x00\x00\x00\x00"
+    proto.dataReceived(b"\x81\x82" + mask + b"hi")
+    assert transport.value() == b"\x81\x02hi"
+    assert "utf8validator" in proto.__dict__ and "trafficStats" in proto.__dict__
+    transport.clear()
+    proto.sendMessage(b"sync", sync=True)  # through send_queue and a reactor turn
+    assert "send_queue" in proto.__dict__
+    assert transport.value() == b"\x81\x04sync"
+    proto.sendData(b"", chopsize=1)
+    other, other_transport = open_connection()
+    _private.compact(other)
+    failed: list[int] = []
+    other._fail_connection = lambda code, reason: failed.append(code)
+    other.dataReceived(b"\x81\x81" + mask + b"\xff")  # not UTF-8
+    assert failed == [1007]
+
+
 def test_autobahn_copies_config_attrs_onto_each_connection() -> None:
     """Autobahn's _connectionMade copies every name in CONFIG_ATTRS from the factory; with options as class
     attributes and an empty CONFIG_ATTRS it copies nothing, and function options stay plain functions."""
