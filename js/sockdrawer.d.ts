@@ -8,6 +8,29 @@ export interface MessageMeta {
 
 export type MessageCallback = (data: string | Uint8Array, meta: MessageMeta) => void;
 
+/** One socket on a channel with presence. */
+export interface PresenceEntry {
+  /** The `sub` of the socket's token; null without a token. */
+  user: string | null;
+  /** The socket's id (random; one per socket). */
+  client: string;
+}
+
+export interface PresenceEvent extends PresenceEntry {
+  channel: string;
+}
+
+export interface SubscribeOptions {
+  /** Subscribe with presence (implied by any of the handlers below). */
+  presence?: boolean;
+  /** The whole list: after subscribing, and again after each reconnect. `self` is this socket's id. */
+  onPresence?: (clients: PresenceEntry[], info: { channel: string; self: string }) => void;
+  /** A socket subscribed to the channel with presence. */
+  onJoin?: (event: PresenceEvent) => void;
+  /** A socket left: unsubscribed, closed, or its node stopped refreshing its entries. */
+  onLeave?: (event: PresenceEvent) => void;
+}
+
 export interface SockDrawerOptions {
   /** A token, or a function returning a fresh one (called again after close code 4001 or a refused handshake). */
   token?: string | (() => string | Promise<string>);
@@ -29,8 +52,10 @@ export declare class SockDrawer extends EventTarget {
   constructor(url: string, options?: SockDrawerOptions);
   readonly url: string;
   readonly state: SockDrawerState;
-  /** Subscribe to a channel; returns a function that unsubscribes. */
-  subscribe(channel: string, callback: MessageCallback): () => void;
+  /** Subscribe to a channel (with presence, given the options); returns a function that unsubscribes. */
+  subscribe(channel: string, callback: MessageCallback | null, options?: SubscribeOptions): () => void;
+  /** Who is on a channel subscribed with presence, as last reported. */
+  presence(channel: string): PresenceEntry[];
   /** Send data to the channel's listeners; resolves with the first reply. */
   send(channel: string, data: unknown): Promise<unknown>;
   /** Close for good. */

@@ -4,6 +4,12 @@
 //   const sd = new SockDrawer("ws://localhost:8020/", { token: async () => fetchToken() });
 //   const stop = sd.subscribe("news", (data, meta) => console.log(meta.channel, meta.offset, data));
 //   const answer = await sd.send("chat", "hello");   // a listener's reply
+//   sd.subscribe("room/1", onMessage, {               // who is on the channel
+//     presence: true,
+//     onPresence: (clients, { self }) => render(clients),
+//     onJoin: ({ user, client }) => add(client, user),
+//     onLeave: ({ user, client }) => remove(client),
+//   });
 //
 // Many channels on one socket; reconnects with exponential backoff and full
 // jitter (base 0.5 s, cap 30 s, reset after a stable connection); asks for a
@@ -47,7 +53,9 @@ export class SockDrawer extends EventTarget {
     this._base = options.baseDelay ?? 500;
     this._cap = options.maxDelay ?? 30000;
     this._stableAfter = options.stableAfter ?? 5000;
-    this._channels = new Map(); // channel -> {callbacks: Set, offset: string | null}
+    // channel -> {records: Set of {callback, options}, offset: string | null,
+    //             presence: whether it was subscribed with presence, members: Map client -> user, self}
+    this._channels = new Map();
     this._pending = new Map(); // send id -> {resolve, reject}
     this._queue = []; // messages waiting for the socket to open
     this._nextId = 1;
@@ -62,22 +70,66 @@ export class SockDrawer extends EventTarget {
     this._connect();
   }
 
-  /** Subscribe `callback(data, {channel, offset})` to `channel`; returns a function that unsubscribes it. */
-  subscribe(channel, callback) {
+  /**
+   * Subscribe `callback(data, {channel, offset})` to `channel` (`callback` may be null); returns a function
+   * that unsubscribes it.  With `options.presence` (implied by any of the handlers), the channel is
+   * subscribed with presence: `onPresence(clients, {channel, self})` gets the whole list (again after each
+   * reconnect), `onJoin` and `onLeave` each `{channel, user, client}`.
+   */
+  subscribe(channel, callback, options = {}) {
+    const record = {
+      callback,
+      options,
+      presence: options.presence ?? Boolean(options.onPresence || options.onJoin || options.onLeave),
+    };
     let entry = this._channels.get(channel);
     if (!entry) {
-      entry = { callbacks: new Set(), offset: null };
+      entry = { records: new Set(), offset: null, presence: record.presence, members: new Map(), self: null };
       this._channels.set(channel, entry);
-      this._send({ op: "subscribe", channel });
+      entry.records.add(record);
+      this._send(this._subscribeMessage(channel, entry));
+    } else {
+      entry.records.add(record);
+      if (record.presence && !entry.presence) {
+        // the channel was subscribed without presence: subscribe it again with it, from the last offset
+        entry.presence = true;
+        this._send({ op: "unsubscribe", channel });
+        this._send(this._subscribeMessage(channel, entry));
+      }
     }
-    entry.callbacks.add(callback);
     return () => {
-      entry.callbacks.delete(callback);
-      if (entry.callbacks.size === 0 && this._channels.get(channel) === entry) {
+      entry.records.delete(record);
+      if (entry.records.size === 0 && this._channels.get(channel) === entry) {
         this._channels.delete(channel);
         this._send({ op: "unsubscribe", channel });
       }
     };
+  }
+
+  /** Who is on `channel` as last reported (`[{user, client}]`), for a channel subscribed with presence. */
+  presence(channel) {
+    const entry = this._channels.get(channel);
+    if (!entry || !entry.presence) return [];
+    return [...entry.members].map(([client, user]) => ({ user, client }));
+  }
+
+  _subscribeMessage(channel, entry) {
+    const message = { op: "subscribe", channel };
+    if (entry.offset !== null) message.since = entry.offset;
+    if (entry.presence) message.presence = true;
+    return message;
+  }
+
+  _presenceEvent(entry, name, ...args) {
+    for (const record of [...entry.records]) {
+      const handler = record.options[name];
+      if (typeof handler !== "function") continue;
+      try {
+        handler(...args);
+      } catch (error) {
+        this.dispatchEvent(new CustomEvent("error", { detail: { error, channel: args[0]?.channel } }));
+      }
+    }
   }
 
   /** Send `data` to the listeners of `channel`; resolves with the first reply. */
@@ -142,9 +194,7 @@ export class SockDrawer extends EventTarget {
     this._setState("open");
     this._stableTimer = this._setTimeout(() => { this._attempt = 0; }, this._stableAfter);
     for (const [channel, entry] of this._channels) {
-      const message = { op: "subscribe", channel };
-      if (entry.offset !== null) message.since = entry.offset;
-      ws.send(JSON.stringify(message));
+      ws.send(JSON.stringify(this._subscribeMessage(channel, entry)));
     }
     const queued = this._queue;
     this._queue = [];
@@ -165,7 +215,8 @@ export class SockDrawer extends EventTarget {
       case "message":
         if (!entry) return;
         if (message.offset !== null && message.offset !== undefined) entry.offset = message.offset;
-        for (const callback of [...entry.callbacks]) {
+        for (const { callback } of [...entry.records]) {
+          if (typeof callback !== "function") continue;
           try {
             callback(decode(message), { channel: message.channel, offset: message.offset });
           } catch (error) {
@@ -177,6 +228,24 @@ export class SockDrawer extends EventTarget {
         if (entry && message.offset !== null && message.offset !== undefined) entry.offset = message.offset;
         this.dispatchEvent(new CustomEvent("subscribed", { detail: message }));
         break;
+      case "presence":
+        if (!entry || !entry.presence) return;
+        entry.members = new Map(message.clients.map((c) => [c.client, c.user]));
+        entry.self = message.self;
+        this._presenceEvent(entry, "onPresence", this.presence(message.channel),
+          { channel: message.channel, self: message.self });
+        break;
+      case "join":
+      case "leave": {
+        if (!entry || !entry.presence) return;
+        const known = entry.members.has(message.client);
+        if (message.op === "join" ? known : !known) return; // already reported
+        if (message.op === "join") entry.members.set(message.client, message.user);
+        else entry.members.delete(message.client);
+        this._presenceEvent(entry, message.op === "join" ? "onJoin" : "onLeave",
+          { channel: message.channel, user: message.user, client: message.client });
+        break;
+      }
       case "reset":
         if (entry) entry.offset = null;
         this.dispatchEvent(new CustomEvent("reset", { detail: { channel: message.channel } }));

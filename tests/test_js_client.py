@@ -2,7 +2,8 @@
 The browser client (js/sockdrawer.js) in headless Chromium, against a real
 ``twistd sockdrawer`` child and a real, persistent redis-server: through a
 Redis restart and a node restart, the page receives every message exactly
-once, in order.  Also: its unit tests under ``node --test``, and the copy
+once, in order; presence (list, join, leave).  Also: its unit tests under
+``node --test``, and the copy
 served by the node's API.
 """
 
@@ -150,7 +151,8 @@ def test_no_gap_through_redis_and_node_restarts(chromium: webdriver.Chrome, serv
 
 
 def test_js_unit_tests_pass_under_node() -> None:
-    """`node --test js/test/` passes (reconnect backoff, token refresh, resubscribe with since, send/reply)."""
+    """`node --test js/test/` passes (reconnect backoff, token refresh, resubscribe with since, send/reply,
+    presence)."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is missing: install it with 'apt-get install nodejs'", pytrace=False)
@@ -167,3 +169,56 @@ def test_node_serves_the_client(tmp_path: Path) -> None:
             assert r.headers["Content-Type"].startswith("text/javascript")
     assert body == (Path(ROOT) / "js" / "sockdrawer.js").read_bytes()
     assert json.loads((Path(ROOT) / "js" / "package.json").read_text())["types"] == "sockdrawer.d.ts"
+
+
+PRESENCE_PAGE = """<!DOCTYPE html>
+<meta charset="utf-8">
+<title>presence</title>
+<script type="module">
+  import { SockDrawer } from "./sockdrawer.js";
+  window.seen = [];
+  const sd = new SockDrawer("ws://127.0.0.1:%(port)d/");
+  sd.subscribe("room/1", null, {
+    onPresence: (clients, { self }) => window.seen.push(["list", clients.length, self]),
+    onJoin: (e) => window.seen.push(["join", e.user, e.client]),
+    onLeave: (e) => window.seen.push(["leave", e.user, e.client]),
+  });
+</script>
+"""
+
+
+def test_presence_in_chromium(chromium: webdriver.Chrome, serve: Any, tmp_path: Path) -> None:  # noqa: F811
+    """The JS client in Chromium gets the presence list (itself in it), then a join and a leave as another
+    socket subscribes with presence and closes."""
+    from websockets.sync.client import connect
+
+    port = free_port()
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(Path(ROOT) / "js" / "sockdrawer.js", site / "sockdrawer.js")
+    (site / "index.html").write_text(PRESENCE_PAGE % {"port": port})
+    (tmp_path / "node").mkdir()
+    node = ChildNode(tmp_path / "node", ["--port", f"tcp:{port}:interface=127.0.0.1"])
+    node.start()
+
+    def seen(count: int) -> list[list[Any]]:
+        deadline = time.monotonic() + 10
+        while True:
+            got: list[list[Any]] = chromium.execute_script("return window.seen || []")
+            if len(got) >= count:
+                return got
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)
+
+    try:
+        chromium.get(serve(site) + "/index.html")
+        [(kind, size, me)] = seen(1)
+        assert (kind, size) == ("list", 1) and me
+        with connect(f"ws://127.0.0.1:{port}/", subprotocols=["sockdrawer.v1"], open_timeout=5) as other:
+            other.send(json.dumps({"op": "subscribe", "channel": "room/1", "presence": True}))
+            assert json.loads(other.recv(timeout=5))["op"] == "subscribed"
+            theirs = json.loads(other.recv(timeout=5))["self"]
+            assert seen(2)[1] == ["join", None, theirs]
+        assert seen(3)[2] == ["leave", None, theirs]
+    finally:
+        node.stop()

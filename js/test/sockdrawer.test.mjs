@@ -140,3 +140,48 @@ test("unsubscribing the last callback unsubscribes the channel; close stops reco
   last().drop();
   assert.equal(timers.filter((t) => t.ms !== 5000 && !t.cancelled).length, 0);
 });
+
+test("presence: the list, joins and leaves once each, and the list again after a reconnect", async () => {
+  const { sd, last, runTimer } = harness();
+  await tick();
+  const seen = [];
+  sd.subscribe("room/1", null, {
+    onPresence: (clients, info) => seen.push(["list", clients.map((c) => c.user), info.self]),
+    onJoin: (e) => seen.push(["join", e.user, e.client]),
+    onLeave: (e) => seen.push(["leave", e.user, e.client]),
+  });
+  last().open();
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "room/1", presence: true }]);
+  last().receive({ op: "subscribed", channel: "room/1", offset: null });
+  last().receive({ op: "presence", channel: "room/1", self: "a", clients: [{ user: "ann", client: "a" }] });
+  last().receive({ op: "join", channel: "room/1", user: "bob", client: "b" });
+  last().receive({ op: "join", channel: "room/1", user: "bob", client: "b" }); // known: not reported twice
+  assert.deepEqual(sd.presence("room/1"), [{ user: "ann", client: "a" }, { user: "bob", client: "b" }]);
+  last().receive({ op: "leave", channel: "room/1", user: "bob", client: "b" });
+  last().receive({ op: "leave", channel: "room/1", user: "bob", client: "b" });
+  assert.deepEqual(seen, [["list", ["ann"], "a"], ["join", "bob", "b"], ["leave", "bob", "b"]]);
+  last().drop();
+  await runTimer();
+  last().open();
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "room/1", presence: true }]);
+  last().receive({ op: "presence", channel: "room/1", self: "c", clients: [{ user: "ann", client: "c" }] });
+  assert.deepEqual(seen.at(-1), ["list", ["ann"], "c"]);
+});
+
+test("presence asked on a channel already subscribed without it subscribes again from the last offset", async () => {
+  const { sd, last } = harness();
+  await tick();
+  last().open();
+  const messages = [];
+  sd.subscribe("room/1", (data) => messages.push(data));
+  last().receive({ op: "message", channel: "room/1", offset: "e:4", data: "x" });
+  sd.subscribe("room/1", null, { presence: true });
+  assert.deepEqual(last().sent, [
+    { op: "subscribe", channel: "room/1" },
+    { op: "unsubscribe", channel: "room/1" },
+    { op: "subscribe", channel: "room/1", since: "e:4", presence: true },
+  ]);
+  last().receive({ op: "message", channel: "room/1", offset: "e:5", data: "y" });
+  assert.deepEqual(messages, ["x", "y"]); // the null callback is skipped
+  assert.deepEqual(sd.presence("news"), []);
+});
