@@ -3,8 +3,7 @@ The browser client (js/sockdrawer.js) in headless Chromium, against a real
 ``twistd sockdrawer`` child and a real, persistent redis-server: through a
 Redis restart and a node restart, the page receives every message exactly
 once, in order; presence (list, join, leave).  Also: its unit tests under
-``node --test``, and the copy
-served by the node's API.
+``node --test``, and the copy served by the node's API.
 """
 
 from __future__ import annotations
