@@ -435,6 +435,8 @@ class PresenceGroup:
         self._snapshots: dict[str, list[Any]] = {}
         self._retry: IDelayedCall | None = None
         self._delay = RESYNC_DELAY[0]
+        #: a failure was logged since the group last had its list (retries are not)
+        self._warned = False
 
     @property
     def receivers(self) -> int:
@@ -477,8 +479,10 @@ class PresenceGroup:
     def _failed(self, failure: Failure) -> None:
         if self.closed:
             return
-        _log.warn("presence of {channel!r} unavailable: {error}", channel=self.channel,
-                  error=failure.getErrorMessage() or type(failure.value).__name__)
+        if not self._warned:
+            self._warned = True
+            _log.warn("presence of {channel!r} unavailable ({error}); retrying", channel=self.channel,
+                      error=failure.getErrorMessage() or type(failure.value).__name__)
         if not self.synced:
             self._schedule_resync()
 
@@ -522,6 +526,7 @@ class PresenceGroup:
         self._snapshots = {}
         self.synced = True
         self._delay = RESYNC_DELAY[0]
+        self._warned = False
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -602,6 +607,8 @@ class PresenceService(Service):
         self._refresh = LoopingCall(self.refresh)
         self._refresh.clock = clock
         self._stopped = False
+        #: the last renewal failed (logged once, until one works again)
+        self.refresh_failing = False
 
     def field(self, session: V1Session) -> str:
         return f"{self.node}/{session.client}"
@@ -659,16 +666,27 @@ class PresenceService(Service):
         d.addCallback(_presence.parse_entries)
         return d
 
-    def refresh(self) -> None:
-        """Renew this node's entries (and remove expired ones of every channel it has entries on)."""
+    def refresh(self) -> Deferred[None]:
+        """
+        Renew this node's entries (and remove the expired ones of every
+        channel it has entries on); a failing renewal is logged once, until
+        one works again.
+        """
         calls = self.store.refresh()
         failures: list[Failure] = []
-
-        def failed(failure: Failure) -> None:
-            failures.append(failure)
-            if len(failures) == 1:
-                _log.warn("presence refresh failed: {error}",
-                          error=failure.getErrorMessage() or type(failure.value).__name__)
-
         for d in calls:
-            d.addErrback(failed)
+            d.addErrback(failures.append)
+        done: Deferred[Any] = DeferredList(calls)
+
+        def report(_: object) -> None:
+            if failures and not self.refresh_failing:
+                self.refresh_failing = True
+                _log.warn("presence entries of {count} channel(s) not renewed ({error}); they expire in "
+                          "{timeout} s unless a renewal works", count=len(failures), timeout=self.timeout,
+                          error=failures[0].getErrorMessage() or type(failures[0].value).__name__)
+            elif not failures and calls and self.refresh_failing:
+                self.refresh_failing = False
+                _log.info("presence entries renewed again")
+
+        done.addCallback(report)
+        return done

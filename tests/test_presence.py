@@ -453,3 +453,40 @@ def test_group_sends_the_list_again_after_a_gap() -> None:
     assert sub.session.sent[1:] == [{"op": "presence", "channel": "c", "self": "me",
                                      "clients": [{"user": "me", "client": "me"}, {"user": "new", "client": "new"}]}]
     group.close()
+
+
+def test_failing_renewals_are_logged_once() -> None:
+    """While renewing entries fails (Redis down), one warning is logged, not one per round; when a renewal
+    works again, one line says so."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+
+    from sockdrawer.v1 import PresenceService
+
+    outcome: list[Any] = [ConnectionError("Redis is down")]
+
+    def eval(script: str, keys: list[Any], args: list[Any]) -> Any:
+        return defer.fail(outcome[0]) if isinstance(outcome[0], Exception) else defer.succeed(0)
+
+    store = presence.RedisPresence(eval, "logs", 3.0)
+    store.local[b"room/1"] = {"n/c": presence.entry_fields(None, "c")}
+    service = PresenceService(store, None, Clock(), 3.0)  # type: ignore[arg-type]
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "sockdrawer.v1":
+            lines.append(f"{event['log_level'].name} {event['log_format']}")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(3):
+            service.refresh()
+        assert service.refresh_failing and len(lines) == 1 and lines[0].startswith("warn presence entries of")
+        outcome[0] = 0
+        service.refresh()
+        service.refresh()
+        assert not service.refresh_failing
+        assert lines[1:] == ["info presence entries renewed again"]
+    finally:
+        globalLogPublisher.removeObserver(observe)

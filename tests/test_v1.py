@@ -97,6 +97,7 @@ async def test_send_gets_the_listeners_reply(run_service: Any) -> None:
     ("not json", 400), ('["a list"]', 400), ('{"op": "dance", "channel": "x"}', 400),
     ('{"op": "subscribe", "channel": 5}', 400), ('{"op": "subscribe", "channel": "a//b"}', 400),
     ('{"op": "subscribe", "channel": "x", "since": 5}', 400),
+    ('{"op": "subscribe", "channel": "x", "presence": "yes"}', 400),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_messages_get_errors(run_service: Any, message: str, status: int) -> None:
