@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter
@@ -210,6 +211,11 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
     subscribed: set[bytes] | None = None
     #: (un)subscribe confirmations still to come
     _outstanding = 0
+    #: Redis channels written in (un)subscribe commands, and confirmed, so far
+    _sent = 0
+    _acked = 0
+    #: (value _acked must reach, Deferred) per notify_confirmed caller, in order
+    _waiters: deque[tuple[int, Deferred[None]]] | None = None
     #: confirmations still to come for the first SUBSCRIBE on this connection
     _initial = 0
 
@@ -291,6 +297,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         self.transport.write(b"".join(_command(command, *names) for names in commands))
         count = sum(len(names) for names in commands)
         self._outstanding += count
+        self._sent += count
         link = self.link
         if link is not None:
             if command == self.SUBSCRIBE:
@@ -309,9 +316,22 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
                 return
         super().replyReceived(reply)
 
+    def notify_confirmed(self, d: Deferred[None]) -> None:
+        """By channel: fire ``d`` once Redis confirmed every (un)subscription written so far on this connection."""
+        if self._acked >= self._sent:
+            d.callback(None)
+            return
+        if self._waiters is None:
+            self._waiters = deque()
+        self._waiters.append((self._sent, d))
+
     def _confirmed(self, kind: bytes, name: bytes, count: Any) -> None:
         if self._outstanding:
             self._outstanding -= 1
+        self._acked += 1
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self._acked:
+            waiters.popleft()[1].callback(None)
         if self.link is not None and isinstance(count, int):
             self.link.subscriptions = count
         if self._initial:
@@ -617,6 +637,8 @@ class RedisLink(MultiService):
         #: channels opened or closed this turn, in order
         self._changed: dict[bytes, None] = {}
         self._update: Any = None
+        #: when_subscribed callers waiting for a flush or a connection
+        self._later: list[Deferred[None]] = []
         self._ping = LoopingCall(self._send_pings)
         self._ping.clock = reactor
         self._ping_interval = ping_interval
@@ -706,6 +728,34 @@ class RedisLink(MultiService):
         d.addCallback(_replay_result, since, wanted_epoch, after, limit)
         return d
 
+    def when_subscribed(self, key: bytes) -> Deferred[None]:
+        """
+        A Deferred that fires once the node's subscription covers channel
+        ``key`` as the hub has it now, for a caller that reads the channel's
+        history and must not miss what is published between that read and
+        the subscription: by pattern, once subscribed (at once while
+        connected); by channel, once Redis confirmed the commands that carry
+        this turn's changes, ``key``'s among them (after a reconnect, the
+        new connection's first SUBSCRIBE).
+        """
+        d: Deferred[None] = Deferred()
+        if self.subscribe == "pattern":
+            if self.subscriber is not None:
+                d.callback(None)
+            else:
+                self._later.append(d)
+        elif self._following is None or key in self._changed:
+            # not written yet: at the end of the turn, or on the next connection
+            self._later.append(d)
+        else:
+            self._following.notify_confirmed(d)
+        return d
+
+    def _release_later(self, protocol: RedisSubscriberProtocol) -> None:
+        later, self._later = self._later, []
+        for d in later:
+            protocol.notify_confirmed(d)
+
     def unconfirmed(self) -> int:
         """
         By channel: Redis channels subscribed or unsubscribed and not yet
@@ -736,16 +786,21 @@ class RedisLink(MultiService):
         # hub's channels as they are then
         if self._following is not None:
             self._following.update_channels(changed)
+            self._release_later(self._following)
 
     # -- link state, called by the protocol
 
     def _channels_connection(self, protocol: RedisSubscriberProtocol) -> None:
         self._following = protocol
+        self._release_later(protocol)
 
     def _subscribed(self, protocol: RedisSubscriberProtocol) -> None:
         self.subscriber = protocol
         if not protocol.by_channel:
             self.subscriptions = 2
+            later, self._later = self._later, []
+            for d in later:
+                d.callback(None)
         self._sub_backoff.reset()
         if self._subscribed_once:
             self.reconnects += 1
@@ -773,6 +828,9 @@ class RedisLink(MultiService):
         if self._following is protocol:
             self._following = None
             self.subscriptions = 0
+            # what this connection would have confirmed, the next one will
+            self._later.extend(d for _, d in protocol._waiters or ())
+            protocol._waiters = None
         if self.subscriber is protocol:
             self.subscriber = None
             self.subscriptions = 0

@@ -339,6 +339,51 @@ def test_pure_python_replies_are_confirmations_too(node: Node) -> None:
     assert transport.disconnecting
 
 
+def test_when_subscribed_waits_for_the_confirmation(node: Node) -> None:
+    """when_subscribed(key) fires once Redis confirmed the SUBSCRIBE carrying key's channels (not when it is
+    written), after a reconnect once the new connection's first SUBSCRIBE is confirmed, and at once when
+    nothing is outstanding."""
+    from twisted.python.failure import Failure
+
+    p, transport = node.connect()
+    node.open(b"news")
+    fired: list[str] = []
+    node.link.when_subscribed(b"news").addCallback(lambda _: fired.append("news"))
+    node.turn()
+    assert commands(transport.value()) == [[b"SUBSCRIBE", *names(b"news")]] and fired == []
+    p.dataReceived(confirm(b"subscribe", b"sock-drawer/news", 1))
+    assert fired == []
+    p.dataReceived(confirm(b"subscribe", b"sock-drawer#/news", 2))
+    assert fired == ["news"]
+    node.link.when_subscribed(b"news").addCallback(lambda _: fired.append("again"))
+    assert fired == ["news", "again"]
+    # lost before the confirmation: the next connection's first SUBSCRIBE covers it
+    node.open(b"sport")
+    node.turn()
+    node.link.when_subscribed(b"sport").addCallback(lambda _: fired.append("sport"))
+    p.connectionLost(Failure(ConnectionError("gone")))
+    p2, transport2 = node.connect()
+    assert commands(transport2.value()) == [[b"SUBSCRIBE", *names(b"news", b"sport")]] and fired[2:] == []
+    confirm_all(p2, b"subscribe", names(b"news", b"sport"))
+    assert fired[2:] == ["sport"]
+
+
+def test_when_subscribed_by_pattern() -> None:
+    """By pattern, when_subscribed fires at once while subscribed, else on the next subscription."""
+    n = Node("pattern")
+    try:
+        fired: list[bytes] = []
+        n.link.when_subscribed(b"news").addCallback(lambda _: fired.append(b"before"))
+        p, _ = n.connect()
+        assert fired == []
+        p.dataReceived(b"*3\r\n$10\r\npsubscribe\r\n$13\r\nsock-drawer/*\r\n:1\r\n")
+        assert fired == [b"before"]
+        n.link.when_subscribed(b"x").addCallback(lambda _: fired.append(b"after"))
+        assert fired == [b"before", b"after"]
+    finally:
+        n.stop()
+
+
 # -- integration: a real redis-server, real WebSocket clients
 
 
@@ -395,6 +440,28 @@ def http_get(port: int, path: str) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
         data: bytes = r.read()
         return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_published_once_subscribed_arrives(redis_server: Any, run_service: Any) -> None:
+    """A message published from the reactor thread the moment when_subscribed(key) fired reaches a sink on a
+    channel new to the node, every time: it fires on Redis' confirmation, not when the SUBSCRIBE is written."""
+    svc = await run_service(redis=redis_server.url, name="ready", subscribe="channels")
+    await wait_for(svc.broker.is_connected)
+    pub = redis_server.client()
+    pub.ping()
+    try:
+        for i in range(20):
+            sink = RecordingSink()
+            key = b"fresh/%d" % i
+            svc.hub.subscribe(key, sink)
+            await svc.broker.when_subscribed(key)
+            # from the reactor thread, at once: before the reactor could even write a SUBSCRIBE not yet sent
+            pub.publish(b"ready/" + key, b"first")
+            await wait_for(lambda sink=sink: sink.messages == [b"first"])
+            svc.hub.unsubscribe(key, sink)
+    finally:
+        pub.close()
 
 
 @pytest_twisted.ensureDeferred
