@@ -214,3 +214,7 @@ class EmbeddedBroker:
 
     def is_connected(self) -> bool:
         return True
+
+    def when_subscribed(self, key: bytes) -> Deferred[None]:
+        """Fires at once: every delivery reaches the hub (see ``RedisLink.when_subscribed``)."""
+        return succeed(None)

@@ -251,7 +251,8 @@ class TestMemoryChannelHub(HubContract):
 
 
 def test_embedded_broker_delivers_locally() -> None:
-    """The embedded broker provides IBroker and publishes straight into the hub."""
+    """The embedded broker provides IBroker and publishes straight into the hub; its subscription covers every
+    channel at once."""
     hub = MemoryChannelHub()
     broker = EmbeddedBroker(hub)
     assert verifyObject(IBroker, broker)
@@ -262,6 +263,9 @@ def test_embedded_broker_delivers_locally() -> None:
     assert results == [1]
     assert sink.messages == [b"hello"]
     assert broker.is_connected()
+    fired: list[None] = []
+    broker.when_subscribed(b"news").addCallback(fired.append)
+    assert fired == [None]
 
 
 def test_receivers_counts_a_plain_sink_as_one() -> None:
