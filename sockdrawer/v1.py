@@ -208,6 +208,15 @@ class V1Session:
     def send_control(self, op: str, **fields: Any) -> None:
         self.send_text(control(op, **fields))
 
+    def send_shared(self, payloads: list[bytes], frames: dict[int, bytes]) -> None:
+        """:meth:`send_text` of payloads many sockets get: framed once per encoding, kept in ``frames``."""
+        encoding = self.proto.encoding
+        data = frames.get(encoding)
+        if data is None:
+            frame = self.proto.factory.encoders.frame
+            data = frames[encoding] = b"".join(frame(encoding, payload, TEXT) for payload in payloads)
+        self.write(data)
+
     def error(self, status: int, reason: str, channel: str | None = None, id: Any = None) -> None:
         fields: dict[str, Any] = {"status": status, "reason": reason}
         if channel is not None:
@@ -437,6 +446,12 @@ class PresenceGroup:
         self._delay = RESYNC_DELAY[0]
         #: a failure was logged since the group last had its list (retries are not)
         self._warned = False
+        #: snapshots asked for and not answered yet
+        self._asking = 0
+        #: client id -> nonce, of :attr:`pending`
+        self._pending_clients: dict[str, str] = {}
+        #: while a batch is handled: the events for the live subscriptions, not sent yet
+        self._out: list[bytes] | None = None
 
     @property
     def receivers(self) -> int:
@@ -446,17 +461,24 @@ class PresenceGroup:
         nonce = secrets.token_hex(8)
         self.pending[nonce] = sub
         session = sub.session
+        self._pending_clients[session.client] = nonce
         fields = _presence.entry_fields(session.proto.user, session.client)
-        d = maybeDeferred(self.service.store.join, self.key, self.service.field(session), fields, nonce,
-                          not self.synced)
-        d.addCallbacks(self._snapshot, self._failed, callbackArgs=(nonce,))
+        # one snapshot at a time is enough: a join after it is an event after its marker (a crowd joining at
+        # once costs one O(n) read, not n of them)
+        snapshot = not self.synced and not self._asking
+        d = maybeDeferred(self.service.store.join, self.key, self.service.field(session), fields, nonce, snapshot)
+        if snapshot:
+            self._asking += 1
+            d.addCallbacks(self._snapshot, self._snapshot_failed, callbackArgs=(nonce,))
+        else:
+            d.addErrback(self._failed)
 
     def remove(self, sub: Subscription) -> None:
         self.live.pop(sub, None)
         self._stale.pop(sub, None)
-        for nonce, waiting in list(self.pending.items()):
-            if waiting is sub:
-                del self.pending[nonce]
+        nonce = self._pending_clients.pop(sub.session.client, None)
+        if nonce is not None:
+            self.pending.pop(nonce, None)
 
     def close(self) -> None:
         self.closed = True
@@ -467,6 +489,7 @@ class PresenceGroup:
     # -- snapshots
 
     def _snapshot(self, values: Any, nonce: str) -> None:
+        self._asking -= 1
         if self.closed or self.synced:
             return
         self._snapshots[nonce] = list(values or ())
@@ -475,6 +498,10 @@ class PresenceGroup:
                 self._sync_at(i)
                 return
         self._schedule_resync()
+
+    def _snapshot_failed(self, failure: Failure) -> None:
+        self._asking -= 1
+        self._failed(failure)
 
     def _failed(self, failure: Failure) -> None:
         if self.closed:
@@ -497,8 +524,9 @@ class PresenceGroup:
         if self.closed or self.synced:
             return
         nonce = secrets.token_hex(8)
+        self._asking += 1
         d = maybeDeferred(self.service.store.sync, self.key, nonce)
-        d.addCallbacks(self._snapshot, self._failed, callbackArgs=(nonce,))
+        d.addCallbacks(self._snapshot, self._snapshot_failed, callbackArgs=(nonce,))
 
     def gap(self) -> None:
         """
@@ -537,6 +565,7 @@ class PresenceGroup:
             # its join is in the snapshot: its marker came before, or was lost
             if nonce in before or sub.session.client in self.view:
                 del self.pending[nonce]
+                self._pending_clients.pop(sub.session.client, None)
                 starting.append(sub)
         for sub in starting:
             self.live[sub] = None
@@ -547,17 +576,34 @@ class PresenceGroup:
     # -- events
 
     def receive(self, batch: Batch) -> None:
-        for message in batch.messages:
-            nonce, event, body = _presence.parse_event(message)
-            if self.synced:
-                self._apply(nonce, event, body)
-                continue
-            if len(self._buffer) >= MAX_BUFFERED:
-                self._buffer = []
-                self._snapshots = {}
-            self._buffer.append((nonce, event, body))
-            if nonce and nonce in self._snapshots:
-                self._sync_at(len(self._buffer) - 1)
+        # the events of one batch go out to each socket in one write (a dead
+        # node's sockets all leave in one burst)
+        self._out = []
+        try:
+            for message in batch.messages:
+                nonce, event, body = _presence.parse_event(message)
+                if self.synced:
+                    self._apply(nonce, event, body)
+                    continue
+                if len(self._buffer) >= MAX_BUFFERED:
+                    self._buffer = []
+                    self._snapshots = {}
+                self._buffer.append((nonce, event, body))
+                if nonce and nonce in self._snapshots:
+                    self._sync_at(len(self._buffer) - 1)
+        finally:
+            self._flush()
+            self._out = None
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        payloads = list(out)
+        out.clear()
+        frames: dict[int, bytes] = {}
+        for sub in tuple(self.live):
+            sub.session.send_shared(payloads, frames)
 
     def _apply(self, nonce: str, event: dict[str, Any] | None, body: bytes) -> None:
         client: str | None = None
@@ -568,14 +614,23 @@ class PresenceGroup:
             else:
                 self.view.pop(client, None)
                 client = None
-            for sub in tuple(self.live):
-                sub.session.send_text(body)
-        for waiting_nonce, waiting in list(self.pending.items()):
-            # its own marker, or its entry came back by a refresh (its join failed)
-            if waiting_nonce == nonce or waiting.session.client == client:
-                del self.pending[waiting_nonce]
-                self.live[waiting] = None
-                self._send_list(waiting)
+            if self.live:
+                if self._out is None:
+                    frames: dict[int, bytes] = {}
+                    for sub in tuple(self.live):
+                        sub.session.send_shared([body], frames)
+                else:
+                    self._out.append(body)
+        # its own marker, or its entry came back by a refresh (its join failed)
+        waiting = self.pending.pop(nonce, None) if nonce else None
+        if waiting is None and client is not None:
+            marker = self._pending_clients.get(client)
+            waiting = self.pending.pop(marker, None) if marker is not None else None
+        if waiting is not None:
+            self._pending_clients.pop(waiting.session.client, None)
+            self._flush()  # the events so far are in the list it gets, not after it
+            self.live[waiting] = None
+            self._send_list(waiting)
 
     def _send_list(self, sub: Subscription) -> None:
         clients = [{"user": user, "client": client} for client, user in self.view.items()]

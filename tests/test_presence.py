@@ -115,6 +115,33 @@ async def test_presence_must_be_a_bool(run_service: Any, value: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_presence_events_are_out_of_reach_of_channels(run_service: Any) -> None:
+    """The hub key of a channel's presence events (/presence/<channel>) is no channel: a v1 subscribe, a raw
+    socket, the HTTP API and Client.pub all refuse it, so nobody can listen to or forge presence events."""
+    from wsclient import connect_refused
+
+    svc = await run_service()
+    client = await v1(svc)
+    client.send_json({"op": "subscribe", "channel": "/presence/room/1"})
+    assert (await client.next_json())["status"] == 400
+    for path in ("//presence/room/1", "/%2Fpresence/room/1"):
+        assert (await connect_refused(svc.ws_port, path)).status == 400
+
+    def publish() -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{svc.api_port}/publish//presence/room/1", data=b"x",
+                                         method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=5)
+        except urllib.error.HTTPError as e:
+            return e.code
+        return 200
+
+    assert await deferToThread(publish) == 400
+    with pytest.raises(ValueError):
+        Client("redis://127.0.0.1:1/0").pub("x", "/presence/room/1")
+
+
+@pytest_twisted.ensureDeferred
 async def test_presence_over_http_and_client(run_service: Any) -> None:
     """GET /presence/<channel> answers the channel's entries (with the API key), and Client(http://).presence
     reads them; a bad channel is 400."""
@@ -326,6 +353,10 @@ class _Session:
 
     def send_text(self, payload: bytes) -> None:
         self.sent.append(json.loads(payload))
+
+    def send_shared(self, payloads: list[bytes], frames: dict[int, bytes]) -> None:
+        for payload in payloads:
+            self.send_text(payload)
 
     def send_control(self, op: str, **fields: Any) -> None:
         self.sent.append({"op": op, **fields})
