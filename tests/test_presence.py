@@ -350,11 +350,13 @@ class _Session:
     def __init__(self, client: str) -> None:
         self.client = client
         self.sent: list[Any] = []
+        self.writes = 0
 
     def send_text(self, payload: bytes) -> None:
         self.sent.append(json.loads(payload))
 
     def send_shared(self, payloads: list[bytes], frames: dict[int, bytes]) -> None:
+        self.writes += 1
         for payload in payloads:
             self.send_text(payload)
 
@@ -373,6 +375,7 @@ class _Store:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.snapshots: list[bool] = []
         from twisted.internet.defer import Deferred
 
         self._Deferred = Deferred
@@ -380,6 +383,7 @@ class _Store:
     def join(self, key: bytes, field: str, fields: str, nonce: str, snapshot: bool) -> Any:
         d = self._Deferred()
         self.calls.append((nonce, d))
+        self.snapshots.append(snapshot)
         return d
 
     def sync(self, key: bytes, nonce: str) -> Any:
@@ -521,3 +525,28 @@ def test_failing_renewals_are_logged_once() -> None:
         assert lines[1:] == ["info presence entries renewed again"]
     finally:
         globalLogPublisher.removeObserver(observe)
+
+
+def test_group_asks_one_snapshot_at_a_time_and_batches_events() -> None:
+    """Subscriptions joining a group that has no list yet ask for one snapshot between them (the others' joins
+    are events after its marker); the events of one batch reach each live subscription in one write."""
+    group, store, _, first = _group()
+    second: Any = _Sub("two")
+    second.session.proto = type("P", (), {"user": "two"})()
+    group.add(first)
+    group.add(second)
+    assert store.snapshots == [True, False]
+    (n1, d1), (n2, d2) = store.calls
+    d2.callback([])  # a join without a snapshot answers nothing: not a list
+    group.receive(Batch(b"/presence/c", [_event(n1, "join", "me", "me"), _event(n2, "join", "two", "two")]))
+    assert first.session.sent == [] and second.session.sent == []
+    d1.callback(['{"user":"me","client":"me"}'])
+    assert first.session.sent == [{"op": "presence", "channel": "c", "self": "me",
+                                   "clients": [{"user": "me", "client": "me"}]},
+                                  {"op": "join", "channel": "c", "user": "two", "client": "two"}]
+    assert [e["client"] for e in second.session.sent[0]["clients"]] == ["me", "two"]
+    writes = first.session.writes
+    group.receive(Batch(b"/presence/c", [_event("", "join", f"x{i}", "x") for i in range(5)]))
+    assert first.session.writes == writes + 1 and second.session.writes == 1
+    assert len(first.session.sent) == 7 and len(second.session.sent) == 6
+    group.close()
