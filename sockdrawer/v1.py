@@ -400,8 +400,6 @@ class V1Session:
             self.unsubscribe(key)
 
 
-
-
 #: seconds a presence group waits for the marker of its snapshot before it
 #: asks for another (a per-channel Redis subscription may still be on its
 #: way), doubling up to the second number
