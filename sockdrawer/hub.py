@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import perf_counter
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -175,6 +176,29 @@ class MemoryChannelHub:
             except Exception:
                 self._log.failure("sink {sink!r} failed on channel {channel!r}",
                                   sink=receive, channel=key)
+
+
+def history_reader(broker: IBroker, limit: int) -> Callable[[bytes, str | None], Deferred[Replay]]:
+    """
+    What ``sockdrawer.v1`` subscriptions read history with: ``broker.replay``
+    with ``limit``, once the broker's subscription covers the channel
+    (``when_subscribed``, when the broker has it and is connected).  A node
+    that subscribes per channel (``--subscribe channels``) sends its
+    SUBSCRIBE to a channel new to it when the socket asks; history read
+    before Redis took it would miss what is published in between, which
+    reaches neither the history read nor the socket.
+    """
+
+    def replay(key: bytes, since: str | None) -> Deferred[Replay]:
+        wait = getattr(broker, "when_subscribed", None)
+        if wait is None or not broker.is_connected():
+            # down: the read fails now, as it always did, instead of waiting
+            return maybeDeferred(broker.replay, key, since, limit)
+        d: Deferred[Any] = wait(key)
+        d.addCallback(lambda _: broker.replay(key, since, limit))
+        return d
+
+    return replay
 
 
 @implementer(IBroker)

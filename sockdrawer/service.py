@@ -19,7 +19,7 @@ from ._channels import Namespace, validate_channel
 from .api import ApiResource, ApiSite, ConnectionLimit
 from .config import Settings, endpoint_string
 from .history import MemoryHistory
-from .hub import EmbeddedBroker, MemoryChannelHub
+from .hub import EmbeddedBroker, MemoryChannelHub, history_reader
 from .interfaces import IBroker, IChannelHub
 from .listeners import ListenerRegistry, redis_claim
 from .metrics import registry_for
@@ -267,7 +267,7 @@ class SockDrawerService(MultiService):
         if settings.history_size:
             limit = settings.history_size + 1
             broker = self.broker
-            self.factory.history = lambda key, since: broker.replay(key, since, limit)
+            self.factory.history = history_reader(broker, limit)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
             drain_window=settings.drain_window, close_code=settings.drain_close_code,

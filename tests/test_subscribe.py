@@ -623,3 +623,29 @@ def test_twistd_node_subscribes_by_channel(tmp_path: Any, redis_server: Any) -> 
             assert publisher.pub("nobody", "elsewhere") == 0
             assert ws.recv(timeout=5) == "hello"
         node.assert_no_traceback()
+
+
+@pytest_twisted.ensureDeferred
+async def test_v1_history_is_read_once_the_channel_is_subscribed(redis_server: Any, run_service: Any) -> None:
+    """With --subscribe channels and history, a sockdrawer.v1 subscription to a channel new to the node reads
+    the channel's history only once Redis confirmed the node's SUBSCRIBE to it (read earlier, a message
+    published in between would be in neither the history read nor the live messages); then it is live."""
+    svc = await run_service(redis=redis_server.url, name="resume", subscribe="channels", history_size=10)
+    await wait_for(svc.broker.is_connected)
+    link = svc.broker
+    reads: list[tuple[bytes, int, bool]] = []
+    replay = link.replay
+
+    def recording_replay(key: bytes, since: str | None, limit: int) -> Any:
+        held = link.subscriber.subscribed >= set(names(key, name=b"resume"))
+        reads.append((key, link.unconfirmed(), held))
+        return replay(key, since, limit)
+
+    link.replay = recording_replay
+    client = await connect(svc.ws_port, "/", subprotocols=["sockdrawer.v1"])
+    client.send_json({"op": "subscribe", "channel": "news"})
+    reply = await client.next_json()
+    assert reply["op"] == "subscribed" and reply["channel"] == "news"
+    assert reads == [(b"news", 0, True)]
+    await svc.publish("live", "news")
+    assert (await client.next_json())["data"] == "live"
