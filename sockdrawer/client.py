@@ -18,6 +18,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -63,6 +64,11 @@ class Client:
         Lua script appends and publishes), so ``sockdrawer.v1`` clients can
         resume; :meth:`pub` then returns the message's offset.
     :param history_ttl: the server's ``--history-ttl``.
+    :param cluster: seed nodes of a Redis Cluster (``redis://`` or
+        ``rediss://`` URLs, as the server's ``--redis-cluster``), instead of
+        ``url``: messages go out with ``SPUBLISH`` to the shard that owns the
+        channel (redis-py's :class:`~redis.cluster.RedisCluster` follows the
+        slot map).
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class Client:
         max_message_size: int = _DEFAULTS.max_publish_size,
         history_size: int = 0,
         history_ttl: float = _DEFAULTS.history_ttl,
+        cluster: Sequence[str] | None = None,
     ) -> None:
         self._namespace = Namespace(name)
         self._log = logger if logger is not None else logging.getLogger("sockdrawer.client")
@@ -91,6 +98,14 @@ class Client:
         self._http: str | None = None
         self._redis: _Publisher | None = None
         self._owns_redis = False
+        self._cluster = cluster is not None
+        if cluster is not None:
+            if url is not None or redis is not None:
+                raise ValueError("give one of url, redis and cluster")
+            self._redis = _cluster_client(cluster, timeout)
+            self._owns_redis = True
+            self.url = str(cluster[0])
+            return
         if redis is not None:
             if url is not None:
                 raise ValueError("give either url or redis, not both")
@@ -145,7 +160,10 @@ class Client:
         try:
             if self._history_size:
                 return self._pub_history(key, payload)
-            result = self._redis.publish(redis_channel, payload)
+            if self._cluster:
+                result = self._redis.spublish(redis_channel, payload)  # type: ignore[attr-defined]
+            else:
+                result = self._redis.publish(redis_channel, payload)
         except Exception as e:
             raise PublishError(f"could not publish on {self._where()}: {type(e).__name__}: {e}") from e
         return int(result) if result is not None else 0
@@ -174,6 +192,8 @@ class Client:
         if self._read_script is None:
             self._read_script = register(READ_SCRIPT)
         try:
+            if self._cluster:
+                from ._slots import presence_key as hash_key
             values = self._read_script(keys=[hash_key(self._namespace.name, key)], args=[])
         except Exception as e:
             raise PublishError(f"could not read presence on {self._where()}: {type(e).__name__}: {e}") from e
@@ -199,6 +219,9 @@ class Client:
     def _pub_history(self, key: bytes, payload: bytes) -> str:
         from .history import PUBLISH_SCRIPT, history_channel, redis_keys
 
+        if self._cluster:
+            from ._slots import SHARDED_PUBLISH_SCRIPT as PUBLISH_SCRIPT
+            from ._slots import history_keys as redis_keys
         if self._script is None:
             self._script = self._redis.register_script(PUBLISH_SCRIPT)  # type: ignore[union-attr]
         name = self._namespace.name
@@ -252,3 +275,34 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cluster_client(seeds: Sequence[str], timeout: float) -> Any:
+    """A redis-py :class:`~redis.cluster.RedisCluster` on ``seeds`` (password and TLS from the first)."""
+    if isinstance(seeds, str) or not seeds:
+        raise ValueError("cluster must be a list of seed node URLs, e.g. ['redis://10.0.0.1:7000']")
+    from redis.cluster import ClusterNode, RedisCluster
+
+    nodes = []
+    for seed in seeds:
+        parts = urlsplit(seed)
+        if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"cluster seed must be a redis:// or rediss:// URL with a host, not {seed!r}")
+        nodes.append(ClusterNode(parts.hostname, parts.port or 6379))
+    first = urlsplit(seeds[0])
+    options: dict[str, Any] = {}
+    if first.scheme.lower() == "rediss":
+        options["ssl"] = True
+        ca = [v for k, _, v in (p.partition("=") for p in first.query.split("&")) if k == "ssl_ca_certs"]
+        if ca:
+            options["ssl_ca_certs"] = ca[-1]
+    from urllib.parse import unquote
+
+    try:
+        # reads the slot map now
+        return RedisCluster(startup_nodes=nodes, username=unquote(first.username) if first.username else None,
+                            password=unquote(first.password) if first.password is not None else None,
+                            socket_timeout=timeout, socket_connect_timeout=timeout, **options)
+    except Exception as e:
+        where = ", ".join(f"{n.host}:{n.port}" for n in nodes)
+        raise PublishError(f"could not reach the Redis Cluster at {where}: {type(e).__name__}: {e}") from e

@@ -24,6 +24,7 @@ from .interfaces import IBroker, IChannelHub
 from .listeners import ListenerRegistry, redis_claim
 from .metrics import registry_for
 from .presence import MemoryPresence, RedisPresence
+from .rediscluster import ClusterLink
 from .redislink import RedisLink, RedisURL
 from .v1 import PresenceService
 from .websocket import SockDrawerServerFactory
@@ -248,6 +249,20 @@ class SockDrawerService(MultiService):
             self.broker = link
             store: MemoryPresence | RedisPresence = RedisPresence(link.eval, settings.name,
                                                                   settings.presence_timeout)
+        elif settings.redis_cluster:
+            cluster = ClusterLink(
+                [RedisURL.parse(seed) for seed in settings.redis_cluster],
+                self.namespace,
+                self.hub,
+                reactor=reactor,
+                timeout=settings.redis_timeout,
+                ping_interval=settings.redis_ping_interval,
+                retry_max_delay=settings.redis_retry_max,
+                max_message_size=settings.max_publish_size,
+            )
+            cluster.setServiceParent(self)
+            self.broker = cluster
+            store = cluster.presence_store(settings.presence_timeout)
         else:
             history = MemoryHistory(settings.history_size, settings.history_ttl) if settings.history_size else None
             self.broker = EmbeddedBroker(self.hub, history)
@@ -290,7 +305,7 @@ class SockDrawerService(MultiService):
     def startService(self) -> None:
         self.draining = False
         claim = None
-        if isinstance(self.broker, RedisLink) and self.listeners.has_once_handlers():
+        if isinstance(self.broker, (RedisLink, ClusterLink)) and self.listeners.has_once_handlers():
             # once handlers: the nodes race for each broker message in Redis
             claim = redis_claim(self.broker.execute, self.namespace.name, _node_name())
         self.listeners.attach(self.hub, self._listener_publish, claim)
@@ -399,6 +414,7 @@ class SockDrawerService(MultiService):
             "broker_connected": self.broker.is_connected(),
             "sockets": len(self.factory.connections),
             "channels": len(hub.channels()),
+            **({"shards": self.broker.shard_states()} if isinstance(self.broker, ClusterLink) else {}),
         }
 
 

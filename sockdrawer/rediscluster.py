@@ -1,0 +1,921 @@
+"""
+The Redis Cluster broker (``--redis-cluster``): Redis 7 sharded pub/sub.
+
+A sharded channel lives on the shard that owns its hash slot, and
+``SPUBLISH`` sends a message only to the nodes of that shard, so a cluster
+carries pub/sub traffic the way it carries keys: spread over its masters.
+Sharded pub/sub has no pattern form, so the link always subscribes per
+channel, following the hub (:class:`~sockdrawer.interfaces.IChannelObserver`).
+
+The pieces:
+
+- a *control* connection to any node (the seeds, then every node the
+  cluster reported), which reads the slot map (``CLUSTER SLOTS``);
+- per master, a :class:`ShardSubscriberProtocol` connection that
+  ``SSUBSCRIBE``\\ s the channels of its slots, and a command connection for
+  ``SPUBLISH``, history and the commands and scripts of presence and
+  ``@on(once=True)`` claims, each routed to the master of its first key;
+- every connection is kept by a :class:`~twisted.application.internet.ClientService`
+  with :class:`~sockdrawer.redislink.Backoff`, and pinged.
+
+When slots move (a failover, resharding), Redis tells the subscriber with a
+``sunsubscribe`` for each of their channels, a command gets ``MOVED``, or a
+master's connection drops: the link reads the slot map again (and again,
+backing off, until it changes or every master is back), connects to the new
+masters, moves each channel's subscription to its new owner, and then calls
+:meth:`~sockdrawer.interfaces.IChannelHub.broker_gap`, so that ``sockdrawer.v1``
+sockets catch up from history.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from time import perf_counter
+from typing import Any
+
+import txredisapi
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import _private, _slots, history
+from ._channels import Namespace
+from .interfaces import IBroker, IChannelHub, IChannelObserver
+from .presence import READ_SCRIPT, RedisPresence, channel_json, events_channel
+from .redislink import HIREDIS, MAX_CHANNELS_PER_COMMAND, Backoff, RedisURL, _replay_result
+from .stats import Histogram
+
+_log = Logger(namespace="sockdrawer.redis")
+
+Address = tuple[str, int]
+
+#: slot map reads that may find the map unchanged after Redis dropped
+#: channels, before the link takes the map as it is
+_STALE_READS = 8
+
+
+def _resp(*parts: bytes) -> bytes:
+    """One Redis command in RESP, an array of bulk strings."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+def _key_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return str(value).encode("ascii")
+
+
+def parse_slots(reply: Any) -> list[tuple[int, int, str, int]]:
+    """
+    ``(first slot, last slot, master host, master port)`` from a ``CLUSTER
+    SLOTS`` reply (an empty host, which Redis 7 sends for a node it knows no
+    address of, is kept empty).
+
+    :raises ValueError: for a reply of another shape.
+    """
+    if not isinstance(reply, list):
+        raise ValueError(f"CLUSTER SLOTS answered {type(reply).__name__}")
+    ranges = []
+    for entry in reply:
+        if not isinstance(entry, list) or len(entry) < 3 or not isinstance(entry[2], list) or len(entry[2]) < 2:
+            raise ValueError("CLUSTER SLOTS entry is not [start, end, [host, port, ...], ...]")
+        host = entry[2][0]
+        host = host.decode("utf-8", "replace") if isinstance(host, bytes) else str(host)
+        ranges.append((int(entry[0]), int(entry[1]), host, int(entry[2][1])))
+    return ranges
+
+
+class _Command:
+    """An SSUBSCRIBE or SUNSUBSCRIBE sent, whose replies (one per channel) are still coming."""
+
+    __slots__ = ("kind", "names", "replied", "initial")
+
+    def __init__(self, kind: bytes, names: list[bytes], initial: bool) -> None:
+        self.kind = kind
+        self.names = names
+        self.replied = 0
+        self.initial = initial
+
+
+class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """
+    The subscriber connection to one master: ``SSUBSCRIBE``\\ s the channels
+    the link gives it, hands ``smessage``\\ s to the hub.
+
+    Its commands are written as they are (one per slot: Redis refuses a
+    sharded command whose channels are in different slots) and their replies
+    matched here, command by command, out of txredisapi's reply queue.  A
+    ``sunsubscribe`` that answers no SUNSUBSCRIBE of ours is Redis dropping
+    the channel because its slot moved away: the link is told.  Like
+    :class:`~sockdrawer.redislink.RedisSubscriberProtocol`, everything parsed
+    from one read is delivered inside one hub hold.
+    """
+
+    link: ClusterLink
+    shard: _Shard
+    hub: IChannelHub
+    namespace: Namespace
+    max_message_size: int = 0
+    #: Redis channel names whose last command on this connection was
+    #: SSUBSCRIBE; messages on others are for channels just left, dropped
+    subscribed: set[bytes]
+    #: the subscription count Redis last reported on this connection
+    count = 0
+    #: whether the first SSUBSCRIBE (everything of this shard) was confirmed
+    ready = False
+
+    def connectionMade(self) -> Any:
+        self.subscribed = set()
+        self._pending: deque[_Command] = deque()
+        d = super().connectionMade()
+        # a connection lost before it was ready (AUTH refused) fails this
+        # Deferred: the factory has logged why already
+        ready: Deferred[Any] = self.whenConnected()
+        ready.addCallbacks(lambda _: self.link._sub_connected(self), lambda f: None)
+        ready.addErrback(lambda f: _log.failure("subscribing on {node} failed", f, node=self.shard.node))
+        return d
+
+    def subscribe_all(self, names: list[bytes]) -> None:
+        """SSUBSCRIBE to ``names``, everything this connection is to carry; ready once all are confirmed."""
+        if not self._send(b"SSUBSCRIBE", names, initial=True):
+            self._all_subscribed()
+
+    def ssubscribe(self, names: Iterable[bytes]) -> None:
+        self._send(b"SSUBSCRIBE", names)
+
+    def sunsubscribe(self, names: Iterable[bytes]) -> None:
+        self._send(b"SUNSUBSCRIBE", names)
+
+    def unconfirmed(self) -> int:
+        """Channel names sent in commands that Redis has not answered yet."""
+        return sum(len(c.names) - c.replied for c in self._pending)
+
+    def _send(self, kind: bytes, names: Iterable[bytes], initial: bool = False) -> int:
+        by_slot: dict[int, list[bytes]] = {}
+        for name in names:
+            by_slot.setdefault(_slots.slot(name), []).append(name)
+        if not by_slot or self.transport is None:
+            return 0
+        subscribing = kind == b"SSUBSCRIBE"
+        out = []
+        sent = 0
+        for group in by_slot.values():
+            for start in range(0, len(group), MAX_CHANNELS_PER_COMMAND):
+                chunk = group[start:start + MAX_CHANNELS_PER_COMMAND]
+                out.append(_resp(kind, *chunk))
+                self._pending.append(_Command(kind, chunk, initial))
+                sent += len(chunk)
+                if subscribing:
+                    self.subscribed.update(chunk)
+                    self.link.subscribe_commands += 1
+                else:
+                    self.subscribed.difference_update(chunk)
+                    self.link.unsubscribe_commands += 1
+        # every command of this turn for this shard in one write
+        self.transport.write(b"".join(out))
+        return sent
+
+    def replyReceived(self, reply: Any) -> None:
+        if type(reply) is list and len(reply) == 3:
+            kind = reply[0]
+            if kind == b"ssubscribe" or kind == b"sunsubscribe":
+                self._confirmation(kind, reply[1], reply[2])
+                return
+            if kind == b"smessage":
+                self._message(reply[1], reply[2])
+                return
+        elif isinstance(reply, Exception) and self._pending:
+            self._refused(self._pending.popleft(), reply)
+            return
+        super().replyReceived(reply)
+
+    def _confirmation(self, kind: bytes, name: bytes, count: Any) -> None:
+        if isinstance(count, int):
+            self.count = count
+        head = self._pending[0] if self._pending else None
+        expected = head.kind.lower() == kind and head.names[head.replied] == name if head is not None else False
+        if not expected:
+            if kind == b"sunsubscribe" and name in self.subscribed:
+                # Redis dropped it: its slot is no longer served here
+                self.subscribed.discard(name)
+                self.link._dropped_by_redis(self, name)
+            return
+        assert head is not None
+        head.replied += 1
+        if head.replied == len(head.names):
+            self._pending.popleft()
+            if head.initial and not any(c.initial for c in self._pending):
+                self._all_subscribed()
+        self.link._confirmed()
+
+    def _refused(self, command: _Command, error: Exception) -> None:
+        # one error answers the whole command (MOVED: our slot map is old)
+        if command.kind == b"SSUBSCRIBE":
+            self.subscribed.difference_update(command.names)
+        self.link._refused(self, command.kind, command.names, error)
+        if command.initial and not any(c.initial for c in self._pending):
+            self._all_subscribed()
+        self.link._confirmed()
+
+    def _all_subscribed(self) -> None:
+        if not self.ready:
+            self.ready = True
+            self.link._sub_ready(self)
+
+    def _message(self, channel: bytes, message: bytes) -> None:
+        # the pure-Python parser's way in, and anything hiredis left to
+        # dispatch_reply (nothing, in practice)
+        self._deliver(channel, message)
+
+    def _deliver(self, channel: bytes, message: bytes) -> bool:
+        link = self.link
+        if channel not in self.subscribed:
+            link.stale_messages += 1
+            return False
+        namespace = self.namespace
+        offset: str | None = None
+        if channel.startswith(namespace.prefix):
+            key = channel[len(namespace.prefix):]
+        elif channel.startswith(namespace.history_prefix):
+            key = channel[len(namespace.history_prefix):]
+            raw_offset, _, message = message.partition(b"\n")
+            offset = raw_offset.decode("ascii", "replace")
+        else:
+            return False
+        if self.max_message_size and len(message) > self.max_message_size:
+            _log.warn("dropped a {size}-byte message on {channel!r}: over the limit of {limit} bytes",
+                      size=len(message), channel=key, limit=self.max_message_size)
+            return False
+        self.hub.deliver(key, message, offset)
+        link.messages += 1
+        return True
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        started = perf_counter()
+        hub = self.hub
+        hub.hold()
+        try:
+            if HIREDIS:
+                self._parse(data)
+            else:
+                super().dataReceived(data, unpause)
+        finally:
+            hub.release()
+            self.link.fanout_latency.observe(perf_counter() - started)
+
+    def _parse(self, data: bytes) -> None:
+        # HiredisProtocol.dataReceived with a short path for smessages, as
+        # RedisSubscriberProtocol._parse has for messages and pmessages
+        reader = _private.hiredis_reader(self)
+        if data:
+            reader.feed(data)
+        deliver = self._deliver
+        reply = reader.gets()
+        while reply is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"smessage":
+                deliver(reply[1], reply[2])
+            else:
+                _private.dispatch_reply(self, reply)
+            reply = reader.gets()
+
+    def connectionLost(self, why: Failure = connectionDone) -> None:
+        super().connectionLost(why)
+        self.link._sub_lost(self, why)
+
+
+class _FactoryMixin(_private.ConnectionPoolBypass):
+    url: RedisURL
+
+    def connectionError(self, why: str) -> None:
+        # txredisapi reports AUTH failures here; the connection is then
+        # closed and ClientService retries with backoff
+        _log.error("Redis Cluster node {url}: {why}", url=str(self.url), why=why)
+
+
+def _configure(factory: Any, url: RedisURL, timeout: float) -> None:
+    factory.noisy = False
+    factory.charset = None
+    factory.convertNumbers = False
+    factory.password = url.password
+    factory.username = url.username
+    factory.replyTimeout = timeout
+    factory.url = url
+    # the first AUTH failure is reported through this Deferred too
+    factory.deferred.addErrback(lambda f: None)
+
+
+class _ShardSubscriberFactory(_FactoryMixin, txredisapi.SubscriberFactory):  # type: ignore[misc]
+    protocol = ShardSubscriberProtocol
+
+    def __init__(self, link: ClusterLink, shard: _Shard) -> None:
+        super().__init__()
+        self.link = link
+        self.shard = shard
+        _configure(self, shard.url, link.timeout)
+
+    def buildProtocol(self, addr: Any) -> ShardSubscriberProtocol:
+        p: ShardSubscriberProtocol = super().buildProtocol(addr)
+        p.link = self.link
+        p.shard = self.shard
+        p.hub = self.link.hub
+        p.namespace = self.link.namespace
+        p.max_message_size = self.link.max_message_size
+        return p
+
+
+class _CommandFactory(_FactoryMixin, txredisapi.RedisFactory):  # type: ignore[misc]
+    def __init__(self, url: RedisURL, timeout: float, backoff: Backoff | None) -> None:
+        super().__init__(None, None, 1)
+        self.backoff = backoff
+        _configure(self, url, timeout)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        p = super().buildProtocol(addr)
+        backoff = self.backoff
+        if backoff is not None:
+            # ready means AUTH passed: only then does the backoff start over
+            p.whenConnected().addCallback(lambda _: backoff.reset()).addErrback(lambda f: None)
+        return p
+
+
+@implementer(IStreamClientEndpoint)
+class _AnyNodeEndpoint:
+    """Connects to the next of the link's known nodes at each attempt (the control connection)."""
+
+    def __init__(self, link: ClusterLink) -> None:
+        self._link = link
+        self._next = 0
+        #: the address of the last attempt
+        self.address: Address | None = None
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        candidates = self._link._candidates()
+        address = candidates[self._next % len(candidates)]
+        self._next += 1
+        self.address = address
+        url = self._link._node_url(address)
+        # the factory reads the password of the seed; every node has the same
+        d: Deferred[Any] = url.endpoint(self._link._reactor, self._link.timeout).connect(factory)
+        return d
+
+
+class _Shard(MultiService):
+    """One master: its subscriber connection and its command connection."""
+
+    def __init__(self, link: ClusterLink, address: Address) -> None:
+        super().__init__()
+        self.address = address
+        self.node = f"{address[0]}:{address[1]}"
+        self.url = link._node_url(address)
+        endpoint = self.url.endpoint(link._reactor, link.timeout)
+        self.sub_backoff = Backoff(maximum=link.retry_max_delay)
+        self.pub_backoff = Backoff(maximum=link.retry_max_delay)
+        self.sub = ClientService(endpoint, _ShardSubscriberFactory(link, self), retryPolicy=self.sub_backoff,
+                                 clock=link._reactor)
+        self.sub.setServiceParent(self)
+        self.pub = ClientService(endpoint, _CommandFactory(self.url, link.timeout, self.pub_backoff),
+                                 retryPolicy=self.pub_backoff, clock=link._reactor)
+        self.pub.setServiceParent(self)
+        #: the subscriber connection, once past AUTH (its channels sent)
+        self.following: ShardSubscriberProtocol | None = None
+        #: no longer a master in the slot map: stopping
+        self.retired = False
+
+    def __repr__(self) -> str:
+        return f"<shard {self.node}>"
+
+
+@implementer(IBroker, IChannelObserver)
+class ClusterLink(MultiService):
+    """
+    The Redis Cluster broker: subscribes each hub channel (its raw Redis
+    channel ``<name>/<channel>`` and its history channel ``<name>#/<channel>``)
+    with ``SSUBSCRIBE`` on the master that owns its slot, and publishes with
+    ``SPUBLISH`` there.
+
+    The changes of one reactor turn go out as one write per master (one
+    command per slot); a new connection subscribes to everything of its
+    slots again.  The link is connected (:meth:`is_connected`) while the
+    slot map covers every slot and every master's subscription is
+    confirmed.
+
+    History (``--history-size``) works: the stream and epoch keys get the
+    hash tag of the history channel (:func:`sockdrawer._slots.history_keys`),
+    and the script ``SPUBLISH``\\ es.
+
+    :param seeds: cluster nodes to read the slot map from first (their
+        scheme, password and ``ssl_ca_certs`` are used for every node).
+    :param namespace: the channel namespace.
+    :param hub: where messages go.
+    :param reactor: the reactor; the global one when ``None``.
+    :param timeout: seconds to connect, and to wait for any reply.
+    :param ping_interval: seconds between liveness PINGs (and slot map reads).
+    :param retry_max_delay: the longest wait between reconnection attempts
+        and between slot map reads while a master is missing.
+    :param max_message_size: messages larger than this are dropped (logged).
+    :raises ValueError: without seeds, or for a ``unix://`` seed.
+    """
+
+    def __init__(
+        self,
+        seeds: Sequence[RedisURL],
+        namespace: Namespace,
+        hub: IChannelHub,
+        reactor: Any = None,
+        timeout: float = 5.0,
+        ping_interval: float = 30.0,
+        retry_max_delay: float = 30.0,
+        max_message_size: int = 1024 * 1024,
+    ) -> None:
+        super().__init__()
+        if not seeds:
+            raise ValueError("a Redis Cluster needs at least one seed node")
+        for seed in seeds:
+            if seed.scheme == "unix":
+                raise ValueError("Redis Cluster seed nodes are host:port URLs, not Unix sockets")
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self.seeds = tuple(seeds)
+        self.namespace = namespace
+        self.hub = hub
+        self.timeout = timeout
+        self.retry_max_delay = retry_max_delay
+        self.max_message_size = max_message_size
+        self.description = "Redis Cluster " + ",".join(f"{u.scheme}://{u.host}:{u.port}" for u in self.seeds)
+        #: master address -> shard, for the masters of the current slot map
+        self.shards: dict[Address, _Shard] = {}
+        #: every node (masters and replicas) of the last slot map
+        self._nodes: list[Address] = []
+        self._slots: list[_Shard | None] | None = None
+        self._control_endpoint = _AnyNodeEndpoint(self)
+        self._control_backoff = Backoff(maximum=retry_max_delay)
+        self._control = ClientService(self._control_endpoint,
+                                      _CommandFactory(self.seeds[0], timeout, self._control_backoff),
+                                      retryPolicy=self._control_backoff, clock=reactor)
+        self._control.setServiceParent(self)
+        #: how long to wait before reading the slot map again while it is not settled
+        self._refresh_backoff = Backoff(initial=0.25, maximum=retry_max_delay)
+        self._refresh_call: Any = None
+        self._refreshing = False
+        self._refresh_again = False
+        self._refresh_waiters: list[Deferred[None]] = []
+        #: channels Redis dropped (their slot moved) since the last slot map read
+        self._moved = False
+        self._unchanged_reads = 0
+        #: channels opened or closed this turn, in order
+        self._changed: dict[bytes, None] = {}
+        self._update: Any = None
+        #: connected once, so a later loss of any subscription is a gap
+        self._up_once = False
+        self._gap = False
+        self._ping = LoopingCall(self._tick)
+        self._ping.clock = reactor
+        self._ping_interval = ping_interval
+        #: messages received from Redis for this node's channels
+        self.messages = 0
+        #: times the subscriptions were whole again after some were lost
+        self.reconnects = 0
+        #: slot map reads that changed the map
+        self.map_changes = 0
+        #: seconds from reading a batch off Redis to its last socket write
+        self.fanout_latency = Histogram()
+        #: SSUBSCRIBE and SUNSUBSCRIBE commands sent
+        self.subscribe_commands = 0
+        self.unsubscribe_commands = 0
+        #: messages that came for channels just unsubscribed, dropped
+        self.stale_messages = 0
+
+    # -- service
+
+    def startService(self) -> None:
+        _log.info("connecting to {description}", description=self.description)
+        self.hub.watch(self)
+        super().startService()
+        self._schedule_refresh(0)
+        if self._ping_interval > 0:
+            self._ping.start(self._ping_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        if self._ping.running:
+            self._ping.stop()
+        self.hub.unwatch(self)
+        for call in (self._update, self._refresh_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._update = self._refresh_call = None
+        self._changed.clear()
+        d: Deferred[None] = super().stopService()
+        return d
+
+    # -- IBroker
+
+    def is_connected(self) -> bool:
+        slots = self._slots
+        if slots is None or not self.shards:
+            return False
+        for shard in self.shards.values():
+            following = shard.following
+            if following is None or not following.ready:
+                return False
+        return True
+
+    @property
+    def subscriptions(self) -> int:
+        """Sharded channels the node holds, as each master last counted them (two per channel)."""
+        return sum(s.following.count for s in self.shards.values() if s.following is not None)
+
+    def shard_states(self) -> dict[str, bool]:
+        """``{"host:port": subscribed}`` for each master of the slot map (for ``/health``)."""
+        return {s.node: s.following is not None and s.following.ready for s in self.shards.values()}
+
+    def unconfirmed(self) -> int:
+        """Channels sent in SSUBSCRIBE or SUNSUBSCRIBE commands not answered yet, or still to send."""
+        return len(self._changed) + sum(s.following.unconfirmed() for s in self.shards.values()
+                                        if s.following is not None)
+
+    def publish(self, key: bytes, message: bytes) -> Deferred[int]:
+        """``SPUBLISH`` on the master of the channel's slot; fires with the count it reports."""
+        channel = self.namespace.redis_channel(key)
+        return self._route(channel, lambda p: p.execute_command("SPUBLISH", channel, message))
+
+    def publish_history(self, key: bytes, message: bytes, size: int, ttl: float) -> Deferred[str]:
+        """
+        Append ``message`` to ``key``'s history stream and ``SPUBLISH`` it with
+        its offset, in one script on the master of the history channel's
+        slot; fires with the offset.
+        """
+        stream, epoch = _slots.history_keys(self.namespace.name, key)
+        channel = history.history_channel(self.namespace.name, key)
+        d = self.eval(_slots.SHARDED_PUBLISH_SCRIPT, [stream, epoch], [channel, message, size, max(1, int(ttl))])
+        d.addCallback(lambda offset: offset.decode("ascii") if isinstance(offset, bytes) else str(offset))
+        return d
+
+    def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[history.Replay]:
+        """As :meth:`sockdrawer.redislink.RedisLink.replay`, on the cluster's history keys."""
+        stream, epoch_key = _slots.history_keys(self.namespace.name, key)
+        after = ""
+        wanted_epoch: str | None = None
+        if since is not None:
+            try:
+                wanted_epoch, after = history.split_offset(since)
+                history.stream_id(after)
+            except history.HistoryReset as e:
+                return fail(e)
+        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key], [after, limit])
+        d.addCallback(_replay_result, since, wanted_epoch, after, limit)
+        return d
+
+    def execute(self, command: str, *args: Any) -> Deferred[Any]:
+        """
+        Run one Redis command on the master of its first argument's slot (the
+        key, for the commands sockdrawer runs: ``SET``, ``GET``, ...); fails
+        after ``timeout`` seconds, or at once while that master is down.
+        """
+        routing = _key_bytes(args[0]) if args else b""
+        return self._route(routing, lambda p: p.execute_command(command, *args))
+
+    def eval(self, script: str, keys: list[Any], args: list[Any]) -> Deferred[Any]:
+        """Run a Lua ``script`` on the master of its first key's slot (all keys must share it)."""
+        routing = _key_bytes(keys[0]) if keys else b""
+        return self._route(routing, lambda p: p.eval(script, keys, args))
+
+    def presence_store(self, timeout: float) -> ShardedPresence:
+        """The presence store of ``sockdrawer.v1`` subscriptions on this cluster."""
+        return ShardedPresence(self.eval, self.namespace.name, timeout)
+
+    def _route(self, routing: bytes, run: Callable[[Any], Any], retried: bool = False) -> Deferred[Any]:
+        slots = self._slots
+        shard = slots[_slots.slot(routing)] if slots is not None else None
+        if shard is None:
+            return fail(ConnectionError("no Redis Cluster master for that slot (slot map not read yet, "
+                                        "or the cluster does not cover it)"))
+        d: Deferred[Any] = shard.pub.whenConnected(failAfterFailures=1)
+        d.addCallback(lambda p: p.whenConnected())
+        d.addCallback(run)
+        if not retried:
+            d.addErrback(self._moved_retry, routing, run)
+            d.addTimeout(self.timeout, self._clock)
+        return d
+
+    def _moved_retry(self, failure: Failure, routing: bytes, run: Callable[[Any], Any]) -> Any:
+        text = str(failure.value)
+        if not (failure.check(txredisapi.ResponseError) and text.startswith(("MOVED ", "ASK "))):
+            return failure
+        # the slot map is old: read it again, then try once more
+        _log.info("Redis Cluster answered {answer}: reading the slot map again", answer=text.split(" ", 1)[0])
+        d = self.refresh()
+        d.addCallback(lambda _: self._route(routing, run, retried=True))
+        return d
+
+    # -- IChannelObserver
+
+    def channel_opened(self, key: bytes) -> None:
+        self._change(key)
+
+    def channel_closed(self, key: bytes) -> None:
+        self._change(key)
+
+    def _change(self, key: bytes) -> None:
+        self._changed[key] = None
+        if self._update is None:
+            # every change of this reactor turn in one write per master
+            self._update = self._clock.callLater(0, self._send_changes)
+
+    def _send_changes(self) -> None:
+        self._update = None
+        changed, self._changed = self._changed, {}
+        self._sync(changed)
+
+    def _names(self, key: bytes) -> tuple[bytes, bytes]:
+        namespace = self.namespace
+        return namespace.prefix + key, namespace.history_prefix + key
+
+    def _key(self, name: bytes) -> bytes | None:
+        namespace = self.namespace
+        if name.startswith(namespace.prefix):
+            return name[len(namespace.prefix):]
+        if name.startswith(namespace.history_prefix):
+            return name[len(namespace.history_prefix):]
+        return None
+
+    def _owner(self, name: bytes) -> _Shard | None:
+        slots = self._slots
+        return slots[_slots.slot(name)] if slots is not None else None
+
+    def _sync(self, keys: Iterable[bytes]) -> None:
+        """
+        Make each connected master's subscriptions to the channels of
+        ``keys`` what they should be: held by the owner of their slot while
+        the hub has sinks, by nobody otherwise.
+        """
+        following = [s.following for s in self.shards.values() if s.following is not None]
+        if not following:
+            return
+        has_sinks = self.hub.subscribers
+        adds: dict[ShardSubscriberProtocol, list[bytes]] = {}
+        removes: dict[ShardSubscriberProtocol, list[bytes]] = {}
+        for key in keys:
+            wanted = bool(has_sinks(key))
+            for name in self._names(key):
+                owner = self._owner(name) if wanted else None
+                for p in following:
+                    held = name in p.subscribed
+                    should = p.shard is owner
+                    if should and not held:
+                        adds.setdefault(p, []).append(name)
+                    elif held and not should:
+                        removes.setdefault(p, []).append(name)
+        for p, names in removes.items():
+            p.sunsubscribe(names)
+        for p, names in adds.items():
+            p.ssubscribe(names)
+
+    def _resync(self) -> None:
+        """:meth:`_sync` for every channel the hub has or a master holds (after the slot map changed)."""
+        keys: dict[bytes, None] = dict.fromkeys(self.hub.channels())
+        for shard in self.shards.values():
+            if shard.following is not None:
+                for name in shard.following.subscribed:
+                    key = self._key(name)
+                    if key is not None:
+                        keys[key] = None
+        self._sync(keys)
+
+    # -- subscriber connections, called by the protocol
+
+    def _sub_connected(self, p: ShardSubscriberProtocol) -> None:
+        shard = p.shard
+        if shard.retired or self.shards.get(shard.address) is not shard:
+            p.transport.loseConnection()
+            return
+        shard.following = p
+        names = [name for key in self.hub.channels() for name in self._names(key) if self._owner(name) is shard]
+        p.subscribe_all(names)
+
+    def _sub_ready(self, p: ShardSubscriberProtocol) -> None:
+        shard = p.shard
+        shard.sub_backoff.reset()
+        _log.info("subscribed to {count} sharded channel(s) on Redis Cluster master {node}",
+                  count=len(p.subscribed), node=shard.node)
+        self._check_whole()
+
+    def _confirmed(self) -> None:
+        if self._gap or not self._up_once:
+            self._check_whole()
+
+    def _check_whole(self) -> None:
+        # whole: every master subscribed, nothing unconfirmed, the map settled
+        if not self.is_connected() or self.unconfirmed() or self._moved or self._refreshing:
+            return
+        if not self._up_once:
+            self._up_once = True
+            _log.info("subscribed on every master of {description} ({count})", description=self.description,
+                      count=len(self.shards))
+            return
+        if self._gap:
+            self._gap = False
+            self.reconnects += 1
+            _log.info("every channel is subscribed again on {description}; sockets catch up from history",
+                      description=self.description)
+            # messages published while some channels were not subscribed never reached us
+            self.hub.broker_gap()
+
+    def _sub_lost(self, p: ShardSubscriberProtocol, why: Failure) -> None:
+        shard = p.shard
+        if shard.following is not p:
+            return
+        shard.following = None
+        if not self.running or shard.retired:
+            return
+        if self._up_once:
+            self._gap = True
+        _log.warn("lost the Redis Cluster master {node} ({reason}); reading the slot map again",
+                  node=shard.node, reason=why.getErrorMessage())
+        self._schedule_refresh(0)
+
+    def _dropped_by_redis(self, p: ShardSubscriberProtocol, name: bytes) -> None:
+        # a failover or resharding moved the slot away (one call per channel)
+        if self._up_once:
+            self._gap = True
+        if not self._moved:
+            _log.info("Redis Cluster master {node} dropped sharded channels (their slot moved); reading the "
+                      "slot map again", node=p.shard.node)
+        self._moved = True
+        self._schedule_refresh(0)
+
+    def _refused(self, p: ShardSubscriberProtocol, kind: bytes, names: list[bytes], error: Exception) -> None:
+        _log.warn("Redis Cluster master {node} refused {command} of {count} channel(s): {error}",
+                  node=p.shard.node, command=kind.decode(), count=len(names), error=str(error))
+        if kind == b"SSUBSCRIBE":
+            if self._up_once:
+                self._gap = True
+            self._moved = True
+            self._schedule_refresh(0)
+
+    # -- the slot map
+
+    def _node_url(self, address: Address) -> RedisURL:
+        return replace(self.seeds[0], host=address[0], port=address[1])
+
+    def _candidates(self) -> list[Address]:
+        """Where the control connection may go: the nodes of the last slot map, then the seeds."""
+        seen: dict[Address, None] = dict.fromkeys(self._nodes)
+        for seed in self.seeds:
+            seen[(seed.host, seed.port)] = None
+        return list(seen)
+
+    def refresh(self) -> Deferred[None]:
+        """Read the slot map again now; fires once a read has finished (whatever it found)."""
+        d: Deferred[None] = Deferred()
+        self._refresh_waiters.append(d)
+        self._schedule_refresh(0)
+        return d
+
+    def _schedule_refresh(self, delay: float) -> None:
+        if not self.running:
+            return
+        if self._refreshing:
+            self._refresh_again = True
+            return
+        call = self._refresh_call
+        if call is not None and call.active():
+            if delay == 0:
+                call.reset(0)
+            return
+        self._refresh_call = self._clock.callLater(delay, self._read_slots)
+
+    def _read_slots(self) -> None:
+        self._refresh_call = None
+        self._refreshing = True
+        self._refresh_again = False
+        # channels Redis dropped before this read: the map it returns should differ
+        moved, self._moved = self._moved, False
+        d: Deferred[Any] = self._control.whenConnected(failAfterFailures=1)
+        d.addCallback(lambda p: p.whenConnected())
+        d.addCallback(lambda p: p.execute_command("CLUSTER", "SLOTS"))
+        d.addTimeout(self.timeout, self._clock)
+        d.addCallbacks(self._slots_read, self._slots_failed, callbackArgs=(moved,))
+        d.addErrback(lambda f: _log.failure("reading the Redis Cluster slot map failed", f))
+        d.addBoth(self._refreshed)
+
+    def _address(self, host: Any, port: Any) -> Address:
+        text = host.decode("utf-8", "replace") if isinstance(host, bytes) else str(host)
+        if not text or text == "?":
+            # Redis knows no address to give: the one the control connection used
+            text = self._control_endpoint.address[0] if self._control_endpoint.address else self.seeds[0].host
+        return text, int(port)
+
+    def _slots_read(self, reply: Any, moved: bool) -> None:
+        ranges = [(first, last, self._address(host, port)) for first, last, host, port in parse_slots(reply)]
+        masters = dict.fromkeys(address for _, _, address in ranges)
+        nodes = dict.fromkeys(self._address(node[0], node[1]) for entry in reply for node in entry[2:])
+        for address in list(self.shards):
+            if address not in masters:
+                shard = self.shards.pop(address)
+                shard.retired = True
+                shard.following = None
+                shard.disownServiceParent()
+        new = []
+        for address in masters:
+            if address not in self.shards:
+                shard = self.shards[address] = _Shard(self, address)
+                new.append(shard)
+                shard.setServiceParent(self)
+        table: list[_Shard | None] = [None] * _slots.SLOTS
+        for first, last, address in ranges:
+            table[first:last + 1] = [self.shards[address]] * (last + 1 - first)
+        old = self._slots
+        changed = old is None or any(a is not b for a, b in zip(old, table, strict=True))
+        self._nodes = list(nodes)
+        self._slots = table
+        covered = _slots.SLOTS - table.count(None)
+        if changed:
+            self.map_changes += 1
+            self._unchanged_reads = 0
+            if old is not None and self._up_once:
+                # subscriptions move to new owners: messages may fall in between
+                self._gap = True
+            _log.info("Redis Cluster slot map: {count} master(s) ({masters}), {covered} of {total} slots covered",
+                      count=len(self.shards), masters=", ".join(s.node for s in self.shards.values()),
+                      covered=covered, total=_slots.SLOTS)
+        else:
+            self._unchanged_reads += 1
+        self._resync()
+        down = any(s.following is None and s not in new for s in self.shards.values())
+        stale = moved and not changed and self._unchanged_reads <= _STALE_READS
+        if covered == _slots.SLOTS and not down and not stale:
+            self._refresh_backoff.reset()
+            return
+        # a master is down (its replica not promoted yet), slots are not
+        # covered, or Redis dropped channels and this node's map has not
+        # changed yet: read it again soon
+        self._moved = self._moved or stale
+        self._refresh_again = True
+
+    def _slots_failed(self, failure: Failure) -> None:
+        _log.warn("cannot read the Redis Cluster slot map from {node}: {error}",
+                  node=":".join(map(str, self._control_endpoint.address or ("?",))),
+                  error=failure.getErrorMessage() or type(failure.value).__name__)
+        self._refresh_again = True
+
+    def _refreshed(self, _: object) -> None:
+        self._refreshing = False
+        waiters, self._refresh_waiters = self._refresh_waiters, []
+        for w in waiters:
+            w.callback(None)
+        if self._refresh_again:
+            self._refresh_again = False
+            self._schedule_refresh(self._refresh_backoff())
+        self._check_whole()
+
+    # -- liveness
+
+    def _tick(self) -> None:
+        services = [self._control] + [c for s in self.shards.values() for c in (s.sub, s.pub)]
+        for service in services:
+            d = service.whenConnected(failAfterFailures=1)
+            d.addCallback(_ping)
+            # a timed-out PING aborts the connection (txredisapi), which
+            # makes ClientService reconnect; nothing else to do here
+            d.addErrback(lambda f: None)
+        # slots may move without any of our channels in them
+        self._schedule_refresh(0)
+
+
+class ShardedPresence(RedisPresence):
+    """
+    :class:`~sockdrawer.presence.RedisPresence` on a cluster: a channel's
+    hash is :func:`sockdrawer._slots.presence_key`, in the slot of its events
+    channel, and the scripts ``SPUBLISH`` the events there.
+    """
+
+    def __init__(self, eval: Callable[[str, list[Any], list[Any]], Any], namespace: str, timeout: float) -> None:
+        super().__init__(lambda script, keys, args: eval(_slots.sharded_script(script), keys, args),
+                         namespace, timeout)
+
+    def _head(self, key: bytes) -> tuple[list[Any], list[Any]]:
+        return [_slots.presence_key(self._name, key)], [events_channel(self._name, key), channel_json(key)]
+
+    def read(self, key: bytes) -> Any:
+        """Fires with every live entry of ``key``, as JSON objects."""
+        return self._eval(READ_SCRIPT, [_slots.presence_key(self._name, key)], [])
+
+
+def _ping(protocol: Any) -> Any:
+    return protocol.ping() if protocol.connected else None
+
+

@@ -1,0 +1,541 @@
+"""
+Redis Cluster (``--redis-cluster``): sharded pub/sub on a real local cluster.
+
+The module's fixture starts six ``redis-server --cluster-enabled yes``
+processes (three masters, three replicas) and joins them with ``redis-cli
+--cluster create``, once for the module.  Unit tests drive the shard
+subscriber protocol with a StringTransport and a fake reactor; the
+integration tests use the cluster and real WebSocket clients (``websockets``
+with its default settings, and the tests' own ``wsclient``, also built on
+``websockets``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import redis as redis_py
+from childnode import ChildNode
+from conftest import INSTALL_HINT, wait_for
+from twisted.internet.threads import deferToThread
+from websockets.sync.client import connect as ws_connect
+from wsclient import connect
+
+from sockdrawer import Client, _slots
+from sockdrawer.presence import events_channel
+
+# -- the cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LocalCluster:
+    """Six redis-server processes in cluster mode on free ports: three masters, one replica each."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None or shutil.which("redis-cli") is None:
+            pytest.fail(INSTALL_HINT, pytrace=False)
+        self.binary = binary
+        self.dir = Path(tempfile.mkdtemp(prefix="sockdrawer-cluster-"))
+        self.ports: list[int] = []
+        self.bus: dict[int, int] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        while len(self.ports) < 6:
+            port, bus = _free_port(), _free_port()
+            if port != bus and port not in self.ports and port not in self.bus.values():
+                self.ports.append(port)
+                self.bus[port] = bus
+        for port in self.ports:
+            self.start_node(port)
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "1", "--cluster-yes"], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.wait_healthy()
+
+    def start_node(self, port: int) -> None:
+        """Start (or restart, with its nodes.conf) the node on ``port``; return once it accepts connections."""
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-port", str(self.bus[port]), "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "1000", "--appendonly", "no", "--save", "", "--dir", str(node_dir),
+             "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._until(lambda: self._accepts(port), f"redis-server on {port} did not start")
+
+    def _accepts(self, port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _until(predicate: Any, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(what)
+            time.sleep(0.02)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every live node reports cluster_state:ok, agrees on the masters, and every replica is in sync."""
+        def healthy() -> bool:
+            try:
+                views = set()
+                for port in self.live():
+                    with self.client(port) as r:
+                        if b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
+                            return False
+                        info = r.info("replication")
+                        if info["role"] == "slave" and info.get("master_link_status") != "up":
+                            return False
+                        views.add(tuple(sorted(self._masters(r))))
+                return len(views) == 1
+            except (redis_py.RedisError, OSError):
+                return False
+
+        self._until(healthy, "the cluster did not become healthy", timeout)
+
+    def live(self) -> list[int]:
+        return [p for p, proc in self.procs.items() if proc.poll() is None]
+
+    def client(self, port: int) -> redis_py.Redis:
+        return redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    @staticmethod
+    def _masters(r: redis_py.Redis) -> list[tuple[int, int, int]]:
+        return [(int(e[0]), int(e[1]), int(e[2][1])) for e in r.execute_command("CLUSTER", "SLOTS")]
+
+    def masters(self) -> list[int]:
+        """The master ports, by slot range."""
+        with self.client(self.live()[0]) as r:
+            return [port for _, _, port in sorted(self._masters(r))]
+
+    def owner(self, name: str | bytes) -> int:
+        """The port of the master that owns ``name``'s slot."""
+        slot = _slots.slot(name.encode() if isinstance(name, str) else name)
+        with self.client(self.live()[0]) as r:
+            for first, last, port in self._masters(r):
+                if first <= slot <= last:
+                    return port
+        raise AssertionError(f"slot {slot} is not covered")
+
+    def replica_of(self, master: int) -> int:
+        with self.client(master) as r:
+            replicas = r.info("replication")
+        return int(replicas["slave0"]["port"])
+
+    def channel_per_master(self, namespace: str, prefix: str) -> dict[int, str]:
+        """``{master port: channel}``: a channel ``<prefix><n>`` whose Redis channel each master owns."""
+        found: dict[int, str] = {}
+        masters = self.masters()
+        n = 0
+        while len(found) < len(masters):
+            channel = f"{prefix}{n}"
+            owner = self.owner(f"{namespace}/{channel}")
+            found.setdefault(owner, channel)
+            n += 1
+        return found
+
+    def shard_channels(self, port: int) -> list[bytes]:
+        with self.client(port) as r:
+            return sorted(r.execute_command("PUBSUB", "SHARDCHANNELS"))
+
+    def spublish(self, channel: str, message: str) -> int:
+        with self.client(self.owner(channel)) as r:
+            return int(r.execute_command("SPUBLISH", channel, message))
+
+    @property
+    def seeds(self) -> list[str]:
+        return [f"redis://127.0.0.1:{p}" for p in self.ports[:2]]
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[port]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """A three-master, three-replica Redis Cluster for this module's tests."""
+    c = LocalCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def cluster_args(c: LocalCluster, *extra: str) -> list[str]:
+    args = []
+    for seed in c.seeds:
+        args += ["--redis-cluster", seed]
+    return [*args, *extra]
+
+
+def wait_ready(node: ChildNode, timeout: float = 20.0) -> None:
+    """Until the node's ``/ready`` answers 200 (subscribed on every master)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.api_port}/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node not ready:\n{node.log_text()}")
+        time.sleep(0.05)
+
+
+def health(node: ChildNode) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.api_port}/health", timeout=5) as r:
+            body: dict[str, Any] = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read())
+    return body
+
+
+def by_owner(c: LocalCluster, namespace: str, channels: list[str]) -> dict[int, list[bytes]]:
+    """``{master port: sorted Redis channel names}`` for the raw and history channel of each of ``channels``."""
+    want: dict[int, list[bytes]] = {port: [] for port in c.masters()}
+    for channel in channels:
+        for name in (f"{namespace}/{channel}", f"{namespace}#/{channel}"):
+            want[c.owner(name)].append(name.encode())
+    return {port: sorted(names) for port, names in want.items()}
+
+
+def wait_shard_channels(c: LocalCluster, want: dict[int, list[bytes]], timeout: float = 10.0) -> None:
+    c._until(lambda: {p: c.shard_channels(p) for p in want} == want,
+             f"PUBSUB SHARDCHANNELS never became {want}: {[c.shard_channels(p) for p in want]}", timeout)
+
+
+# -- integration: twistd children and websockets clients
+
+
+def test_node_delivers_spublished_messages_from_every_shard(tmp_path: Path, cluster: LocalCluster) -> None:
+    """A ``twistd sockdrawer --redis-cluster`` node delivers messages SPUBLISHed on channels owned by each of the
+    three masters to websockets clients, and /health names every master as subscribed."""
+    per_master = cluster.channel_per_master("sock-drawer", "room/")
+    with ChildNode(tmp_path, cluster_args(cluster)) as node, ExitStack() as stack:
+        wait_ready(node)
+        sockets = {port: stack.enter_context(ws_connect(node.url(f"/{channel}"), open_timeout=5))
+                   for port, channel in per_master.items()}
+        node.wait_sockets(3)
+        wait_shard_channels(cluster, by_owner(cluster, "sock-drawer", list(per_master.values())))
+        for port, channel in per_master.items():
+            assert cluster.spublish(f"sock-drawer/{channel}", f"from {port}") == 1
+        for port, ws in sockets.items():
+            assert ws.recv(timeout=5) == f"from {port}"
+        state = health(node)
+        assert state["broker_connected"] is True
+        assert state["shards"] == {f"127.0.0.1:{p}": True for p in cluster.masters()}
+        node.assert_no_traceback()
+
+
+def test_two_nodes_each_socket_gets_each_message_once(tmp_path: Path, cluster: LocalCluster) -> None:
+    """With two nodes on the cluster, every socket on either node gets every message SPUBLISHed by the
+    synchronous Client on channels of all three shards exactly once, in order; SPUBLISH counts both nodes."""
+    per_master = cluster.channel_per_master("twice", "c")
+    channels = list(per_master.values())
+    nodes = []
+    for i in range(2):
+        (tmp_path / f"n{i}").mkdir()
+        nodes.append(ChildNode(tmp_path / f"n{i}", cluster_args(cluster, "--name", "twice")).start())
+    stack = ExitStack()
+    try:
+        for node in nodes:
+            wait_ready(node)
+        sockets = [(channel, stack.enter_context(ws_connect(node.url(f"/{channel}"), open_timeout=5)))
+                   for node in nodes for channel in channels for _ in range(2)]
+        for node in nodes:
+            node.wait_sockets(6)
+        # the last to subscribe: both nodes on each channel
+        cluster._until(lambda: all(
+            cluster.client(cluster.owner(f"twice/{ch}")).execute_command("PUBSUB", "SHARDNUMSUB", f"twice/{ch}")[1]
+            == 2 for ch in channels), "both nodes never subscribed")
+        with Client(cluster=cluster.seeds, name="twice") as publisher:
+            for channel in channels:
+                assert publisher.pub("first", channel) == 2  # two nodes on the owning master
+            for i in range(10):
+                for channel in channels:
+                    publisher.pub(f"{channel}:{i}", channel)
+            for channel in channels:
+                publisher.pub("fence", channel)
+            for channel, ws in sockets:
+                got = [ws.recv(timeout=5) for _ in range(12)]
+                assert got == ["first", *(f"{channel}:{i}" for i in range(10)), "fence"]
+            for channel in channels:
+                publisher.pub("second fence", channel)
+            for _, ws in sockets:
+                assert ws.recv(timeout=5) == "second fence", "a message came twice"
+        for node in nodes:
+            node.assert_no_traceback()
+    finally:
+        stack.close()
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.stop()
+
+
+# -- integration: in-process nodes
+
+
+async def start_node(run_service: Any, c: LocalCluster, **settings: Any) -> Any:
+    settings.setdefault("redis_retry_max", 0.5)
+    svc = await run_service(redis_cluster=tuple(c.seeds), **settings)
+    await wait_for(svc.broker.is_connected)
+    return svc
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_master_holds_exactly_the_channels_it_owns(cluster: LocalCluster, run_service: Any) -> None:
+    """PUBSUB SHARDCHANNELS on each master shows exactly the Redis channels (raw and history) of the node's
+    sockets that it owns, as sockets come and go; the last socket leaving a channel SUNSUBSCRIBEs it."""
+    svc = await start_node(run_service, cluster, name="own")
+    channels = [f"c/{i}" for i in range(12)]
+    sockets = {ch: [await connect(svc.ws_port, f"/{ch}") for _ in range(2)] for ch in channels}
+    await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "own", channels))
+    assert svc.broker.subscriptions == 24
+    sent = svc.broker.subscribe_commands
+    assert sent <= 3 * 12 * 2  # at most one per slot per turn; never one per socket
+    for ch in channels[:6]:
+        sockets[ch][0].close()
+        await sockets[ch][0].wait_closed()
+    await wait_for(lambda: all(svc.factory.sockets(ch.encode()) == 1 for ch in channels[:6]))
+    assert svc.broker.unsubscribe_commands == 0  # one socket left on each
+    for ch in channels[:6]:
+        sockets[ch][1].abort()
+        await sockets[ch][1].wait_closed()
+    await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "own", channels[6:]))
+    await wait_for(lambda: svc.broker.subscriptions == 12)
+    assert svc.broker.unsubscribe_commands >= 1
+    body = (await deferToThread(http_get, svc.api_port, "/metrics")).decode()
+    assert "sockdrawer_redis_subscriptions 12.0" in body
+    assert "sockdrawer_redis_connected 1.0" in body
+    for ch in channels[6:]:
+        for ws in sockets[ch]:
+            ws.abort()
+    await deferToThread(wait_shard_channels, cluster, {p: [] for p in cluster.masters()})
+
+
+def http_get(port: int, path: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        data: bytes = r.read()
+        return data
+
+
+V1 = ["sockdrawer.v1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_and_resume_on_the_cluster(cluster: LocalCluster, run_service: Any) -> None:
+    """With --history-size on a cluster, messages published by the node and by Client(cluster=...,
+    history_size=...) carry offsets, a v1 client that comes back with since gets exactly what it missed, and the
+    stream, epoch and history channel share a slot on every shard."""
+    svc = await start_node(run_service, cluster, name="hist", history_size=50)
+    channels = list(cluster.channel_per_master("hist#", "h").values())  # history channels on each master
+    for channel in channels:
+        stream, epoch = _slots.history_keys("hist", channel.encode())
+        assert _slots.slot(stream) == _slots.slot(epoch) == _slots.slot(f"hist#/{channel}".encode())
+        client = await connect(svc.ws_port, "/", subprotocols=V1)
+        client.send_json({"op": "subscribe", "channel": channel})
+        assert (await client.next_json())["op"] == "subscribed"
+        first = await svc.publish("m0", channel)
+        got = await client.next_json()
+        assert (got["data"], got["offset"]) == ("m0", first)
+        client.close()
+        await client.wait_closed()
+
+        def publish_more(channel: str = channel) -> list[str]:
+            with Client(cluster=cluster.seeds, name="hist", history_size=50) as publisher:
+                return [publisher.pub(f"m{i}", channel) for i in range(1, 6)]
+
+        offsets = await deferToThread(publish_more)
+        again = await connect(svc.ws_port, "/", subprotocols=V1)
+        again.send_json({"op": "subscribe", "channel": channel, "since": first})
+        assert (await again.next_json()) == {"op": "subscribed", "channel": channel, "offset": offsets[-1]}
+        replayed = [await again.next_json() for _ in range(5)]
+        assert [(m["data"], m["offset"]) for m in replayed] == [(f"m{i}", o) for i, o in zip(range(1, 6), offsets,
+                                                                                               strict=True)]
+        await svc.publish("live", channel)
+        assert (await again.next_json())["data"] == "live"
+        again.close()
+        await again.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_and_scripts_go_to_the_owner_of_their_key(cluster: LocalCluster, run_service: Any) -> None:
+    """execute and eval (what presence and once-claims use) run on the master of their first key's slot, for keys
+    on every shard: no MOVED reaches the caller."""
+    svc = await start_node(run_service, cluster, name="cmd")
+    keys = {cluster.owner(f"k{i}"): f"k{i}" for i in range(30)}
+    assert len(keys) == 3
+    for key in keys.values():
+        assert await svc.broker.execute("SET", key, "v", "PX", 5000) in (b"OK", "OK")
+        assert await svc.broker.eval("return redis.call('GET', KEYS[1])", [key], []) == b"v"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_slot_map_is_read_again_on_moved(cluster: LocalCluster, run_service: Any) -> None:
+    """A publish routed by a stale slot map (the node thinks another master owns the slot) gets MOVED, reads the
+    map again and succeeds; the socket gets the message."""
+    svc = await start_node(run_service, cluster, name="moved")
+    ws = await connect(svc.ws_port, "/x")
+    await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "moved", ["x"]))
+    link = svc.broker
+    slot = _slots.slot(b"moved/x")
+    right = link._slots[slot]
+    wrong = next(s for s in link.shards.values() if s is not right)
+    link._slots[slot] = wrong
+    changes = link.map_changes
+    assert await svc.publish("routed again", "x") == 1
+    assert (await ws.next_text()) == "routed again"
+    assert link.map_changes == changes + 1 and link._slots[slot] is right
+    ws.abort()
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_across_nodes_on_the_cluster(cluster: LocalCluster, run_service: Any) -> None:
+    """v1 presence works on a cluster: a client on node A gets the join of a client on node B (events SPUBLISHed
+    in the slot of the channel's presence hash), and the Client reads both entries."""
+    a = await start_node(run_service, cluster, name="pres")
+    b = await start_node(run_service, cluster, name="pres")
+    assert _slots.slot(_slots.presence_key("pres", b"room/1")) == _slots.slot(events_channel("pres", b"room/1"))
+    alice = await connect(a.ws_port, "/", subprotocols=V1)
+    alice.send_json({"op": "subscribe", "channel": "room/1", "presence": True})
+    assert (await alice.next_json())["op"] == "subscribed"
+    listing = await alice.next_json()
+    assert listing["op"] == "presence" and len(listing["clients"]) == 1
+    bob = await connect(b.ws_port, "/", subprotocols=V1)
+    bob.send_json({"op": "subscribe", "channel": "room/1", "presence": True})
+    assert (await bob.next_json())["op"] == "subscribed"
+    bobs = await bob.next_json()
+    assert len(bobs["clients"]) == 2
+    assert (await alice.next_json()) == {"op": "join", "channel": "room/1", "user": None, "client": bobs["self"]}
+
+    def read() -> list[dict[str, Any]]:
+        with Client(cluster=cluster.seeds, name="pres") as backend:
+            return backend.presence("room/1")
+
+    assert sorted(e["client"] for e in await deferToThread(read)) == sorted([listing["self"], bobs["self"]])
+    bob.close()
+    assert (await alice.next_json()) == {"op": "leave", "channel": "room/1", "user": None, "client": bobs["self"]}
+    alice.close()
+    await alice.wait_closed()
+    await bob.wait_closed()
+
+
+async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any) -> None:
+    """
+    Sockets on a channel of each shard; ``fail(master)`` takes one master away; then messages on that shard's
+    channel reach its sockets again, the other shards' sockets kept their subscriptions and got everything
+    published meanwhile, and the node called broker_gap once.
+    """
+    svc = await start_node(run_service, c, name=name)
+    link = svc.broker
+    per_master = c.channel_per_master(name, "f")
+    sockets = {port: await connect(svc.ws_port, f"/{channel}") for port, channel in per_master.items()}
+    await deferToThread(wait_shard_channels, c, by_owner(c, name, list(per_master.values())))
+    victim = next(iter(per_master))
+    others = [p for p in per_master if p != victim]
+    untouched = {p: link.shards[("127.0.0.1", p)].following for p in others}
+    gaps: list[int] = []
+    original_gap = svc.hub.broker_gap
+
+    def counting_gap() -> None:
+        gaps.append(1)
+        original_gap()
+
+    svc.hub.broker_gap = counting_gap
+    replica = c.replica_of(victim)
+    await deferToThread(fail, victim)
+    # the other shards deliver all along
+    for i in range(5):
+        for port in others:
+            await deferToThread(c.spublish, f"{name}/{per_master[port]}", f"during {i}")
+    for port in others:
+        assert [await sockets[port].next_text() for _ in range(5)] == [f"during {i}" for i in range(5)]
+    await wait_for(lambda: link.reconnects == 1 and link.is_connected(), timeout=30)
+    assert ("127.0.0.1", replica) in link.shards and ("127.0.0.1", victim) not in link.shards
+    channel = per_master[victim]
+    assert c.owner(f"{name}/{channel}") == replica
+    await deferToThread(c.spublish, f"{name}/{channel}", "after the failover")
+    assert (await sockets[victim].next_text()) == "after the failover"
+    for port in others:
+        assert link.shards[("127.0.0.1", port)].following is untouched[port]
+        await deferToThread(c.spublish, f"{name}/{per_master[port]}", "still here")
+        assert (await sockets[port].next_text()) == "still here"
+    assert gaps == [1]
+    assert all(ws.pending() == 0 for ws in sockets.values())
+    for ws in sockets.values():
+        ws.abort()
+
+
+@pytest_twisted.ensureDeferred
+async def test_manual_failover_moves_the_shards_channels(cluster: LocalCluster, run_service: Any) -> None:
+    """CLUSTER FAILOVER on a replica (its old master drops our channels with sunsubscribe): the node follows the
+    slots to the new master, its sockets there get messages again, the other shards are untouched."""
+    def failover(master: int) -> None:
+        with cluster.client(cluster.replica_of(master)) as r:
+            r.execute_command("CLUSTER", "FAILOVER")
+
+    await failover_case(cluster, run_service, "manual", failover)
+    await deferToThread(cluster.wait_healthy)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkilled_master_is_replaced_by_its_replica(cluster: LocalCluster, run_service: Any) -> None:
+    """A master SIGKILLed: once its replica takes over (cluster-node-timeout 1 s), the node subscribes there and
+    its sockets on that shard get messages again; the other shards are untouched.  The killed node comes back as
+    a replica."""
+    killed: list[int] = []
+
+    def kill(master: int) -> None:
+        killed.append(master)
+        cluster.kill(master)
+
+    try:
+        await failover_case(cluster, run_service, "killed", kill)
+    finally:
+        for port in killed:
+            await deferToThread(cluster.start_node, port)
+        await deferToThread(cluster.wait_healthy)
