@@ -38,7 +38,7 @@ from typing import Any
 import txredisapi
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
@@ -98,13 +98,20 @@ def parse_slots(reply: Any) -> list[tuple[int, int, str, int]]:
 class _Command:
     """An SSUBSCRIBE or SUNSUBSCRIBE sent, whose replies (one per channel) are still coming."""
 
-    __slots__ = ("kind", "names", "replied", "initial")
+    __slots__ = ("kind", "names", "replied", "initial", "waiters")
 
     def __init__(self, kind: bytes, names: list[bytes], initial: bool) -> None:
         self.kind = kind
         self.names = names
         self.replied = 0
         self.initial = initial
+        #: Deferreds that fire once this command (and all before it) is answered
+        self.waiters: list[Deferred[None]] = []
+
+    def answered(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(None)
 
 
 class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
@@ -155,6 +162,15 @@ class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
     def sunsubscribe(self, names: Iterable[bytes]) -> None:
         self._send(b"SUNSUBSCRIBE", names)
+
+    def notify_confirmed(self) -> Deferred[None]:
+        """A Deferred that fires once Redis answered every command written so far on this connection."""
+        d: Deferred[None] = Deferred()
+        if self._pending:
+            self._pending[-1].waiters.append(d)
+        else:
+            d.callback(None)
+        return d
 
     def unconfirmed(self) -> int:
         """Channel names sent in commands that Redis has not answered yet."""
@@ -214,6 +230,7 @@ class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         head.replied += 1
         if head.replied == len(head.names):
             self._pending.popleft()
+            head.answered()
             if head.initial and not any(c.initial for c in self._pending):
                 self._all_subscribed()
         self.link._confirmed()
@@ -222,6 +239,7 @@ class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         # one error answers the whole command (MOVED: our slot map is old)
         if command.kind == b"SSUBSCRIBE":
             self.subscribed.difference_update(command.names)
+        command.answered()
         self.link._refused(self, command.kind, command.names, error)
         if command.initial and not any(c.initial for c in self._pending):
             self._all_subscribed()
@@ -290,6 +308,10 @@ class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
     def connectionLost(self, why: Failure = connectionDone) -> None:
         super().connectionLost(why)
+        # waiters go on (a history read fails or succeeds on its own; the
+        # link calls broker_gap once the channels are back)
+        for command in self._pending:
+            command.answered()
         self.link._sub_lost(self, why)
 
 
@@ -479,6 +501,8 @@ class ClusterLink(MultiService):
         #: channels opened or closed this turn, in order
         self._changed: dict[bytes, None] = {}
         self._update: Any = None
+        #: when_subscribed callers waiting for this turn's changes or a master
+        self._later: list[tuple[bytes, Deferred[None]]] = []
         #: connected once, so a later loss of any subscription is a gap
         self._up_once = False
         self._gap = False
@@ -491,6 +515,8 @@ class ClusterLink(MultiService):
         self.reconnects = 0
         #: slot map reads that changed the map
         self.map_changes = 0
+        #: sharded channels Redis dropped because their slot moved away
+        self.dropped_by_redis = 0
         #: seconds from reading a batch off Redis to its last socket write
         self.fanout_latency = Histogram()
         #: SSUBSCRIBE and SUNSUBSCRIBE commands sent
@@ -518,6 +544,9 @@ class ClusterLink(MultiService):
                 call.cancel()
         self._update = self._refresh_call = None
         self._changed.clear()
+        later, self._later = self._later, []
+        for _, waiting in later:
+            waiting.callback(None)
         d: Deferred[None] = super().stopService()
         return d
 
@@ -546,6 +575,40 @@ class ClusterLink(MultiService):
         """Channels sent in SSUBSCRIBE or SUNSUBSCRIBE commands not answered yet, or still to send."""
         return len(self._changed) + sum(s.following.unconfirmed() for s in self.shards.values()
                                         if s.following is not None)
+
+    def when_subscribed(self, key: bytes) -> Deferred[None]:
+        """
+        A Deferred that fires once the node's subscriptions cover channel
+        ``key`` as the hub has it now (both its Redis channels confirmed by
+        the masters that own them), for a caller that reads the channel's
+        history and must not miss what is published between that read and
+        the subscription (:func:`sockdrawer.hub.history_reader`).
+        """
+        d: Deferred[None] = Deferred()
+        self._later.append((key, d))
+        if key not in self._changed:
+            self._release_later()
+        return d
+
+    def _release_later(self) -> None:
+        """Chain each :meth:`when_subscribed` waiter whose channel's commands are written to their confirmation."""
+        later, self._later = self._later, []
+        for key, d in later:
+            if key in self._changed:
+                self._later.append((key, d))
+                continue
+            following = []
+            for name in self._names(key):
+                owner = self._owner(name)
+                if owner is None or owner.following is None:
+                    break
+                following.append(owner.following)
+            else:
+                confirmed = [p.notify_confirmed() for p in dict.fromkeys(following)]
+                gatherResults(confirmed).addCallback(lambda _: None).chainDeferred(d)
+                continue
+            # a master is missing: once it is back
+            self._later.append((key, d))
 
     def publish(self, key: bytes, message: bytes) -> Deferred[int]:
         """``SPUBLISH`` on the master of the channel's slot; fires with the count it reports."""
@@ -639,6 +702,8 @@ class ClusterLink(MultiService):
         self._update = None
         changed, self._changed = self._changed, {}
         self._sync(changed)
+        if self._later:
+            self._release_later()
 
     def _names(self, key: bytes) -> tuple[bytes, bytes]:
         namespace = self.namespace
@@ -711,6 +776,8 @@ class ClusterLink(MultiService):
         shard.sub_backoff.reset()
         _log.info("subscribed to {count} sharded channel(s) on Redis Cluster master {node}",
                   count=len(p.subscribed), node=shard.node)
+        if self._later:
+            self._release_later()
         self._check_whole()
 
     def _confirmed(self) -> None:
@@ -749,6 +816,7 @@ class ClusterLink(MultiService):
 
     def _dropped_by_redis(self, p: ShardSubscriberProtocol, name: bytes) -> None:
         # a failover or resharding moved the slot away (one call per channel)
+        self.dropped_by_redis += 1
         if self._up_once:
             self._gap = True
         if not self._moved:
@@ -880,6 +948,8 @@ class ClusterLink(MultiService):
         if self._refresh_again:
             self._refresh_again = False
             self._schedule_refresh(self._refresh_backoff())
+        if self._later:
+            self._release_later()
         self._check_whole()
 
     # -- liveness

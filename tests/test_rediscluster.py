@@ -24,17 +24,27 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import pytest_twisted
 import redis as redis_py
 from childnode import ChildNode
 from conftest import INSTALL_HINT, wait_for
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from websockets.sync.client import connect as ws_connect
 from wsclient import connect
 
 from sockdrawer import Client, _slots
+from sockdrawer._channels import Namespace
+from sockdrawer.hub import MemoryChannelHub
 from sockdrawer.presence import events_channel
+from sockdrawer.rediscluster import ClusterLink, ShardSubscriberProtocol, _ShardSubscriberFactory, parse_slots
+from sockdrawer.redislink import RedisURL
+from sockdrawer.testing import RecordingSink
 
 # -- the cluster
 
@@ -464,7 +474,7 @@ async def test_presence_across_nodes_on_the_cluster(cluster: LocalCluster, run_s
     await bob.wait_closed()
 
 
-async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any) -> None:
+async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any) -> Any:
     """
     Sockets on a channel of each shard; ``fail(master)`` takes one master away; then messages on that shard's
     channel reach its sockets again, the other shards' sockets kept their subscriptions and got everything
@@ -487,6 +497,7 @@ async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any)
 
     svc.hub.broker_gap = counting_gap
     replica = c.replica_of(victim)
+    started = time.monotonic()
     await deferToThread(fail, victim)
     # the other shards deliver all along
     for i in range(5):
@@ -495,6 +506,8 @@ async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any)
     for port in others:
         assert [await sockets[port].next_text() for _ in range(5)] == [f"during {i}" for i in range(5)]
     await wait_for(lambda: link.reconnects == 1 and link.is_connected(), timeout=30)
+    print(f"\n{name}: the node was subscribed on the new master {time.monotonic() - started:.2f} s after the "
+          f"failover began")
     assert ("127.0.0.1", replica) in link.shards and ("127.0.0.1", victim) not in link.shards
     channel = per_master[victim]
     assert c.owner(f"{name}/{channel}") == replica
@@ -508,6 +521,7 @@ async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any)
     assert all(ws.pending() == 0 for ws in sockets.values())
     for ws in sockets.values():
         ws.abort()
+    return link
 
 
 @pytest_twisted.ensureDeferred
@@ -518,7 +532,8 @@ async def test_manual_failover_moves_the_shards_channels(cluster: LocalCluster, 
         with cluster.client(cluster.replica_of(master)) as r:
             r.execute_command("CLUSTER", "FAILOVER")
 
-    await failover_case(cluster, run_service, "manual", failover)
+    link = await failover_case(cluster, run_service, "manual", failover)
+    assert link.dropped_by_redis >= 1  # the old master said so, with a sunsubscribe
     await deferToThread(cluster.wait_healthy)
 
 
@@ -539,3 +554,270 @@ async def test_sigkilled_master_is_replaced_by_its_replica(cluster: LocalCluster
         for port in killed:
             await deferToThread(cluster.start_node, port)
         await deferToThread(cluster.wait_healthy)
+
+
+# -- unit tests: slots, the slot map, the shard subscriber on a fake reactor
+
+
+@given(st.text(alphabet="ab{}/#", max_size=12))
+def test_history_and_presence_keys_share_their_channels_slot(channel: str) -> None:
+    """Whatever braces a channel name has, its cluster history stream and epoch keys hash to the slot of its
+    history channel, and its presence hash to the slot of its presence events channel."""
+    key = channel.encode()
+    stream, epoch = _slots.history_keys("ns", key)
+    assert stream != epoch
+    assert _slots.slot(stream) == _slots.slot(epoch) == _slots.slot(b"ns#/" + key)
+    assert _slots.slot(_slots.presence_key("ns", key)) == _slots.slot(events_channel("ns", key))
+
+
+def test_sharded_scripts_spublish() -> None:
+    """The cluster's history script is the single-Redis one with SPUBLISH instead of PUBLISH, nothing else."""
+    from sockdrawer.history import PUBLISH_SCRIPT
+
+    assert "PUBLISH'" not in _slots.SHARDED_PUBLISH_SCRIPT.replace("SPUBLISH'", "")
+    assert _slots.SHARDED_PUBLISH_SCRIPT.replace("SPUBLISH", "PUBLISH") == PUBLISH_SCRIPT
+
+
+SLOTS_REPLY = [
+    [0, 5460, [b"127.0.0.1", 7000, b"id0"], [b"127.0.0.1", 7003, b"id3"]],
+    [5461, 10922, [b"127.0.0.1", 7001, b"id1"], [b"127.0.0.1", 7004, b"id4"]],
+    [10923, 16383, [b"127.0.0.1", 7002, b"id2"]],
+]
+
+
+def test_parse_slots() -> None:
+    """CLUSTER SLOTS gives each range's master; a reply of another shape is a ValueError."""
+    assert parse_slots(SLOTS_REPLY) == [(0, 5460, "127.0.0.1", 7000), (5461, 10922, "127.0.0.1", 7001),
+                                        (10923, 16383, "127.0.0.1", 7002)]
+    for bad in (b"nope", [[0, 1]], [[0, 1, b"x"]]):
+        with pytest.raises(ValueError):
+            parse_slots(bad)
+
+
+def test_bad_seeds_are_refused() -> None:
+    """No seed, a unix:// seed, or a Client(cluster=...) that is not a list of redis:// URLs: ValueError."""
+    hub = MemoryChannelHub()
+    with pytest.raises(ValueError, match="seed"):
+        ClusterLink([], Namespace(), hub)
+    with pytest.raises(ValueError, match="Unix"):
+        ClusterLink([RedisURL.parse("unix:///tmp/r.sock")], Namespace(), hub)
+    with pytest.raises(ValueError, match="list"):
+        Client(cluster="redis://127.0.0.1:7000")
+    with pytest.raises(ValueError, match="redis://"):
+        Client(cluster=["http://127.0.0.1:7000"])
+    with pytest.raises(ValueError, match="one of"):
+        Client("redis://127.0.0.1:7000", cluster=["redis://127.0.0.1:7000"])
+
+
+class CountingTransport(StringTransport):
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def commands(data: bytes) -> list[list[bytes]]:
+    reader = hiredis.Reader()
+    reader.feed(data)
+    out = []
+    while (command := reader.gets()) is not False:
+        out.append(command)
+    return out
+
+
+def push(*parts: Any) -> bytes:
+    out = b"*%d\r\n" % len(parts)
+    for p in parts:
+        out += b":%d\r\n" % p if isinstance(p, int) else b"$%d\r\n%s\r\n" % (len(p), p)
+    return out
+
+
+class OffsetSink(RecordingSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.offsets: list[str | None] = []
+
+    def receive(self, batch: Any) -> None:
+        super().receive(batch)
+        self.offsets.extend(batch.offsets or [None] * len(batch.messages))
+
+
+class FakeNode:
+    """A cluster link on a fake reactor with the slot map of SLOTS_REPLY, and a way to connect shard subscribers."""
+
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.hub = MemoryChannelHub()
+        self.link = ClusterLink([RedisURL.parse("redis://127.0.0.1:7000")], Namespace(), self.hub,
+                                reactor=self.reactor, ping_interval=0)
+        self.link.startService()
+        self.link._slots_read(SLOTS_REPLY, False)
+        self.sinks: dict[bytes, OffsetSink] = {}
+
+    def owner(self, name: bytes) -> int:
+        slot = _slots.slot(name)
+        return 7000 if slot <= 5460 else 7001 if slot <= 10922 else 7002
+
+    def keys_on(self, port: int, count: int) -> list[bytes]:
+        """Channel keys whose raw Redis channel ``port`` owns."""
+        keys, n = [], 0
+        while len(keys) < count:
+            if self.owner(b"sock-drawer/k%d" % n) == port:
+                keys.append(b"k%d" % n)
+            n += 1
+        return keys
+
+    def connect(self, port: int) -> tuple[ShardSubscriberProtocol, CountingTransport]:
+        shard = self.link.shards[("127.0.0.1", port)]
+        p = _ShardSubscriberFactory(self.link, shard).buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = CountingTransport()
+        p.makeConnection(transport)  # no password: ready at once
+        return p, transport
+
+    def open(self, *keys: bytes) -> None:
+        for key in keys:
+            self.hub.subscribe(key, self.sinks.setdefault(key, OffsetSink()))
+
+    def close(self, *keys: bytes) -> None:
+        for key in keys:
+            self.hub.unsubscribe(key, self.sinks[key])
+
+    def confirm(self, p: ShardSubscriberProtocol, kind: bytes, names: list[bytes]) -> None:
+        p.dataReceived(b"".join(push(kind, name, i + 1) for i, name in enumerate(names)))
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeNode]:
+    node = FakeNode()
+    yield node
+    node.link.stopService()
+
+
+def names_of(key: bytes) -> list[bytes]:
+    return [b"sock-drawer/" + key, b"sock-drawer#/" + key]
+
+
+def test_a_new_connection_subscribes_its_slots_channels_one_command_per_slot(fake: FakeNode) -> None:
+    """A master's new subscriber connection SSUBSCRIBEs exactly the hub's Redis channels in its slots, one command
+    per slot, in one write; the link is connected only once every master confirmed all of its channels."""
+    keys = [b"k%d" % i for i in range(20)]
+    fake.open(*keys)
+    mine = sorted(n for k in keys for n in names_of(k) if fake.owner(n) == 7000)
+    p, transport = fake.connect(7000)
+    sent = commands(transport.value())
+    assert transport.writes == 1
+    assert all(c[0] == b"SSUBSCRIBE" for c in sent)
+    assert sorted(n for c in sent for n in c[1:]) == mine
+    assert all(len({_slots.slot(n) for n in c[1:]}) == 1 for c in sent)
+    assert len(sent) == len({_slots.slot(n) for n in mine})
+    others = [fake.connect(port) for port in (7001, 7002)]
+    for q, t in others:
+        fake.confirm(q, b"ssubscribe", [n for c in commands(t.value()) for n in c[1:]])
+    assert not fake.link.is_connected()
+    confirmations = [n for c in sent for n in c[1:]]
+    fake.confirm(p, b"ssubscribe", confirmations[:-1])
+    assert not fake.link.is_connected()
+    fake.confirm(p, b"ssubscribe", confirmations[-1:])
+    assert fake.link.is_connected()
+
+
+def test_one_turns_changes_are_one_write_per_master(fake: FakeNode) -> None:
+    """Channels opened and closed within one reactor turn reach each master as one write (one command per slot),
+    only for the channels of its slots; a channel opened and closed in the same turn sends nothing."""
+    conns = {port: fake.connect(port) for port in (7000, 7001, 7002)}
+    for p, _ in conns.values():
+        assert p.ready
+    keys = [b"k%d" % i for i in range(30)]
+    fake.open(*keys, b"brief")
+    fake.close(b"brief")
+    fake.reactor.advance(0)
+    for port, (_, transport) in conns.items():
+        assert transport.writes == 1
+        sent = commands(transport.value())
+        assert sorted(n for c in sent for n in c[1:]) == sorted(
+            n for k in keys for n in names_of(k) if fake.owner(n) == port)
+    fake.close(*keys[:10])
+    fake.reactor.advance(0)
+    for port, (_, transport) in conns.items():
+        last = commands(transport.value())[-len({_slots.slot(n) for k in keys[:10] for n in names_of(k)
+                                                 if fake.owner(n) == port}):]
+        assert all(c[0] == b"SUNSUBSCRIBE" for c in last)
+        assert transport.writes == 2
+
+
+def test_redis_dropping_a_channel_reads_the_slot_map_again(fake: FakeNode) -> None:
+    """A sunsubscribe that answers none of our SUNSUBSCRIBEs (the slot moved) drops the channel and schedules a
+    slot map read; the confirmation of our own SUNSUBSCRIBE does not."""
+    key = fake.keys_on(7000, 1)[0]
+    fake.open(key)
+    p, transport = fake.connect(7000)
+    raw = b"sock-drawer/" + key
+    fake.confirm(p, b"ssubscribe", [n for c in commands(transport.value()) for n in c[1:]])
+    assert raw in p.subscribed
+    fake.link._refresh_call.cancel()  # the read the start scheduled
+    fake.link._refresh_call = None
+    fake.close(key)
+    fake.reactor.advance(0)
+    p.dataReceived(push(b"sunsubscribe", raw, 0))
+    assert fake.link._refresh_call is None and not fake.link._moved
+    fake.open(key)
+    fake.reactor.advance(0)
+    fake.confirm(p, b"ssubscribe", [raw])
+    p.dataReceived(push(b"sunsubscribe", raw, 0))
+    assert raw not in p.subscribed
+    assert fake.link._moved and fake.link._refresh_call is not None and fake.link._refresh_call.active()
+
+
+def test_a_refused_ssubscribe_reads_the_slot_map_again(fake: FakeNode) -> None:
+    """An error answering an SSUBSCRIBE (MOVED: the map is old) takes its channels out of the subscribed set and
+    schedules a slot map read; the connection still counts as ready."""
+    key = fake.keys_on(7001, 1)[0]
+    fake.open(key)
+    p, transport = fake.connect(7001)
+    sent = commands(transport.value())
+    fake.link._refresh_call.cancel()
+    fake.link._refresh_call = None
+    p.dataReceived(b"".join(b"-MOVED 1 127.0.0.1:7002\r\n" for _ in sent))
+    assert not p.subscribed and p.ready and p.unconfirmed() == 0
+    assert fake.link._refresh_call is not None
+
+
+def test_smessages_reach_the_hub_and_stale_ones_are_dropped(fake: FakeNode) -> None:
+    """An smessage on a subscribed raw channel reaches the channel's sinks; on the history channel, with its
+    offset; on a channel not subscribed on this connection, it is counted stale and dropped."""
+    key = b"news"
+    fake.open(key)
+    port = fake.owner(b"sock-drawer/news")
+    p, transport = fake.connect(port)
+    fake.confirm(p, b"ssubscribe", [n for c in commands(transport.value()) for n in c[1:]])
+    p.dataReceived(push(b"smessage", b"sock-drawer/news", b"hello"))
+    history_port = fake.owner(b"sock-drawer#/news")
+    if history_port == port:
+        q = p
+    else:
+        q, t = fake.connect(history_port)
+        fake.confirm(q, b"ssubscribe", [n for c in commands(t.value()) for n in c[1:]])
+    q.dataReceived(push(b"smessage", b"sock-drawer#/news", b"e1:1-0\nkept"))
+    p.dataReceived(push(b"smessage", b"sock-drawer/other", b"not ours"))
+    assert fake.sinks[key].messages == [b"hello", b"kept"]
+    assert fake.sinks[key].offsets == [None, "e1:1-0"]
+    assert (fake.link.messages, fake.link.stale_messages) == (2, 1)
+
+
+def test_when_subscribed_waits_for_both_channels_confirmation(fake: FakeNode) -> None:
+    """when_subscribed (what history reads wait for) fires only once the SSUBSCRIBEs carrying a channel opened this
+    turn are confirmed by the masters of both its Redis channels."""
+    conns = {port: fake.connect(port) for port in (7000, 7001, 7002)}
+    key = next(k for k in (b"w%d" % i for i in range(100))
+               if fake.owner(b"sock-drawer/" + k) != fake.owner(b"sock-drawer#/" + k))
+    fake.open(key)
+    fired: list[None] = []
+    fake.link.when_subscribed(key).addCallback(fired.append)
+    fake.reactor.advance(0)
+    assert not fired
+    raw, hist = names_of(key)
+    fake.confirm(conns[fake.owner(raw)][0], b"ssubscribe", [raw])
+    assert not fired
+    fake.confirm(conns[fake.owner(hist)][0], b"ssubscribe", [hist])
+    assert fired == [None]
