@@ -98,6 +98,17 @@ class ServiceCollector(Collector):
         if latency is not None:
             yield _histogram("sockdrawer_fanout_latency_seconds",
                              "From reading a batch off Redis to its last socket write", latency)
+        shard_states = getattr(broker, "shard_states", None)
+        if shard_states is not None:  # --redis-cluster
+            masters = GaugeMetricFamily("sockdrawer_redis_cluster_masters", "Masters of the Redis Cluster slot map, "
+                                        "by whether the node's subscription on each is live", labels=["state"])
+            states = list(shard_states().values())
+            masters.add_metric(["subscribed"], states.count(True))
+            masters.add_metric(["down"], states.count(False))
+            yield masters
+            yield CounterMetricFamily("sockdrawer_redis_cluster_slot_map_changes", "Times the node read a changed "
+                                      "Redis Cluster slot map (the first read included)",
+                                      value=getattr(broker, "map_changes", 0))
         turns = getattr(svc.hub, "turns", None)
         if turns is not None:
             yield _histogram("sockdrawer_fanout_turn_seconds", "Duration of each fan-out in the reactor", turns)

@@ -483,6 +483,8 @@ class ClusterLink(MultiService):
         #: every node (masters and replicas) of the last slot map
         self._nodes: list[Address] = []
         self._slots: list[_Shard | None] | None = None
+        #: slots of the last map that have a master
+        self._covered = 0
         self._control_endpoint = _AnyNodeEndpoint(self)
         self._control_backoff = Backoff(maximum=retry_max_delay)
         self._control = ClientService(self._control_endpoint,
@@ -553,8 +555,7 @@ class ClusterLink(MultiService):
     # -- IBroker
 
     def is_connected(self) -> bool:
-        slots = self._slots
-        if slots is None or not self.shards:
+        if self._slots is None or not self.shards or self._covered < _slots.SLOTS:
             return False
         for shard in self.shards.values():
             following = shard.following
@@ -895,7 +896,10 @@ class ClusterLink(MultiService):
             if address not in masters:
                 shard = self.shards.pop(address)
                 shard.retired = True
-                shard.following = None
+                if shard.following is not None:
+                    # whatever it still sends until it is closed is stale
+                    shard.following.subscribed.clear()
+                    shard.following = None
                 shard.disownServiceParent()
         new = []
         for address in masters:
@@ -910,7 +914,7 @@ class ClusterLink(MultiService):
         changed = old is None or any(a is not b for a, b in zip(old, table, strict=True))
         self._nodes = list(nodes)
         self._slots = table
-        covered = _slots.SLOTS - table.count(None)
+        covered = self._covered = _slots.SLOTS - table.count(None)
         if changed:
             self.map_changes += 1
             self._unchanged_reads = 0

@@ -337,7 +337,8 @@ async def start_node(run_service: Any, c: LocalCluster, **settings: Any) -> Any:
 @pytest_twisted.ensureDeferred
 async def test_each_master_holds_exactly_the_channels_it_owns(cluster: LocalCluster, run_service: Any) -> None:
     """PUBSUB SHARDCHANNELS on each master shows exactly the Redis channels (raw and history) of the node's
-    sockets that it owns, as sockets come and go; the last socket leaving a channel SUNSUBSCRIBEs it."""
+    sockets that it owns, as sockets come and go; the last socket leaving a channel SUNSUBSCRIBEs it; /metrics
+    counts the subscriptions and the masters."""
     svc = await start_node(run_service, cluster, name="own")
     channels = [f"c/{i}" for i in range(12)]
     sockets = {ch: [await connect(svc.ws_port, f"/{ch}") for _ in range(2)] for ch in channels}
@@ -359,6 +360,9 @@ async def test_each_master_holds_exactly_the_channels_it_owns(cluster: LocalClus
     body = (await deferToThread(http_get, svc.api_port, "/metrics")).decode()
     assert "sockdrawer_redis_subscriptions 12.0" in body
     assert "sockdrawer_redis_connected 1.0" in body
+    assert 'sockdrawer_redis_cluster_masters{state="subscribed"} 3.0' in body
+    assert 'sockdrawer_redis_cluster_masters{state="down"} 0.0' in body
+    assert "sockdrawer_redis_cluster_slot_map_changes_total 1.0" in body
     for ch in channels[6:]:
         for ws in sockets[ch]:
             ws.abort()
