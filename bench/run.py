@@ -130,19 +130,46 @@ class BenchError(Exception):
 # ---------------------------------------------------------------- /proc helpers
 
 
+#: --workers: the supervisor's pid -> it and its workers, whose CPU and RSS proc_cpu and proc_rss add up
+WORKER_TREES: dict[int, list[int]] = {}
+
+
 def proc_cpu(pid: int) -> float:
-    """utime + stime + cutime + cstime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
-    fields = data[data.rindex(")") + 2 :].split()
-    # fields[0] is state (field 3); utime is field 14 -> index 11
-    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+    """utime + stime + cutime + cstime of a process (with --workers: summed over the workers), in seconds."""
+    total = 0
+    for one in WORKER_TREES.get(pid, [pid]):
+        with open(f"/proc/{one}/stat") as f:
+            data = f.read()
+        fields = data[data.rindex(")") + 2 :].split()
+        # fields[0] is state (field 3); utime is field 14 -> index 11
+        total += sum(int(x) for x in fields[11:15])
+    return total / CLK_TCK
 
 
 def proc_rss(pid: int) -> int:
-    """Resident set size in bytes."""
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+    """Resident set size in bytes (with --workers: summed over the supervisor and its workers)."""
+    total = 0
+    for one in WORKER_TREES.get(pid, [pid]):
+        with open(f"/proc/{one}/statm") as f:
+            total += int(f.read().split()[1]) * PAGE
+    return total
+
+
+def worker_tree(listener_pid: int) -> int:
+    """--workers: the supervisor of the worker listener_pid, its workers recorded in WORKER_TREES."""
+    with open(f"/proc/{listener_pid}/stat") as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+    workers = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        workers.append(int(d))
+            except OSError:
+                pass
+    WORKER_TREES[parent] = [parent, *workers]
+    return parent
 
 
 def proc_session(pid: int) -> int:
@@ -445,8 +472,10 @@ def start_server(env: Env, cmd: str, redis_port: int, tag: str, pythonpath: str 
                 break
             if pid is None:
                 pid = find_listener_pid(p.pid, port)
-            if pid is not None and int(r.execute_command("PUBSUB", "NUMPAT")) >= 1:
-                return p, pid, port
+            workers = env.args.workers if "--workers" in text else 1  # every worker subscribed
+            if pid is not None and int(r.execute_command("PUBSUB", "NUMPAT")) >= 1 and (
+                    workers == 1 or len(pubsub_clients(r)) >= workers):
+                return p, (worker_tree(pid) if workers > 1 else pid), port
             time.sleep(0.1)
         env.children.stop(p)
         tail = log.read_text(errors="replace").splitlines()[-15:]
@@ -1541,6 +1570,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="command template of the server under test; {port}, {redis_port}, {python}, {bench}, "
                         "{root} are filled in (default: %(default)s)")
     p.add_argument("--label", default="sockdrawer", help="name of the server under test (default: sockdrawer)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run sockdrawer with --workers N (N processes on the port); server CPU and RSS are summed "
+                        "over the supervisor and its workers (default 1; use --no-pin to let them use every core)")
     p.add_argument("--server-probe", action="store_true",
                    help="run each sockdrawer build under bench/probe.py: per step, the garbage collector's "
                         "passes (gen2 count, longest pass) and reactor stalls (longest lateness of a 5 ms timer) "
@@ -1658,6 +1690,8 @@ def main(argv: list[str] | None = None) -> int:
             git = {"commit": commit, "dirty": False, "snapshot": str(dest)}
             label = f"{args.label}@{commit}" if args.label == "sockdrawer" or len(args.rev) > 1 else args.label
         cmd = (PROBE_PREFIX if args.server_probe else "") + args.server_cmd
+        if args.workers > 1:
+            cmd += f" --workers {args.workers}"
         servers.append(Server(label, cmd, pythonpath, git))
         if args.compression:
             servers.append(Server(label + DEFLATE_SUFFIX, f"{cmd} {args.compression_args}", pythonpath,
