@@ -681,8 +681,10 @@ class PresenceService(Service):
         for call in self.store.leave_all():
             # the link may be down or stopping: then the entries expire
             calls.append(call.addErrback(lambda f: None))
-        for group in self.groups.values():
+        groups, self.groups = self.groups, {}
+        for key, group in groups.items():
             group.close()
+            self.hub.unsubscribe(_presence.events_key(key), group)
         return DeferredList(calls)
 
     def join(self, sub: Subscription) -> None:
