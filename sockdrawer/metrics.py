@@ -106,7 +106,7 @@ class ServiceCollector(Collector):
             masters.add_metric(["subscribed"], states.count(True))
             masters.add_metric(["down"], states.count(False))
             yield masters
-            yield CounterMetricFamily("sockdrawer_redis_cluster_slot_map_changes", "Times the node read a changed "
+            yield CounterMetricFamily("sockdrawer_redis_slot_map_changes", "Times the node read a changed "
                                       "Redis Cluster slot map (the first read included)",
                                       value=getattr(broker, "map_changes", 0))
         turns = getattr(svc.hub, "turns", None)

@@ -362,7 +362,7 @@ async def test_each_master_holds_exactly_the_channels_it_owns(cluster: LocalClus
     assert "sockdrawer_redis_connected 1.0" in body
     assert 'sockdrawer_redis_cluster_masters{state="subscribed"} 3.0' in body
     assert 'sockdrawer_redis_cluster_masters{state="down"} 0.0' in body
-    assert "sockdrawer_redis_cluster_slot_map_changes_total 1.0" in body
+    assert "sockdrawer_redis_slot_map_changes_total 1.0" in body
     for ch in channels[6:]:
         for ws in sockets[ch]:
             ws.abort()
