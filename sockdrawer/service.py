@@ -335,6 +335,8 @@ class SockDrawerService(MultiService):
             yield task.deferLater(self._reactor, delay, lambda: None)
         yield super().stopService()
         self.listeners.detach(self.hub)
+        if self.factory.freezer is not None:
+            self.factory.freezer.stop()  # the collector walks everything again
 
     def ready(self) -> tuple[bool, str]:
         """
