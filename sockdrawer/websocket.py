@@ -30,7 +30,7 @@ from .frames import BINARY, MAX_WINDOW_BITS, TEXT
 from .interfaces import IChannelHub
 from .origins import OriginPolicy
 from .subscriber import SOCKET, Source
-from .timers import BucketTimer
+from .timers import BucketTimer, CollectorFreeze
 from .tokens import Grant, TokenRefused, pattern_matches
 from .v1 import SUBPROTOCOL, EnvelopeGroup, PresenceService, Subscription, V1Session
 
@@ -303,6 +303,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             factory.pending -= 1
         self._opened = True
         factory.open_sockets += 1
+        if factory.freezer is not None:
+            factory.freezer.opened()
         expires = getattr(self, "_expires_at", None)
         if expires is not None:
             del self._expires_at
@@ -699,6 +701,8 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         if clock is None:
             from twisted.internet import reactor as clock
         _private.set_connection_timer(self, BucketTimer(clock))
+        #: keeps full GC passes short with many sockets (see CollectorFreeze)
+        self.freezer = CollectorFreeze(clock) if getattr(settings, "gc_freeze", True) else None
         self.hub = hub
         self.frame_handler = frame_handler
         self.clock = clock

@@ -452,3 +452,68 @@ def test_factory_public_channels_and_origins() -> None:
     factory = SockDrawerServerFactory(MemoryChannelHub(), settings=settings, clock=reactor)
     assert factory.is_public("public/news") and not factory.is_public("news")
     assert factory.origin_allowed("https://app.example") and not factory.origin_allowed("https://evil.example")
+
+
+def test_collector_freeze_after_settling_and_every_chunk() -> None:
+    """The collector freeze runs `settle` seconds after a socket opened (one freeze however many opened
+    meanwhile), at once after `chunk` openings, collects the young generations just before each freeze, and
+    stop() cancels what is pending and unfreezes."""
+    from sockdrawer.timers import CollectorFreeze
+
+    class Collector:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def collect(self, generation: int = 2) -> int:
+            self.calls.append(f"collect{generation}")
+            return 0
+
+        def freeze(self) -> None:
+            self.calls.append("freeze")
+
+        def unfreeze(self) -> None:
+            self.calls.append("unfreeze")
+
+    clock, gc_ = task.Clock(), Collector()
+    freezer = CollectorFreeze(clock, settle=1.0, chunk=3, collector=gc_)
+    freezer.opened()
+    clock.advance(0.5)
+    freezer.opened()
+    assert gc_.calls == []
+    clock.advance(0.5)
+    assert gc_.calls == ["collect1", "freeze"] and freezer.freezes == 1
+    clock.advance(10)
+    assert freezer.freezes == 1, "a freeze with no socket opened"
+    for _ in range(3):
+        freezer.opened()
+    assert freezer.freezes == 2, "no freeze at once after a chunk of openings"
+    clock.advance(10)
+    assert freezer.freezes == 2, "the chunk's freeze left a timer behind"
+    freezer.opened()
+    freezer.stop()
+    clock.advance(10)
+    assert freezer.freezes == 2 and gc_.calls[-1] == "unfreeze"
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_sockets_are_frozen_out_of_full_collections(run_service: Any) -> None:
+    """Once sockets have opened and settled, they are in the collector's permanent generation, so a full
+    pass does not walk them; they still close and free normally; the service's stop unfreezes."""
+    import gc
+
+    from sockdrawer.websocket import SockDrawerServerProtocol
+
+    svc = await run_service()
+    assert svc.factory.freezer is not None
+    clients = [await connect(svc.ws_port, f"/frozen{i}") for i in range(5)]
+    await wait_for(lambda: svc.factory.freezer.freezes >= 1)
+    assert gc.get_freeze_count() > 0
+    assert not any(isinstance(o, SockDrawerServerProtocol) and o.factory is svc.factory
+                   for o in gc.get_objects()), "an open socket is still walked by full collections"
+    svc.hub.deliver(b"frozen0", b"still here")
+    assert await clients[0].next_message() == (Opcode.TEXT, b"still here")
+    for c in clients:
+        c.close()
+    await wait_for(lambda: not svc.factory.connections)
+    await svc.stopService()
+    assert gc.get_freeze_count() == 0
