@@ -174,7 +174,9 @@ def makeService(options: Options) -> IService:
     settings = options.settings
     service: SockDrawerService
     if settings.workers > 1 and worker_index(options.environ) is None:
-        supervisor = WorkerSupervisor(settings, options.argv, options.environ)
+        parent = getattr(options, "parent", None)  # twistd's own options
+        supervisor = WorkerSupervisor(settings, options.argv, options.environ,
+                                      reactor_name=parent.get("reactor") if parent is not None else None)
         supervisor.exit_on_failure = True
         return supervisor
     if worker_index(options.environ) is not None:

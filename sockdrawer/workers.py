@@ -435,13 +435,14 @@ class WorkerSupervisor(Service):
     :param settings: the validated settings (``workers`` above 1).
     :param argv: the ``sockdrawer`` subcommand's arguments, passed to each worker as they are.
     :param environ: the environment the workers inherit.
+    :param reactor_name: the supervisor's ``twistd --reactor``, for the workers too.
     """
 
     #: under twistd: a bind failure ends the process with a one-line message
     exit_on_failure = False
 
     def __init__(self, settings: Settings, argv: Sequence[str], environ: Mapping[str, str],
-                 reactor: Any = None, python: str = sys.executable) -> None:
+                 reactor: Any = None, python: str = sys.executable, reactor_name: str | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         check_workers(settings)
@@ -449,6 +450,7 @@ class WorkerSupervisor(Service):
         self.argv = list(argv)
         self.environ = dict(environ)
         self.python = python
+        self.reactor_name = reactor_name
         self._reactor = reactor
         self.address = parse_tcp("--port", settings.port, settings.backlog)
         self.monitor = WorkerMonitor(reactor)
@@ -458,8 +460,10 @@ class WorkerSupervisor(Service):
 
     def worker_argv(self) -> list[str]:
         """The command line of every worker."""
-        return [self.python, "-c", _TWISTD, "--nodaemon", "--pidfile=", "--logger=sockdrawer.logs.json_stdout",
-                "sockdrawer", *self.argv]
+        twistd = ["--nodaemon", "--pidfile=", "--logger=sockdrawer.logs.json_stdout"]
+        if self.reactor_name:
+            twistd.append(f"--reactor={self.reactor_name}")
+        return [self.python, "-c", _TWISTD, *twistd, "sockdrawer", *self.argv]
 
     def startService(self) -> None:
         super().startService()

@@ -296,3 +296,22 @@ def test_worker_log_lines_become_the_supervisors_events() -> None:
     assert seen[0]["log_level"] == LogLevel.info
     assert formatEvent(seen[1]) == "[worker-3] Traceback (most recent call last):"
     assert len(seen) == 2
+
+
+def test_workers_run_as_the_supervisor_was_started() -> None:
+    """Each worker runs twistd in the foreground without a pidfile, with the supervisor's --reactor and the
+    sockdrawer arguments as given, logging JSON lines for the supervisor to decode."""
+    from sockdrawer.config import Settings
+    from sockdrawer.workers import WorkerSupervisor
+
+    settings = Settings(workers=2, redis="redis://127.0.0.1:6379/0").validate()
+    argv = ["--workers", "2", "--redis", "redis://127.0.0.1:6379/0"]
+    sup = WorkerSupervisor(settings, argv, {}, reactor_name="asyncio", python="/usr/bin/python3")
+    command = sup.worker_argv()
+    assert command[:3] == ["/usr/bin/python3", "-c", "from twisted.scripts.twistd import run; run()"]
+    assert command[3:] == ["--nodaemon", "--pidfile=", "--logger=sockdrawer.logs.json_stdout", "--reactor=asyncio",
+                           "sockdrawer", *argv]
+    assert "--reactor=asyncio" not in WorkerSupervisor(settings, argv, {}).worker_argv()
+    # SIGKILL comes after the whole drain, plus a margin
+    slow = settings.replace(drain_delay=5.0, drain_window=20.0, shutdown_timeout=5.0)
+    assert WorkerSupervisor(slow, argv, {}).monitor.killTime == 40
