@@ -37,10 +37,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from websockets.sync.client import connect as ws_connect
 from wsclient import connect
+from zope.interface.verify import verifyObject
 
-from sockdrawer import Client, _slots
+from sockdrawer import Client, Source, Subscriber, _slots, on
 from sockdrawer._channels import Namespace
 from sockdrawer.hub import MemoryChannelHub
+from sockdrawer.interfaces import IBroker, IChannelObserver
 from sockdrawer.presence import events_channel
 from sockdrawer.rediscluster import ClusterLink, ShardSubscriberProtocol, _ShardSubscriberFactory, parse_slots
 from sockdrawer.redislink import RedisURL
@@ -478,6 +480,84 @@ async def test_presence_across_nodes_on_the_cluster(cluster: LocalCluster, run_s
     await bob.wait_closed()
 
 
+@pytest_twisted.ensureDeferred
+async def test_resharding_a_slot_moves_its_channel(cluster: LocalCluster, run_service: Any) -> None:
+    """A slot moved to another master (CLUSTER SETSLOT ... NODE, as redis-cli --cluster reshard ends): the old
+    master drops its channel with a sunsubscribe, the node subscribes on the new owner, and the socket gets
+    what is SPUBLISHed there; the slot is moved back afterwards."""
+    svc = await start_node(run_service, cluster, name="reshard")
+    link = svc.broker
+    ws = await connect(svc.ws_port, "/moving")
+    await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "reshard", ["moving"]))
+    slot = _slots.slot(b"reshard/moving")
+    source = cluster.owner("reshard/moving")
+    target = next(p for p in cluster.masters() if p != source)
+
+    def node_id(port: int) -> bytes:
+        with cluster.client(port) as r:
+            answer: bytes = r.execute_command("CLUSTER", "MYID")
+            return answer
+
+    def move(slot: int, source: int, target: int) -> None:
+        with cluster.client(target) as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", node_id(source))
+        with cluster.client(source) as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", node_id(target))
+        for port in (target, source):  # no keys to migrate: the slot holds only the channel
+            with cluster.client(port) as r:
+                r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", node_id(target))
+        cluster._until(lambda: cluster.owner("reshard/moving") == target, "the slot never moved")
+        cluster.wait_healthy()  # every node agrees on the map
+
+    dropped, changes = link.dropped_by_redis, link.map_changes
+    try:
+        await deferToThread(move, slot, source, target)
+        await wait_for(lambda: b"reshard/moving" in cluster.shard_channels(target) and link.is_connected()
+                       and link.unconfirmed() == 0)
+        assert link.dropped_by_redis == dropped + 1 and link.map_changes > changes
+        assert b"reshard/moving" not in cluster.shard_channels(source)
+        assert await deferToThread(cluster.spublish, "reshard/moving", "on the new owner") == 1
+        assert (await ws.next_text()) == "on the new owner"
+    finally:
+        await deferToThread(move, slot, target, source)
+    await wait_for(lambda: b"reshard/moving" in cluster.shard_channels(source))
+    ws.abort()
+
+
+ONCE_CALLS: list[tuple[int, str]] = []
+
+
+class Fulfil(Subscriber):
+    @on("orders", once=True)
+    def fulfil(self, message: Any, source: Source) -> None:
+        ONCE_CALLS.append((id(self), message))
+
+
+@pytest_twisted.ensureDeferred
+async def test_once_handlers_run_once_per_message_on_the_cluster(cluster: LocalCluster, run_service: Any) -> None:
+    """Two nodes on the cluster: an @on(once=True) handler runs on exactly one of them per message, plain or with
+    history (the SET NX claim goes to the master of its key)."""
+    ONCE_CALLS.clear()
+    nodes = [await start_node(run_service, cluster, name="once", listeners=(Fulfil,)) for _ in range(2)]
+    await deferToThread(cluster._until, lambda: cluster.client(cluster.owner("once/orders")).execute_command(
+        "PUBSUB", "SHARDNUMSUB", "once/orders")[1] == 2, "both nodes never subscribed")
+    expected = [f"plain {i}" for i in range(10)] + [f"kept {i}" for i in range(10)]
+
+    def publish() -> None:
+        with Client(cluster=cluster.seeds, name="once") as plain, \
+                Client(cluster=cluster.seeds, name="once", history_size=10) as kept:
+            for message in expected[:10]:
+                plain.pub(message, channel="orders")
+            for message in expected[10:]:
+                kept.pub(message, channel="orders")
+
+    await deferToThread(publish)
+    registries = [node.listeners for node in nodes]
+    await wait_for(lambda: all(r.once_won + r.once_lost == len(expected) for r in registries))
+    assert sorted(message for _, message in ONCE_CALLS) == sorted(expected)
+    assert sum(r.once_won for r in registries) == len(expected)
+
+
 async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any) -> Any:
     """
     Sockets on a channel of each shard; ``fail(master)`` takes one master away; then messages on that shard's
@@ -700,6 +780,15 @@ def fake() -> Iterator[FakeNode]:
 
 def names_of(key: bytes) -> list[bytes]:
     return [b"sock-drawer/" + key, b"sock-drawer#/" + key]
+
+
+def test_the_link_provides_its_interfaces(fake: FakeNode) -> None:
+    """ClusterLink is an IBroker and an IChannelObserver, with the slot map of SLOTS_REPLY: three masters."""
+    verifyObject(IBroker, fake.link)
+    verifyObject(IChannelObserver, fake.link)
+    assert sorted(port for _, port in fake.link.shards) == [7000, 7001, 7002]
+    assert {fake.link._owner(b"k%d" % i).address[1] for i in range(50)} == {7000, 7001, 7002}
+    assert all(fake.link._owner(b"k%d" % i).address[1] == fake.owner(b"k%d" % i) for i in range(50))
 
 
 def test_a_new_connection_subscribes_its_slots_channels_one_command_per_slot(fake: FakeNode) -> None:
