@@ -496,7 +496,9 @@ class ClusterLink(MultiService):
         self._refresh_call: Any = None
         self._refreshing = False
         self._refresh_again = False
+        #: refresh() callers, for the next read to start, and for the one under way
         self._refresh_waiters: list[Deferred[None]] = []
+        self._reading_for: list[Deferred[None]] = []
         #: channels Redis dropped (their slot moved) since the last slot map read
         self._moved = False
         self._unchanged_reads = 0
@@ -549,6 +551,9 @@ class ClusterLink(MultiService):
         later, self._later = self._later, []
         for _, waiting in later:
             waiting.callback(None)
+        refreshing, self._refresh_waiters = self._refresh_waiters, []
+        for waiting in refreshing:
+            waiting.errback(ConnectionError("the Redis Cluster link stopped"))
         d: Deferred[None] = super().stopService()
         return d
 
@@ -848,7 +853,9 @@ class ClusterLink(MultiService):
         return list(seen)
 
     def refresh(self) -> Deferred[None]:
-        """Read the slot map again now; fires once a read has finished (whatever it found)."""
+        """Read the slot map again now; fires once a read started after this call has finished (whatever it found)."""
+        if not self.running:
+            return fail(ConnectionError("the Redis Cluster link is not running"))
         d: Deferred[None] = Deferred()
         self._refresh_waiters.append(d)
         self._schedule_refresh(0)
@@ -871,6 +878,7 @@ class ClusterLink(MultiService):
         self._refresh_call = None
         self._refreshing = True
         self._refresh_again = False
+        self._reading_for, self._refresh_waiters = self._refresh_waiters, []
         # channels Redis dropped before this read: the map it returns should differ
         moved, self._moved = self._moved, False
         d: Deferred[Any] = self._control.whenConnected(failAfterFailures=1)
@@ -946,7 +954,7 @@ class ClusterLink(MultiService):
 
     def _refreshed(self, _: object) -> None:
         self._refreshing = False
-        waiters, self._refresh_waiters = self._refresh_waiters, []
+        waiters, self._reading_for = self._reading_for, []
         for w in waiters:
             w.callback(None)
         if self._refresh_again:
