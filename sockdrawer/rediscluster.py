@@ -885,7 +885,7 @@ class ClusterLink(MultiService):
         d.addCallback(lambda p: p.whenConnected())
         d.addCallback(lambda p: p.execute_command("CLUSTER", "SLOTS"))
         d.addTimeout(self.timeout, self._clock)
-        d.addCallbacks(self._slots_read, self._slots_failed, callbackArgs=(moved,))
+        d.addCallbacks(self._slots_read, self._slots_failed, callbackArgs=(moved,), errbackArgs=(moved,))
         d.addErrback(lambda f: _log.failure("reading the Redis Cluster slot map failed", f))
         d.addBoth(self._refreshed)
 
@@ -946,7 +946,9 @@ class ClusterLink(MultiService):
         self._moved = self._moved or stale
         self._refresh_again = True
 
-    def _slots_failed(self, failure: Failure) -> None:
+    def _slots_failed(self, failure: Failure, moved: bool) -> None:
+        # the next read still has to find the map changed
+        self._moved = self._moved or moved
         _log.warn("cannot read the Redis Cluster slot map from {node}: {error}",
                   node=":".join(map(str, self._control_endpoint.address or ("?",))),
                   error=failure.getErrorMessage() or type(failure.value).__name__)
