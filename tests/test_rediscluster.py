@@ -558,18 +558,23 @@ async def test_once_handlers_run_once_per_message_on_the_cluster(cluster: LocalC
     assert sum(r.once_won for r in registries) == len(expected)
 
 
-async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any) -> Any:
+async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any, control: bool = False) -> Any:
     """
     Sockets on a channel of each shard; ``fail(master)`` takes one master away; then messages on that shard's
     channel reach its sockets again, the other shards' sockets kept their subscriptions and got everything
-    published meanwhile, and the node called broker_gap once.
+    published meanwhile, and the node called broker_gap once.  With ``control``, the master taken away is the
+    node's only seed, the one it reads the slot map from.
     """
-    svc = await start_node(run_service, c, name=name)
-    link = svc.broker
     per_master = c.channel_per_master(name, "f")
+    victim = next(iter(per_master))
+    seeds = [f"redis://127.0.0.1:{victim}"] if control else c.seeds
+    svc = await run_service(redis_cluster=tuple(seeds), name=name, redis_retry_max=0.5)
+    await wait_for(svc.broker.is_connected)
+    link = svc.broker
+    if control:
+        assert link._control_endpoint.address == ("127.0.0.1", victim)
     sockets = {port: await connect(svc.ws_port, f"/{channel}") for port, channel in per_master.items()}
     await deferToThread(wait_shard_channels, c, by_owner(c, name, list(per_master.values())))
-    victim = next(iter(per_master))
     others = [p for p in per_master if p != victim]
     untouched = {p: link.shards[("127.0.0.1", p)].following for p in others}
     gaps: list[int] = []
@@ -623,9 +628,9 @@ async def test_manual_failover_moves_the_shards_channels(cluster: LocalCluster, 
 
 @pytest_twisted.ensureDeferred
 async def test_sigkilled_master_is_replaced_by_its_replica(cluster: LocalCluster, run_service: Any) -> None:
-    """A master SIGKILLed: once its replica takes over (cluster-node-timeout 1 s), the node subscribes there and
-    its sockets on that shard get messages again; the other shards are untouched.  The killed node comes back as
-    a replica."""
+    """A master SIGKILLed (the one the node reads the slot map from): once its replica takes over
+    (cluster-node-timeout 1 s), the node subscribes there and its sockets on that shard get messages again; the
+    other shards are untouched.  The killed node comes back as a replica."""
     killed: list[int] = []
 
     def kill(master: int) -> None:
@@ -633,7 +638,7 @@ async def test_sigkilled_master_is_replaced_by_its_replica(cluster: LocalCluster
         cluster.kill(master)
 
     try:
-        await failover_case(cluster, run_service, "killed", kill)
+        await failover_case(cluster, run_service, "killed", kill, control=True)
     finally:
         for port in killed:
             await deferToThread(cluster.start_node, port)
