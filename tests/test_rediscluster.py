@@ -931,3 +931,14 @@ def test_when_subscribed_waits_for_both_channels_confirmation(fake: FakeNode) ->
     assert not fired
     fake.confirm(conns[fake.owner(hist)][0], b"ssubscribe", [hist])
     assert fired == [None]
+
+
+def test_a_node_without_an_address_in_the_map_is_reached_where_the_map_was_read(fake: FakeNode) -> None:
+    """A master that CLUSTER SLOTS names with an empty host (Redis knows no address to give) is reached on the host
+    the map was read from; a master gone from the map is stopped and forgotten."""
+    old = list(fake.link.shards.values())
+    fake.link._slots_read([[0, 16383, [b"", 7005, b"id5"]]], False)
+    assert list(fake.link.shards) == [("127.0.0.1", 7005)]
+    assert all(shard.retired and not shard.running for shard in old)
+    assert fake.link.map_changes == 2
+    assert all(fake.link._owner(b"k%d" % i) is fake.link.shards[("127.0.0.1", 7005)] for i in range(20))
