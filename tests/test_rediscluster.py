@@ -536,6 +536,43 @@ async def test_resharding_a_slot_moves_its_channel(cluster: LocalCluster, run_se
     ws.abort()
 
 
+@pytest_twisted.ensureDeferred
+async def test_user_and_password_of_the_seed_reach_every_node(cluster: LocalCluster, run_service: Any) -> None:
+    """With an ACL user on every node, the seed URL's user and password authenticate the node's connections to
+    every master (its subscriber and its command connection, as CLIENT LIST shows) and messages flow; a wrong
+    password leaves the node not ready, its /health saying degraded."""
+    def users(add: bool) -> None:
+        for port in cluster.live():
+            with cluster.client(port) as r:
+                if add:
+                    r.execute_command("ACL", "SETUSER", "sd", "on", ">s3cret", "~*", "&*", "+@all")
+                else:
+                    r.execute_command("ACL", "DELUSER", "sd")
+
+    await deferToThread(users, True)
+    try:
+        seeds = tuple(f"redis://sd:s3cret@127.0.0.1:{p}" for p in cluster.ports[:2])
+        svc = await run_service(redis_cluster=seeds, name="acl", redis_retry_max=0.5)
+        await wait_for(svc.broker.is_connected)
+        ws = await connect(svc.ws_port, "/private")
+        await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "acl", ["private"]))
+        assert await svc.publish("authenticated", "private") == 1
+
+        def as_sd(port: int) -> int:
+            with cluster.client(port) as r:
+                return sum(1 for c in r.client_list() if c.get("user") == "sd")
+
+        assert all(n >= 2 for n in await deferToThread(lambda: [as_sd(p) for p in cluster.masters()]))
+        assert (await ws.next_text()) == "authenticated"
+        ws.abort()
+        wrong = await run_service(redis_cluster=(f"redis://sd:wrong@127.0.0.1:{cluster.ports[0]}",), name="acl",
+                                  redis_retry_max=0.5)
+        await wait_for(lambda: wrong.broker._control_backoff.failures >= 2)
+        assert not wrong.broker.is_connected() and wrong.state()["status"] == "degraded"
+    finally:
+        await deferToThread(users, False)
+
+
 ONCE_CALLS: list[tuple[int, str]] = []
 
 
