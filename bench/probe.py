@@ -92,12 +92,14 @@ def main() -> None:
         import cProfile
 
         prof = cProfile.Profile()
-        prof.enable()
-        try:
-            run()
-        finally:
+
+        def dump() -> None:
             prof.disable()
             prof.dump_stats(args.cprofile)
+
+        reactor.addSystemEventTrigger("before", "shutdown", dump)
+        prof.enable()
+        run()
     else:
         run()
 

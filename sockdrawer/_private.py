@@ -199,8 +199,6 @@ LAZY_STATE: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "_valid_events": (("message",), _no_listeners_events),
 }
 
-#: instance values equal to their class attribute, of these types, are dropped by :func:`compact`
-_SCALARS = (bool, int, float, str, bytes, type(None))
 
 
 def install_compact_defaults(cls: type) -> None:
@@ -215,8 +213,7 @@ def compact(proto: Any) -> None:
     """
     Shrink an open connection's instance dict: drop the opening handshake
     (:data:`HANDSHAKE_STATE`, never read again once open), every attribute
-    that holds its class default (:data:`COMPACT_DEFAULTS`, and any scalar
-    equal to the class attribute of that name), and the per-connection
+    that holds its class default (:data:`COMPACT_DEFAULTS`), and the per-connection
     objects of :data:`LAZY_STATE` an idle socket does not use; then rebuild
     the dict (deleting keys never shrinks one).
 
@@ -227,15 +224,13 @@ def compact(proto: Any) -> None:
     state = proto.__dict__
     for name in HANDSHAKE_STATE:
         state.pop(name, None)
-    cls = type(proto)
-    for name, value in list(state.items()):
-        if type(value) in _SCALARS:
-            default = getattr(cls, name, state)  # the dict itself: no class attribute
-            if type(default) is type(value) and default == value:
-                del state[name]
+    for name in COMPACT_DEFAULTS.keys() & state.keys():
+        value, default = state[name], COMPACT_DEFAULTS[name]
+        if value is default or (type(value) is type(default) and value == default):
+            del state[name]
     if state.get("_listeners") is None:
-        for name, (_, droppable) in LAZY_STATE.items():
-            if name in state and droppable(state[name]):
+        for name in LAZY_STATE.keys() & state.keys():
+            if LAZY_STATE[name][1](state[name]):
                 del state[name]
     proto.__dict__ = dict(state)
 

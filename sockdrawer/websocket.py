@@ -297,9 +297,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         key = self.key
         assert key is not None
         factory = self.factory
-        self.__dict__.pop("_head_complete", None)
-        if self._pending:
-            self._pending = False
+        state = self.__dict__
+        for name in ("_head_complete", "_head", "_token"):  # back to the class defaults
+            state.pop(name, None)
+        if state.pop("_pending", False):
             factory.pending -= 1
         self._opened = True
         factory.open_sockets += 1
