@@ -727,15 +727,17 @@ class ClusterLink(MultiService):
         slots = self._slots
         return slots[_slots.slot(name)] if slots is not None else None
 
-    def _sync(self, keys: Iterable[bytes]) -> None:
+    def _sync(self, keys: Iterable[bytes]) -> int:
         """
         Make each connected master's subscriptions to the channels of
         ``keys`` what they should be: held by the owner of their slot while
         the hub has sinks, by nobody otherwise.
+
+        :return: how many Redis channels were subscribed.
         """
         following = [s.following for s in self.shards.values() if s.following is not None]
         if not following:
-            return
+            return 0
         has_sinks = self.hub.subscribers
         adds: dict[ShardSubscriberProtocol, list[bytes]] = {}
         removes: dict[ShardSubscriberProtocol, list[bytes]] = {}
@@ -754,8 +756,9 @@ class ClusterLink(MultiService):
             p.sunsubscribe(names)
         for p, names in adds.items():
             p.ssubscribe(names)
+        return sum(len(names) for names in adds.values())
 
-    def _resync(self) -> None:
+    def _resync(self) -> int:
         """:meth:`_sync` for every channel the hub has or a master holds (after the slot map changed)."""
         keys: dict[bytes, None] = dict.fromkeys(self.hub.channels())
         for shard in self.shards.values():
@@ -764,7 +767,7 @@ class ClusterLink(MultiService):
                     key = self._key(name)
                     if key is not None:
                         keys[key] = None
-        self._sync(keys)
+        return self._sync(keys)
 
     # -- subscriber connections, called by the protocol
 
@@ -905,6 +908,9 @@ class ClusterLink(MultiService):
                 shard = self.shards.pop(address)
                 shard.retired = True
                 if shard.following is not None:
+                    if shard.following.subscribed and self._up_once:
+                        # its channels move to their new owners: messages may fall in between
+                        self._gap = True
                     # whatever it still sends until it is closed is stale
                     shard.following.subscribed.clear()
                     shard.following = None
@@ -926,15 +932,15 @@ class ClusterLink(MultiService):
         if changed:
             self.map_changes += 1
             self._unchanged_reads = 0
-            if old is not None and self._up_once:
-                # subscriptions move to new owners: messages may fall in between
-                self._gap = True
             _log.info("Redis Cluster slot map: {count} master(s) ({masters}), {covered} of {total} slots covered",
                       count=len(self.shards), masters=", ".join(s.node for s in self.shards.values()),
                       covered=covered, total=_slots.SLOTS)
         else:
             self._unchanged_reads += 1
-        self._resync()
+        moved_here = self._resync()
+        if moved_here and old is not None and self._up_once:
+            # subscriptions moved to their new owners: messages may have fallen in between
+            self._gap = True
         down = any(s.following is None and s not in new for s in self.shards.values())
         stale = moved and not changed and self._unchanged_reads <= _STALE_READS
         if covered == _slots.SLOTS and not down and not stale:

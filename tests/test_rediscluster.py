@@ -790,6 +790,9 @@ class FakeNode:
         self.link = ClusterLink([RedisURL.parse("redis://127.0.0.1:7000")], Namespace(), self.hub,
                                 reactor=self.reactor, ping_interval=0)
         self.link.startService()
+        # the map is given here, not read: no read is under way
+        self.link._refresh_call.cancel()
+        self.link._refresh_call = None
         self.link._slots_read(SLOTS_REPLY, False)
         self.sinks: dict[bytes, OffsetSink] = {}
 
@@ -902,8 +905,7 @@ def test_redis_dropping_a_channel_reads_the_slot_map_again(fake: FakeNode) -> No
     raw = b"sock-drawer/" + key
     fake.confirm(p, b"ssubscribe", [n for c in commands(transport.value()) for n in c[1:]])
     assert raw in p.subscribed
-    fake.link._refresh_call.cancel()  # the read the start scheduled
-    fake.link._refresh_call = None
+    assert fake.link._refresh_call is None
     fake.close(key)
     fake.reactor.advance(0)
     p.dataReceived(push(b"sunsubscribe", raw, 0))
@@ -923,8 +925,7 @@ def test_a_refused_ssubscribe_reads_the_slot_map_again(fake: FakeNode) -> None:
     fake.open(key)
     p, transport = fake.connect(7001)
     sent = commands(transport.value())
-    fake.link._refresh_call.cancel()
-    fake.link._refresh_call = None
+    assert fake.link._refresh_call is None
     p.dataReceived(b"".join(b"-MOVED 1 127.0.0.1:7002\r\n" for _ in sent))
     assert not p.subscribed and p.ready and p.unconfirmed() == 0
     assert fake.link._refresh_call is not None
@@ -979,3 +980,38 @@ def test_a_node_without_an_address_in_the_map_is_reached_where_the_map_was_read(
     assert all(shard.retired and not shard.running for shard in old)
     assert fake.link.map_changes == 2
     assert all(fake.link._owner(b"k%d" % i) is fake.link.shards[("127.0.0.1", 7005)] for i in range(20))
+
+
+def test_a_map_change_is_a_gap_only_when_it_moves_the_nodes_channels(fake: FakeNode) -> None:
+    """A new slot map that moves none of the node's channels calls no broker_gap; one that moves a channel moves
+    its subscription (SUNSUBSCRIBE on the old master, SSUBSCRIBE on the new) and, once both are answered, calls
+    broker_gap once."""
+    conns = {port: fake.connect(port) for port in (7000, 7001, 7002)}
+    key = next(k for k in fake.keys_on(7000, 20) if fake.owner(b"sock-drawer#/" + k) != 7000)
+    fake.open(key)
+    fake.reactor.advance(0)
+    raw = b"sock-drawer/" + key
+    fake.confirm(conns[7000][0], b"ssubscribe", [raw])
+    fake.confirm(conns[fake.owner(b"sock-drawer#/" + key)][0], b"ssubscribe", [b"sock-drawer#/" + key])
+    assert fake.link.is_connected() and fake.link._up_once
+    gaps: list[int] = []
+    fake.hub.broker_gap = lambda: gaps.append(1)  # type: ignore[method-assign]
+    ours = _slots.slot(raw)
+    other = next(s for s in range(5461) if s != ours)
+
+    def moved(slot: int) -> list[Any]:
+        reply = [list(entry) for entry in SLOTS_REPLY]
+        reply[0] = [0, 5460, reply[0][2]]
+        ranges = [[a, b, reply[0][2]] for a, b in ((0, slot - 1), (slot + 1, 5460)) if a <= b]
+        return [*ranges, [slot, slot, SLOTS_REPLY[1][2]], *reply[1:]]
+
+    fake.link._slots_read(moved(other), False)
+    assert fake.link.map_changes == 2 and not fake.link._gap and gaps == []
+    before = [len(commands(t.value())) for _, t in conns.values()]
+    fake.link._slots_read(moved(ours), False)
+    assert commands(conns[7000][1].value())[before[0]:] == [[b"SUNSUBSCRIBE", raw]]
+    assert commands(conns[7001][1].value())[before[1]:] == [[b"SSUBSCRIBE", raw]]
+    assert gaps == []
+    fake.confirm(conns[7000][0], b"sunsubscribe", [raw])
+    fake.confirm(conns[7001][0], b"ssubscribe", [raw])
+    assert gaps == [1] and fake.link.reconnects == 1
