@@ -30,6 +30,15 @@
  * frame).  Byte counts: "bytes" is payload bytes (inflated),
  * "wire_bytes" frame headers + payloads as received (compressed).
  *
+ * sockdrawer.v1 (--v1, docs/protocol.rst): every connection opens "/" offering
+ * "Sec-WebSocket-Protocol: sockdrawer.v1" (a 101 that does not select it
+ * fails the connection, counted as failed_ext), sends a masked
+ * {"op":"subscribe","channel":"<prefix><c>"} and counts as open once
+ * {"op":"subscribed",...} arrives.  Each {"op":"message",...,"data":"..."}
+ * envelope's data string is checked as a plain payload (for JSON payloads,
+ * data is the escaped JSON text: {\"seq\":\"SSSS ...); an {"op":"error"}
+ * is a bad payload; other control messages are counted apart ("controls").
+ *
  * Per connection it tracks the next expected sequence number of the current
  * step and a 64-message window behind it, counting losses (gaps),
  * duplicates and late (reordered) frames; frames of an older step (stragglers
@@ -80,7 +89,7 @@
 #define IBUF_SIZE (1 << 20)     /* the largest inflated message */
 #define ICACHE_N 16384         /* distinct compressed payloads kept: more than one full read of frames */
 
-enum { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_CLOSED, ST_FAILED };
+enum { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_SUBSCRIBING, ST_OPEN, ST_CLOSED, ST_FAILED };
 
 typedef struct {
     int fd;
@@ -101,7 +110,7 @@ typedef struct {
 typedef struct {
     uint64_t frames, bytes, lost, dup, late, stale, wrong_chan, bad_payload, fragments;
     uint64_t wire_bytes, deflated, inflates, inflate_errors;
-    uint64_t pings, closes, reads;
+    uint64_t pings, closes, reads, controls;
     uint64_t lat_min, lat_max, lat_sum;
     uint64_t hist[HIST_N];
 } stats_t;
@@ -128,6 +137,7 @@ static int fail_status[6];  /* 0 refused/reset, 1 timeout, 2 http non-101, 3 oth
 static char last_http_status[192];
 static uint32_t mask_seed = 0x9e3779b9u;
 static int want_deflate;       /* --deflate */
+static int v1;                 /* --v1: the sockdrawer.v1 subprotocol */
 static int inflate_cache = 1;  /* --inflate-cache */
 static z_stream zs;
 static unsigned char *ibuf;
@@ -240,7 +250,7 @@ static void conn_close(conn_t *c, int new_state) {
 static void start_connect(conn_t *c);
 
 static void handshake_failed(conn_t *c, int why) {
-    int was_hs = (c->state == ST_CONNECTING || c->state == ST_HANDSHAKE);
+    int was_hs = (c->state == ST_CONNECTING || c->state == ST_HANDSHAKE || c->state == ST_SUBSCRIBING);
     conn_close(c, ST_IDLE);
     if (was_hs) in_flight--;
     if (why != 2 && why != 4 && c->attempts < MAX_ATTEMPTS) {
@@ -291,17 +301,22 @@ static void send_handshake(conn_t *c) {
         handshake_failed(c, 0);
         return;
     }
-    char req[512];
+    char req[512], path[128];
+    if (v1)
+        snprintf(path, sizeof path, "/");
+    else
+        snprintf(path, sizeof path, "/%s%u", prefix, c->chan);
     int n = snprintf(req, sizeof req,
-                     "GET /%s%u HTTP/1.1\r\n"
+                     "GET %s HTTP/1.1\r\n"
                      "Host: %s:%d\r\n"
                      "Upgrade: websocket\r\n"
                      "Connection: Upgrade\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "%s"
+                     "%s%s"
                      "Sec-WebSocket-Version: 13\r\n\r\n",
-                     prefix, c->chan, host, port,
-                     want_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
+                     path, host, port,
+                     want_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "",
+                     v1 ? "Sec-WebSocket-Protocol: sockdrawer.v1\r\n" : "");
     ssize_t w = write(c->fd, req, (size_t)n);
     if (w != n) {
         handshake_failed(c, 0);
@@ -309,6 +324,20 @@ static void send_handshake(conn_t *c) {
     }
     c->state = ST_HANDSHAKE;
     ep_mod(c, EPOLLIN);
+}
+
+/* Send a small masked text frame (a v1 request, under 126 bytes); best effort. */
+static void send_text(conn_t *c, const char *text) {
+    size_t len = strlen(text);
+    unsigned char f[2 + 4 + 125];
+    if (len > 125) len = 125;
+    f[0] = 0x81;
+    f[1] = (unsigned char)(0x80 | len);
+    mask_seed = mask_seed * 1664525u + 1013904223u;
+    memcpy(f + 2, &mask_seed, 4);
+    for (size_t i = 0; i < len; i++) f[6 + i] = (unsigned char)text[i] ^ f[2 + (i & 3)];
+    ssize_t w = write(c->fd, f, 6 + len);
+    (void)w;
 }
 
 /* Send a small masked control frame (pong/close); best effort. */
@@ -475,6 +504,38 @@ static void count_deflated(conn_t *c, const unsigned char *p, uint64_t len, uint
     count_data(c, head, plen, wire, now);
 }
 
+static void connection_open(conn_t *c, uint64_t now);
+
+/* A sockdrawer.v1 text message: an envelope (checked), "subscribed", an error, or another control message. */
+static void count_v1(conn_t *c, const unsigned char *p, uint64_t len, uint64_t wire, uint64_t now) {
+    static const char msg[] = "{\"op\":\"message\"", sub[] = "{\"op\":\"subscribed\"", err[] = "{\"op\":\"error\"";
+    static const char data_key[] = "\"data\":\"", json_seq[] = "{\\\"seq\\\":\\\"";
+    if (len >= sizeof msg - 1 && memcmp(p, msg, sizeof msg - 1) == 0) {
+        const unsigned char *d = memmem(p, (size_t)len, data_key, sizeof data_key - 1);
+        if (!d) {
+            count_data(c, p, 0, wire, now);  /* bad */
+            return;
+        }
+        d += sizeof data_key - 1;
+        uint64_t dlen = len - (uint64_t)(d - p);
+        if (dlen >= sizeof json_seq - 1 && memcmp(d, json_seq, sizeof json_seq - 1) == 0) {
+            d += sizeof json_seq - 1;  /* JSON text as a JSON string: the header follows {\"seq\":\" */
+            dlen -= sizeof json_seq - 1;
+        }
+        count_data(c, d, dlen, wire, now);
+        st.bytes += len - dlen;  /* count the whole envelope as payload bytes */
+        return;
+    }
+    st.controls++;
+    st.wire_bytes += wire;
+    if (len >= sizeof sub - 1 && memcmp(p, sub, sizeof sub - 1) == 0) {
+        if (c->state == ST_SUBSCRIBING) connection_open(c, now);
+    } else if (len >= sizeof err - 1 && memcmp(p, err, sizeof err - 1) == 0) {
+        st.bad_payload++;
+        fprintf(stderr, "loadclient %d: %.*s\n", client_id, (int)(len < 200 ? len : 200), (const char *)p);
+    }
+}
+
 /* Parse frames in buf[0..len); keep the incomplete tail in c->left. */
 static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now) {
     size_t pos = 0;
@@ -527,7 +588,9 @@ static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now
         case 0x1:
         case 0x2:
             c->in_frag = !(b0 & 0x80);
-            if (!rsv) {
+            if (v1 && !rsv && op == 0x1) {
+                count_v1(c, p, plen, hl + plen, now);
+            } else if (!rsv) {
                 count_data(c, p, plen, hl + plen, now);
             } else if (c->in_frag) {  /* a fragmented compressed message: never sent by the servers measured */
                 st.deflated++;
@@ -551,6 +614,10 @@ static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now
         case 0xA:
             break;
         case 0x8:
+            if (c->state == ST_SUBSCRIBING) {  /* closed before "subscribed": a failed handshake */
+                handshake_failed(c, 2);
+                return;
+            }
             st.closes++;
             send_control(c, 0x8, p, plen >= 2 ? 2 : 0);
             if (plen >= 2) fprintf(stderr, "loadclient %d: close code %d from server\n", client_id, (p[0] << 8) | p[1]);
@@ -613,6 +680,11 @@ static int check_extensions(conn_t *c, const unsigned char *head, size_t len) {
     } else if (!strcasestr(val, "server_no_context_takeover")) {
         why = "101 without server_no_context_takeover";
     }
+    if (!why && v1) {
+        size_t plen = 0;
+        const char *proto = find_header(head, len, "sec-websocket-protocol:", &plen);
+        if (!proto || plen != 13 || strncmp(proto, "sockdrawer.v1", 13) != 0) why = "101 without sockdrawer.v1";
+    }
     if (why) {
         snprintf(last_http_status, sizeof last_http_status, "%s%s%s", why, v ? ": " : "", val);
         for (char *q = last_http_status; *q; q++)  /* it goes into a JSON string */
@@ -668,13 +740,15 @@ static void on_readable(conn_t *c) {
             handshake_failed(c, 4);
             return;
         }
-        uint64_t dt = now - c->t_start;
-        hs_hist[hist_index(dt)]++;
-        if (dt > hs_max) hs_max = dt;
-        c->state = ST_OPEN;
-        n_open++;
-        in_flight--;
         c->left_len = 0;
+        if (v1) {
+            char sub[128];
+            snprintf(sub, sizeof sub, "{\"op\":\"subscribe\",\"channel\":\"%s%u\"}", prefix, c->chan);
+            send_text(c, sub);
+            c->state = ST_SUBSCRIBING;
+        } else {
+            connection_open(c, now);
+        }
         size_t hdr = (size_t)(end + 4 - rbuf);
         if (len > hdr) parse_frames(c, rbuf + hdr, len - hdr, now);
         return;
@@ -682,10 +756,21 @@ static void on_readable(conn_t *c) {
     parse_frames(c, rbuf, len, now);
 }
 
+/* The handshake is done (raw: the 101; v1: "subscribed"): the connection counts as open. */
+static void connection_open(conn_t *c, uint64_t now) {
+    uint64_t dt = now - c->t_start;
+    hs_hist[hist_index(dt)]++;
+    if (dt > hs_max) hs_max = dt;
+    c->state = ST_OPEN;
+    n_open++;
+    in_flight--;
+}
+
 static void check_handshake_timeouts(uint64_t now) {
     for (int i = 0; i < next_to_start; i++) {
         conn_t *c = &conns[i];
-        if ((c->state == ST_CONNECTING || c->state == ST_HANDSHAKE) && now - c->t_start > 10000000000ull)
+        if ((c->state == ST_CONNECTING || c->state == ST_HANDSHAKE || c->state == ST_SUBSCRIBING)
+            && now - c->t_start > 10000000000ull)
             handshake_failed(c, 1);
     }
 }
@@ -714,7 +799,7 @@ static void report(const char *event, stats_t *s) {
     printf("{\"event\":\"%s\",\"id\":%d,\"t\":%.6f,\"cpu_s\":%.6f,\"sys_s\":%.6f,\"open\":%d,\"closed\":%d,"
            "\"frames\":%llu,\"bytes\":%llu,\"lost\":%llu,\"dup\":%llu,\"late\":%llu,\"stale\":%llu,"
            "\"wrong_chan\":%llu,\"bad_payload\":%llu,\"fragments\":%llu,\"pings\":%llu,\"closes\":%llu,"
-           "\"reads\":%llu,\"wire_bytes\":%llu,\"deflated\":%llu,\"inflates\":%llu,\"inflate_errors\":%llu,"
+           "\"reads\":%llu,\"controls\":%llu,\"wire_bytes\":%llu,\"deflated\":%llu,\"inflates\":%llu,\"inflate_errors\":%llu,"
            "\"conn_frames_min\":%llu,\"conn_frames_max\":%llu,"
            "\"lat_min_ns\":%llu,\"lat_max_ns\":%llu,\"lat_sum_ns\":%llu,\"total_frames\":%llu,\"hist\":",
            event, client_id, (now_ns() - t_begin) / 1e9, cpu_seconds(), sys_seconds(), n_open, n_closed,
@@ -723,6 +808,7 @@ static void report(const char *event, stats_t *s) {
            (unsigned long long)s->wrong_chan,
            (unsigned long long)s->bad_payload, (unsigned long long)s->fragments,
            (unsigned long long)s->pings, (unsigned long long)s->closes, (unsigned long long)s->reads,
+           (unsigned long long)s->controls,
            (unsigned long long)s->wire_bytes, (unsigned long long)s->deflated, (unsigned long long)s->inflates,
            (unsigned long long)s->inflate_errors, (unsigned long long)fmin, (unsigned long long)fmax,
            (unsigned long long)(s->frames ? s->lat_min : 0), (unsigned long long)s->lat_max,
@@ -745,6 +831,7 @@ static void fold_step(void) {
     tot.pings += st.pings;
     tot.closes += st.closes;
     tot.reads += st.reads;
+    tot.controls += st.controls;
     tot.wire_bytes += st.wire_bytes;
     tot.deflated += st.deflated;
     tot.inflates += st.inflates;
@@ -785,7 +872,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadclient --port P --conns N [--host 127.0.0.1] [--offset O] [--channels M]\n"
             "                  [--prefix bench] [--concurrency 64] [--max-seconds 3600] [--id K]\n"
-            "                  [--poll-us 0] [--deflate] [--inflate-cache 1]\n"
+            "                  [--poll-us 0] [--deflate] [--inflate-cache 1] [--v1]\n"
             "connection i (global index O+i) opens ws://HOST:P/<prefix><(O+i) %% M>\n"
             "stdin commands: r (report and reset), p (peek), q (quit)\n");
     exit(2);
@@ -797,6 +884,10 @@ int main(int argc, char **argv) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--deflate")) {
             want_deflate = 1;
+            continue;
+        }
+        if (!strcmp(a, "--v1")) {
+            v1 = 1;
             continue;
         }
         if (!v) usage();

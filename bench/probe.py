@@ -75,7 +75,7 @@ def main() -> None:
             stats.setdefault("stall_ms", []).append(round(late, 1))
         if now >= report_at[0]:
             report_at[0] = now + 1.0
-            line = dict(stats, t=round(time.time(), 2), counts=gc.get_count(), frozen=gc.get_freeze_count())
+            line = dict(stats, t=round(time.time(), 2), counts=gc.get_count())  # (get_freeze_count walks a list)
             print("probe " + json.dumps(line), file=sys.stderr, flush=True)
             for k in ("gc", "gc_ms", "gc_max_ms"):
                 stats[k] = [0 if k == "gc" else 0.0] * 3

@@ -19,6 +19,8 @@ Scenarios:
   idle      10,000 idle sockets: RSS per socket, connect rate, handshake CPU
   large     1,000 sockets on 1 channel, 16 KiB messages, rate stepped up from 10 msg/s
   fanout-json  1 channel, 1,000 sockets, 1 KiB JSON messages, rate stepped up from 100 msg/s
+  fanout-v1 fanout with clients speaking sockdrawer.v1 (path /, a subscribe, JSON envelopes);
+            sockdrawer builds only (the baseline and the floor do not speak it)
 
 --compression measures each sockdrawer build twice, plain and with
 permessage-deflate (server --compression, load clients offering and
@@ -88,6 +90,7 @@ class Scenario:
     start_rate: float = 0.0  # msg/s; 0: no publishing (idle)
     max_rate: float = 0.0
     payload: str = "dots"  # publisher --payload: "dots" (header + '.' padding) or "json"
+    v1: bool = False  # clients speak sockdrawer.v1 (path /, subscribe, JSON envelopes)
 
     @property
     def fanout(self) -> float:
@@ -101,6 +104,8 @@ SCENARIOS = {
     "large": Scenario("large", "1 channel, 1,000 sockets, 16 KiB", 1000, 1, 16384, 10, 5000),
     "fanout-json": Scenario("fanout-json", "1 channel, 1,000 sockets, 1 KiB JSON", 1000, 1, 1024, 100, 10_000,
                             "json"),
+    "fanout-v1": Scenario("fanout-v1", "1 channel, 1,000 sockdrawer.v1 sockets, 100 B", 1000, 1, 100, 100, 10_000,
+                          v1=True),
 }
 QUICK = {
     "fanout": dict(sockets=200, start_rate=100),
@@ -108,8 +113,9 @@ QUICK = {
     "idle": dict(sockets=1000),
     "large": dict(sockets=100, start_rate=20),
     "fanout-json": dict(sockets=200, start_rate=100),
+    "fanout-v1": dict(sockets=200, start_rate=100),
 }
-ORDER = ["fanout", "channels", "idle", "large", "fanout-json"]
+ORDER = ["fanout", "channels", "idle", "large", "fanout-json", "fanout-v1"]
 
 
 @dataclass
@@ -331,12 +337,14 @@ class Children:
 class LoadClient:
     def __init__(self, children: Children, idx: int, port: int, conns: int, offset: int, channels: int,
                  concurrency: int, cpus: set[int] | None, log: Path, poll_us: int = 0, deflate: bool = False,
-                 inflate_cache: bool = True) -> None:
+                 inflate_cache: bool = True, v1: bool = False) -> None:
         argv = [str(BUILD / "loadclient"), "--port", str(port), "--conns", str(conns), "--offset", str(offset),
                 "--channels", str(channels), "--concurrency", str(concurrency), "--id", str(idx),
                 "--max-seconds", "3600", "--poll-us", str(poll_us), "--inflate-cache", "1" if inflate_cache else "0"]
         if deflate:
             argv.append("--deflate")
+        if v1:
+            argv.append("--v1")
         self.idx = idx
         self.conns = conns
         self.logf = open(log, "wb")
@@ -977,7 +985,7 @@ def start_setup(env: Env, server: Server, sc: Scenario) -> tuple[Setup, dict[str
         for i, n in enumerate(per):
             c = LoadClient(children, i, port, n, off, sc.channels, max(1, args.concurrency // k), env.load_cpus,
                            env.logdir / f"{tag}-client{i}.log", args.client_poll_us, server.deflate,
-                           not args.no_inflate_cache)
+                           not args.no_inflate_cache, sc.v1)
             setup.clients.append(c)
             off += n
         conn = [c.read_event("connected", 300) for c in setup.clients]
@@ -1733,7 +1741,7 @@ def main(argv: list[str] | None = None) -> int:
             "pythonpath": server.pythonpath,
             "scenario": name,
             "params": {"sockets": sc.sockets, "channels": sc.channels, "size": sc.size,
-                       "payload": sc.payload, "deflate": server.deflate,
+                       "payload": sc.payload, "v1": sc.v1, "deflate": server.deflate,
                        "start_rate": sc.start_rate, "clients": args.clients, "quick": args.quick,
                        "interleave": bool(args.interleave and sc.start_rate), "repeat": args.repeat,
                        "probe_s": args.probe, "confirm_s": args.duration,
@@ -1765,13 +1773,14 @@ def main(argv: list[str] | None = None) -> int:
                 sc.sockets = args.sockets
                 if name == "channels":
                     sc.channels = args.sockets
+            these = [sv for sv in servers if not (sc.v1 and sv.label in ("baseline", "floor"))]
             if args.interleave and sc.start_rate:
                 t0 = time.monotonic()
-                for server, (res, error) in zip(servers, run_interleaved(env, servers, sc), strict=True):
+                for server, (res, error) in zip(these, run_interleaved(env, these, sc), strict=True):
                     status = status or (1 if error else 0)
                     record(name, sc, server, res, error, time.monotonic() - t0)
             else:
-                for server in servers:
+                for server in these:
                     t0 = time.monotonic()
                     try:
                         res, error = run_one(env, server, sc), None
