@@ -328,7 +328,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             except RuntimeError:  # a producer is registered already (under a Site)
                 pass
         if self._v1:
-            self._sock = None  # v1 frames always go through Twisted's buffer
+            # v1 frames go straight to the kernel too while nothing waits in
+            # Twisted's buffer (deliver_queued checks), else through it, in order
             self._session = V1Session(self)
             return
         self.factory.join(key, self)

@@ -258,3 +258,41 @@ async def test_queued_socket_returns_to_direct_sends(run_service: Any) -> None:
     burst(svc, b"q", 2, 1)
     assert group.direct == 1
     assert [await client.next_message() for _ in range(3)] == expected(0, 3)
+
+
+@pytest_twisted.ensureDeferred
+async def test_v1_envelopes_go_direct_and_stay_in_order_with_pings(run_service: Any) -> None:
+    """A sockdrawer.v1 socket gets its envelopes straight from send() while nothing waits in Twisted's buffer,
+    and through the buffer behind pongs and replies otherwise: bursts with client pings in between arrive
+    complete and in order, as JSON envelopes."""
+    import json
+
+    svc = await run_service()
+    client = await connect(svc.ws_port, "/", subprotocols=["sockdrawer.v1"])
+    client.send_json({"op": "subscribe", "channel": "v"})
+    assert (await client.next_json())["op"] == "subscribed"
+    proto = next(iter(svc.factory.connections))
+    sends: list[int] = []
+    sock = proto._sock
+    assert sock is not None, "a v1 socket has no direct path"
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(sock, name)
+
+        def send(self, data: bytes) -> int:
+            sends.append(len(data))
+            return sock.send(data)
+
+    proto._sock = Counting()
+    sent = 0
+    for round_ in range(10):
+        burst(svc, b"v", sent, 50)
+        sent += 50
+        client.ping(b"%d" % round_)
+        await task.deferLater(reactor, 0.005, lambda: None)
+    got = [json.loads((await client.next_message())[1]) for _ in range(sent)]
+    assert [g["op"] for g in got] == ["message"] * sent
+    data = [g.get("data") if "encoding" not in g else None for g in got]
+    assert [d for d in data if d is not None] == [str(i) for i in range(sent) if i % 4], "reordered or lost"
+    assert sends, "no envelope went straight to the socket"
