@@ -790,12 +790,14 @@ def measure_step(env: Env, setup: Setup, sc: Scenario, rate: float, duration: fl
     return res
 
 
-def probe_figures(setup: Setup, since: float, until: float) -> dict[str, Any]:
+def probe_figures(setup: Setup, since: float, until: float, whole: bool = False) -> dict[str, Any]:
     """
     What bench/probe.py logged (one line a second) between ``since`` and
     ``until`` (wall clock, seconds, widened by a second at the end): garbage
     collections per generation, the longest gen-2 pass, the reactor's longest
-    lateness and its stalls.  Empty without ``--server-probe``.
+    lateness and its stalls.  Empty without ``--server-probe``.  With
+    ``whole``, only the seconds that began after ``since`` (the connect
+    phase: not the server's start-up before it).
     """
     log = setup.server_log
     if log is None or not log.exists():
@@ -811,7 +813,7 @@ def probe_figures(setup: Setup, since: float, until: float) -> dict[str, Any]:
                 e = json.loads(line[at + 6:])
             except ValueError:
                 continue
-            if not since < e["t"] <= until + 1.0:
+            if not since < e["t"] <= until + 1.0 or (whole and e["t"] - 1.05 < since):
                 continue
             lines += 1
             for g in range(3):
@@ -979,7 +981,7 @@ def start_setup(env: Env, server: Server, sc: Scenario) -> tuple[Setup, dict[str
         cpu0 = proc_cpu(server_pid)
         # connect
         k = max(1, min(args.clients, sc.sockets))
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time()
         per = [sc.sockets // k + (1 if i < sc.sockets % k else 0) for i in range(k)]
         off = 0
         for i, n in enumerate(per):
@@ -1000,6 +1002,7 @@ def start_setup(env: Env, server: Server, sc: Scenario) -> tuple[Setup, dict[str
         for e in conn:
             for idx, n in e["hs_hist"]:
                 hs[idx] = hs.get(idx, 0) + n
+        wall1 = time.time()
         time.sleep(0.3 if args.quick else 1.0)
         rss1 = proc_rss(server_pid)
         connect = {
@@ -1020,13 +1023,17 @@ def start_setup(env: Env, server: Server, sc: Scenario) -> tuple[Setup, dict[str
             "rss_before": rss0,
             "rss_after": rss1,
             "rss_per_socket": (rss1 - rss0) / opened if opened else None,
+            # --server-probe: GC passes and reactor stalls while connecting
+            **{"probe_" + k2: v for k2, v in probe_figures(setup, wall0, wall1, whole=True).items()},
         }
         print(f"  connect: {opened:,}/{sc.sockets:,} open in {t_conn:.2f} s ({connect['conn_per_s'] or 0:,.0f}/s), "
               f"handshake CPU {connect['handshake_cpu_us'] or 0:.0f} us/conn, "
               f"p99 {connect['handshake_p99_ms']:.1f} ms, "
               f"RSS {connect['rss_per_socket'] or 0:,.0f} B/socket ({rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB)"
               + (f", permessage-deflate on {connect['deflate']:,}" if server.deflate else "")
-              + (f", {failed} FAILED {connect['failures']} {connect['http_status'][:1]}" if failed else ""),
+              + (f", {failed} FAILED {connect['failures']} {connect['http_status'][:1]}" if failed else "")
+              + (f", gc2 {connect['probe_gc2']} (max {connect['probe_gc_max_ms']:.0f} ms), "
+                 f"stall {connect['probe_stall_max_ms']:.0f} ms" if "probe_gc2" in connect else ""),
               flush=True)
         if opened == 0:
             raise BenchError("no connection opened")

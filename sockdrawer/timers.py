@@ -112,7 +112,8 @@ class CollectorFreeze:
     """
     Keeps the garbage collector's full passes short however many sockets are
     open, by moving what is alive into its permanent generation
-    (:func:`gc.freeze`) as sockets open: at most ``settle`` seconds after a
+    (:func:`gc.freeze`) when the server starts listening (after one full
+    collection) and as sockets open: at most ``settle`` seconds after a
     socket opened, and at once after every ``chunk`` openings.  Before each
     freeze a young-generation pass (``gc.collect(1)``, a millisecond or so)
     reclaims the cyclic garbage made since.
@@ -148,6 +149,12 @@ class CollectorFreeze:
         self._since = 0
         #: freezes done so far
         self.freezes = 0
+
+    def start(self) -> None:
+        """The server starts listening: collect everything once, and freeze what is left (the imported code)."""
+        self._gc.collect()
+        self._gc.freeze()
+        self.freezes += 1
 
     def opened(self) -> None:
         """A socket opened."""

@@ -780,6 +780,11 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         super().setProtocolOptions(*args, **kwargs)
         self.protocol = _private.options_as_class(SockDrawerServerProtocol, self)  # type: ignore[assignment]
 
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.freezer is not None:
+            self.freezer.start()
+
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""
         return any(pattern_matches(p, channel) for p in self.public_channels)

@@ -493,6 +493,9 @@ def test_collector_freeze_after_settling_and_every_chunk() -> None:
     freezer.stop()
     clock.advance(10)
     assert freezer.freezes == 2 and gc_.calls[-1] == "unfreeze"
+    gc_.calls.clear()
+    freezer.start()
+    assert gc_.calls == ["collect2", "freeze"] and freezer.freezes == 3  # at listening: one full pass
 
 
 @pytest_twisted.ensureDeferred
@@ -505,8 +508,9 @@ async def test_open_sockets_are_frozen_out_of_full_collections(run_service: Any)
 
     svc = await run_service()
     assert svc.factory.freezer is not None
+    assert svc.factory.freezer.freezes == 1 and gc.get_freeze_count() > 0, "nothing frozen at listening"
     clients = [await connect(svc.ws_port, f"/frozen{i}") for i in range(5)]
-    await wait_for(lambda: svc.factory.freezer.freezes >= 1)
+    await wait_for(lambda: svc.factory.freezer.freezes >= 2)  # after the sockets opened
     assert gc.get_freeze_count() > 0
     assert not any(isinstance(o, SockDrawerServerProtocol) and o.factory is svc.factory
                    for o in gc.get_objects()), "an open socket is still walked by full collections"
