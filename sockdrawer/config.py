@@ -214,6 +214,10 @@ class Settings:
         "pattern", "how a node subscribes to Redis: pattern (PSUBSCRIBE <name>/*: every message of the "
         "namespace reaches every node) or channels (SUBSCRIBE to exactly the channels this node has sockets "
         "or listeners on)", part=REDIS, metavar="MODE")
+    redis_cluster: tuple[str, ...] = option(
+        (), "seed node of a Redis Cluster, as redis://[:password@]host:port (repeatable): channels are "
+        "subscribed with SSUBSCRIBE on the shard that owns them and published with SPUBLISH (Redis 7 sharded "
+        "pub/sub); instead of --redis", part=REDIS, secret=True)
     presence_timeout: float = option(
         30.0, "seconds after which the presence entries of a node that stopped refreshing them expire (nodes "
         "refresh every third of it)", part=SERVICE, above=0, high=MAX_SECONDS)
@@ -249,7 +253,9 @@ class Settings:
             raise ValueError("--log-format must be text or json")
         if self.subscribe not in ("pattern", "channels"):
             raise ValueError("--subscribe must be pattern or channels")
-        if self.workers > 1 and not self.redis:
+        if self.redis and self.redis_cluster:
+            raise ValueError("--redis and --redis-cluster exclude each other: give one")
+        if self.workers > 1 and not (self.redis or self.redis_cluster):
             raise ValueError("--workers above 1 needs --redis: each worker is its own process, and the "
                              "embedded broker cannot carry messages between processes")
         if self.api_key is not None and not self.api_key:
@@ -262,6 +268,15 @@ class Settings:
             except ValueError as e:
                 raise ValueError(f"--public-channel: {e}") from None
         self.token_verifier()
+        for seed in self.redis_cluster:
+            from .redislink import RedisURL
+
+            try:
+                url = RedisURL.parse(seed)
+            except ValueError as e:
+                raise ValueError(f"--redis-cluster: {e}") from None
+            if url.scheme == "unix":
+                raise ValueError("--redis-cluster: seed nodes are host:port URLs, not Unix sockets")
         if self.redis is not None:
             from .redislink import RedisURL
 
