@@ -386,7 +386,8 @@ class _AnyNodeEndpoint:
         self._next += 1
         self.address = address
         url = self._link._node_url(address)
-        # the factory reads the password of the seed; every node has the same
+        # the password is the seed's (every node has the same); the address, for the logs, this node's
+        factory.url = url
         d: Deferred[Any] = url.endpoint(self._link._reactor, self._link.timeout).connect(factory)
         return d
 
