@@ -208,8 +208,8 @@ class Settings:
         100, "most simultaneous API connections (more: refused)", part=API, low=1)
     workers: int = option(
         1, "processes that accept on the same port (SO_REUSEPORT), each with its own Redis subscription, "
-        "supervised by the parent (a crashed worker is restarted); more than 1 needs --redis", part=SERVICE,
-        low=1, high=256)
+        "supervised by the parent (a crashed worker is restarted); more than 1 needs --redis or --redis-cluster",
+        part=SERVICE, low=1, high=256)
     subscribe: str = option(
         "pattern", "how a node subscribes to Redis: pattern (PSUBSCRIBE <name>/*: every message of the "
         "namespace reaches every node) or channels (SUBSCRIBE to exactly the channels this node has sockets "
@@ -217,7 +217,7 @@ class Settings:
     redis_cluster: tuple[str, ...] = option(
         (), "seed node of a Redis Cluster, as redis://[:password@]host:port (repeatable): channels are "
         "subscribed with SSUBSCRIBE on the shard that owns them and published with SPUBLISH (Redis 7 sharded "
-        "pub/sub); instead of --redis", part=REDIS, secret=True)
+        "pub/sub; a plain PUBLISH does not reach the nodes); instead of --redis", part=REDIS, secret=True)
     presence_timeout: float = option(
         30.0, "seconds after which the presence entries of a node that stopped refreshing them expire (nodes "
         "refresh every third of it)", part=SERVICE, above=0, high=MAX_SECONDS)
@@ -256,8 +256,8 @@ class Settings:
         if self.redis and self.redis_cluster:
             raise ValueError("--redis and --redis-cluster exclude each other: give one")
         if self.workers > 1 and not (self.redis or self.redis_cluster):
-            raise ValueError("--workers above 1 needs --redis: each worker is its own process, and the "
-                             "embedded broker cannot carry messages between processes")
+            raise ValueError("--workers above 1 needs --redis or --redis-cluster: each worker is its own "
+                             "process, and the embedded broker cannot carry messages between processes")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
         for pattern in self.public_channel:
