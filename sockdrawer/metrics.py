@@ -48,7 +48,7 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("sockdrawer_pending_handshakes", "Connections in their opening handshake",
                                 value=factory.pending)
         yield GaugeMetricFamily("sockdrawer_channels", "Channels with at least one socket or listener",
-                                value=len(svc.hub.channels()))
+                                value=svc.channel_count())
         yield CounterMetricFamily("sockdrawer_connections", "TCP connections accepted on the WebSocket port",
                                   value=factory.connections_total)
         refusals = CounterMetricFamily("sockdrawer_handshake_refusals", "Refused opening handshakes, by HTTP status",

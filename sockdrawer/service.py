@@ -404,9 +404,13 @@ class SockDrawerService(MultiService):
         api = (yield self.api.when_listening()) if self.api is not None else None
         return {"websocket": ws, "api": api}
 
+    def channel_count(self) -> int:
+        """The channels with sockets or listeners (not the hub's internal keys, like presence events')."""
+        # a channel name never starts with "/"; internal keys do
+        return sum(1 for key in self.hub.channels() if not key.startswith(b"/"))
+
     def state(self) -> dict[str, Any]:
         """What ``GET /health`` and ``GET /ready`` report."""
-        hub = self.hub
         ready, why = self.ready()
         return {
             "status": "ok" if self.broker.is_connected() else "degraded",
@@ -415,7 +419,7 @@ class SockDrawerService(MultiService):
             "broker": self.broker.description,
             "broker_connected": self.broker.is_connected(),
             "sockets": len(self.factory.connections),
-            "channels": len(hub.channels()),
+            "channels": self.channel_count(),
             **({"shards": self.broker.shard_states()} if isinstance(self.broker, ClusterLink) else {}),
         }
 

@@ -80,6 +80,20 @@ async def test_embedded_list_join_and_leave(run_service: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_health_and_metrics_count_channels_not_presence_keys(run_service: Any) -> None:
+    """A presence subscription holds an internal hub key for its events; /health and the channels gauge count
+    the one channel the socket is on, not that key."""
+    svc = await run_service(auth_secret=SECRET)
+    alice = await v1(svc, "alice")
+    await subscribe_with_presence(alice, "room/1")
+    assert len(svc.hub.channels()) == 2  # room/1 and its presence events' key
+    assert svc.state()["channels"] == 1
+    from prometheus_client import generate_latest
+
+    assert b"sockdrawer_channels 1.0" in generate_latest(svc.metrics)
+
+
+@pytest_twisted.ensureDeferred
 async def test_presence_is_opt_in_and_per_channel(run_service: Any) -> None:
     """A socket subscribed without presence neither gets presence messages nor shows in the list; presence on
     one channel says nothing of another; an anonymous socket on a public channel is listed with user null."""
