@@ -218,6 +218,11 @@ class Settings:
         (), "seed node of a Redis Cluster, as redis://[:password@]host:port (repeatable): channels are "
         "subscribed with SSUBSCRIBE on the shard that owns them and published with SPUBLISH (Redis 7 sharded "
         "pub/sub; a plain PUBLISH does not reach the nodes); instead of --redis", part=REDIS, secret=True)
+    no_gc_freeze: bool = option(
+        False, "do not move open sockets into the garbage collector's permanent generation (gc.freeze); by "
+        "default they are, as they open, so full collections do not walk them (no 50 ms pauses after "
+        "connection storms), at a cost: reference cycles among objects alive at a freeze are reclaimed only "
+        "when the service stops", part=WEBSOCKET)
     presence_timeout: float = option(
         30.0, "seconds after which the presence entries of a node that stopped refreshing them expire (nodes "
         "refresh every third of it)", part=SERVICE, above=0, high=MAX_SECONDS)

@@ -704,7 +704,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
             from twisted.internet import reactor as clock
         _private.set_connection_timer(self, BucketTimer(clock))
         #: keeps full GC passes short with many sockets (see CollectorFreeze)
-        self.freezer = CollectorFreeze(clock) if getattr(settings, "gc_freeze", True) else None
+        self.freezer = CollectorFreeze(clock) if not settings.no_gc_freeze else None
         self.hub = hub
         self.frame_handler = frame_handler
         self.clock = clock

@@ -322,7 +322,7 @@ DOCUMENTED_DEFAULTS = {
     "auth_leeway": 30.0, "max_frames_per_second": 100.0, "frame_burst": 200, "max_fragments": 1000,
     "max_pending_handshakes": 1000, "max_connections_per_ip": 1000, "api_timeout": 10.0,
     "api_max_connections": 100, "history_size": 0, "history_ttl": 300.0, "max_subscriptions": 100,
-    "workers": 1, "subscribe": "pattern", "presence_timeout": 30.0,
+    "workers": 1, "subscribe": "pattern", "presence_timeout": 30.0, "no_gc_freeze": False,
 }
 
 

@@ -521,3 +521,20 @@ async def test_open_sockets_are_frozen_out_of_full_collections(run_service: Any)
     await wait_for(lambda: not svc.factory.connections)
     await svc.stopService()
     assert gc.get_freeze_count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_gc_freeze_leaves_sockets_to_full_collections(run_service: Any) -> None:
+    """With --no-gc-freeze nothing is frozen: open sockets stay in the collector's generations."""
+    import gc
+
+    from sockdrawer.websocket import SockDrawerServerProtocol
+
+    gc.unfreeze()
+    svc = await run_service(no_gc_freeze=True)
+    assert svc.factory.freezer is None
+    client = await connect(svc.ws_port, "/thawed")
+    await wait_for(lambda: svc.factory.open_sockets == 1)
+    assert gc.get_freeze_count() == 0
+    assert any(isinstance(o, SockDrawerServerProtocol) and o.factory is svc.factory for o in gc.get_objects())
+    client.close()
