@@ -24,12 +24,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import hiredis
 import pytest
 import pytest_twisted
 import redis as redis_py
 from childnode import ChildNode
-from conftest import INSTALL_HINT, wait_for
+from conftest import INSTALL_HINT, commands, free_port, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -51,13 +50,6 @@ from sockdrawer.testing import RecordingSink
 # -- the cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class LocalCluster:
     """Six redis-server processes in cluster mode on free ports: three masters, one replica each."""
 
@@ -73,7 +65,7 @@ class LocalCluster:
 
     def start(self) -> None:
         while len(self.ports) < 6:
-            port, bus = _free_port(), _free_port()
+            port, bus = free_port(), free_port()
             if port != bus and port not in self.ports and port not in self.bus.values():
                 self.ports.append(port)
                 self.bus[port] = bus
@@ -648,7 +640,10 @@ async def failover_case(c: LocalCluster, run_service: Any, name: str, fail: Any,
           f"failover began")
     assert ("127.0.0.1", replica) in link.shards and ("127.0.0.1", victim) not in link.shards
     channel = per_master[victim]
-    assert c.owner(f"{name}/{channel}") == replica
+    # the node learned the new owner from one node's map; the node the test asks may hear of it a gossip
+    # round later
+    await wait_for(lambda: deferToThread(c.owner, f"{name}/{channel}").addCallback(lambda o: o == replica),
+                   timeout=10)
     await deferToThread(c.spublish, f"{name}/{channel}", "after the failover")
     assert (await sockets[victim].next_text()) == "after the failover"
     for port in others:
@@ -755,13 +750,6 @@ class CountingTransport(StringTransport):
         super().write(data)
 
 
-def commands(data: bytes) -> list[list[bytes]]:
-    reader = hiredis.Reader()
-    reader.feed(data)
-    out = []
-    while (command := reader.gets()) is not False:
-        out.append(command)
-    return out
 
 
 def push(*parts: Any) -> bytes:
