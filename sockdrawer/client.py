@@ -201,6 +201,10 @@ class Client:
 
     def _http_get(self, path: str) -> dict[str, Any]:
         request = urllib.request.Request(f"{self._http}{path}", method="GET")
+        return self._request(request, refused="refused", failed="could not read")
+
+    def _request(self, request: urllib.request.Request, *, refused: str, failed: str) -> dict[str, Any]:
+        """Send ``request`` to the HTTP API (with the key, if any); its JSON body, or :class:`PublishError`."""
         if self._api_key:
             request.add_header("Authorization", f"Bearer {self._api_key}")
         try:
@@ -212,9 +216,9 @@ class Client:
                 reason = json.loads(e.read()).get("error", e.reason)
             except Exception:
                 reason = e.reason
-            raise PublishError(f"{self._where()} refused: HTTP {e.code}: {reason}") from e
+            raise PublishError(f"{self._where()} {refused}: HTTP {e.code}: {reason}") from e
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise PublishError(f"could not read {self._where()}: {e}") from e
+            raise PublishError(f"{failed} {self._where()}: {e}") from e
 
     def _pub_history(self, key: bytes, payload: bytes) -> str:
         from .history import PUBLISH_SCRIPT, history_channel, redis_keys
@@ -234,19 +238,7 @@ class Client:
         url = f"{self._http}/publish/{quote(channel, safe='/')}"
         request = urllib.request.Request(url, data=payload, method="POST")
         request.add_header("Content-Type", "application/octet-stream")
-        if self._api_key:
-            request.add_header("Authorization", f"Bearer {self._api_key}")
-        try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                body = json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            try:
-                reason = json.loads(e.read()).get("error", e.reason)
-            except Exception:
-                reason = e.reason
-            raise PublishError(f"{self._where()} refused the message: HTTP {e.code}: {reason}") from e
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise PublishError(f"could not publish on {self._where()}: {e}") from e
+        body = self._request(request, refused="refused the message", failed="could not publish on")
         if "offset" in body:
             return body["offset"]
         return int(body.get("subscribers", 0))

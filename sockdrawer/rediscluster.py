@@ -50,7 +50,7 @@ from . import _private, _slots, history
 from ._channels import Namespace
 from .interfaces import IBroker, IChannelHub, IChannelObserver
 from .presence import READ_SCRIPT, RedisPresence, channel_json, events_channel
-from .redislink import HIREDIS, MAX_CHANNELS_PER_COMMAND, Backoff, RedisURL, _replay_result
+from .redislink import HIREDIS, MAX_CHANNELS_PER_COMMAND, Backoff, BatchedChannelChanges, RedisURL, _replay_result
 from .stats import Histogram
 
 _log = Logger(namespace="sockdrawer.redis")
@@ -419,7 +419,7 @@ class _Shard(MultiService):
 
 
 @implementer(IBroker, IChannelObserver)
-class ClusterLink(MultiService):
+class ClusterLink(BatchedChannelChanges, MultiService):
     """
     The Redis Cluster broker: subscribes each hub channel (its raw Redis
     channel ``<name>/<channel>`` and its history channel ``<name>#/<channel>``)
@@ -691,23 +691,9 @@ class ClusterLink(MultiService):
         d.addCallback(lambda _: self._route(routing, run, retried=True))
         return d
 
-    # -- IChannelObserver
+    # -- IChannelObserver: every change of a reactor turn in one write per master
 
-    def channel_opened(self, key: bytes) -> None:
-        self._change(key)
-
-    def channel_closed(self, key: bytes) -> None:
-        self._change(key)
-
-    def _change(self, key: bytes) -> None:
-        self._changed[key] = None
-        if self._update is None:
-            # every change of this reactor turn in one write per master
-            self._update = self._clock.callLater(0, self._send_changes)
-
-    def _send_changes(self) -> None:
-        self._update = None
-        changed, self._changed = self._changed, {}
+    def _apply_changes(self, changed: dict[bytes, None]) -> None:
         self._sync(changed)
         if self._later:
             self._release_later()

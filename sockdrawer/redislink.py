@@ -552,8 +552,41 @@ class Backoff:
         self.failures = 0
 
 
+class BatchedChannelChanges:
+    """
+    :class:`IChannelObserver` for links that subscribe per channel: the
+    channels opened or closed during one reactor turn are collected, and
+    :meth:`_apply_changes` gets them all at the end of the turn, so many
+    sockets connecting at once make one command, not one each.
+    """
+
+    _clock: Any
+    _changed: dict[bytes, None]
+    _update: Any
+
+    def channel_opened(self, key: bytes) -> None:
+        self._change(key)
+
+    def channel_closed(self, key: bytes) -> None:
+        self._change(key)
+
+    def _change(self, key: bytes) -> None:
+        self._changed[key] = None
+        if self._update is None:
+            self._update = self._clock.callLater(0, self._send_changes)
+
+    def _send_changes(self) -> None:
+        self._update = None
+        changed, self._changed = self._changed, {}
+        self._apply_changes(changed)
+
+    def _apply_changes(self, changed: dict[bytes, None]) -> None:
+        """Act on the channels whose state changed this turn (read the hub for where they stand now)."""
+        raise NotImplementedError
+
+
 @implementer(IBroker, IChannelObserver)
-class RedisLink(MultiService):
+class RedisLink(BatchedChannelChanges, MultiService):
     """
     The Redis broker: subscribes the hub to ``<namespace>/*`` (or to each of
     its channels) and publishes through a second connection.
@@ -765,23 +798,9 @@ class RedisLink(MultiService):
         following = self._following
         return 0 if following is None else following._outstanding + len(self._changed)
 
-    # -- IChannelObserver (by channel)
+    # -- IChannelObserver (by channel): every change of a reactor turn in one command
 
-    def channel_opened(self, key: bytes) -> None:
-        self._change(key)
-
-    def channel_closed(self, key: bytes) -> None:
-        self._change(key)
-
-    def _change(self, key: bytes) -> None:
-        self._changed[key] = None
-        if self._update is None:
-            # every change of this reactor turn in one command
-            self._update = self._clock.callLater(0, self._send_changes)
-
-    def _send_changes(self) -> None:
-        self._update = None
-        changed, self._changed = self._changed, {}
+    def _apply_changes(self, changed: dict[bytes, None]) -> None:
         # with no connection following, the next one subscribes to the
         # hub's channels as they are then
         if self._following is not None:

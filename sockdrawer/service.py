@@ -233,33 +233,24 @@ class SockDrawerService(MultiService):
         #: messages published into the node, by source (Redis counts its own)
         self.published = {"api": 0, "listener": 0, "service": 0}
         self.broker: IBroker
+        # what the single-Redis link and the cluster link take alike
+        link_options: dict[str, Any] = dict(
+            reactor=reactor,
+            timeout=settings.redis_timeout,
+            ping_interval=settings.redis_ping_interval,
+            retry_max_delay=settings.redis_retry_max,
+            max_message_size=settings.max_publish_size,
+        )
         if settings.redis:
-            link = RedisLink(
-                RedisURL.parse(settings.redis),
-                self.namespace,
-                self.hub,
-                reactor=reactor,
-                timeout=settings.redis_timeout,
-                ping_interval=settings.redis_ping_interval,
-                retry_max_delay=settings.redis_retry_max,
-                max_message_size=settings.max_publish_size,
-                subscribe=settings.subscribe,
-            )
+            link = RedisLink(RedisURL.parse(settings.redis), self.namespace, self.hub,
+                             subscribe=settings.subscribe, **link_options)
             link.setServiceParent(self)
             self.broker = link
             store: MemoryPresence | RedisPresence = RedisPresence(link.eval, settings.name,
                                                                   settings.presence_timeout)
         elif settings.redis_cluster:
-            cluster = ClusterLink(
-                [RedisURL.parse(seed) for seed in settings.redis_cluster],
-                self.namespace,
-                self.hub,
-                reactor=reactor,
-                timeout=settings.redis_timeout,
-                ping_interval=settings.redis_ping_interval,
-                retry_max_delay=settings.redis_retry_max,
-                max_message_size=settings.max_publish_size,
-            )
+            cluster = ClusterLink([RedisURL.parse(seed) for seed in settings.redis_cluster], self.namespace,
+                                  self.hub, **link_options)
             cluster.setServiceParent(self)
             self.broker = cluster
             store = cluster.presence_store(settings.presence_timeout)

@@ -38,6 +38,18 @@ def free_port() -> int:
         return port
 
 
+def commands(data: bytes) -> list[list[bytes]]:
+    """The RESP commands in ``data`` (what a link wrote), parsed back."""
+    import hiredis
+
+    reader = hiredis.Reader()
+    reader.feed(data)
+    out = []
+    while (command := reader.gets()) is not False:
+        out.append(command)
+    return out
+
+
 class RedisServer:
     """A private redis-server child process on a free port, restartable."""
 

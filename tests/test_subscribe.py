@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import txredisapi
-from conftest import wait_for
+from conftest import commands, wait_for
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -42,18 +42,6 @@ def confirm(kind: bytes, channel: bytes, count: int) -> bytes:
 
 def message(channel: bytes, payload: bytes) -> bytes:
     return bulk(b"message", channel, payload)
-
-
-def commands(data: bytes) -> list[list[bytes]]:
-    """The RESP commands written, parsed back."""
-    import hiredis
-
-    reader = hiredis.Reader()
-    reader.feed(data)
-    out = []
-    while (command := reader.gets()) is not False:
-        out.append(command)
-    return out
 
 
 def names(*keys: bytes, name: bytes = b"sock-drawer") -> list[bytes]:
