@@ -114,9 +114,16 @@ class Subscription:
     One channel of one v1 socket.  While its replay is being read it keeps
     live messages aside; then it sends the replay, the kept messages that
     came after it (never one twice), and goes live.
+
+    The replay is read on another Redis connection than the one live
+    messages arrive on, so a message the replay already held can still be
+    on its way on the subscriber connection when the subscription goes live:
+    until the first live message newer than the replay arrives, live
+    messages at or before the last offset sent are dropped (``_guard``).
     """
 
-    __slots__ = ("session", "key", "channel", "group", "live", "_kept", "last", "presence", "present")
+    __slots__ = ("session", "key", "channel", "group", "live", "_kept", "last", "presence", "present", "_guard",
+                 "gap_pending")
 
     def __init__(self, session: V1Session, key: bytes) -> None:
         self.session = session
@@ -131,11 +138,17 @@ class Subscription:
         self.presence = False
         #: its presence entry has been added (once ``subscribed`` was sent)
         self.present = False
+        #: live since a replay, and no live message newer than it seen yet
+        self._guard = False
+        #: a broker gap came while a replay was being read: catch up again once live
+        self.gap_pending = False
 
     def deliver(self, batch: Batch, data: bytes) -> None:
         if self.live:
-            self.session.write(data)
             offsets = batch.offsets
+            if self._guard and offsets is not None and self._drop_replayed(batch):
+                return
+            self.session.write(data)
             if offsets is not None:
                 for offset in reversed(offsets):
                     if offset is not None:
@@ -144,6 +157,33 @@ class Subscription:
         else:
             offsets = batch.offsets or [None] * len(batch.messages)
             self._kept.extend(zip(offsets, batch.messages, strict=True))
+
+    def _drop_replayed(self, batch: Batch) -> bool:
+        """
+        Send this batch's messages that came after the last offset sent, one
+        by one, and return True; or return False, sending nothing, when every
+        message is new (the batch's shared frames can go as they are).
+        """
+        assert self.last is not None and batch.offsets is not None
+        seen = _position(self.last)
+        fresh: list[tuple[str | None, bytes]] = []
+        dropped = False
+        for offset, message in zip(batch.offsets, batch.messages, strict=True):
+            if offset is not None:
+                here = _position(offset)
+                if here[0] == seen[0] and here[1] <= seen[1]:
+                    dropped = True
+                    continue  # the replay held it
+                self._guard = False  # pub/sub keeps order: every later message is newer too
+            fresh.append((offset, message))
+        if not dropped:
+            return False
+        channel_json = json.dumps(self.channel, ensure_ascii=False)
+        for offset, message in fresh:
+            self.session.send_text(envelope(channel_json, offset, message))
+            if offset is not None:
+                self.last = offset
+        return True
 
     def go_live(self, replay: Replay, reset: bool, announce: bool = True) -> None:
         """Send what the replay holds, then what arrived meanwhile after it, and go live."""
@@ -164,14 +204,20 @@ class Subscription:
                 if here[0] == seen[0] and here[1] <= seen[1]:
                     continue  # already in the replay
             session.send_text(envelope(channel_json, kept_offset, message))
+            if kept_offset is not None:
+                last = kept_offset
         self._kept = []
         self.live = True
         self.last = last
+        self._guard = last is not None
         if self.presence and not self.present:
             self.present = True
             service = self.session.presence
             if service is not None:
                 service.join(self)
+        if self.gap_pending:
+            self.gap_pending = False
+            self.session.catch_up(self)
 
 
 class V1Session:
@@ -332,7 +378,10 @@ class V1Session:
         """
         history = self.proto.factory.history
         if not sub.live:
-            return  # its first replay is still being read: it will cover the gap
+            # a replay is being read: it may have been read before what the gap lost was
+            # published, so this one catches up again from where that replay ends
+            sub.gap_pending = True
+            return
         sub.live = False
         if history is None or sub.last is None:
             sub.go_live(Replay(None), reset=True)
