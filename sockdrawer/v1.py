@@ -75,7 +75,7 @@ class EnvelopeGroup:
         self.encoding = encoding
         self._channel_json = json.dumps(key.decode("utf-8"), ensure_ascii=False)
         self._deflater = deflater
-        self._stats = stats
+        self.stats = stats
         self.members: dict[Subscription, None] = {}
 
     @property
@@ -103,8 +103,8 @@ class EnvelopeGroup:
     def receive(self, batch: Batch) -> None:
         data = self.frames(batch)
         members = tuple(self.members)
-        self._stats.deliveries += len(members) * len(batch.messages)
-        self._stats.bytes_sent += len(members) * len(data)
+        self.stats.deliveries += len(members) * len(batch.messages)
+        self.stats.bytes_sent += len(members) * len(data)
         for sub in members:
             sub.deliver(batch, data)
 
@@ -178,6 +178,9 @@ class Subscription:
             fresh.append((offset, message))
         if not dropped:
             return False
+        group = self.group
+        if group is not None:  # it counted the whole batch as delivered to this subscription
+            group.stats.deliveries -= len(batch.messages) - len(fresh)
         channel_json = json.dumps(self.channel, ensure_ascii=False)
         for offset, message in fresh:
             self.session.send_text(envelope(channel_json, offset, message))
@@ -198,11 +201,18 @@ class Subscription:
             session.send_text(envelope(channel_json, offset, message))
             last = offset
         seen = _position(last) if last is not None else None
+        gap = self.gap_pending
         for kept_offset, message in self._kept:
-            if kept_offset is not None and seen is not None:
-                here = _position(kept_offset)
-                if here[0] == seen[0] and here[1] <= seen[1]:
-                    continue  # already in the replay
+            if kept_offset is not None:
+                if gap:
+                    # the broker lost messages while the replay was read: somewhere
+                    # between the replay and these is a hole; the catch-up below
+                    # reads them again from history, in order, after the replay
+                    continue
+                if seen is not None:
+                    here = _position(kept_offset)
+                    if here[0] == seen[0] and here[1] <= seen[1]:
+                        continue  # already in the replay
             session.send_text(envelope(channel_json, kept_offset, message))
             if kept_offset is not None:
                 last = kept_offset

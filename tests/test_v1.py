@@ -329,27 +329,32 @@ def _data(sent: list[Any]) -> list[Any]:
 
 def test_live_messages_the_replay_held_are_dropped() -> None:
     """A live message at or before the last offset the replay sent (it was still on the subscriber connection
-    when the replay was read) is not sent again; a batch partly held is sent from the first new message; once a
-    newer message came, batches go as their shared frames again."""
+    when the replay was read) is not sent again, nor counted as delivered; a batch partly held is sent from the
+    first new message; once a newer message came, batches go as their shared frames again."""
+    from sockdrawer.fanout import PLAIN, FanoutStats
     from sockdrawer.history import Replay
     from sockdrawer.interfaces import Batch
-    from sockdrawer.v1 import Subscription
+    from sockdrawer.v1 import EnvelopeGroup, Subscription
 
     session = _Session()
     sub = Subscription(session, b"c")  # type: ignore[arg-type]
+    stats = FanoutStats()
+    sub.group = group = EnvelopeGroup(b"c", PLAIN, None, stats)
+    group.members[sub] = None
     sub.go_live(Replay("e:5-0", (("e:4-0", b"four"), ("e:5-0", b"five"))), reset=False)
-    sub.deliver(Batch(b"c", [b"four"], ["e:4-0"]), b"FRAMES4")
-    sub.deliver(Batch(b"c", [b"five", b"six"], ["e:5-0", "e:6-0"]), b"FRAMES56")
-    sub.deliver(Batch(b"c", [b"seven"], ["e:7-0"]), b"FRAMES7")
-    assert _data(session.sent) == ["four", "five", "six", b"FRAMES7"]
-    assert sub.last == "e:7-0"
+    group.receive(Batch(b"c", [b"four"], ["e:4-0"]))
+    group.receive(Batch(b"c", [b"five", b"six"], ["e:5-0", "e:6-0"]))
+    seven = Batch(b"c", [b"seven"], ["e:7-0"])
+    group.receive(seven)
+    assert _data(session.sent) == ["four", "five", "six", group.frames(seven)]
+    assert sub.last == "e:7-0" and stats.deliveries == 2
     sub.deliver(Batch(b"c", [b"other"], ["f:1-0"]), b"OTHER")  # another epoch is never taken for a repeat
     assert _data(session.sent)[-1] == b"OTHER"
 
 
-def test_kept_messages_move_the_last_offset_and_a_gap_during_a_replay_catches_up_again() -> None:
-    """Messages kept aside during a replay and sent after it move the subscription's last offset (a later
-    catch-up starts after them); a broker gap while the replay was read asks for another catch-up once live."""
+def test_kept_messages_move_the_last_offset() -> None:
+    """Messages kept aside during a replay and sent after it (those the replay did not hold) move the
+    subscription's last offset, so a later catch-up starts after them."""
     from sockdrawer.history import Replay
     from sockdrawer.interfaces import Batch
     from sockdrawer.v1 import Subscription
@@ -357,8 +362,25 @@ def test_kept_messages_move_the_last_offset_and_a_gap_during_a_replay_catches_up
     session = _Session()
     sub = Subscription(session, b"c")  # type: ignore[arg-type]
     sub.deliver(Batch(b"c", [b"two", b"three"], ["e:2-0", "e:3-0"]), b"KEPT")
-    sub.gap_pending = True  # what V1Session.catch_up sets for a subscription that is not live
     sub.go_live(Replay("e:2-0", (("e:2-0", b"two"),)), reset=False)
     assert _data(session.sent) == ["two", "three"]
-    assert sub.last == "e:3-0"
+    assert sub.last == "e:3-0" and session.catch_ups == 0
+
+
+def test_a_gap_during_a_replay_catches_up_again_from_the_replays_end() -> None:
+    """A broker gap while the replay was read (the broker may have lost messages between the replay and the
+    live ones kept meanwhile): the replay is sent, the kept messages with an offset are not (history gives them
+    again, in order), those without one are, and the subscription catches up from the replay's last offset."""
+    from sockdrawer.history import Replay
+    from sockdrawer.interfaces import Batch
+    from sockdrawer.v1 import Subscription
+
+    session = _Session()
+    sub = Subscription(session, b"c")  # type: ignore[arg-type]
+    sub.deliver(Batch(b"c", [b"nine"], ["e:9-0"]), b"KEPT")  # after a hole: 3 to 8 never came live
+    sub.deliver(Batch(b"c", [b"plain"]), b"PLAIN")
+    sub.gap_pending = True  # what V1Session.catch_up sets for a subscription that is not live
+    sub.go_live(Replay("e:2-0", (("e:2-0", b"two"),)), reset=False)
+    assert _data(session.sent) == ["two", "plain"]
+    assert sub.last == "e:2-0"
     assert session.catch_ups == 1 and not sub.gap_pending
