@@ -19,6 +19,7 @@ reads stay here.
 
 from __future__ import annotations
 
+import pprint
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -201,6 +202,12 @@ LAZY_STATE: dict[str, tuple[Any, Callable[[Any], bool]]] = {
 
 
 
+_HANDSHAKE_NAMES = frozenset(HANDSHAKE_STATE)
+#: every default is a hashable constant (False, None, 0, b""), of a type no
+#: other type's value compares equal to except bool and int (never mixed here)
+_COMPACT_ITEMS = frozenset(COMPACT_DEFAULTS.items())
+
+
 def install_compact_defaults(cls: type) -> None:
     """Make :data:`COMPACT_DEFAULTS` and :data:`LAZY_STATE` class attributes of the protocol class ``cls``."""
     for name, default in COMPACT_DEFAULTS.items():
@@ -222,12 +229,11 @@ def compact(proto: Any) -> None:
     uses :data:`LAZY_STATE` as described there.
     """
     state = proto.__dict__
-    for name in HANDSHAKE_STATE:
-        state.pop(name, None)
-    for name in COMPACT_DEFAULTS.keys() & state.keys():
-        value, default = state[name], COMPACT_DEFAULTS[name]
-        if value is default or (type(value) is type(default) and value == default):
-            del state[name]
+    for name in _HANDSHAKE_NAMES & state.keys():
+        del state[name]
+    # (name, value) pairs equal to a default: one lookup per default, in C
+    for name, _ in state.items() & _COMPACT_ITEMS:
+        del state[name]
     if state.get("_listeners") is None:
         for name in LAZY_STATE.keys() & state.keys():
             if LAZY_STATE[name][1](state[name]):
@@ -422,14 +428,31 @@ def make_log_arguments_lazy() -> None:
     the modules that call them, for versions that format only when a line is
     written.  Log output is unchanged.  Idempotent.
 
+    Also, ``_connectionMade`` pretty-prints the options it copied for a
+    debug line on every connection; with the options on the class
+    (:func:`options_as_class`) that is always an empty list, and
+    ``pformat([])`` still costs a few µs: ``pformat`` in
+    ``autobahn.websocket.protocol`` answers an empty list at once (the
+    same ``"[]"``) and hands anything else to :func:`pprint.pformat`.
+
     Assumption: those modules import ``hltype`` and ``hlval`` from
-    ``autobahn.util`` as module globals.
+    ``autobahn.util``, and ``autobahn.websocket.protocol`` imports
+    ``pformat`` from ``pprint``, as module globals.
     """
     for module in LAZY_LOG_MODULES:
         for name in ("hltype", "hlval"):
             current = getattr(module, name, None)
             if current is not None and not getattr(current, "__sockdrawer_lazy__", False):
                 setattr(module, name, _lazy(getattr(util, name)))
+    protocol = autobahn.websocket.protocol
+    if getattr(protocol, "pformat", None) is pprint.pformat:
+        protocol.pformat = _pformat  # type: ignore[attr-defined,assignment]
+
+
+def _pformat(value: Any, *args: Any, **kwargs: Any) -> str:
+    if type(value) is list and not value:
+        return "[]"
+    return pprint.pformat(value, *args, **kwargs)
 
 
 # -- txredisapi ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.compress import PerMessageDeflate
 from conftest import wait_for
 from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
@@ -296,6 +297,39 @@ def test_autobahn_modules_use_hltype_and_hlval_as_globals() -> None:
             assert getattr(helper, "__sockdrawer_lazy__", False), f"{module.__name__}.{name}"
     assert str(autobahn.websocket.protocol.hlval("x")) == util.hlval("x")
     assert f"{autobahn.websocket.protocol.hltype(open_connection)}" == util.hltype(open_connection)
+
+
+def test_autobahn_pretty_prints_the_copied_options_with_its_pformat_global() -> None:
+    """autobahn.websocket.protocol imports pprint.pformat as a module global and formats the options
+    _connectionMade copied with it on every connection (an empty list for sockdrawer's class options); the
+    replacement gives pprint's text for that and for anything else."""
+    import pprint
+
+    source = inspect.getsource(autobahn.websocket.protocol.WebSocketProtocol._connectionMade)
+    assert "pformat(configAttrLog)" in source
+    _private.make_log_arguments_lazy()
+    fast = autobahn.websocket.protocol.pformat
+    assert fast is not pprint.pformat and fast.__module__ == "sockdrawer._private"
+    for value in ([], [("openHandshakeTimeout", 5, "X")], {"a": [1, 2]}, ()):
+        assert fast(value) == pprint.pformat(value)
+    called: list[Any] = []
+    original = pprint.pformat
+    pprint.pformat = lambda *a, **k: called.append(a) or original(*a, **k)  # type: ignore[assignment]
+    from twisted.internet import reactor
+
+    from sockdrawer.hub import MemoryChannelHub
+    from sockdrawer.websocket import SockDrawerServerFactory
+
+    factory = SockDrawerServerFactory(MemoryChannelHub(), clock=reactor)
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    try:
+        proto.makeConnection(transport)
+        proto.dataReceived(HANDSHAKE.replace(b"/a;b//c?x=1", b"/news") % b"")
+    finally:
+        pprint.pformat = original
+    assert transport.value().startswith(b"HTTP/1.1 101 ")
+    assert called == [], "an empty option list still went through pprint"
 
 
 # -- txredisapi ----------------------------------------------------------------
