@@ -51,6 +51,8 @@ class MemoryChannelHub:
         self._offsets: dict[bytes, list[str | None]] = {}
         self.messages = 0
         self.deliveries = 0
+        #: see IChannelHub.broker_whole
+        self.broker_whole = True
         #: how long each fan-out (the flush of one hold, or one delivery) took
         self.turns = Histogram()
         self._observers: tuple[IChannelObserver, ...] = ()
@@ -151,15 +153,23 @@ class MemoryChannelHub:
     def channels(self) -> list[bytes]:
         return list(self._sinks)
 
+    def broker_lost(self) -> None:
+        self.broker_whole = False
+        self._tell_sinks("lost", "sink {sink!r} failed on a lost broker subscription")
+
     def broker_gap(self) -> None:
+        self.broker_whole = True
+        self._tell_sinks("gap", "sink {sink!r} failed to recover a gap")
+
+    def _tell_sinks(self, name: str, failed: str) -> None:
         for sinks in list(self._sinks.values()):
             for sink in list(sinks):
-                gap = getattr(sink, "gap", None)
-                if gap is not None:
+                method = getattr(sink, name, None)
+                if method is not None:
                     try:
-                        gap()
+                        method()
                     except Exception:
-                        self._log.failure("sink {sink!r} failed to recover a gap", sink=sink)
+                        self._log.failure(failed, sink=sink)
 
     def _fan_out(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None) -> None:
         fanout = self._fanout.get(key)

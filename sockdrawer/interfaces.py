@@ -136,11 +136,26 @@ class IChannelHub(Interface):
         :return: the keys of the channels that have at least one sink.
         """
 
+    broker_whole = Attribute(
+        "False from broker_lost() until the next broker_gap(): the broker's "
+        "subscription does not cover every channel, messages may be missed"
+    )
+
+    def broker_lost() -> None:
+        """
+        The broker's subscription stopped covering some or all channels (a
+        link dropped, a Redis Cluster slot moved): every sink that defines
+        ``lost()`` is called, so that those that recover from history stop
+        taking live messages as contiguous until :meth:`broker_gap`.
+        Brokers also call it before their first subscription.
+        """
+
     def broker_gap() -> None:
         """
-        The broker may have lost messages (its link was down and is back):
-        every sink that defines ``gap()`` is called, so that those that can
-        recover what they missed from history do.
+        The broker may have lost messages (its link was down and is back, or
+        it has just subscribed for the first time): every sink that defines
+        ``gap()`` is called, so that those that can recover what they missed
+        from history do.
         """
 
     def watch(observer: IChannelObserver) -> None:

@@ -535,6 +535,8 @@ class ClusterLink(BatchedChannelChanges, MultiService):
     def startService(self) -> None:
         _log.info("connecting to {description}", description=self.description)
         self.hub.watch(self)
+        # nothing is subscribed yet: history read now may miss what comes before the subscriptions
+        self.hub.broker_lost()
         super().startService()
         self._schedule_refresh(0)
         if self._ping_interval > 0:
@@ -786,8 +788,11 @@ class ClusterLink(BatchedChannelChanges, MultiService):
             return
         if not self._up_once:
             self._up_once = True
+            self._gap = False
             _log.info("subscribed on every master of {description} ({count})", description=self.description,
                       count=len(self.shards))
+            # history read before every master had subscribed may have missed messages
+            self.hub.broker_gap()
             return
         if self._gap:
             self._gap = False
@@ -797,6 +802,12 @@ class ClusterLink(BatchedChannelChanges, MultiService):
             # messages published while some channels were not subscribed never reached us
             self.hub.broker_gap()
 
+    def _lose(self) -> None:
+        """Some channels are not covered for a while: the hub hears of it now, and of the gap once whole again."""
+        if self._up_once:
+            self._gap = True
+        self.hub.broker_lost()
+
     def _sub_lost(self, p: ShardSubscriberProtocol, why: Failure) -> None:
         shard = p.shard
         if shard.following is not p:
@@ -804,8 +815,7 @@ class ClusterLink(BatchedChannelChanges, MultiService):
         shard.following = None
         if not self.running or shard.retired:
             return
-        if self._up_once:
-            self._gap = True
+        self._lose()
         _log.warn("lost the Redis Cluster master {node} ({reason}); reading the slot map again",
                   node=shard.node, reason=why.getErrorMessage())
         self._schedule_refresh(0)
@@ -813,8 +823,7 @@ class ClusterLink(BatchedChannelChanges, MultiService):
     def _dropped_by_redis(self, p: ShardSubscriberProtocol, name: bytes) -> None:
         # a failover or resharding moved the slot away (one call per channel)
         self.dropped_by_redis += 1
-        if self._up_once:
-            self._gap = True
+        self._lose()
         if not self._moved:
             _log.info("Redis Cluster master {node} dropped sharded channels (their slot moved); reading the "
                       "slot map again", node=p.shard.node)
@@ -825,8 +834,7 @@ class ClusterLink(BatchedChannelChanges, MultiService):
         _log.warn("Redis Cluster master {node} refused {command} of {count} channel(s): {error}",
                   node=p.shard.node, command=kind.decode(), count=len(names), error=str(error))
         if kind == b"SSUBSCRIBE":
-            if self._up_once:
-                self._gap = True
+            self._lose()
             self._moved = True
             self._schedule_refresh(0)
 
@@ -895,9 +903,9 @@ class ClusterLink(BatchedChannelChanges, MultiService):
                 shard = self.shards.pop(address)
                 shard.retired = True
                 if shard.following is not None:
-                    if shard.following.subscribed and self._up_once:
+                    if shard.following.subscribed:
                         # its channels move to their new owners: messages may fall in between
-                        self._gap = True
+                        self._lose()
                     # whatever it still sends until it is closed is stale
                     shard.following.subscribed.clear()
                     shard.following = None
@@ -925,9 +933,9 @@ class ClusterLink(BatchedChannelChanges, MultiService):
         else:
             self._unchanged_reads += 1
         moved_here = self._resync()
-        if moved_here and old is not None and self._up_once:
+        if moved_here and old is not None:
             # subscriptions moved to their new owners: messages may have fallen in between
-            self._gap = True
+            self._lose()
         down = any(s.following is None and s not in new for s in self.shards.values())
         stale = moved and not changed and self._unchanged_reads <= _STALE_READS
         if covered == _slots.SLOTS and not down and not stale:

@@ -682,6 +682,8 @@ class RedisLink(BatchedChannelChanges, MultiService):
         _log.info("connecting to Redis at {url}", url=self.description)
         if self.subscribe == "channels":
             self.hub.watch(self)
+        # nothing is subscribed yet: history read now may miss what comes before the subscription
+        self.hub.broker_lost()
         super().startService()
         if self._ping_interval > 0:
             self._ping.start(self._ping_interval, now=False)
@@ -823,8 +825,9 @@ class RedisLink(BatchedChannelChanges, MultiService):
         self._sub_backoff.reset()
         if self._subscribed_once:
             self.reconnects += 1
-            # messages published while the link was down never reached us
-            self.hub.broker_gap()
+        # messages published while the link was down (or before it first
+        # subscribed, for history read meanwhile) never reached us
+        self.hub.broker_gap()
         again = "re" if self._subscribed_once else ""
         self._subscribed_once = True
         if protocol.by_channel:
@@ -853,6 +856,7 @@ class RedisLink(BatchedChannelChanges, MultiService):
         if self.subscriber is protocol:
             self.subscriber = None
             self.subscriptions = 0
+            self.hub.broker_lost()
             if self.running:
                 _log.warn(
                     "lost the Redis link to {url} ({reason}); reconnecting",

@@ -100,6 +100,11 @@ class EnvelopeGroup:
         for sub in tuple(self.members):
             sub.session.catch_up(sub)
 
+    def lost(self) -> None:
+        """The broker's subscription no longer covers every channel: subscriptions wait for its gap."""
+        for sub in tuple(self.members):
+            sub.suspend()
+
     def receive(self, batch: Batch) -> None:
         data = self.frames(batch)
         members = tuple(self.members)
@@ -120,16 +125,23 @@ class Subscription:
     on its way on the subscriber connection when the subscription goes live:
     until the first live message newer than the replay arrives, live
     messages at or before the last offset sent are dropped (``_guard``).
+
+    While the broker's subscription does not cover the channel (from the
+    hub's ``broker_lost`` to its ``broker_gap``), live messages cannot be
+    taken as following the last one sent: some may be missing in between.
+    The subscription is *suspended*: it keeps them aside, and at the gap it
+    reads history from its last offset, which holds them all, in order.
     """
 
     __slots__ = ("session", "key", "channel", "group", "live", "_kept", "last", "presence", "present", "_guard",
-                 "gap_pending")
+                 "gap_pending", "reading", "suspended")
 
     def __init__(self, session: V1Session, key: bytes) -> None:
         self.session = session
         self.key = key
         self.channel = key.decode("utf-8")
         self.group: EnvelopeGroup | None = None
+        #: live messages go to the client as they come (else they are kept aside)
         self.live = False
         self._kept: list[tuple[str | None, bytes]] = []
         #: the offset of the last message sent to the client
@@ -140,13 +152,17 @@ class Subscription:
         self.present = False
         #: live since a replay, and no live message newer than it seen yet
         self._guard = False
-        #: a broker gap came while a replay was being read: catch up again once live
+        #: a broker gap came while a replay was being read: catch up again after it
         self.gap_pending = False
+        #: a replay is being read
+        self.reading = False
+        #: the broker lost messages and has not said it is whole again
+        self.suspended = False
 
     def deliver(self, batch: Batch, data: bytes) -> None:
         if self.live:
             offsets = batch.offsets
-            if self._guard and offsets is not None and self._drop_replayed(batch):
+            if self._guard and offsets is not None and self._drop_replayed(batch, data):
                 return
             self.session.write(data)
             if offsets is not None:
@@ -158,7 +174,14 @@ class Subscription:
             offsets = batch.offsets or [None] * len(batch.messages)
             self._kept.extend(zip(offsets, batch.messages, strict=True))
 
-    def _drop_replayed(self, batch: Batch) -> bool:
+    def _uncount(self, messages: int, data: bytes = b"") -> None:
+        """Take back what the group counted as delivered to this subscription and was not sent."""
+        group = self.group
+        if group is not None:
+            group.stats.deliveries -= messages
+            group.stats.bytes_sent -= len(data)
+
+    def _drop_replayed(self, batch: Batch, data: bytes) -> bool:
         """
         Send this batch's messages that came after the last offset sent, one
         by one, and return True; or return False, sending nothing, when every
@@ -167,20 +190,24 @@ class Subscription:
         assert self.last is not None and batch.offsets is not None
         seen = _position(self.last)
         fresh: list[tuple[str | None, bytes]] = []
-        dropped = False
-        for offset, message in zip(batch.offsets, batch.messages, strict=True):
+        pairs = list(zip(batch.offsets, batch.messages, strict=True))
+        dropped = 0
+        for i, (offset, message) in enumerate(pairs):
             if offset is not None:
                 here = _position(offset)
-                if here[0] == seen[0] and here[1] <= seen[1]:
-                    dropped = True
-                    continue  # the replay held it
-                self._guard = False  # pub/sub keeps order: every later message is newer too
+                if here[0] != seen[0] or here[1] > seen[1]:
+                    # pub/sub keeps order: this one and every later message are new
+                    self._guard = False
+                    if not dropped:
+                        return False
+                    fresh.extend(pairs[i:])
+                    break
+                dropped += 1
+                continue  # the replay held it
             fresh.append((offset, message))
         if not dropped:
             return False
-        group = self.group
-        if group is not None:  # it counted the whole batch as delivered to this subscription
-            group.stats.deliveries -= len(batch.messages) - len(fresh)
+        self._uncount(dropped, data)
         channel_json = json.dumps(self.channel, ensure_ascii=False)
         for offset, message in fresh:
             self.session.send_text(envelope(channel_json, offset, message))
@@ -188,9 +215,22 @@ class Subscription:
                 self.last = offset
         return True
 
+    def suspend(self) -> None:
+        """The broker lost messages: keep live ones aside until its gap (when history can say what they follow)."""
+        if self.session.proto.factory.history is None:
+            return  # nothing to catch up from: the gap sends reset
+        self.suspended = True
+        self.live = False
+
     def go_live(self, replay: Replay, reset: bool, announce: bool = True) -> None:
-        """Send what the replay holds, then what arrived meanwhile after it, and go live."""
+        """
+        Send what the replay holds, then what arrived meanwhile after it, and
+        go live; or, when the broker lost messages meanwhile, send the replay
+        only and catch up from its end (at once when the broker is whole
+        again, else at its gap).
+        """
         session = self.session
+        self.reading = False
         if reset:
             session.send_control("reset", channel=self.channel)
         if announce or reset:
@@ -201,23 +241,27 @@ class Subscription:
             session.send_text(envelope(channel_json, offset, message))
             last = offset
         seen = _position(last) if last is not None else None
-        gap = self.gap_pending
+        hold = self.gap_pending or self.suspended
+        skipped = 0
         for kept_offset, message in self._kept:
             if kept_offset is not None:
-                if gap:
+                if hold:
                     # the broker lost messages while the replay was read: somewhere
-                    # between the replay and these is a hole; the catch-up below
-                    # reads them again from history, in order, after the replay
+                    # between the replay and these is a hole; the catch-up reads
+                    # them again from history, in order, after the replay
+                    skipped += 1
                     continue
                 if seen is not None:
                     here = _position(kept_offset)
                     if here[0] == seen[0] and here[1] <= seen[1]:
+                        skipped += 1
                         continue  # already in the replay
             session.send_text(envelope(channel_json, kept_offset, message))
             if kept_offset is not None:
                 last = kept_offset
+        if skipped:
+            self._uncount(skipped)
         self._kept = []
-        self.live = True
         self.last = last
         self._guard = last is not None
         if self.presence and not self.present:
@@ -228,6 +272,8 @@ class Subscription:
         if self.gap_pending:
             self.gap_pending = False
             self.session.catch_up(self)
+        elif not self.suspended:
+            self.live = True
 
 
 class V1Session:
@@ -372,6 +418,9 @@ class V1Session:
             else:
                 sub.go_live(Replay(None), reset=False)
             return
+        if not factory.hub.broker_whole:
+            sub.suspended = True  # what comes live until the broker's gap may follow a hole
+        sub.reading = True
         d: Deferred[Replay] = history(sub.key, since)
         d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, False),
                        errbackArgs=(sub, since))
@@ -387,16 +436,25 @@ class V1Session:
         history cannot say.
         """
         history = self.proto.factory.history
-        if not sub.live:
-            # a replay is being read: it may have been read before what the gap lost was
-            # published, so this one catches up again from where that replay ends
+        if sub.reading:
+            # it may have been read before what the gap lost was published, so
+            # the subscription catches up again from where that replay ends
             sub.gap_pending = True
             return
         sub.live = False
-        if history is None or sub.last is None:
+        if history is None:
             sub.go_live(Replay(None), reset=True)
             return
-        d: Deferred[Replay] = history(sub.key, sub.last)
+        # lost again already (a gap that came during a replay, then another loss)
+        sub.suspended = not self.proto.factory.hub.broker_whole
+        sub.reading = True
+        if sub.last is None:
+            # nothing with an offset sent yet: no place to resume from
+            d: Deferred[Replay] = history(sub.key, None)
+            d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, True, False),
+                           errbackArgs=(sub, None))
+            return
+        d = history(sub.key, sub.last)
         d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, False, False),
                        errbackArgs=(sub, sub.last))
 

@@ -972,8 +972,8 @@ def test_a_node_without_an_address_in_the_map_is_reached_where_the_map_was_read(
 
 def test_a_map_change_is_a_gap_only_when_it_moves_the_nodes_channels(fake: FakeNode) -> None:
     """A new slot map that moves none of the node's channels calls no broker_gap; one that moves a channel moves
-    its subscription (SUNSUBSCRIBE on the old master, SSUBSCRIBE on the new) and, once both are answered, calls
-    broker_gap once."""
+    its subscription (SUNSUBSCRIBE on the old master, SSUBSCRIBE on the new), calls broker_lost at once (what
+    comes live before the new master answers may follow a hole) and, once both are answered, broker_gap once."""
     conns = {port: fake.connect(port) for port in (7000, 7001, 7002)}
     key = next(k for k in fake.keys_on(7000, 20) if fake.owner(b"sock-drawer#/" + k) != 7000)
     fake.open(key)
@@ -982,8 +982,11 @@ def test_a_map_change_is_a_gap_only_when_it_moves_the_nodes_channels(fake: FakeN
     fake.confirm(conns[7000][0], b"ssubscribe", [raw])
     fake.confirm(conns[fake.owner(b"sock-drawer#/" + key)][0], b"ssubscribe", [b"sock-drawer#/" + key])
     assert fake.link.is_connected() and fake.link._up_once
+    assert fake.hub.broker_whole  # the first time every master answered was a gap too
     gaps: list[int] = []
+    losses: list[int] = []
     fake.hub.broker_gap = lambda: gaps.append(1)  # type: ignore[method-assign]
+    fake.hub.broker_lost = lambda: losses.append(1)  # type: ignore[method-assign]
     ours = _slots.slot(raw)
     other = next(s for s in range(5461) if s != ours)
 
@@ -994,12 +997,12 @@ def test_a_map_change_is_a_gap_only_when_it_moves_the_nodes_channels(fake: FakeN
         return [*ranges, [slot, slot, SLOTS_REPLY[1][2]], *reply[1:]]
 
     fake.link._slots_read(moved(other), False)
-    assert fake.link.map_changes == 2 and not fake.link._gap and gaps == []
+    assert fake.link.map_changes == 2 and not fake.link._gap and gaps == [] and losses == []
     before = [len(commands(t.value())) for _, t in conns.values()]
     fake.link._slots_read(moved(ours), False)
     assert commands(conns[7000][1].value())[before[0]:] == [[b"SUNSUBSCRIBE", raw]]
     assert commands(conns[7001][1].value())[before[1]:] == [[b"SSUBSCRIBE", raw]]
-    assert gaps == []
+    assert gaps == [] and losses == [1]
     fake.confirm(conns[7000][0], b"sunsubscribe", [raw])
     fake.confirm(conns[7001][0], b"ssubscribe", [raw])
     assert gaps == [1] and fake.link.reconnects == 1

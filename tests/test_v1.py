@@ -384,3 +384,88 @@ def test_a_gap_during_a_replay_catches_up_again_from_the_replays_end() -> None:
     assert _data(session.sent) == ["two", "plain"]
     assert sub.last == "e:2-0"
     assert session.catch_ups == 1 and not sub.gap_pending
+
+
+class _Proto:
+    """What a V1Session needs of its socket: the factory's history, hub and framing, recording what is sent."""
+
+    STATE_OPEN = 3
+    state = 3
+    encoding = 0
+
+    def __init__(self, replies: list[Any]) -> None:
+        from types import SimpleNamespace
+
+        from twisted.internet.defer import succeed
+
+        from sockdrawer.hub import MemoryChannelHub
+
+        self.reads: list[str | None] = []
+
+        def history(key: bytes, since: str | None) -> Any:
+            self.reads.append(since)
+            return succeed(replies.pop(0))
+
+        encoders = SimpleNamespace(frame=lambda encoding, payload, opcode: payload)
+        self.factory = SimpleNamespace(history=history, hub=MemoryChannelHub(), encoders=encoders, presence=None,
+                                       join_v1=lambda sub, encoding: None)
+        self.out: list[Any] = []
+
+    def deliver_queued(self, frames: bytes) -> None:
+        import json
+
+        self.out.append(json.loads(frames))
+
+
+def _v1_subscription(replies: list[Any]) -> tuple[Any, Any, Any]:
+    from sockdrawer.fanout import PLAIN, FanoutStats
+    from sockdrawer.v1 import EnvelopeGroup, Subscription, V1Session
+
+    proto = _Proto(replies)
+    session = V1Session(proto)  # type: ignore[arg-type]
+    sub = Subscription(session, b"c")
+    session.subscriptions[b"c"] = sub
+    sub.group = group = EnvelopeGroup(b"c", PLAIN, None, FanoutStats())
+    group.members[sub] = None
+    return proto, sub, group
+
+
+def test_live_messages_after_a_lost_subscription_wait_for_the_gap_and_history() -> None:
+    """Between the broker's lost and its gap (a Redis Cluster shard failing over while others deliver), live
+    messages are kept, not sent: one after a hole must not move the last offset. At the gap the catch-up reads
+    from the last offset sent before the loss and sends the hole and the kept message once each, in order."""
+    from sockdrawer.history import Replay
+    from sockdrawer.interfaces import Batch
+
+    proto, sub, group = _v1_subscription([
+        Replay("e:8-0", (("e:6-0", b"six"), ("e:7-0", b"seven"), ("e:8-0", b"eight"))),
+    ])
+    sub.go_live(Replay("e:5-0", (("e:5-0", b"five"),)), reset=False)
+    group.lost()
+    assert sub.suspended and not sub.live
+    group.receive(Batch(b"c", [b"eight"], ["e:8-0"]))
+    assert [m.get("data") for m in proto.out] == [None, "five"] and sub.last == "e:5-0"
+    group.gap()
+    assert proto.reads == ["e:5-0"]
+    assert [m.get("data") for m in proto.out] == [None, "five", "six", "seven", "eight"]
+    assert sub.live and not sub.suspended and sub.last == "e:8-0"
+    assert group.stats.deliveries == 0  # the kept copy of "eight" was not sent: not counted
+
+
+def test_a_subscription_made_while_the_broker_is_not_whole_waits_for_its_gap() -> None:
+    """A subscription whose replay is read before the broker subscribed (a node just started) goes live only
+    at the broker's gap, after a catch-up from the replay's end; a channel without history offsets yet gets
+    reset with the latest offset (there is no place to resume from)."""
+    from sockdrawer.history import Replay
+    from sockdrawer.interfaces import Batch
+
+    proto, sub, group = _v1_subscription([Replay(None), Replay("e:1-0")])
+    proto.factory.hub.broker_lost()
+    sub.session._start(sub, None)
+    assert sub.suspended and not sub.live and proto.out == [{"op": "subscribed", "channel": "c", "offset": None}]
+    group.receive(Batch(b"c", [b"one"], ["e:1-0"]))
+    proto.factory.hub.broker_gap()  # the hub calls every sink's gap(); here the group is not in the hub
+    group.gap()
+    assert proto.reads == [None, None]
+    assert proto.out[1:] == [{"op": "reset", "channel": "c"}, {"op": "subscribed", "channel": "c", "offset": "e:1-0"}]
+    assert sub.live and sub.last == "e:1-0"
