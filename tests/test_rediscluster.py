@@ -671,6 +671,75 @@ async def test_manual_failover_moves_the_shards_channels(cluster: LocalCluster, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_v1_misses_nothing_through_a_failover(cluster: LocalCluster, run_service: Any) -> None:
+    """A v1 socket with a subscription on a channel of each shard, while a publisher with history publishes on
+    all of them without pause and one shard fails over (CLUSTER FAILOVER): per channel the socket gets every
+    message the channel's stream holds (every publish that took place), exactly once and in order, the
+    failed-over shard's included."""
+    import threading
+
+    from sockdrawer.client import PublishError
+
+    svc = await start_node(run_service, cluster, name="v1f", history_size=5000)
+    per_master = cluster.channel_per_master("v1f#", "f")  # history channels on each master
+    victim = next(iter(per_master))
+    client = await connect(svc.ws_port, "/", subprotocols=V1)
+    for channel in per_master.values():
+        client.send_json({"op": "subscribe", "channel": channel})
+        assert (await client.next_json())["op"] == "subscribed"
+    await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "v1f", list(per_master.values())))
+    published: dict[str, list[str]] = {channel: [] for channel in per_master.values()}
+    stop = threading.Event()
+
+    def publish_all_along() -> None:
+        with Client(cluster=cluster.seeds, name="v1f", history_size=5000, timeout=5) as publisher:
+            i = 0
+            while not stop.is_set():
+                for channel in per_master.values():
+                    try:
+                        publisher.pub(f"m{i}", channel)
+                    except PublishError:
+                        continue  # the shard is failing over: this one never was published
+                    published[channel].append(f"m{i}")
+                i += 1
+                time.sleep(0.002)  # pacing, not waiting: about 1,000 messages a second in all
+
+    publishing = deferToThread(publish_all_along)
+    await wait_for(lambda: all(len(v) >= 20 for v in published.values()))
+    link = svc.broker
+    with cluster.client(cluster.replica_of(victim)) as r:
+        r.execute_command("CLUSTER", "FAILOVER")
+    await wait_for(lambda: link.reconnects >= 1 and link.is_connected(), timeout=30)
+    victim_channel = per_master[victim]
+    count = len(published[victim_channel])
+    await wait_for(lambda: len(published[victim_channel]) >= count + 20, timeout=30)  # the new master takes them
+    stop.set()
+    await publishing
+
+    def streams() -> dict[str, list[str]]:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode("127.0.0.1", int(seed.rsplit(":", 1)[1])) for seed in cluster.seeds]
+        with RedisCluster(startup_nodes=nodes, socket_timeout=5) as r:
+            return {channel: [fields[b"d"].decode() for _, fields in
+                              r.xrange(_slots.history_keys("v1f", channel.encode())[0])]
+                    for channel in per_master.values()}
+
+    held = await deferToThread(streams)
+    for channel, done in published.items():
+        assert set(done) <= set(held[channel])  # what the publisher saw succeed is in the stream
+    got: dict[str, list[str]] = {channel: [] for channel in per_master.values()}
+    while any(len(got[c]) < len(held[c]) for c in got):
+        message = await client.next_json(timeout=20)
+        assert message["op"] == "message", message
+        got[message["channel"]].append(message["data"])
+    assert got == held
+    assert client.pending() == 0
+    client.abort()
+    await deferToThread(cluster.wait_healthy)
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigkilled_master_is_replaced_by_its_replica(cluster: LocalCluster, run_service: Any) -> None:
     """A master SIGKILLed (the one the node reads the slot map from): once its replica takes over
     (cluster-node-timeout 1 s), the node subscribes there and its sockets on that shard get messages again; the
