@@ -788,7 +788,6 @@ class ClusterLink(BatchedChannelChanges, MultiService):
             return
         if not self._up_once:
             self._up_once = True
-            self._gap = False
             _log.info("subscribed on every master of {description} ({count})", description=self.description,
                       count=len(self.shards))
             # history read before every master had subscribed may have missed messages

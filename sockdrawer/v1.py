@@ -47,6 +47,12 @@ def _position(offset: str) -> tuple[str, tuple[int, ...]]:
         return epoch, ()
 
 
+def _at_or_before(offset: str, seen: tuple[str, tuple[int, ...]]) -> bool:
+    """Whether ``offset`` is ``seen`` (a :func:`_position`) or older, in the same epoch."""
+    here = _position(offset)
+    return here[0] == seen[0] and here[1] <= seen[1]
+
+
 def envelope(channel_json: str, offset: str | None, message: bytes) -> bytes:
     """The ``message`` envelope of one message (UTF-8 as text, anything else as base64)."""
     try:
@@ -194,8 +200,7 @@ class Subscription:
         dropped = 0
         for i, (offset, message) in enumerate(pairs):
             if offset is not None:
-                here = _position(offset)
-                if here[0] != seen[0] or here[1] > seen[1]:
+                if not _at_or_before(offset, seen):
                     # pub/sub keeps order: this one and every later message are new
                     self._guard = False
                     if not dropped:
@@ -251,11 +256,9 @@ class Subscription:
                     # them again from history, in order, after the replay
                     skipped += 1
                     continue
-                if seen is not None:
-                    here = _position(kept_offset)
-                    if here[0] == seen[0] and here[1] <= seen[1]:
-                        skipped += 1
-                        continue  # already in the replay
+                if seen is not None and _at_or_before(kept_offset, seen):
+                    skipped += 1
+                    continue  # already in the replay
             session.send_text(envelope(channel_json, kept_offset, message))
             if kept_offset is not None:
                 last = kept_offset

@@ -299,93 +299,6 @@ async def test_resume_under_load_has_no_gap_and_no_duplicate(own_redis: RedisSer
     assert svc.broker.reconnects >= 1 and len(others) > 100
 
 
-class _Session:
-    """What a Subscription needs of its session, recording what it sends."""
-
-    presence = None
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-        self.catch_ups = 0
-
-    def send_text(self, payload: bytes) -> None:
-        import json
-
-        self.sent.append(json.loads(payload))
-
-    def send_control(self, op: str, **fields: Any) -> None:
-        self.sent.append({"op": op, **fields})
-
-    def write(self, frames: bytes) -> None:
-        self.sent.append(frames)
-
-    def catch_up(self, sub: Any) -> None:
-        self.catch_ups += 1
-
-
-def _data(sent: list[Any]) -> list[Any]:
-    return [m["data"] if isinstance(m, dict) else m for m in sent if not isinstance(m, dict) or m["op"] == "message"]
-
-
-def test_live_messages_the_replay_held_are_dropped() -> None:
-    """A live message at or before the last offset the replay sent (it was still on the subscriber connection
-    when the replay was read) is not sent again, nor counted as delivered; a batch partly held is sent from the
-    first new message; once a newer message came, batches go as their shared frames again."""
-    from sockdrawer.fanout import PLAIN, FanoutStats
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
-    from sockdrawer.v1 import EnvelopeGroup, Subscription
-
-    session = _Session()
-    sub = Subscription(session, b"c")  # type: ignore[arg-type]
-    stats = FanoutStats()
-    sub.group = group = EnvelopeGroup(b"c", PLAIN, None, stats)
-    group.members[sub] = None
-    sub.go_live(Replay("e:5-0", (("e:4-0", b"four"), ("e:5-0", b"five"))), reset=False)
-    group.receive(Batch(b"c", [b"four"], ["e:4-0"]))
-    group.receive(Batch(b"c", [b"five", b"six"], ["e:5-0", "e:6-0"]))
-    seven = Batch(b"c", [b"seven"], ["e:7-0"])
-    group.receive(seven)
-    assert _data(session.sent) == ["four", "five", "six", group.frames(seven)]
-    assert sub.last == "e:7-0" and stats.deliveries == 2
-    sub.deliver(Batch(b"c", [b"other"], ["f:1-0"]), b"OTHER")  # another epoch is never taken for a repeat
-    assert _data(session.sent)[-1] == b"OTHER"
-
-
-def test_kept_messages_move_the_last_offset() -> None:
-    """Messages kept aside during a replay and sent after it (those the replay did not hold) move the
-    subscription's last offset, so a later catch-up starts after them."""
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
-    from sockdrawer.v1 import Subscription
-
-    session = _Session()
-    sub = Subscription(session, b"c")  # type: ignore[arg-type]
-    sub.deliver(Batch(b"c", [b"two", b"three"], ["e:2-0", "e:3-0"]), b"KEPT")
-    sub.go_live(Replay("e:2-0", (("e:2-0", b"two"),)), reset=False)
-    assert _data(session.sent) == ["two", "three"]
-    assert sub.last == "e:3-0" and session.catch_ups == 0
-
-
-def test_a_gap_during_a_replay_catches_up_again_from_the_replays_end() -> None:
-    """A broker gap while the replay was read (the broker may have lost messages between the replay and the
-    live ones kept meanwhile): the replay is sent, the kept messages with an offset are not (history gives them
-    again, in order), those without one are, and the subscription catches up from the replay's last offset."""
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
-    from sockdrawer.v1 import Subscription
-
-    session = _Session()
-    sub = Subscription(session, b"c")  # type: ignore[arg-type]
-    sub.deliver(Batch(b"c", [b"nine"], ["e:9-0"]), b"KEPT")  # after a hole: 3 to 8 never came live
-    sub.deliver(Batch(b"c", [b"plain"]), b"PLAIN")
-    sub.gap_pending = True  # what V1Session.catch_up sets for a subscription that is not live
-    sub.go_live(Replay("e:2-0", (("e:2-0", b"two"),)), reset=False)
-    assert _data(session.sent) == ["two", "plain"]
-    assert sub.last == "e:2-0"
-    assert session.catch_ups == 1 and not sub.gap_pending
-
-
 class _Proto:
     """What a V1Session needs of its socket: the factory's history, hub and framing, recording what is sent."""
 
@@ -414,7 +327,12 @@ class _Proto:
     def deliver_queued(self, frames: bytes) -> None:
         import json
 
-        self.out.append(json.loads(frames))
+        # send_text's payloads (the fake framing leaves them JSON), or a group's shared frames as they are
+        self.out.append(json.loads(frames) if frames[:1] == b"{" else frames)
+
+
+def _data(sent: list[Any]) -> list[Any]:
+    return [m["data"] if isinstance(m, dict) else m for m in sent if not isinstance(m, dict) or m["op"] == "message"]
 
 
 def _v1_subscription(replies: list[Any]) -> tuple[Any, Any, Any]:
@@ -428,6 +346,58 @@ def _v1_subscription(replies: list[Any]) -> tuple[Any, Any, Any]:
     sub.group = group = EnvelopeGroup(b"c", PLAIN, None, FanoutStats())
     group.members[sub] = None
     return proto, sub, group
+
+
+def test_live_messages_the_replay_held_are_dropped() -> None:
+    """A live message at or before the last offset the replay sent (it was still on the subscriber connection
+    when the replay was read) is not sent again, nor counted as delivered; a batch partly held is sent from the
+    first new message; once a newer message came, batches go as their shared frames again."""
+    from sockdrawer.history import Replay
+    from sockdrawer.interfaces import Batch
+
+    proto, sub, group = _v1_subscription([])
+    stats = group.stats
+    sub.go_live(Replay("e:5-0", (("e:4-0", b"four"), ("e:5-0", b"five"))), reset=False)
+    group.receive(Batch(b"c", [b"four"], ["e:4-0"]))
+    group.receive(Batch(b"c", [b"five", b"six"], ["e:5-0", "e:6-0"]))
+    seven = Batch(b"c", [b"seven"], ["e:7-0"])
+    group.receive(seven)
+    assert _data(proto.out) == ["four", "five", "six", group.frames(seven)]
+    assert sub.last == "e:7-0" and stats.deliveries == 2
+    sub.deliver(Batch(b"c", [b"other"], ["f:1-0"]), b"OTHER")  # another epoch is never taken for a repeat
+    assert _data(proto.out)[-1] == b"OTHER"
+
+
+def test_kept_messages_move_the_last_offset() -> None:
+    """Messages kept aside during a replay and sent after it (those the replay did not hold) move the
+    subscription's last offset, so a later catch-up starts after them."""
+    from sockdrawer.history import Replay
+    from sockdrawer.interfaces import Batch
+
+    proto, sub, group = _v1_subscription([])
+    sub.deliver(Batch(b"c", [b"two", b"three"], ["e:2-0", "e:3-0"]), b"KEPT")
+    sub.go_live(Replay("e:2-0", (("e:2-0", b"two"),)), reset=False)
+    assert _data(proto.out) == ["two", "three"]
+    assert sub.last == "e:3-0" and proto.reads == []
+
+
+def test_a_gap_during_a_replay_catches_up_again_from_the_replays_end() -> None:
+    """A broker gap while the replay was read (the broker may have lost messages between the replay and the
+    live ones kept meanwhile): the replay is sent, the kept messages with an offset are not (history gives them
+    again, in order), those without one are, and the subscription catches up from the replay's last offset."""
+    from sockdrawer.history import Replay
+    from sockdrawer.interfaces import Batch
+
+    proto, sub, group = _v1_subscription([Replay("e:2-0")])
+    sub.reading = True  # its replay is being read
+    sub.deliver(Batch(b"c", [b"nine"], ["e:9-0"]), b"KEPT")  # after a hole: 3 to 8 never came live
+    sub.deliver(Batch(b"c", [b"plain"]), b"PLAIN")
+    sub.session.catch_up(sub)  # the gap, while the replay is read
+    assert sub.gap_pending
+    sub.go_live(Replay("e:2-0", (("e:2-0", b"two"),)), reset=False)
+    assert _data(proto.out) == ["two", "plain"]
+    assert sub.last == "e:2-0"
+    assert proto.reads == ["e:2-0"] and not sub.gap_pending
 
 
 def test_live_messages_after_a_lost_subscription_wait_for_the_gap_and_history() -> None:
