@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
@@ -59,16 +61,31 @@ class Client:
     :param max_channel_length: the server's ``--max-channel-length``.
     :param max_message_size: the server's ``--max-publish-size``: larger
         messages would be dropped by every node, so they are refused here.
-    :param history_size: the server's ``--history-size``: when above 0,
-        messages published on Redis are kept in the channel's history (one
-        Lua script appends and publishes), so ``sockdrawer.v1`` clients can
-        resume; :meth:`pub` then returns the message's offset.
-    :param history_ttl: the server's ``--history-ttl``.
+    :param history_size: not needed with Redis 7: the nodes write their
+        history policy into Redis (a function, ``sockdrawer_publish``) and
+        :meth:`pub` follows it.  Given (above 0), it overrides that policy
+        for this client's messages (one Lua script appends and publishes),
+        for a Redis without functions.
+    :param history_ttl: with ``history_size``, the server's ``--history-ttl``.
+    :param retry_for: seconds :meth:`pub` keeps retrying while Redis is
+        unreachable, read-only (a failover) or loading, before it raises
+        :class:`PublishError`; 0 tries once.  A retry of a message kept in
+        history cannot duplicate it (see :meth:`pub`).
     :param cluster: seed nodes of a Redis Cluster (``redis://`` or
         ``rediss://`` URLs, as the server's ``--redis-cluster``), instead of
         ``url``: messages go out with ``SPUBLISH`` to the shard that owns the
         channel (redis-py's :class:`~redis.cluster.RedisCluster` follows the
         slot map).
+    :param sentinels: Redis Sentinel addresses, as the server's
+        ``--sentinel``: ``("host", port)`` pairs or ``"host:port"`` strings
+        (``"rediss://host:port[?ssl_ca_certs=/path/ca.pem]"`` for TLS to
+        the sentinels and the master), with ``master``, instead of ``url``:
+        messages go to the master the sentinels name (redis-py's
+        :class:`~redis.sentinel.Sentinel`), found again after a failover.
+    :param master: the name the sentinels monitor the master under (the
+        server's ``--sentinel-master``).
+    :param sentinel_password: the sentinels' own password, if any.
+    :param master_password: the master's password, if any.
     """
 
     def __init__(
@@ -84,6 +101,11 @@ class Client:
         history_size: int = 0,
         history_ttl: float = _DEFAULTS.history_ttl,
         cluster: Sequence[str] | None = None,
+        sentinels: Sequence[str | tuple[str, int]] | None = None,
+        master: str | None = None,
+        sentinel_password: str | None = None,
+        master_password: str | None = None,
+        retry_for: float = 15.0,
     ) -> None:
         self._namespace = Namespace(name)
         self._log = logger if logger is not None else logging.getLogger("sockdrawer.client")
@@ -93,12 +115,22 @@ class Client:
         self._max_message_size = max_message_size
         self._history_size = history_size
         self._history_ttl = history_ttl
+        self._retry_for = retry_for
+        #: until when (time.monotonic) the history function is known to be missing
+        self._no_function_until = 0.0
         self._script: Any = None
         self._read_script: Any = None
         self._http: str | None = None
         self._redis: _Publisher | None = None
         self._owns_redis = False
         self._cluster = cluster is not None
+        if sentinels is not None or master is not None:
+            if url is not None or redis is not None or cluster is not None:
+                raise ValueError("give one of url, redis, cluster and sentinels")
+            self._redis, self.url = _sentinel_client(sentinels, master, timeout, sentinel_password,
+                                                     master_password)
+            self._owns_redis = True
+            return
         if cluster is not None:
             if url is not None or redis is not None:
                 raise ValueError("give one of url, redis and cluster")
@@ -127,18 +159,36 @@ class Client:
         else:
             raise ValueError("url must start with redis://, rediss://, unix://, http:// or https://")
 
-    def pub(self, message: str | bytes, channel: str = "") -> Any:
+    def pub(self, message: str | bytes, channel: str = "", *, id: str | None = None) -> Any:
         """
         Publish ``message`` on ``channel``.
+
+        On Redis, the message follows the history policy the nodes wrote
+        into Redis: kept in the channel's history when they keep one (so
+        ``sockdrawer.v1`` clients that resume get it), published plainly
+        otherwise (or while no node has written a policy yet).
+
+        Delivery: while Redis cannot be reached, is read-only (a failover)
+        or loading, ``pub`` retries for up to ``retry_for`` seconds.  A
+        message kept in history carries an id (``id``, or one made per
+        call), and a retry whose message Redis did keep before the
+        connection failed gets that message's offset back instead of
+        publishing it twice: exactly once, as long as the message is among
+        the channel's last 100.  Pass your own ``id`` to make your own
+        retries (after a :class:`PublishError`) as safe.  Without history,
+        a retry after a timeout may publish twice (at least once).
 
         :param message: ``str`` (sent as UTF-8, a text frame) or ``bytes``
             (a binary frame unless it is valid UTF-8).
         :param channel: the channel without namespace: ``"news"`` reaches
             sockets on ``/news``; ``""`` (the default) the root ``/``.
-        :return: what the broker reports: for Redis, the number of subscribed
-            sockdrawer nodes (with ``history_size``, the message's offset);
-            for the HTTP API, the count (or offset) it answers.
-        :raises ValueError: for a bad channel name, message type or size.
+        :param id: the message's id (at most 64 characters), for publishing
+            idempotently.
+        :return: for a message kept in history, its offset (a ``str``);
+            otherwise what the broker reports: for Redis, the number of
+            subscribed sockdrawer nodes; for the HTTP API, the count (or
+            offset) it answers.
+        :raises ValueError: for a bad channel name, message type, size or id.
         :raises PublishError: when the message could not be published.
         """
         key = validate_channel(channel, self._max_channel_length)
@@ -152,20 +202,56 @@ class Client:
             raise ValueError(
                 f"message of {len(payload)} bytes is over the limit of {self._max_message_size} bytes"
             )
+        if id is not None and (not isinstance(id, str) or not 0 < len(id) <= 64):
+            raise ValueError("id must be a string of 1 to 64 characters")
         self._log.debug("publishing %d bytes on channel %r", len(payload), channel)
         if self._http is not None:
             return self._pub_http(channel, payload)
+        message_id = id if id is not None else uuid.uuid4().hex
+        deadline = time.monotonic() + self._retry_for
+        attempt = 0
+        while True:
+            try:
+                return self._pub_redis(key, payload, message_id, retry=attempt > 0 or id is not None)
+            except Exception as e:
+                if not _retryable(e) or time.monotonic() >= deadline:
+                    raise PublishError(f"could not publish on {self._where()}: {type(e).__name__}: {e}") from e
+                self._log.debug("publishing on %s failed (%s); retrying", self._where(), e)
+            time.sleep(min(0.05 * 2 ** attempt, 1.0, max(0.0, deadline - time.monotonic())))
+            attempt += 1
+
+    def _pub_redis(self, key: bytes, payload: bytes, message_id: str, retry: bool) -> Any:
+        """One attempt: the history function, the explicit script, or a plain (S)PUBLISH."""
         assert self._redis is not None
-        redis_channel = self._namespace.redis_channel(key)
-        try:
-            if self._history_size:
-                return self._pub_history(key, payload)
-            if self._cluster:
-                result = self._redis.spublish(redis_channel, payload)  # type: ignore[attr-defined]
+        if self._history_size:
+            return self._pub_history(key, payload)
+        fcall = getattr(self._redis, "fcall", None)
+        if fcall is not None and time.monotonic() >= self._no_function_until:
+            from .history import function_name, history_channel
+
+            check = "1" if retry else ""
+            try:
+                if self._cluster:
+                    from ._slots import hash_tag
+
+                    channel = history_channel(self._namespace.name, key)
+                    result = fcall(function_name(self._namespace.name), 1, hash_tag(channel), payload,
+                                   message_id, check, channel)
+                else:
+                    result = fcall(function_name(self._namespace.name), 1, key, payload, message_id, check)
+            except Exception as e:
+                text = str(e)
+                if "function not found" not in text.lower() and not text.startswith("NOHISTORY"):
+                    raise
+                # no node wrote a policy (or it keeps no history on a cluster): plainly, and look again soon
+                self._no_function_until = time.monotonic() + 1.0
             else:
-                result = self._redis.publish(redis_channel, payload)
-        except Exception as e:
-            raise PublishError(f"could not publish on {self._where()}: {type(e).__name__}: {e}") from e
+                return result.decode("ascii") if isinstance(result, bytes) else int(result)
+        redis_channel = self._namespace.redis_channel(key)
+        if self._cluster:
+            result = self._redis.spublish(redis_channel, payload)  # type: ignore[attr-defined]
+        else:
+            result = self._redis.publish(redis_channel, payload)
         return int(result) if result is not None else 0
 
     def presence(self, channel: str) -> list[dict[str, Any]]:
@@ -269,6 +355,19 @@ class Client:
         self.close()
 
 
+def _retryable(error: Exception) -> bool:
+    """Whether a failed attempt may succeed later: Redis unreachable, read-only (a failover), loading, busy."""
+    try:
+        from redis import exceptions
+    except ImportError:  # pragma: no cover - redis-py is a dependency
+        return False
+    if isinstance(error, (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ReadOnlyError,
+                          exceptions.BusyLoadingError)):
+        return True
+    text = str(error)
+    return text.startswith(("READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"))
+
+
 def _cluster_client(seeds: Sequence[str], timeout: float) -> Any:
     """A redis-py :class:`~redis.cluster.RedisCluster` on ``seeds`` (password and TLS from the first)."""
     if isinstance(seeds, str) or not seeds:
@@ -298,3 +397,56 @@ def _cluster_client(seeds: Sequence[str], timeout: float) -> Any:
     except Exception as e:
         where = ", ".join(f"{n.host}:{n.port}" for n in nodes)
         raise PublishError(f"could not reach the Redis Cluster at {where}: {type(e).__name__}: {e}") from e
+
+
+def _sentinel_client(sentinels: Sequence[str | tuple[str, int]] | None, master: str | None, timeout: float,
+                     sentinel_password: str | None, master_password: str | None) -> tuple[Any, str]:
+    """
+    A redis-py client for the master the sentinels name ``master`` (found
+    again on each new connection), and how to name it in errors.
+    """
+    if not master or any(c.isspace() for c in master):
+        raise ValueError("sentinels need master=, the name the sentinels monitor the master under (no spaces)")
+    if sentinels is None or isinstance(sentinels, str) or not sentinels:
+        raise ValueError("sentinels must be a list of addresses, e.g. [('10.0.0.1', 26379)] or "
+                         "['10.0.0.1:26379']")
+    addresses: list[tuple[str, int]] = []
+    schemes: set[str] = set()
+    ca: str | None = None
+    for entry in sentinels:
+        if isinstance(entry, (tuple, list)):
+            if len(entry) != 2:
+                raise ValueError(f"a sentinel is (host, port), not {entry!r}")
+            addresses.append((str(entry[0]), int(entry[1])))
+            schemes.add("redis")
+            continue
+        text = str(entry).strip()
+        parts = urlsplit(text if "://" in text else f"redis://{text}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"bad sentinel address {text!r}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"a sentinel is host:port, redis://host:port or rediss://host:port, not {text!r}")
+        if parts.username or parts.password is not None:
+            raise ValueError("give the sentinels' password as sentinel_password=, not in the address")
+        addresses.append((parts.hostname, 26379 if port is None else port))
+        schemes.add(scheme)
+        for key, _, value in (p.partition("=") for p in parts.query.split("&")):
+            if key == "ssl_ca_certs":
+                ca = value
+    if len(schemes) > 1:
+        raise ValueError("give every sentinel with TLS (rediss://) or none")
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if schemes == {"rediss"}:
+        common["ssl"] = True
+        if ca:
+            common["ssl_ca_certs"] = ca
+    from redis.sentinel import Sentinel
+
+    sentinel = Sentinel(addresses, sentinel_kwargs={**common, "password": sentinel_password}, **common)
+    where = ", ".join(f"{host}:{port}" for host, port in addresses)
+    # connects (asking the sentinels where the master is) on first use, like Redis.from_url
+    client = sentinel.master_for(master, password=master_password, **common)
+    return client, f"Sentinel master {master!r} (sentinels {where})"

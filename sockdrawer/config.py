@@ -208,8 +208,8 @@ class Settings:
         100, "most simultaneous API connections (more: refused)", part=API, low=1)
     workers: int = option(
         1, "processes that accept on the same port (SO_REUSEPORT), each with its own Redis subscription, "
-        "supervised by the parent (a crashed worker is restarted); more than 1 needs --redis or --redis-cluster",
-        part=SERVICE, low=1, high=256)
+        "supervised by the parent (a crashed worker is restarted); more than 1 needs --redis, --redis-cluster or "
+        "--sentinel", part=SERVICE, low=1, high=256)
     subscribe: str = option(
         "pattern", "how a node subscribes to Redis: pattern (PSUBSCRIBE <name>/*: every message of the "
         "namespace reaches every node) or channels (SUBSCRIBE to exactly the channels this node has sockets "
@@ -218,6 +218,20 @@ class Settings:
         (), "seed node of a Redis Cluster, as redis://[:password@]host:port (repeatable): channels are "
         "subscribed with SSUBSCRIBE on the shard that owns them and published with SPUBLISH (Redis 7 sharded "
         "pub/sub; a plain PUBLISH does not reach the nodes); instead of --redis", part=REDIS, secret=True)
+    sentinel: tuple[str, ...] = option(
+        (), "Redis Sentinel to ask where the master is, as HOST:PORT (port 26379 when left out), or "
+        "rediss://HOST:PORT[?ssl_ca_certs=/path/ca.pem] for TLS to the sentinels and the master (repeatable; "
+        "all with TLS or none): the node connects to the master they name for --sentinel-master, checks its "
+        "ROLE, and follows +switch-master to the new one; instead of --redis", part=REDIS)
+    sentinel_master: str | None = option(
+        None, "with --sentinel: the name the sentinels monitor the master under (sentinel monitor <name> ...)",
+        part=REDIS, metavar="NAME")
+    sentinel_password: str | None = option(
+        None, "with --sentinel: the sentinels' own password (their requirepass), if they have one", part=REDIS,
+        secret=True)
+    sentinel_master_password: str | None = option(
+        None, "with --sentinel: the password of the master (and of the replica that replaces it), if it has "
+        "one", part=REDIS, secret=True)
     no_gc_freeze: bool = option(
         False, "do not move open sockets into the garbage collector's permanent generation (gc.freeze); by "
         "default they are, as they open, so full collections do not walk them (no 50 ms pauses after "
@@ -258,11 +272,14 @@ class Settings:
             raise ValueError("--log-format must be text or json")
         if self.subscribe not in ("pattern", "channels"):
             raise ValueError("--subscribe must be pattern or channels")
+        if self.sentinel and (self.redis or self.redis_cluster):
+            raise ValueError("--sentinel excludes --redis and --redis-cluster: give one")
         if self.redis and self.redis_cluster:
             raise ValueError("--redis and --redis-cluster exclude each other: give one")
-        if self.workers > 1 and not (self.redis or self.redis_cluster):
-            raise ValueError("--workers above 1 needs --redis or --redis-cluster: each worker is its own "
-                             "process, and the embedded broker cannot carry messages between processes")
+        self._check_sentinel()
+        if self.workers > 1 and not (self.redis or self.redis_cluster or self.sentinel):
+            raise ValueError("--workers above 1 needs --redis, --redis-cluster or --sentinel: each worker is its "
+                             "own process, and the embedded broker cannot carry messages between processes")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
         for pattern in self.public_channel:
@@ -292,6 +309,31 @@ class Settings:
             except ValueError as e:
                 raise ValueError(f"--redis: {e}") from None
         return self
+
+    def _check_sentinel(self) -> None:
+        if not self.sentinel:
+            for option_name, value in (("--sentinel-master", self.sentinel_master),
+                                       ("--sentinel-password", self.sentinel_password),
+                                       ("--sentinel-master-password", self.sentinel_master_password)):
+                if value is not None:
+                    raise ValueError(f"{option_name} needs --sentinel")
+            return
+        if not self.sentinel_master:
+            raise ValueError("--sentinel needs --sentinel-master NAME: the name the sentinels monitor the master "
+                             "under")
+        if any(c.isspace() for c in self.sentinel_master):
+            raise ValueError("--sentinel-master must be a name without spaces")
+        from .sentinel import parse_sentinel
+
+        try:
+            urls = [parse_sentinel(text) for text in self.sentinel]
+            if len({url.scheme for url in urls}) > 1:
+                raise ValueError("give every sentinel with TLS (rediss://) or none")
+            for url in urls:
+                if url.ssl_ca_certs:
+                    url.trust_root()
+        except ValueError as e:
+            raise ValueError(f"--sentinel: {e}") from None
 
     @property
     def auth_enabled(self) -> bool:

@@ -243,7 +243,7 @@ class EmbeddedBroker:
         """See :meth:`sockdrawer.history.MemoryHistory.replay`."""
         if self._history is None:
             return fail(HistoryReset("no history")) if since is not None else succeed(Replay(None))
-        d: Deferred[Replay] = maybeDeferred(self._history.replay, key, since)
+        d: Deferred[Replay] = maybeDeferred(self._history.replay, key, since, limit)
         return d
 
     def is_connected(self) -> bool:

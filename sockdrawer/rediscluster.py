@@ -50,7 +50,15 @@ from . import _private, _slots, history
 from ._channels import Namespace
 from .interfaces import IBroker, IChannelHub, IChannelObserver
 from .presence import READ_SCRIPT, RedisPresence, channel_json, events_channel
-from .redislink import HIREDIS, MAX_CHANNELS_PER_COMMAND, Backoff, BatchedChannelChanges, RedisURL, _replay_result
+from .redislink import (
+    HIREDIS,
+    MAX_CHANNELS_PER_COMMAND,
+    Backoff,
+    BatchedChannelChanges,
+    HistoryLibrary,
+    RedisURL,
+    _replay_result,
+)
 from .stats import Histogram
 
 _log = Logger(namespace="sockdrawer.redis")
@@ -356,17 +364,24 @@ class _ShardSubscriberFactory(_FactoryMixin, txredisapi.SubscriberFactory):  # t
 
 
 class _CommandFactory(_FactoryMixin, txredisapi.RedisFactory):  # type: ignore[misc]
-    def __init__(self, url: RedisURL, timeout: float, backoff: Backoff | None) -> None:
+    def __init__(self, url: RedisURL, timeout: float, backoff: Backoff | None,
+                 ready: Callable[[Any], Any] | None = None) -> None:
         super().__init__(None, None, 1)
         self.backoff = backoff
+        self.ready = ready
         _configure(self, url, timeout)
 
     def buildProtocol(self, addr: Any) -> Any:
         p = super().buildProtocol(addr)
-        backoff = self.backoff
-        if backoff is not None:
-            # ready means AUTH passed: only then does the backoff start over
-            p.whenConnected().addCallback(lambda _: backoff.reset()).addErrback(lambda f: None)
+        backoff, ready = self.backoff, self.ready
+        if backoff is not None or ready is not None:
+            connected = p.whenConnected()
+            if backoff is not None:
+                # ready means AUTH passed: only then does the backoff start over
+                connected.addCallback(lambda _: backoff.reset())
+            if ready is not None:
+                connected.addCallback(lambda _: ready(p))
+            connected.addErrback(lambda f: None)
         return p
 
 
@@ -406,7 +421,9 @@ class _Shard(MultiService):
         self.sub = ClientService(endpoint, _ShardSubscriberFactory(link, self), retryPolicy=self.sub_backoff,
                                  clock=link._reactor)
         self.sub.setServiceParent(self)
-        self.pub = ClientService(endpoint, _CommandFactory(self.url, link.timeout, self.pub_backoff),
+        library, node = link.library, self.node
+        self.pub = ClientService(endpoint, _CommandFactory(self.url, link.timeout, self.pub_backoff,
+                                                           lambda p: library.load(p, node)),
                                  retryPolicy=self.pub_backoff, clock=link._reactor)
         self.pub.setServiceParent(self)
         #: the subscriber connection, once past AUTH (its channels sent)
@@ -446,6 +463,10 @@ class ClusterLink(BatchedChannelChanges, MultiService):
     :param retry_max_delay: the longest wait between reconnection attempts
         and between slot map reads while a master is missing.
     :param max_message_size: messages larger than this are dropped (logged).
+    :param history_size: messages kept per channel (the policy loaded on
+        every master, see :class:`~sockdrawer.redislink.HistoryLibrary`).
+    :param history_ttl: seconds a channel's history lives after its last
+        message or read.
     :raises ValueError: without seeds, or for a ``unix://`` seed.
     """
 
@@ -459,8 +480,12 @@ class ClusterLink(BatchedChannelChanges, MultiService):
         ping_interval: float = 30.0,
         retry_max_delay: float = 30.0,
         max_message_size: int = 1024 * 1024,
+        history_size: int = 0,
+        history_ttl: float = 300.0,
     ) -> None:
         super().__init__()
+        #: the history policy this node loads on every master (see RedisLink)
+        self.library = HistoryLibrary(namespace.name, history_size, history_ttl, sharded=True)
         if not seeds:
             raise ValueError("a Redis Cluster needs at least one seed node")
         for seed in seeds:
@@ -627,14 +652,18 @@ class ClusterLink(BatchedChannelChanges, MultiService):
     def publish_history(self, key: bytes, message: bytes, size: int, ttl: float) -> Deferred[str]:
         """
         Append ``message`` to ``key``'s history stream and ``SPUBLISH`` it with
-        its offset, in one script on the master of the history channel's
-        slot; fires with the offset.
+        its offset, in one call of the history function on the master of the
+        history channel's slot (see ``RedisLink.publish_history``); fires
+        with the offset.
         """
         stream, epoch = _slots.history_keys(self.namespace.name, key)
         channel = history.history_channel(self.namespace.name, key)
-        d = self.eval(_slots.SHARDED_PUBLISH_SCRIPT, [stream, epoch], [channel, message, size, max(1, int(ttl))])
-        d.addCallback(lambda offset: offset.decode("ascii") if isinstance(offset, bytes) else str(offset))
-        return d
+        tag = _slots.hash_tag(channel)
+        def fcall(*args: Any) -> Deferred[Any]:
+            return self._route(tag, lambda p: p.execute_command(*args))
+
+        return self.library.publish(fcall, self.eval, [tag, message, b"", b"", channel],
+                                    [stream, epoch], [channel, message, size, max(1, int(ttl))])
 
     def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[history.Replay]:
         """As :meth:`sockdrawer.redislink.RedisLink.replay`, on the cluster's history keys."""
@@ -647,7 +676,8 @@ class ClusterLink(BatchedChannelChanges, MultiService):
                 history.stream_id(after)
             except history.HistoryReset as e:
                 return fail(e)
-        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key], [after, limit])
+        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key],
+                      [after, limit, self.library.ttl, wanted_epoch or "", history.PAGE_BYTES])
         d.addCallback(_replay_result, since, wanted_epoch, after, limit)
         return d
 

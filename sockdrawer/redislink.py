@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import _private, history
+from . import _private, _slots, history
 from ._channels import Namespace
 from .interfaces import IBroker, IChannelHub, IChannelObserver
 from .stats import Histogram
@@ -161,6 +161,23 @@ class RedisURL:
         if self.scheme == "unix":
             return f"unix://{self.path}"
         return f"{self.scheme}://{self.host}:{self.port}/{self.db}"
+
+
+class RedisAddress(Protocol):
+    """
+    What a :class:`RedisLink` connects to: a :class:`RedisURL`, or a master
+    found through Redis Sentinel (:class:`~sockdrawer.sentinel.SentinelMaster`,
+    whose ``follower()`` service the link runs as its child).  Its ``str()``
+    names it in logs, without the password.
+    """
+
+    @property
+    def password(self) -> str | None: ...
+
+    @property
+    def username(self) -> str | None: ...
+
+    def endpoint(self, reactor: Any, timeout: float = 5.0) -> IStreamClientEndpoint: ...
 
 
 class SubscriberLink(Protocol):
@@ -502,8 +519,12 @@ class _PublisherFactory(_LinkFactoryMixin, txredisapi.RedisFactory):  # type: ig
 
     def buildProtocol(self, addr: Any) -> Any:
         p = super().buildProtocol(addr)
+        link = self.link
         # ready means AUTH passed: only then does the backoff start over
-        p.whenConnected().addCallback(lambda _: self.link._pub_backoff.reset()).addErrback(lambda f: None)
+        ready = p.whenConnected()
+        ready.addCallback(lambda _: link._pub_backoff.reset())
+        ready.addCallback(lambda _: link.library.load(p, link.description))
+        ready.addErrback(lambda f: None)
         return p
 
 
@@ -604,7 +625,7 @@ class RedisLink(BatchedChannelChanges, MultiService):
     UNSUBSCRIBE, and a new connection subscribes to all of them again.  A
     channel that closes and opens again within the turn sends nothing.
 
-    :param url: where Redis is.
+    :param url: where Redis is (a :class:`RedisAddress`).
     :param namespace: the channel namespace.
     :param hub: where messages go.
     :param reactor: the reactor; the global one when ``None``.
@@ -613,11 +634,15 @@ class RedisLink(BatchedChannelChanges, MultiService):
     :param retry_max_delay: the longest wait between reconnection attempts.
     :param max_message_size: messages larger than this are dropped (logged).
     :param subscribe: ``"pattern"`` or ``"channels"``.
+    :param history_size: messages kept per channel (the policy this node
+        loads into Redis as a function library, :class:`HistoryLibrary`).
+    :param history_ttl: seconds a channel's history lives after its last
+        message or read.
     """
 
     def __init__(
         self,
-        url: RedisURL,
+        url: RedisAddress,
         namespace: Namespace,
         hub: IChannelHub,
         reactor: Any = None,
@@ -626,6 +651,8 @@ class RedisLink(BatchedChannelChanges, MultiService):
         retry_max_delay: float = 30.0,
         max_message_size: int = 1024 * 1024,
         subscribe: str = "pattern",
+        history_size: int = 0,
+        history_ttl: float = 300.0,
     ) -> None:
         super().__init__()
         if subscribe not in ("pattern", "channels"):
@@ -641,6 +668,8 @@ class RedisLink(BatchedChannelChanges, MultiService):
         self.timeout = timeout
         self.max_message_size = max_message_size
         self.description = str(url)
+        #: the history policy this node writes into Redis (see HistoryLibrary)
+        self.library = HistoryLibrary(namespace.name, history_size, history_ttl, sharded=False)
         self._clock: IReactorTime = reactor
         self._subscribed_once = False
         self.subscriber: RedisSubscriberProtocol | None = None
@@ -651,6 +680,10 @@ class RedisLink(BatchedChannelChanges, MultiService):
         self._sub.setServiceParent(self)
         self._pub = ClientService(endpoint, _PublisherFactory(self), retryPolicy=self._pub_backoff, clock=reactor)
         self._pub.setServiceParent(self)
+        # Sentinel: the service that follows the master's switches runs with the link
+        follower = getattr(url, "follower", None)
+        if follower is not None:
+            follower(reactor, timeout, ping_interval, retry_max_delay).setServiceParent(self)
         #: messages received from Redis for this node's channels
         self.messages = 0
         #: times the subscription was lost and made again
@@ -714,15 +747,15 @@ class RedisLink(BatchedChannelChanges, MultiService):
 
     def publish_history(self, key: bytes, message: bytes, size: int, ttl: float) -> Deferred[str]:
         """
-        Append ``message`` to ``key``'s history stream (capped at ``size``,
-        expiring after ``ttl`` seconds) and publish it with its offset, in one
-        script; fires with the offset.
+        Append ``message`` to ``key``'s history stream and publish it with its
+        offset, in one call of the history function this node loaded (the
+        policy in Redis, which ``size`` and ``ttl`` stand in for where Redis
+        has no functions); fires with the offset.
         """
         stream, epoch = history.redis_keys(self.namespace.name, key)
         channel = history.history_channel(self.namespace.name, key)
-        d = self.eval(history.PUBLISH_SCRIPT, [stream, epoch], [channel, message, size, max(1, int(ttl))])
-        d.addCallback(lambda offset: offset.decode("ascii") if isinstance(offset, bytes) else str(offset))
-        return d
+        return self.library.publish(self.execute, self.eval, [key, message],
+                                    [stream, epoch], [channel, message, size, max(1, int(ttl))])
 
     def execute(self, command: str, *args: Any) -> Deferred[Any]:
         """
@@ -759,7 +792,8 @@ class RedisLink(BatchedChannelChanges, MultiService):
                 history.stream_id(after)
             except history.HistoryReset as e:
                 return fail(e)
-        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key], [after, limit])
+        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key],
+                      [after, limit, self.library.ttl, wanted_epoch or "", history.PAGE_BYTES])
         d.addCallback(_replay_result, since, wanted_epoch, after, limit)
         return d
 
@@ -887,26 +921,119 @@ def _text(value: Any) -> str:
 
 def _replay_result(result: Any, since: str | None, wanted_epoch: str | None, after: str,
                    limit: int) -> history.Replay:
+    """:data:`~sockdrawer.history.REPLAY_SCRIPT`'s answer as a Replay; HistoryReset when it cannot cover ``since``."""
     if not result or result[0] is None:
-        if since is not None:
-            raise history.HistoryReset("no history")
-        return history.Replay(None)
-    epoch, first, last = _text(result[0]), _text(result[1]), _text(result[2])
-    latest = None if last == "0-0" else f"{epoch}:{last}"
+        raise history.HistoryReset("no history")
+    epoch, first, last, whole = _text(result[0]), _text(result[1]), _text(result[2]), _text(result[3])
+    latest = f"{epoch}:{last}"
     if since is None:
         return history.Replay(latest)
     if wanted_epoch != epoch:
         raise history.HistoryReset("another epoch")
     position = history.stream_id(after)
-    if history.stream_id(first) > position:
-        raise history.HistoryReset("older than the history")
     if position > history.stream_id(last):
         raise history.HistoryReset("offset from the future")
-    pairs = result[3:]
+    if whole != "1" and history.stream_id(first) > position:
+        # the cap dropped entries, and maybe some after this position
+        raise history.HistoryReset("older than the history")
+    pairs = result[4:]
     messages = tuple((f"{epoch}:{_text(pairs[i])}", bytes(pairs[i + 1])) for i in range(0, len(pairs), 2))
-    if len(messages) >= limit:
-        raise history.HistoryReset("more than a replay may send")
-    return history.Replay(latest, messages)
+    # a page: full (by count or by bytes), unless it ends at the last message
+    more = bool(messages) and messages[-1][0] != latest and (
+        len(messages) >= limit or sum(len(m) for _, m in messages) >= history.PAGE_BYTES)
+    return history.Replay(latest, messages, more)
+
+
+class HistoryLibrary:
+    """
+    The history policy (size and TTL) a node writes into Redis, as a Redis 7
+    function library (:func:`sockdrawer.history.library_code`), so that
+    every publisher (``sockdrawer.Client``, ``FCALL`` from any language,
+    this node) keeps the same history without being told the nodes'
+    options.  Loaded on every new publishing connection (a replica promoted
+    by a failover has it already: functions replicate); replaced, with a
+    warning, when another node loaded a different policy.  Where Redis has
+    no functions (before 7.0, or an ACL without ``FUNCTION``), the node
+    publishes with the equivalent script and its own options.
+    """
+
+    def __init__(self, namespace: str, size: int, ttl: float, sharded: bool) -> None:
+        self.namespace = namespace
+        self.size = size
+        self.ttl = max(1, int(ttl))
+        self.sharded = sharded
+        self.name = history.library_name(namespace)
+        self.function = history.function_name(namespace)
+        self.code = history.library_code(namespace, size, ttl, sharded)
+        self.policy = history.policy_line(namespace, size, ttl, sharded)
+        #: whether the function is there to call (None: not known yet)
+        self.loaded: bool | None = None
+        self._warned = False
+
+    def load(self, protocol: Any, where: str) -> Deferred[bool]:
+        """Make sure ``protocol``'s Redis has this policy's library; fires with whether it does."""
+        d: Deferred[Any] = protocol.execute_command("FUNCTION", "LIST", "LIBRARYNAME", self.name, "WITHCODE")
+        d.addCallback(self._listed, protocol, where)
+        d.addCallbacks(self._done, self._failed, errbackArgs=(where,))
+        return d
+
+    def _listed(self, listing: Any, protocol: Any, where: str) -> Any:
+        theirs = None
+        for library in listing or ():
+            fields = [_text(v) if isinstance(v, bytes) else v for v in library]
+            named = dict(zip(fields[::2], fields[1::2], strict=False))
+            if named.get("library_name") == self.name and isinstance(named.get("library_code"), str):
+                theirs = history.loaded_policy(named["library_code"])
+        if theirs == self.policy:
+            return True
+        if theirs is not None:
+            _log.warn("replacing the history policy {theirs} on Redis at {url} with this node's {ours}: give "
+                      "every node of namespace {name!r} the same --history-size and --history-ttl",
+                      theirs=theirs, ours=self.policy, url=where, name=self.namespace)
+        else:
+            _log.info("loaded the history function {function} (history size {size}, ttl {ttl} s) on Redis at "
+                      "{url}", function=self.function, size=self.size, ttl=self.ttl, url=where)
+        loaded: Deferred[Any] = protocol.execute_command("FUNCTION", "LOAD", "REPLACE", self.code)
+        return loaded
+
+    def _done(self, _: object) -> bool:
+        self.loaded = True
+        return True
+
+    def _failed(self, failure: Failure, where: str) -> bool:
+        self.loaded = False
+        if not self._warned:
+            self._warned = True
+            _log.warn("could not load the history function on Redis at {url} ({error}): this node publishes "
+                      "with its own --history-size, and other publishers must be given it "
+                      "(Client(history_size=...))", url=where, error=failure.getErrorMessage())
+        return False
+
+    def publish(self, execute: Callable[..., Deferred[Any]], eval: Callable[..., Deferred[Any]],
+                call: list[Any], keys: list[Any], args: list[Any]) -> Deferred[str]:
+        """
+        Publish with history: ``FCALL`` of the library with ``call`` (the
+        channel, or its hash tag on a cluster, then the payload and the
+        optional arguments), or, before it is loaded or where it cannot be,
+        the script with ``keys`` and ``args``.
+        """
+        if self.loaded:
+            d = execute("FCALL", self.function, 1, *call)
+            d.addErrback(self._fcall_failed, eval, keys, args)
+        else:
+            script = _slots.SHARDED_PUBLISH_SCRIPT if self.sharded else history.PUBLISH_SCRIPT
+            d = eval(script, keys, args)
+        d.addCallback(_text)
+        return d
+
+    def _fcall_failed(self, failure: Failure, eval: Callable[..., Deferred[Any]], keys: list[Any],
+                      args: list[Any]) -> Any:
+        if "function not found" not in failure.getErrorMessage().lower():
+            return failure
+        # flushed (FUNCTION FLUSH, a new Redis): the next connection loads it again
+        self.loaded = None
+        script = _slots.SHARDED_PUBLISH_SCRIPT if self.sharded else history.PUBLISH_SCRIPT
+        return eval(script, keys, args)
 
 
 def _command(*parts: bytes) -> bytes:

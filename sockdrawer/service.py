@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from ._channels import Namespace, validate_channel
 from .api import ApiResource, ApiSite, ConnectionLimit
 from .config import Settings, endpoint_string
-from .history import MemoryHistory
+from .history import PAGE_MESSAGES, MemoryHistory
 from .hub import EmbeddedBroker, MemoryChannelHub, history_reader
 from .interfaces import IBroker, IChannelHub
 from .listeners import ListenerRegistry, redis_claim
@@ -26,6 +26,7 @@ from .metrics import registry_for
 from .presence import MemoryPresence, RedisPresence
 from .rediscluster import ClusterLink
 from .redislink import RedisLink, RedisURL
+from .sentinel import SentinelMaster
 from .v1 import PresenceService
 from .websocket import SockDrawerServerFactory
 
@@ -240,9 +241,13 @@ class SockDrawerService(MultiService):
             ping_interval=settings.redis_ping_interval,
             retry_max_delay=settings.redis_retry_max,
             max_message_size=settings.max_publish_size,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
         )
-        if settings.redis:
-            link = RedisLink(RedisURL.parse(settings.redis), self.namespace, self.hub,
+        if settings.redis or settings.sentinel:
+            # with --sentinel, the link connects to the master the sentinels name, and follows it
+            where = RedisURL.parse(settings.redis) if settings.redis else SentinelMaster.from_settings(settings)
+            link = RedisLink(where, self.namespace, self.hub,
                              subscribe=settings.subscribe, **link_options)
             link.setServiceParent(self)
             self.broker = link
@@ -271,9 +276,8 @@ class SockDrawerService(MultiService):
         )
         self.factory.presence = self.presence  # read by sockdrawer.v1 sessions
         if settings.history_size:
-            limit = settings.history_size + 1
-            broker = self.broker
-            self.factory.history = history_reader(broker, limit)
+            # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket
+            self.factory.history = history_reader(self.broker, PAGE_MESSAGES)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
             drain_window=settings.drain_window, close_code=settings.drain_close_code,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
@@ -61,6 +62,30 @@ def envelope(channel_json: str, offset: str | None, message: bytes) -> bytes:
         data, encoding = '"' + base64.b64encode(message).decode("ascii") + '"', ',"encoding":"base64"'
     off = "null" if offset is None else json.dumps(offset)
     return (f'{{"op":"message","channel":{channel_json},"offset":{off},"data":{data}{encoding}}}').encode()
+
+
+#: the longest message id a client may send with ``send`` (echoed in the reply)
+MAX_ID_LENGTH = 128
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unicode(msg: Any) -> bool:
+    """Whether every string in ``msg`` is Unicode text (no lone surrogate from a ``\\ud800`` escape)."""
+    try:
+        json.dumps(msg, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
+def _id_ok(id: Any) -> bool:
+    """A ``send`` id: absent, a string of at most :data:`MAX_ID_LENGTH` characters, or a number."""
+    if id is None or (isinstance(id, (int, float)) and not isinstance(id, bool)):
+        return True
+    return isinstance(id, str) and len(id) <= MAX_ID_LENGTH
 
 
 def control(op: str, **fields: Any) -> bytes:
@@ -227,6 +252,18 @@ class Subscription:
         self.suspended = True
         self.live = False
 
+    def send_page(self, replay: Replay, reset: bool, announce: bool) -> None:
+        """Send one page of a replay that goes on (the subscription keeps reading, live messages kept aside)."""
+        session = self.session
+        if reset:
+            session.send_control("reset", channel=self.channel)
+        if announce or reset:
+            session.send_control("subscribed", channel=self.channel, offset=replay.latest)
+        channel_json = json.dumps(self.channel, ensure_ascii=False)
+        for offset, message in replay.messages:
+            session.send_text(envelope(channel_json, offset, message))
+        self.last = replay.messages[-1][0]
+
     def go_live(self, replay: Replay, reset: bool, announce: bool = True) -> None:
         """
         Send what the replay holds, then what arrived meanwhile after it, and
@@ -289,6 +326,10 @@ class V1Session:
         self.proto = proto
         self.subscriptions: dict[bytes, Subscription] = {}
         self._client: str | None = None
+        #: history reads waiting for this socket's one read in flight
+        self._reads: deque[tuple[Subscription, str | None, bool, bool]] = deque()
+        self._reading = False
+        self._pumping = False
 
     @property
     def client(self) -> str:
@@ -337,12 +378,16 @@ class V1Session:
             self.error(400, "binary frames are not part of sockdrawer.v1")
             return
         try:
-            msg = json.loads(payload)
-        except ValueError:
+            # NaN and Infinity are not JSON (a reply echoing them would not be either)
+            msg = json.loads(payload, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
             self.error(400, "not JSON")
             return
         if not isinstance(msg, dict):
             self.error(400, "a message is a JSON object")
+            return
+        if b"\\u" in payload and not _unicode(msg):
+            self.error(400, "a string is not Unicode (a lone surrogate escape)")
             return
         op, channel = msg.get("op"), msg.get("channel")
         if op not in ("subscribe", "unsubscribe", "send"):
@@ -372,7 +417,11 @@ class V1Session:
         elif op == "unsubscribe":
             self.unsubscribe(key)
         else:
-            self.send(key, channel, msg.get("data"), msg.get("id"))
+            id = msg.get("id")
+            if not _id_ok(id):
+                self.error(400, f"id must be a string of at most {MAX_ID_LENGTH} characters or a number", channel)
+                return
+            self.send(key, channel, msg.get("data"), id)
 
     def _allowed(self, channel: str) -> bool:
         factory = self.proto.factory
@@ -424,13 +473,58 @@ class V1Session:
         if not factory.hub.broker_whole:
             sub.suspended = True  # what comes live until the broker's gap may follow a hole
         sub.reading = True
-        d: Deferred[Replay] = history(sub.key, since)
-        d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, False),
-                       errbackArgs=(sub, since))
+        self._read(sub, since, False, True)
+
+    # -- history reads: one at a time per socket, a page at a time
+
+    def _read(self, sub: Subscription, since: str | None, reset: bool, announce: bool, first: bool = False) -> None:
+        """
+        Queue a read of ``sub``'s history after ``since``.  A socket reads one
+        page at a time, whatever it asks: the work its subscriptions cause in
+        the broker is bounded by the socket, not by how many it subscribes
+        (the next page of a replay goes first, so a subscription finishes
+        before the next starts).
+        """
+        entry = (sub, since, reset, announce)
+        if first:
+            self._reads.appendleft(entry)
+        else:
+            self._reads.append(entry)
+        self._pump()
+
+    def _pump(self) -> None:
+        # a loop, not recursion: reads that answer at once (the embedded
+        # broker) go on here instead of nesting one call per page
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            history = self.proto.factory.history
+            while not self._reading and self._reads and history is not None:
+                sub, since, reset, announce = self._reads.popleft()
+                if self.subscriptions.get(sub.key) is not sub:
+                    continue  # unsubscribed meanwhile
+                self._reading = True
+                d: Deferred[Replay] = history(sub.key, since)
+                d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, reset, announce),
+                               errbackArgs=(sub, since))
+                d.addErrback(lambda f: _log.failure("reading history failed", f))
+                d.addBoth(self._read_done)
+        finally:
+            self._pumping = False
+
+    def _read_done(self, _: object) -> None:
+        self._reading = False
+        self._pump()
 
     def _replayed(self, replay: Replay, sub: Subscription, reset: bool, announce: bool = True) -> None:
-        if self.subscriptions.get(sub.key) is sub and self.proto.state == self.proto.STATE_OPEN:
-            sub.go_live(replay, reset, announce)
+        if self.subscriptions.get(sub.key) is not sub or self.proto.state != self.proto.STATE_OPEN:
+            return
+        if replay.more and replay.messages:
+            sub.send_page(replay, reset, announce)
+            self._read(sub, replay.messages[-1][0], False, False, first=True)
+            return
+        sub.go_live(replay, reset, announce)
 
     def catch_up(self, sub: Subscription) -> None:
         """
@@ -453,21 +547,16 @@ class V1Session:
         sub.reading = True
         if sub.last is None:
             # nothing with an offset sent yet: no place to resume from
-            d: Deferred[Replay] = history(sub.key, None)
-            d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, True, False),
-                           errbackArgs=(sub, None))
+            self._read(sub, None, True, False)
             return
-        d = history(sub.key, sub.last)
-        d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, False, False),
-                       errbackArgs=(sub, sub.last))
+        self._read(sub, sub.last, False, False)
 
     def _replay_failed(self, failure: Failure, sub: Subscription, since: str | None) -> None:
         if self.subscriptions.get(sub.key) is not sub:
             return
         history = self.proto.factory.history
         if failure.check(HistoryReset) and since is not None and history is not None:
-            d = history(sub.key, None)
-            d.addCallbacks(self._replayed, self._replay_failed, callbackArgs=(sub, True), errbackArgs=(sub, None))
+            self._read(sub, None, True, True, first=True)
             return
         _log.warn("history of {channel!r} unavailable: {error}", channel=sub.channel,
                   error=failure.getErrorMessage())

@@ -382,7 +382,19 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self._session
         if session is not None:
-            session.received(payload, isBinary)
+            try:
+                session.received(payload, isBinary)
+            except Exception:
+                # a frame the session could not handle: this socket only, one
+                # traceback a minute at most (a client cannot flood the log)
+                factory = self.factory
+                now = factory.clock.seconds()
+                if now - factory.last_frame_failure_logged >= 60.0:
+                    factory.last_frame_failure_logged = now
+                    self._log.failure("a sockdrawer.v1 frame failed (logged at most once a minute); "
+                                      "closing that socket with 1011")
+                factory.frame_failures += 1
+                _private.fail_connection(self, CLOSE_INTERNAL_ERROR, "internal error")
             return
         handler = self.factory.frame_handler
         if handler is None or self._group is None or self.key is None:
@@ -729,6 +741,9 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         #: refused handshakes by HTTP status
         self.refusals: dict[int, int] = {}
         self.rate_limited = 0
+        #: v1 frames that raised out of the session (each closed its socket with 1011)
+        self.frame_failures = 0
+        self.last_frame_failure_logged = float("-inf")
         self.connections_total = 0
         #: reads a channel's history for v1 subscriptions: ``(key, since)``
         #: -> Deferred[Replay]; ``None`` without history

@@ -172,9 +172,10 @@ def start_service(**settings: Any) -> Any:
 
 @defer.inlineCallbacks
 def wait_subscribed(svc: Any, redis: RedisServer) -> Any:
-    """Wait until the service's pattern subscription is live in Redis."""
+    """Wait until the service's pattern subscription is live in Redis, and its history policy loaded there."""
     yield wait_for(lambda: svc.broker.is_connected())
     yield wait_for(lambda: redis.numpat() >= 1)
+    yield wait_for(lambda: svc.broker.library.loaded is not None)
 
 
 @pytest.fixture

@@ -99,9 +99,12 @@ def wait_received(driver: webdriver.Chrome, count: int, timeout: float = 30.0) -
 
 def test_no_gap_through_redis_and_node_restarts(chromium: webdriver.Chrome, serve: Any,  # noqa: F811
                                                 persistent_redis: PersistentRedis, tmp_path: Path) -> None:
-    """The JS client in Chromium receives m0..m19 exactly once and in order while Redis restarts (messages
-    published before the node resubscribed are caught up from the streams) and while the node itself restarts
-    (messages published while it was down are replayed when the page resubscribes with since)."""
+    """The JS client in Chromium receives m0..m19 exactly once and in order: the first messages of its channel
+    are published while the node is down, right after the page subscribed to the channel that had none (it
+    resumes from the subscribed position); then Redis restarts (messages published before the node
+    resubscribed are caught up from the streams) and the node restarts again (messages published while it was
+    down are replayed when the page resubscribes with since). The publisher is a plain Client(url): it follows
+    the history policy the node wrote into Redis."""
     port = free_port()
     args = ["--port", f"tcp:{port}:interface=127.0.0.1", "--redis", persistent_redis.url, "--history-size", "1000",
             "--redis-retry-max", "0.5", "--drain-window", "0"]
@@ -109,19 +112,28 @@ def test_no_gap_through_redis_and_node_restarts(chromium: webdriver.Chrome, serv
     site.mkdir()
     shutil.copy(Path(ROOT) / "js" / "sockdrawer.js", site / "sockdrawer.js")
     (site / "index.html").write_text(PAGE % {"port": port})
-    publisher = Client(persistent_redis.url, history_size=1000)
+    publisher = Client(persistent_redis.url)
     node = ChildNode(tmp_path / "node1", args)
     (tmp_path / "node1").mkdir()
     node.start()
     try:
+        deadline = time.monotonic() + 10
+        while "loaded the history function" not in node.log_text():  # the policy, for the plain Client
+            assert time.monotonic() < deadline, node.log_text()
+            time.sleep(0.05)
         chromium.get(serve(site) + "/index.html")
         node.wait_sockets(1)
         deadline = time.monotonic() + 10
         while not chromium.execute_script("return (window.events || []).includes('open')"):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # the channel's first messages come while the node is down: the page resumes from its position
+        node.stop()
         for i in range(5):
-            publisher.pub(f"m{i}", "news")
+            assert isinstance(publisher.pub(f"m{i}", "news"), str)  # kept in history: an offset
+        (tmp_path / "node0").mkdir()
+        node = ChildNode(tmp_path / "node0", args)
+        node.start()
         wait_received(chromium, 5)
         # Redis restarts; the node resubscribes and catches up what it missed
         persistent_redis.stop()

@@ -423,6 +423,52 @@ async def test_history_and_resume_on_the_cluster(cluster: LocalCluster, run_serv
 
 
 @pytest_twisted.ensureDeferred
+async def test_empty_channels_have_positions_and_a_plain_client_keeps_history(cluster: LocalCluster,
+                                                                              run_service: Any) -> None:
+    """On a cluster, the node loads its history function on every master; a subscription to a channel of each
+    shard that never had a message gets <epoch>:0-0, and messages a plain Client(cluster=...) publishes
+    meanwhile (no history_size: it follows the function, once per id even when retried) come back to a client
+    that resumes from that position."""
+    from sockdrawer.history import function_name
+
+    svc = await start_node(run_service, cluster, name="pos", history_size=50)
+
+    def loaded_everywhere() -> bool:
+        for port in cluster.masters():
+            with cluster.client(port) as r:
+                if not r.function_list(library=svc.broker.library.name):
+                    return False
+        return True
+
+    await wait_for(loaded_everywhere)
+    for channel in cluster.channel_per_master("pos#", "e").values():
+        client = await connect(svc.ws_port, "/", subprotocols=V1)
+        client.send_json({"op": "subscribe", "channel": channel})
+        subscribed = await client.next_json()
+        assert subscribed["op"] == "subscribed" and subscribed["offset"].endswith(":0-0")
+        client.close()
+        await client.wait_closed()
+
+        def publish(channel: str = channel) -> list[str]:
+            with Client(cluster=cluster.seeds, name="pos") as publisher:
+                offsets = [publisher.pub(f"m{i}", channel) for i in range(3)]
+                assert publisher.pub("m2", channel, id=f"again-{channel}") == \
+                    publisher.pub("m2", channel, id=f"again-{channel}")
+                return offsets
+
+        offsets = await deferToThread(publish)
+        assert all(isinstance(o, str) for o in offsets)
+        again = await connect(svc.ws_port, "/", subprotocols=V1)
+        again.send_json({"op": "subscribe", "channel": channel, "since": subscribed["offset"]})
+        assert (await again.next_json())["op"] == "subscribed"
+        assert [(await again.next_json())["data"] for _ in range(4)] == ["m0", "m1", "m2", "m2"]
+        assert again.pending() == 0
+        again.close()
+        await again.wait_closed()
+    assert function_name("pos") == svc.broker.library.function
+
+
+@pytest_twisted.ensureDeferred
 async def test_commands_and_scripts_go_to_the_owner_of_their_key(cluster: LocalCluster, run_service: Any) -> None:
     """execute and eval (what presence and once-claims use) run on the master of their first key's slot, for keys
     on every shard: no MOVED reaches the caller."""
