@@ -7,6 +7,7 @@ send to the listeners.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import weakref
 from collections.abc import Callable, Sequence
@@ -106,6 +107,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     #: the client address counted against --max-connections-per-ip
     _counted_ip: str | None = None
     _pending = False
+    #: the address counted against --max-pending-handshakes-per-ip while in the handshake
+    _pending_ip: str | None = None
     _opened = False
     #: token bucket for frames from the client: tokens left, as of when
     _bucket = -1.0
@@ -133,7 +136,31 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
             return
         if not factory.settings.trust_x_forwarded_for:
-            self._count_ip(self.transport.getPeer().host)
+            ip = self.transport.getPeer().host
+            if ip:
+                # one address may hold only part of the pool: the others still get in
+                pending = factory.pending_per_ip.get(ip, 0) + 1
+                factory.pending_per_ip[ip] = pending
+                self._pending_ip = ip
+                if pending > factory.max_pending_per_ip:
+                    factory.refusals[503] = factory.refusals.get(503, 0) + 1
+                    self.dropConnection(abort=True)
+                    return
+            self._count_ip(ip)
+
+    def _handshake_over(self) -> None:
+        """No longer in the opening handshake (open, or gone): out of the pending counts."""
+        factory = self.factory
+        state = self.__dict__
+        if state.pop("_pending", False):
+            factory.pending -= 1
+        ip = state.pop("_pending_ip", None)
+        if ip is not None:
+            left = factory.pending_per_ip.get(ip, 1) - 1
+            if left > 0:
+                factory.pending_per_ip[ip] = left
+            else:
+                factory.pending_per_ip.pop(ip, None)
 
     def _count_ip(self, ip: str | None) -> bool:
         """Count this connection against its address; refuse with 429 when that is over the limit."""
@@ -178,9 +205,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         self._cancel_expiry()
         super().connectionLost(reason)
         factory = self.factory
-        if self._pending:
-            self._pending = False
-            factory.pending -= 1
+        self._handshake_over()
         if self._opened:
             self._opened = False
             factory.open_sockets -= 1
@@ -300,8 +325,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         state = self.__dict__
         for name in ("_head_complete", "_head", "_token"):  # back to the class defaults
             state.pop(name, None)
-        if state.pop("_pending", False):
-            factory.pending -= 1
+        self._handshake_over()
         self._opened = True
         factory.open_sockets += 1
         if factory.freezer is not None:
@@ -654,6 +678,10 @@ def merge_extension_headers(head: bytes) -> bytes:
     return b"\r\n".join(kept) + head[end:]
 
 
+#: a ``token=`` parameter anywhere in a request line, up to the next ``&``, space or end
+_TOKEN_PARAM = re.compile(rb"([?&\s]token=)[^&\s]*")
+
+
 def take_token(head: bytes) -> tuple[str | None, bytes]:
     """
     Take the token out of an opening handshake before anything parses or
@@ -680,6 +708,10 @@ def take_token(head: bytes) -> tuple[str | None, bytes]:
                 params[i] = b"token=redacted"
         parts[1] = path + b"?" + b"&".join(params)
         lines[0] = b" ".join(parts)
+    elif b"token=" in lines[0]:
+        # not METHOD TARGET VERSION (an unencoded space, say): refused later,
+        # and logged then, so every token-like parameter goes first
+        lines[0] = _TOKEN_PARAM.sub(rb"\1redacted", lines[0])
     for i in range(1, len(lines)):
         name, colon, value = lines[i].partition(b":")
         if colon and name.strip().lower() == b"authorization":
@@ -738,6 +770,10 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.pending = 0
         self.open_sockets = 0
         self.per_ip: dict[str, int] = {}
+        #: connections in their opening handshake, by client address
+        self.pending_per_ip: dict[str, int] = {}
+        self.max_pending_per_ip = min(settings.max_pending_handshakes_per_ip,
+                                      max(1, settings.max_pending_handshakes // 2))
         #: refused handshakes by HTTP status
         self.refusals: dict[int, int] = {}
         self.rate_limited = 0

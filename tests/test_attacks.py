@@ -208,3 +208,89 @@ async def wait_for_turn() -> None:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_cannot_hold_the_handshake_pool(run_service: Any) -> None:
+    """One address that opens silent TCP connections (never a handshake) fills only its own share of the
+    pending-handshake pool: the connections over its share are dropped at once, and a client from another
+    address (Python websockets, its defaults) still connects and gets a message."""
+    import socket
+
+    from conftest import wait_for
+    from twisted.internet.threads import deferToThread
+    from websockets.sync.client import connect as ws_connect
+
+    svc = await run_service(max_pending_handshakes=20, max_pending_handshakes_per_ip=5)
+    silent = []
+    for _ in range(30):
+        s = socket.create_connection(("127.0.0.1", svc.ws_port))
+        silent.append(s)
+    try:
+        await wait_for(lambda: svc.factory.refusals.get(503, 0) >= 25)
+        assert svc.factory.pending == 5
+        assert svc.factory.pending_per_ip == {"127.0.0.1": 5}
+
+        def bystander() -> str:
+            with ws_connect(f"ws://127.0.0.1:{svc.ws_port}/news", source_address=("127.0.0.2", 0)) as ws:
+                svc_publish()
+                return str(ws.recv(timeout=10))
+
+        def svc_publish() -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(lambda: wait_for(lambda: svc.hub.subscribers(b"news") >= 1).addCallback(
+                lambda _: svc.publish("in", "news")))
+
+        assert await deferToThread(bystander) == "in"
+    finally:
+        for s in silent:
+            s.close()
+    await wait_for(lambda: svc.factory.pending == 0 and not svc.factory.pending_per_ip)
+
+
+@pytest.mark.parametrize("line", [
+    b"GET /news?token=%(token)s&name=John Doe HTTP/1.1",
+    b"GET /news?name=John Doe&token=%(token)s HTTP/1.1",
+    b"GET /news?token=%(token)s  HTTP/1.1",
+])
+@pytest_twisted.ensureDeferred
+async def test_a_token_in_a_malformed_request_line_is_never_logged(run_service: Any, tmp_path: Any,
+                                                                   line: bytes) -> None:
+    """A request line that does not split into method, target and version (an unencoded space) is refused,
+    and its token (signature included) appears in no log event, as docs/security.rst promises."""
+    from twisted.internet import protocol, reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from sockdrawer import make_token
+
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-s3cret-s3cret-s3cret-s3cret!")
+    svc = await run_service(auth_secret_file=(str(secret),))
+    token = make_token("s3cret-s3cret-s3cret-s3cret-s3cret!", channels=["news"], ttl=60)
+    closed: Deferred[bytes] = Deferred()
+
+    class Raw(protocol.Protocol):
+        received = b""
+
+        def connectionMade(self) -> None:
+            self.transport.write(line % {b"token": token.encode()} + b"\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+        def connectionLost(self, reason: Any = None) -> None:
+            closed.callback(self.received)
+
+    with LogWatch() as log:
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", svc.ws_port), Raw())
+        answer = await closed
+    assert answer.startswith(b"HTTP/1.1 4"), answer
+    signature = token.rsplit(".", 1)[1]
+    from twisted.logger import formatEvent
+
+    for event in log.events:
+        assert signature not in formatEvent(event) and signature not in repr(event), event
