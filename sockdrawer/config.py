@@ -241,6 +241,11 @@ class Settings:
         "default they are, as they open, so full collections do not walk them (no 50 ms pauses after "
         "connection storms), at a cost: reference cycles among objects alive at a freeze are reclaimed only "
         "when the service stops", part=WEBSOCKET)
+    max_presence_joins_per_second: float = option(
+        5.0, "sockdrawer.v1 subscriptions with presence one socket may make per second (each costs every member "
+        "of the room an event; more: error 429)", part=WEBSOCKET, above=0)
+    presence_join_burst: int = option(
+        20, "subscriptions with presence a socket may make at once above that rate", part=WEBSOCKET, low=1)
     presence_timeout: float = option(
         30.0, "seconds after which the presence entries of a node that stopped refreshing them expire (nodes "
         "refresh every third of it)", part=SERVICE, above=0, high=MAX_SECONDS)

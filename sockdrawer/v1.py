@@ -330,6 +330,9 @@ class V1Session:
         self._reads: deque[tuple[Subscription, str | None, bool, bool]] = deque()
         self._reading = False
         self._pumping = False
+        #: presence joins left in this socket's bucket, as of when (None: full)
+        self._joins = 0.0
+        self._joins_at: float | None = None
 
     @property
     def client(self) -> str:
@@ -413,6 +416,9 @@ class V1Session:
             if presence and self.presence is None:
                 self.error(501, "presence is not available on this node", channel)
                 return
+            if presence and key not in self.subscriptions and not self._take_presence_join():
+                self.error(429, "too many presence subscriptions (see --max-presence-joins-per-second)", channel)
+                return
             self.subscribe(key, channel, since, presence)
         elif op == "unsubscribe":
             self.unsubscribe(key)
@@ -422,6 +428,22 @@ class V1Session:
                 self.error(400, f"id must be a string of at most {MAX_ID_LENGTH} characters or a number", channel)
                 return
             self.send(key, channel, msg.get("data"), id)
+
+    def _take_presence_join(self) -> bool:
+        """One presence join from this socket's bucket (each join and its leave cost every member an event)."""
+        settings = self.proto.factory.settings
+        now = self.proto.factory.clock.seconds()
+        if self._joins_at is None:
+            tokens = float(settings.presence_join_burst)
+        else:
+            tokens = min(float(settings.presence_join_burst),
+                         self._joins + (now - self._joins_at) * settings.max_presence_joins_per_second)
+        self._joins_at = now
+        if tokens < 1:
+            self._joins = tokens
+            return False
+        self._joins = tokens - 1
+        return True
 
     def _allowed(self, channel: str) -> bool:
         factory = self.proto.factory
@@ -615,6 +637,10 @@ class V1Session:
 RESYNC_DELAY = (0.05, 1.0)
 #: events a presence group keeps while it waits for a snapshot
 MAX_BUFFERED = 10_000
+#: seconds over which a channel's join and leave events are gathered before they go out: a client that joins
+#: and leaves (or leaves and comes back) within it costs the others nothing, and each client costs each member
+#: at most one event per period, whatever its rate
+PRESENCE_PERIOD = 0.1
 
 _Store = _presence.MemoryPresence | _presence.RedisPresence
 
@@ -657,8 +683,10 @@ class PresenceGroup:
         self._asking = 0
         #: client id -> nonce, of :attr:`pending`
         self._pending_clients: dict[str, str] = {}
-        #: while a batch is handled: the events for the live subscriptions, not sent yet
-        self._out: list[bytes] | None = None
+        #: the events for the live subscriptions not sent yet, by client: (the last event's body, whether the
+        #: client was in the view and as which user when the period began)
+        self._out: dict[str, tuple[bytes, bool, Any]] = {}
+        self._flush_call: IDelayedCall | None = None
 
     @property
     def receivers(self) -> int:
@@ -692,6 +720,10 @@ class PresenceGroup:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._out.clear()
 
     # -- snapshots
 
@@ -783,31 +815,36 @@ class PresenceGroup:
     # -- events
 
     def receive(self, batch: Batch) -> None:
-        # the events of one batch go out to each socket in one write (a dead
-        # node's sockets all leave in one burst)
-        self._out = []
-        try:
-            for message in batch.messages:
-                nonce, event, body = _presence.parse_event(message)
-                if self.synced:
-                    self._apply(nonce, event, body)
-                    continue
-                if len(self._buffer) >= MAX_BUFFERED:
-                    self._buffer = []
-                    self._snapshots = {}
-                self._buffer.append((nonce, event, body))
-                if nonce and nonce in self._snapshots:
-                    self._sync_at(len(self._buffer) - 1)
-        finally:
-            self._flush()
-            self._out = None
+        for message in batch.messages:
+            nonce, event, body = _presence.parse_event(message)
+            if self.synced:
+                self._apply(nonce, event, body)
+                continue
+            if len(self._buffer) >= MAX_BUFFERED:
+                self._buffer = []
+                self._snapshots = {}
+            self._buffer.append((nonce, event, body))
+            if nonce and nonce in self._snapshots:
+                self._sync_at(len(self._buffer) - 1)
+
+    def _flush_later(self) -> None:
+        self._flush_call = None
+        self._flush()
 
     def _flush(self) -> None:
+        """Send the period's events, one per client whose presence changed, in one write to each socket."""
         out = self._out
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         if not out:
             return
-        payloads = list(out)
+        view = self.view
+        payloads = [body for client, (body, was_in, user) in out.items()
+                    if (client in view) != was_in or (was_in and view[client] != user)]
         out.clear()
+        if not payloads:
+            return
         frames: dict[int, bytes] = {}
         for sub in tuple(self.live):
             sub.session.send_shared(payloads, frames)
@@ -816,18 +853,19 @@ class PresenceGroup:
         client: str | None = None
         if event is not None:
             client = event["client"]
+            out = self._out
+            if self.live and client not in out:
+                out[client] = (body, client in self.view, self.view.get(client))
             if event["op"] == "join":
                 self.view[client] = event.get("user")
             else:
                 self.view.pop(client, None)
-                client = None
             if self.live:
-                if self._out is None:
-                    frames: dict[int, bytes] = {}
-                    for sub in tuple(self.live):
-                        sub.session.send_shared([body], frames)
-                else:
-                    self._out.append(body)
+                out[client] = (body, *out[client][1:])
+                if self._flush_call is None:
+                    self._flush_call = self.service.clock.callLater(PRESENCE_PERIOD, self._flush_later)
+            if event["op"] != "join":
+                client = None
         # its own marker, or its entry came back by a refresh (its join failed)
         waiting = self.pending.pop(nonce, None) if nonce else None
         if waiting is None and client is not None:

@@ -294,3 +294,49 @@ async def test_a_token_in_a_malformed_request_line_is_never_logged(run_service: 
 
     for event in log.events:
         assert signature not in formatEvent(event) and signature not in repr(event), event
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_churn_costs_the_room_little(run_service: Any) -> None:
+    """A socket that subscribes and unsubscribes with presence as fast as its frame budget lets it, in a room
+    of 30 members: its joins beyond the presence budget get error 429, each member gets at most one event of
+    it per presence period (its joins and leaves coalesce), and a bystander's messages still arrive."""
+    import time
+
+    from conftest import wait_for
+    from test_presence import subscribe_with_presence
+
+    from sockdrawer.v1 import PRESENCE_PERIOD
+
+    svc = await run_service()
+    members = [await v1(svc) for _ in range(30)]
+    for m in members:
+        await subscribe_with_presence(m, "room")
+    for m in members:  # the joins of the others, coming in
+        while m.pending():
+            await m.next_json()
+    churner = await v1(svc)
+    started = time.monotonic()
+    for _ in range(40):
+        churner.send_json({"op": "subscribe", "channel": "room", "presence": True})
+        churner.send_json({"op": "unsubscribe", "channel": "room"})
+    answers = []
+    while len([a for a in answers if a["op"] in ("subscribed", "error")]) < 40:
+        answers.append(await churner.next_json())
+    refused = [a for a in answers if a["op"] == "error"]
+    assert refused and all(a["status"] == 429 for a in refused)
+    assert len([a for a in answers if a["op"] == "subscribed"]) == 20  # the burst
+    await wait_for(lambda: svc.presence.groups[b"room"]._flush_call is None)  # the last period went out
+    await svc.publish("marker", "room")
+    elapsed = time.monotonic() - started
+    got = []
+    while True:
+        message = await members[0].next_json()
+        if message["op"] == "message":
+            break
+        got.append(message)
+    churner_id = next(a["self"] for a in answers if a["op"] == "presence")
+    got = [e for e in got if e.get("client") == churner_id]
+    assert all(e["op"] in ("join", "leave") for e in got)
+    assert len(got) <= elapsed / PRESENCE_PERIOD + 2, (len(got), elapsed)
+    assert len(got) < 40  # without coalescing: a join and a leave per accepted subscription

@@ -431,7 +431,9 @@ def _event(nonce: str, op: str = "", client: str = "", user: str = "u") -> bytes
 def test_group_lines_up_snapshot_and_events(snapshot_first: bool) -> None:
     """A new subscription gets the snapshot of its own join with the events after its marker applied (those
     before it dropped), whether the snapshot or the marker arrives first; then each later event once."""
-    group, store, _, sub = _group()
+    from sockdrawer.v1 import PRESENCE_PERIOD
+
+    group, store, clock, sub = _group()
     group.add(sub)
     nonce, d = store.calls[0]
     snapshot = ['{"user":"x","client":"x"}', '{"user":"me","client":"me"}']
@@ -443,11 +445,13 @@ def test_group_lines_up_snapshot_and_events(snapshot_first: bool) -> None:
     if not snapshot_first:
         assert sub.session.sent == []
         d.callback(snapshot)
+    clock.advance(PRESENCE_PERIOD)  # events go out once per period
     listing, join_y = sub.session.sent
     assert listing == {"op": "presence", "channel": "c", "self": "me",
                        "clients": [{"user": "x", "client": "x"}, {"user": "me", "client": "me"}]}
     assert join_y["client"] == "y"
     group.receive(Batch(b"/presence/c", [_event("", "leave", "x", "x")]))
+    clock.advance(PRESENCE_PERIOD)
     assert sub.session.sent[-1]["op"] == "leave" and len(sub.session.sent) == 3
     assert set(group.view) == {"me", "y"}
     group.close()
@@ -544,7 +548,9 @@ def test_failing_renewals_are_logged_once() -> None:
 def test_group_asks_one_snapshot_at_a_time_and_batches_events() -> None:
     """Subscriptions joining a group that has no list yet ask for one snapshot between them (the others' joins
     are events after its marker); the events of one batch reach each live subscription in one write."""
-    group, store, _, first = _group()
+    from sockdrawer.v1 import PRESENCE_PERIOD
+
+    group, store, clock, first = _group()
     second: Any = _Sub("two")
     second.session.proto = type("P", (), {"user": "two"})()
     group.add(first)
@@ -561,6 +567,32 @@ def test_group_asks_one_snapshot_at_a_time_and_batches_events() -> None:
     assert [e["client"] for e in second.session.sent[0]["clients"]] == ["me", "two"]
     writes = first.session.writes
     group.receive(Batch(b"/presence/c", [_event("", "join", f"x{i}", "x") for i in range(5)]))
+    clock.advance(PRESENCE_PERIOD)
     assert first.session.writes == writes + 1 and second.session.writes == 1
     assert len(first.session.sent) == 7 and len(second.session.sent) == 6
+    group.close()
+
+
+def test_group_coalesces_a_period_of_churn() -> None:
+    """Within one presence period, a client that joins and leaves (or leaves and comes back) costs the members
+    nothing, and a client that changes several times costs each member one event, its last; the members' view
+    ends as the store's."""
+    from sockdrawer.v1 import PRESENCE_PERIOD
+
+    group, store, clock, sub = _group()
+    group.add(sub)
+    nonce, d = store.calls[0]
+    d.callback(['{"user":"me","client":"me"}', '{"user":"old","client":"old"}'])
+    group.receive(Batch(b"/presence/c", [_event(nonce, "join", "me", "me")]))
+    assert [m["op"] for m in sub.session.sent] == ["presence"]
+    churn = []
+    for _ in range(45):  # a churning socket: join, leave, join, leave...
+        churn += [_event("", "join", "churner", "c"), _event("", "leave", "churner", "c")]
+    churn += [_event("", "leave", "old", "old"), _event("", "join", "old", "old")]  # away and back
+    churn += [_event("", "join", "new", "n"), _event("", "leave", "new", "n"), _event("", "join", "new", "n")]
+    group.receive(Batch(b"/presence/c", churn))
+    assert [m["op"] for m in sub.session.sent] == ["presence"]  # nothing before the period ends
+    clock.advance(PRESENCE_PERIOD)
+    assert sub.session.sent[1:] == [{"op": "join", "channel": "c", "user": "n", "client": "new"}]
+    assert set(group.view) == {"me", "old", "new"}
     group.close()
