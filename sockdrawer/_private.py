@@ -56,6 +56,21 @@ def has_write_backlog(conn: tcp.Connection) -> bool:
     return bool(conn._tempDataLen or conn.dataBuffer)
 
 
+def handling_request(channel: Any) -> bool:
+    """
+    Whether an HTTP connection has a whole request in hand (received, its
+    answer not finished): the API's connection limit evicts the others (idle,
+    or still receiving a request, as a slowloris client always is).
+
+    Assumptions (Twisted ``http``): a ``Site`` builds a
+    ``_GenericHTTPChannelProtocol`` whose ``_channel`` is the
+    ``HTTPChannel``; the channel's ``_handlingRequest`` is set when a
+    request's content has all arrived and cleared when its response is
+    finished.
+    """
+    return bool(getattr(channel, "_channel", channel)._handlingRequest)
+
+
 def tcp_connection(transport: Any) -> tuple[tcp.Connection | None, bool]:
     """
     The Twisted TCP (or UNIX) connection whose write buffer holds this

@@ -24,6 +24,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from . import _private
 from ._channels import ChannelNameError, channel_from_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -272,8 +273,12 @@ class ApiSite(Site):
 
 class ConnectionLimit(WrappingFactory):
     """
-    At most ``limit`` simultaneous connections to the wrapped factory; more
-    are closed at once.
+    At most ``limit`` simultaneous connections to the wrapped factory.  At
+    the limit, a new connection takes the place of the oldest one that has
+    no whole request in hand (idle, or still sending one, as slow clients
+    that hold connections open do), so health probes and publishers get in
+    while a slowloris holds the pool; when every connection is working on a
+    request, the new one is closed at once.
     """
 
     noisy = False
@@ -282,9 +287,27 @@ class ConnectionLimit(WrappingFactory):
         super().__init__(wrapped)
         self.limit = limit
         self.refused = 0
+        #: connections closed to make room for a new one
+        self.evicted = 0
+        self._evicting: set[Any] = set()
 
     def buildProtocol(self, addr: Any) -> Any:
-        if len(self.protocols) >= self.limit:
+        if len(self.protocols) - len(self._evicting) >= self.limit and not self._evict():
             self.refused += 1
             return None
         return super().buildProtocol(addr)
+
+    def _evict(self) -> bool:
+        for wrapper in self.protocols:  # oldest first
+            if wrapper in self._evicting or wrapper.transport is None:
+                continue
+            if not _private.handling_request(wrapper.wrappedProtocol):
+                self._evicting.add(wrapper)
+                self.evicted += 1
+                wrapper.transport.abortConnection()
+                return True
+        return False
+
+    def unregisterProtocol(self, p: Any) -> None:
+        self._evicting.discard(p)
+        super().unregisterProtocol(p)

@@ -340,3 +340,40 @@ async def test_presence_churn_costs_the_room_little(run_service: Any) -> None:
     assert all(e["op"] in ("join", "leave") for e in got)
     assert len(got) <= elapsed / PRESENCE_PERIOD + 2, (len(got), elapsed)
     assert len(got) < 40  # without coalescing: a join and a leave per accepted subscription
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_answers_health_and_publishes_under_slowloris(run_service: Any) -> None:
+    """More slow connections than the API's connection limit, each sending the start of a request and then
+    nothing: /health, /ready and a keyed publish still get their answers (the slow ones give way), long before
+    --api-timeout would have freed a connection."""
+    import socket
+    import urllib.request
+
+    from twisted.internet.threads import deferToThread
+
+    svc = await run_service(api_max_connections=20, api_timeout=60, api_key="k3y")
+    slow = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", svc.api_port))
+        s.sendall(b"POST /publish/news HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n")
+        slow.append(s)
+    bystander = await connect(svc.ws_port, "/news")
+
+    def honest() -> list[int]:
+        statuses = []
+        for path in ("/health", "/ready"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{svc.api_port}{path}", timeout=5) as r:
+                statuses.append(r.status)
+        request = urllib.request.Request(f"http://127.0.0.1:{svc.api_port}/publish/news", data=b"through",
+                                         headers={"Authorization": "Bearer k3y"}, method="POST")
+        with urllib.request.urlopen(request, timeout=5) as r:
+            statuses.append(r.status)
+        return statuses
+
+    try:
+        assert await deferToThread(honest) == [200, 200, 200]
+        assert await bystander.next_text() == "through"
+    finally:
+        for s in slow:
+            s.close()

@@ -138,6 +138,32 @@ def test_twisted_tls_wrapper_keeps_the_tcp_connection_as_transport() -> None:
     assert _private.tcp_connection(started) == (started, False)
 
 
+def test_twisted_http_channel_flags_a_request_in_hand() -> None:
+    """HTTPChannel's _handlingRequest is False while a request is still arriving (a slowloris) and when idle,
+    True from the moment a request has all arrived until its response is finished."""
+    from twisted.web import resource, server
+
+    class Slow(resource.Resource):
+        isLeaf = True
+        pending: list[Any] = []
+
+        def render_GET(self, request: Any) -> Any:
+            self.pending.append(request)
+            return server.NOT_DONE_YET
+
+    site = server.Site(Slow())
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(StringTransport())
+    assert not _private.handling_request(channel)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers still coming
+    assert not _private.handling_request(channel)
+    channel.dataReceived(b"\r\n")
+    assert _private.handling_request(channel)
+    Slow.pending[0].finish()
+    assert not _private.handling_request(channel)
+    channel.connectionLost(Failure(ConnectionDone()))
+
+
 # -- Autobahn ------------------------------------------------------------------
 
 
