@@ -241,6 +241,9 @@ class Settings:
         "default they are, as they open, so full collections do not walk them (no 50 ms pauses after "
         "connection storms), at a cost: reference cycles among objects alive at a freeze are reclaimed only "
         "when the service stops", part=WEBSOCKET)
+    max_subscriptions_per_ip: int = option(
+        10_000, "most sockdrawer.v1 subscriptions of all the sockets of one client address (more: error 429); "
+        "with --trust-x-forwarded-for, the forwarded address", part=WEBSOCKET, low=1)
     max_presence_joins_per_second: float = option(
         5.0, "sockdrawer.v1 subscriptions with presence one socket may make per second (each costs every member "
         "of the room an event; more: error 429)", part=WEBSOCKET, above=0)

@@ -286,12 +286,14 @@ def history_channel(namespace: str, channel: bytes) -> bytes:
 
 
 class _Ring:
-    __slots__ = ("epoch", "next", "entries", "last")
+    __slots__ = ("epoch", "next", "entries", "last", "size")
 
     def __init__(self, size: int, now: float) -> None:
         self.epoch = os.urandom(6).hex()
         self.next = 1
-        self.entries: deque[tuple[int, bytes]] = deque(maxlen=size)
+        #: made with the first message (an empty deque is half a KiB: a subscription alone makes a ring)
+        self.entries: deque[tuple[int, bytes]] | tuple[()] = ()
+        self.size = size
         self.last = now
 
 
@@ -341,7 +343,10 @@ class MemoryHistory:
         ring = self._ring(key, True)
         assert ring is not None
         position, ring.next = ring.next, ring.next + 1
-        ring.entries.append((position, message))
+        entries = ring.entries
+        if not isinstance(entries, deque):
+            entries = ring.entries = deque(maxlen=ring.size)
+        entries.append((position, message))
         ring.last = self._clock()
         return f"{ring.epoch}:{position}"
 

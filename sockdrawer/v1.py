@@ -101,6 +101,8 @@ class EnvelopeGroup:
     subscription.
     """
 
+    __slots__ = ("key", "encoding", "_channel_json", "_deflater", "stats", "members", "__weakref__")
+
     def __init__(self, key: bytes, encoding: int, deflater: Deflater | None, stats: FanoutStats) -> None:
         self.key = key
         self.encoding = encoding
@@ -174,7 +176,8 @@ class Subscription:
         self.group: EnvelopeGroup | None = None
         #: live messages go to the client as they come (else they are kept aside)
         self.live = False
-        self._kept: list[tuple[str | None, bytes]] = []
+        #: live messages kept aside while not live (an empty tuple until the first: no list per subscription)
+        self._kept: list[tuple[str | None, bytes]] | tuple[()] = ()
         #: the offset of the last message sent to the client
         self.last: str | None = None
         #: subscribed with ``"presence": true``
@@ -203,7 +206,10 @@ class Subscription:
                         break
         else:
             offsets = batch.offsets or [None] * len(batch.messages)
-            self._kept.extend(zip(offsets, batch.messages, strict=True))
+            kept = self._kept
+            if not isinstance(kept, list):
+                kept = self._kept = []
+            kept.extend(zip(offsets, batch.messages, strict=True))
 
     def _uncount(self, messages: int, data: bytes = b"") -> None:
         """Take back what the group counted as delivered to this subscription and was not sent."""
@@ -301,7 +307,7 @@ class Subscription:
                 last = kept_offset
         if skipped:
             self._uncount(skipped)
-        self._kept = []
+        self._kept = ()
         self.last = last
         self._guard = last is not None
         if self.presence and not self.present:
@@ -330,6 +336,8 @@ class V1Session:
         self._reads: deque[tuple[Subscription, str | None, bool, bool]] = deque()
         self._reading = False
         self._pumping = False
+        #: the address its subscriptions are counted against (--max-subscriptions-per-ip)
+        self._ip: str | None = None
         #: presence joins left in this socket's bucket, as of when (None: full)
         self._joins = 0.0
         self._joins_at: float | None = None
@@ -429,6 +437,17 @@ class V1Session:
                 return
             self.send(key, channel, msg.get("data"), id)
 
+    def _uncount(self) -> None:
+        """One subscription less for this socket's address."""
+        ip = self._ip
+        if ip is not None:
+            per_ip = self.proto.factory.subscriptions_per_ip
+            left = per_ip.get(ip, 1) - 1
+            if left > 0:
+                per_ip[ip] = left
+            else:
+                per_ip.pop(ip, None)
+
     def _take_presence_join(self) -> bool:
         """One presence join from this socket's bucket (each join and its leave cost every member an event)."""
         settings = self.proto.factory.settings
@@ -460,12 +479,21 @@ class V1Session:
         if len(self.subscriptions) >= factory.settings.max_subscriptions:
             self.error(429, "too many subscriptions", channel)
             return
+        ip = self.proto._counted_ip
+        if ip is not None:
+            count = factory.subscriptions_per_ip.get(ip, 0)
+            if count >= factory.settings.max_subscriptions_per_ip:
+                self.error(429, "too many subscriptions from this address", channel)
+                return
         if not self._allowed(channel):
             self.error(403, "token does not cover this channel", channel)
             return
         sub = Subscription(self, key)
         sub.presence = presence
         self.subscriptions[key] = sub
+        if ip is not None:
+            factory.subscriptions_per_ip[ip] = count + 1
+            self._ip = ip
         decision = factory.authorize(Source(SOCKET, channel, self.proto.peer, self.proto.user)) \
             if factory.authorize is not None else None
         if decision is None:
@@ -478,6 +506,7 @@ class V1Session:
             return
         if not allowed:
             del self.subscriptions[sub.key]
+            self._uncount()
             self.error(403, "refused by a listener", sub.channel)
             return
         self._start(sub, since)
@@ -588,6 +617,7 @@ class V1Session:
     def unsubscribe(self, key: bytes) -> None:
         sub = self.subscriptions.pop(key, None)
         if sub is not None:
+            self._uncount()
             self.proto.factory.leave_v1(sub)
             if sub.present:
                 service = self.presence

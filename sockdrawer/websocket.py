@@ -770,8 +770,9 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.pending = 0
         self.open_sockets = 0
         self.per_ip: dict[str, int] = {}
-        #: connections in their opening handshake, by client address
+        #: connections in their opening handshake, and v1 subscriptions, by client address
         self.pending_per_ip: dict[str, int] = {}
+        self.subscriptions_per_ip: dict[str, int] = {}
         self.max_pending_per_ip = min(settings.max_pending_handshakes_per_ip,
                                       max(1, settings.max_pending_handshakes // 2))
         #: refused handshakes by HTTP status

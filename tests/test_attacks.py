@@ -377,3 +377,27 @@ async def test_the_api_answers_health_and_publishes_under_slowloris(run_service:
     finally:
         for s in slow:
             s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_has_a_budget_of_subscriptions(run_service: Any) -> None:
+    """The v1 subscriptions of all the sockets of one address are bounded (--max-subscriptions-per-ip): past
+    it, error 429 on any of its sockets; an unsubscribe or a closed socket gives the budget back."""
+    from conftest import wait_for
+
+    svc = await run_service(max_subscriptions_per_ip=5)
+    first, second = await v1(svc), await v1(svc)
+    for i in range(3):
+        assert (await subscribe(first, f"a{i}"))["op"] == "subscribed"
+    for i in range(2):
+        assert (await subscribe(second, f"b{i}"))["op"] == "subscribed"
+    refused = await subscribe(second, "b2")
+    assert (refused["op"], refused["status"]) == ("error", 429)
+    second.send_json({"op": "unsubscribe", "channel": "b0"})
+    assert (await subscribe(second, "b2"))["op"] == "subscribed"
+    first.close()
+    await first.wait_closed()
+    await wait_for(lambda: svc.factory.subscriptions_per_ip == {"127.0.0.1": 2})
+    for i in range(3):
+        assert (await subscribe(second, f"c{i}"))["op"] == "subscribed"
+    assert svc.factory.subscriptions_per_ip == {"127.0.0.1": 5}
