@@ -566,7 +566,10 @@ class V1Session:
 
     def _read_done(self, _: object) -> None:
         self._reading = False
-        self._pump()
+        if self._reads:
+            # the next page in a later turn: a replay that answers at once (the
+            # embedded broker) takes turns with everything else, not one long turn
+            self.proto.factory.clock.callLater(0, self._pump)
 
     def _replayed(self, replay: Replay, sub: Subscription, reset: bool, announce: bool = True) -> None:
         if self.subscriptions.get(sub.key) is not sub or self.proto.state != self.proto.STATE_OPEN:
