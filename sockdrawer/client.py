@@ -365,7 +365,8 @@ def _retryable(error: Exception) -> bool:
                           exceptions.BusyLoadingError)):
         return True
     text = str(error)
-    return text.startswith(("READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"))
+    # the command did not run: NOREPLICAS (min-replicas-to-write), READONLY (a demoted master), ...
+    return text.startswith(("READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS"))
 
 
 def _cluster_client(seeds: Sequence[str], timeout: float) -> Any:
@@ -448,5 +449,33 @@ def _sentinel_client(sentinels: Sequence[str | tuple[str, int]] | None, master: 
     sentinel = Sentinel(addresses, sentinel_kwargs={**common, "password": sentinel_password}, **common)
     where = ", ".join(f"{host}:{port}" for host, port in addresses)
     # connects (asking the sentinels where the master is) on first use, like Redis.from_url
-    client = sentinel.master_for(master, password=master_password, **common)
+    client = sentinel.master_for(master, password=master_password,
+                                 connection_class=_sentinel_connection_class(schemes == {"rediss"}), **common)
     return client, f"Sentinel master {master!r} (sentinels {where})"
+
+
+def _sentinel_connection_class(tls: bool) -> Any:
+    """
+    redis-py's connection to a Sentinel master, which also takes
+    ``NOREPLICAS`` (a master with ``min-replicas-to-write`` whose replica was
+    just promoted: it refuses writes, and runs none of the command) as a sign
+    of a failover, as redis-py takes ``READONLY``: it disconnects, so that
+    the next attempt asks the sentinels again, and raises ConnectionError.
+    """
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+    from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    base: Any = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+
+    class _FailoverAwareConnection(base):  # type: ignore[misc]
+        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().read_response(*args, **kwargs)
+            except ResponseError as e:
+                if not str(e).startswith("NOREPLICAS"):
+                    raise
+                self.disconnect()
+                raise RedisConnectionError(f"the master refused the write ({e}): a failover?") from e
+
+    return _FailoverAwareConnection
