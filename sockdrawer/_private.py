@@ -68,7 +68,8 @@ def handling_request(channel: Any) -> bool:
     request's content has all arrived and cleared when its response is
     finished.
     """
-    return bool(getattr(channel, "_channel", channel)._handlingRequest)
+    # not an HTTP channel: nothing to tell, so never evicted
+    return bool(getattr(getattr(channel, "_channel", channel), "_handlingRequest", True))
 
 
 def tcp_connection(transport: Any) -> tuple[tcp.Connection | None, bool]:

@@ -199,7 +199,7 @@ class Settings:
         1000, "most connections still in their opening handshake, per node (more: dropped at once)",
         part=WEBSOCKET, low=1)
     max_pending_handshakes_per_ip: int = option(
-        100, "most connections from one client address still in their opening handshake (more: dropped at "
+        250, "most connections from one client address still in their opening handshake (more: dropped at "
         "once), and at most half of --max-pending-handshakes, so one address cannot hold the whole pool; not "
         "counted with --trust-x-forwarded-for (the proxy's address is everyone's)", part=WEBSOCKET, low=1)
     max_connections_per_ip: int = option(

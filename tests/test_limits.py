@@ -353,17 +353,16 @@ async def test_api_body_must_arrive_in_time(run_service: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_api_connections_are_bounded(run_service: Any) -> None:
-    """Past --api-max-connections open API connections, a new one is closed at once; /health works again once
-    they close."""
+    """At --api-max-connections open API connections, a new one takes the place of the oldest that has no
+    whole request in hand (these send nothing): that one is closed, the others stay, and /health answers."""
     svc = await run_service(api_max_connections=2)
     held = [await silent_connection(svc.api_port) for _ in range(2)]
-    extra = await silent_connection(svc.api_port)
-    await extra.lost.addTimeout(5, reactor)
-    for h in held:
-        h.transport.loseConnection()
-        await h.lost
     response = await deferToThread(_api, svc.api_port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 200 ")
+    await held[0].lost.addTimeout(5, reactor)  # the oldest gave way
+    assert held[1].transport.connected
+    held[1].transport.loseConnection()
+    await held[1].lost
 
 
 # -- listener replies, failures, blocking --------------------------------------
@@ -437,19 +436,33 @@ def test_blocking_handlers_are_named_in_a_warning() -> None:
 
 
 def test_api_connection_limit_counts_refusals() -> None:
-    """Past --api-max-connections each new connection is refused, and counted."""
+    """At --api-max-connections, while every connection has a whole request in hand (its answer not finished),
+    each new connection is refused, and counted; once one is idle again, a new one takes its place."""
     from twisted.internet.address import IPv4Address
-    from twisted.internet.protocol import Factory, Protocol
     from twisted.internet.testing import StringTransport
+    from twisted.web import resource, server
 
     from sockdrawer.api import ConnectionLimit
 
-    limit = ConnectionLimit(Factory.forProtocol(Protocol), 1)
+    class Slow(resource.Resource):
+        isLeaf = True
+        requests: list[Any] = []
+
+        def render_GET(self, request: Any) -> Any:
+            self.requests.append(request)
+            return server.NOT_DONE_YET
+
+    limit = ConnectionLimit(server.Site(Slow()), 1)
     addr = IPv4Address("TCP", "127.0.0.1", 1)
     first = limit.buildProtocol(addr)
-    first.makeConnection(StringTransport())
+    transport = StringTransport()
+    first.makeConnection(transport)
+    first.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert limit.buildProtocol(addr) is None and limit.buildProtocol(addr) is None
-    assert limit.refused == 2
+    assert limit.refused == 2 and limit.evicted == 0
+    Slow.requests[0].finish()  # answered: idle, so it gives way to the next
+    assert limit.buildProtocol(addr) is not None
+    assert limit.evicted == 1 and transport.disconnecting
 
 
 def test_api_request_deadline_runs_on_the_given_clock() -> None:

@@ -173,7 +173,8 @@ def test_sigterm_drains_1000_sockets_over_the_window(tmp_path: Any) -> None:
     spread over --drain-window, and the process exits within the window plus --shutdown-timeout."""
     window, timeout, delay = 2.0, 2.0, 0.5
     args = ["--drain-window", str(window), "--shutdown-timeout", str(timeout), "--drain-delay", str(delay),
-            "--max-connections-per-ip", "5000"]
+            "--max-connections-per-ip", "5000", "--max-pending-handshakes", "2000",
+            "--max-pending-handshakes-per-ip", "1000"]  # 1,000 at once from one address
     with ChildNode(tmp_path, args) as node:
         sockets = _open_sockets(node.ws_port, 1000)
         node.wait_sockets(1000)

@@ -459,7 +459,8 @@ async def test_a_message_published_once_subscribed_arrives(redis_server: Any, ru
 async def test_a_thousand_sockets_at_once_make_few_commands(own_redis: Any, run_service: Any) -> None:
     """1000 sockets on 100 channels connecting at once make far fewer SUBSCRIBE commands than channels (Redis'
     own command count agrees with the link's), and every channel ends up subscribed."""
-    svc = await run_service(redis=own_redis.url, subscribe="channels", max_connections_per_ip=2000)
+    svc = await run_service(redis=own_redis.url, subscribe="channels", max_connections_per_ip=2000,
+                            max_pending_handshakes=2000, max_pending_handshakes_per_ip=1000)
     await wait_for(svc.broker.is_connected)
     sockets = await defer.gatherResults([connect(svc.ws_port, f"/c/{i % 100}") for i in range(1000)])
     try:
