@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
@@ -27,8 +29,36 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from . import _private
 from ._channels import ChannelNameError, channel_from_path
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .service import SockDrawerService
+
+class NodeView(Protocol):
+    """What the API reads and does on the node (the service provides it)."""
+
+    #: messages published into the node, by source (the API counts its own)
+    published: dict[str, int]
+
+    def state(self) -> dict[str, Any]:
+        """``/health`` and ``/ready``: counts, and ``ready``."""
+
+    def publish_key(self, key: bytes, message: bytes) -> Any:
+        """Publish on a validated channel; a Deferred firing with the count or the offset."""
+
+    def presence_entries(self, key: bytes) -> Any:
+        """A Deferred firing with the presence entries of a channel."""
+
+    @property
+    def broker_description(self) -> str:
+        """The broker's address, without credentials (in 503 answers)."""
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """The options the API reads."""
+
+    api_key: str | None = None
+    metrics_public: bool = False
+    max_channel_length: int = 256
+    max_publish_size: int = 1024 * 1024
+
 
 _log = Logger(namespace="sockdrawer.api")
 
@@ -110,10 +140,12 @@ class ApiResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, service: SockDrawerService) -> None:
+    def __init__(self, node: NodeView, options: ApiOptions, metrics: Callable[[], tuple[bytes, str]]) -> None:
         super().__init__()
-        self._service = service
-        key = service.settings.api_key
+        self._node = node
+        self._options = options
+        self._metrics_text = metrics
+        key = options.api_key
         self._expected = key.encode() if key else None
 
     def _authorized(self, request: Request) -> bool:
@@ -133,13 +165,13 @@ class ApiResource(Resource):
             if request.method not in (b"GET", b"HEAD"):
                 request.setHeader(b"allow", b"GET, HEAD")
                 return _respond(request, 405, {"error": "use GET"})
-            state = self._service.state()
+            state = self._node.state()
             if path == b"/health":  # liveness: the reactor runs
                 return _respond(request, 200, state)
             return _respond(request, 200 if state["ready"] else 503, state)
         if path == b"/sockdrawer.js":
             return self._client_js(request)
-        if path == b"/metrics" and self._service.settings.metrics_public:
+        if path == b"/metrics" and self._options.metrics_public:
             return self._metrics(request)
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="sockdrawer"')
@@ -163,7 +195,7 @@ class ApiResource(Resource):
         raw_channel = request.path[len(_PRESENCE_PREFIX) - 1 :]
         try:
             key = channel_from_path(
-                raw_channel.decode("ascii", "replace"), self._service.settings.max_channel_length
+                raw_channel.decode("ascii", "replace"), self._options.max_channel_length
             )
         except ChannelNameError as e:
             return _respond(request, 400, {"error": f"bad channel: {e}"})
@@ -182,7 +214,7 @@ class ApiResource(Resource):
                 request.write(_respond(request, 503, {"error": "broker unavailable"}))
                 request.finish()
 
-        self._service.presence.entries(key).addCallbacks(done, failed)
+        self._node.presence_entries(key).addCallbacks(done, failed)
         return NOT_DONE_YET
 
     def _client_js(self, request: Request) -> bytes:
@@ -196,29 +228,27 @@ class ApiResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return _respond(request, 405, {"error": "use GET"})
-        from .metrics import render
-
-        body, content_type = render(self._service.metrics)
+        body, content_type = self._metrics_text()
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return body
 
     def _publish(self, request: Request) -> Any:
         if getattr(request, "body_too_large", False):
-            limit = self._service.settings.max_publish_size
+            limit = self._options.max_publish_size
             return _respond(request, 413, {"error": f"body over the limit of {limit} bytes"})
         raw_channel = request.path[len(_PUBLISH_PREFIX) - 1 :] or b"/"
         try:
             key = channel_from_path(
-                raw_channel.decode("ascii", "replace"), self._service.settings.max_channel_length
+                raw_channel.decode("ascii", "replace"), self._options.max_channel_length
             )
         except ChannelNameError as e:
             return _respond(request, 400, {"error": f"bad channel: {e}"})
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
-        self._service.published["api"] += 1
-        d = self._service.publish_key(key, body)
+        self._node.published["api"] += 1
+        d = self._node.publish_key(key, body)
         finished = []
         request.notifyFinish().addErrback(lambda f: finished.append(True))
 
@@ -243,7 +273,7 @@ class ApiResource(Resource):
                     _respond(
                         request,
                         503,
-                        {"error": "broker unavailable", "broker": self._service.broker.description},
+                        {"error": "broker unavailable", "broker": self._node.broker_description},
                     )
                 )
                 request.finish()

@@ -16,7 +16,7 @@ the reactor thread is changing would race.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -24,8 +24,23 @@ from prometheus_client.registry import Collector
 
 from .stats import Histogram
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .service import SockDrawerService
+
+class MetricsSource(Protocol):
+    """What the metrics read on the node (the service provides it): its parts' own counters."""
+
+    #: the WebSocket factory (sockets, handshakes, refusals, deliveries, limits)
+    factory: Any
+    #: the broker (connected, messages, reconnects, subscriptions, ...)
+    broker: Any
+    #: the hub (fan-out turns)
+    hub: Any
+    #: the listener registry (errors)
+    listeners: Any
+    #: messages published into the node, by source
+    published: dict[str, int]
+
+    def channel_count(self) -> int:
+        """Channels with sockets or listeners."""
 
 #: the label values of ``sockdrawer_messages_total{source=...}``
 SOURCES = ("redis", "api", "listener", "service")
@@ -36,9 +51,9 @@ def _histogram(name: str, documentation: str, histogram: Histogram) -> Histogram
 
 
 class ServiceCollector(Collector):
-    """Collects a :class:`~sockdrawer.service.SockDrawerService`'s counters."""
+    """Collects a node's counters (a :class:`MetricsSource`)."""
 
-    def __init__(self, service: SockDrawerService) -> None:
+    def __init__(self, service: MetricsSource) -> None:
         self._service = service
 
     def collect(self) -> Iterator[Metric]:
@@ -114,7 +129,7 @@ class ServiceCollector(Collector):
             yield _histogram("sockdrawer_fanout_turn_seconds", "Duration of each fan-out in the reactor", turns)
 
 
-def registry_for(service: SockDrawerService) -> CollectorRegistry:
+def registry_for(service: MetricsSource) -> CollectorRegistry:
     """A registry with the service's collector (and nothing process-global)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import hiredis
@@ -45,9 +45,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .redislink import Backoff, RedisURL, _command
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 _log = Logger(namespace="sockdrawer.sentinel")
 
@@ -163,11 +160,11 @@ class SentinelMaster:
         self.address: Address | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SentinelMaster:
-        """The master of ``--sentinel``, ``--sentinel-master`` and their passwords."""
-        assert settings.sentinel_master is not None
-        return cls([parse_sentinel(text) for text in settings.sentinel], settings.sentinel_master,
-                   password=settings.sentinel_master_password, sentinel_password=settings.sentinel_password)
+    def from_options(cls, sentinels: Sequence[str], master: str, password: str | None = None,
+                     sentinel_password: str | None = None) -> SentinelMaster:
+        """The master of ``--sentinel`` addresses, ``--sentinel-master`` and their passwords."""
+        return cls([parse_sentinel(text) for text in sentinels], master, password=password,
+                   sentinel_password=sentinel_password)
 
     def __str__(self) -> str:
         """For logs: ``redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster``."""

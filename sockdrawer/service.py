@@ -16,13 +16,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._channels import Namespace, validate_channel
-from .api import ApiResource, ApiSite, ConnectionLimit
+from .api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from .config import Settings, endpoint_string
 from .history import PAGE_MESSAGES, MemoryHistory
 from .hub import EmbeddedBroker, MemoryChannelHub, history_reader
 from .interfaces import IBroker, IChannelHub
 from .listeners import ListenerRegistry, redis_claim
-from .metrics import registry_for
+from .metrics import registry_for, render
 from .presence import MemoryPresence, RedisPresence
 from .rediscluster import ClusterLink
 from .redislink import RedisLink, RedisURL
@@ -246,7 +246,9 @@ class SockDrawerService(MultiService):
         )
         if settings.redis or settings.sentinel:
             # with --sentinel, the link connects to the master the sentinels name, and follows it
-            where = RedisURL.parse(settings.redis) if settings.redis else SentinelMaster.from_settings(settings)
+            where = RedisURL.parse(settings.redis) if settings.redis else SentinelMaster.from_options(
+                settings.sentinel, settings.sentinel_master or "", password=settings.sentinel_master_password,
+                sentinel_password=settings.sentinel_password)
             link = RedisLink(where, self.namespace, self.hub,
                              subscribe=settings.subscribe, **link_options)
             link.setServiceParent(self)
@@ -286,7 +288,12 @@ class SockDrawerService(MultiService):
         self.api: ListeningService | None = None
         if settings.api_enabled:
             assert settings.api is not None
-            site = ApiSite(ApiResource(self), settings.max_publish_size, settings.api_timeout, reactor)
+            options = ApiOptions(api_key=settings.api_key, metrics_public=settings.metrics_public,
+                                 max_channel_length=settings.max_channel_length,
+                                 max_publish_size=settings.max_publish_size)
+            registry = self.metrics
+            site = ApiSite(ApiResource(self, options, lambda: render(registry)), settings.max_publish_size,
+                           settings.api_timeout, reactor)
             limited = ConnectionLimit(site, settings.api_max_connections)
             self.api = ListeningService(endpoint_string(settings.api), limited, reactor)
             # added before the WebSocket listener, so it stops after it:
@@ -398,6 +405,15 @@ class SockDrawerService(MultiService):
         ws = yield self.websocket.when_listening()
         api = (yield self.api.when_listening()) if self.api is not None else None
         return {"websocket": ws, "api": api}
+
+    def presence_entries(self, key: bytes) -> Deferred[list[dict[str, Any]]]:
+        """The presence entries of channel ``key`` (for ``GET /presence/<channel>``)."""
+        return self.presence.entries(key)
+
+    @property
+    def broker_description(self) -> str:
+        """The broker's address, without credentials."""
+        return str(self.broker.description)
 
     def channel_count(self) -> int:
         """The channels with sockets or listeners (not the hub's internal keys, like presence events')."""

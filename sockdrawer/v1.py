@@ -15,7 +15,7 @@ import base64
 import json
 import secrets
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -33,8 +33,30 @@ from .history import HistoryReset, Replay
 from .interfaces import Batch, IChannelHub, ISink
 from .subscriber import SOCKET, Source
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .websocket import SockDrawerServerProtocol
+
+class SessionSocket(Protocol):
+    """
+    The socket a :class:`V1Session` speaks through (the WebSocket protocol
+    provides it): who is on it, its framing, its node's parts (``factory``),
+    and a way out for frames.
+    """
+
+    factory: Any
+    state: Any
+    STATE_OPEN: Any
+    #: the framing of this socket's frames (plain or a deflate variant)
+    encoding: int
+    user: str | None
+    peer: str | None
+    grant: Any
+
+    @property
+    def counted_ip(self) -> str | None:
+        """The address its subscriptions count against (``--max-subscriptions-per-ip``)."""
+
+    def deliver_queued(self, data: bytes) -> None:
+        """Send frames, behind whatever waits for the socket."""
+
 
 SUBPROTOCOL = "sockdrawer.v1"
 _log = Logger(namespace="sockdrawer.v1")
@@ -328,7 +350,7 @@ class V1Session:
     client's messages.
     """
 
-    def __init__(self, proto: SockDrawerServerProtocol) -> None:
+    def __init__(self, proto: SessionSocket) -> None:
         self.proto = proto
         self.subscriptions: dict[bytes, Subscription] = {}
         self._client: str | None = None
@@ -352,7 +374,8 @@ class V1Session:
     @property
     def presence(self) -> PresenceService | None:
         """The node's presence (``None`` when the factory was not given one)."""
-        return self.proto.factory.presence
+        presence: PresenceService | None = self.proto.factory.presence
+        return presence
 
     # -- out
 
@@ -479,7 +502,7 @@ class V1Session:
         if len(self.subscriptions) >= factory.settings.max_subscriptions:
             self.error(429, "too many subscriptions", channel)
             return
-        ip = self.proto._counted_ip
+        ip = self.proto.counted_ip
         if ip is not None:
             count = factory.subscriptions_per_ip.get(ip, 0)
             if count >= factory.settings.max_subscriptions_per_ip:

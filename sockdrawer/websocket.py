@@ -162,6 +162,11 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             else:
                 factory.pending_per_ip.pop(ip, None)
 
+    @property
+    def counted_ip(self) -> str | None:
+        """The client address counted against the per-address limits (``None`` when not counted)."""
+        return self._counted_ip
+
     def _count_ip(self, ip: str | None) -> bool:
         """Count this connection against its address; refuse with 429 when that is over the limit."""
         if not ip:

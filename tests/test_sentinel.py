@@ -218,7 +218,9 @@ def test_addresses_and_the_command_line() -> None:
     options.parseOptions(["--sentinel", "10.0.0.1:26379", "--sentinel", "10.0.0.2", "--sentinel-master", "m"])
     s = options.settings
     assert (s.sentinel, s.sentinel_master) == (("10.0.0.1:26379", "10.0.0.2"), "m")
-    master = SentinelMaster.from_settings(s)
+    assert s.sentinel_master is not None
+    master = SentinelMaster.from_options(s.sentinel, s.sentinel_master, password=s.sentinel_master_password,
+                                         sentinel_password=s.sentinel_password)
     assert str(master) == "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/m"
     options = Options()
     options.environ = {"SOCKDRAWER_SENTINEL": "a:1, b:2", "SOCKDRAWER_SENTINEL_MASTER": "m",
