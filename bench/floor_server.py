@@ -6,7 +6,7 @@ No Twisted, no Autobahn, no error handling worth the name: an epoll loop that
 answers WebSocket handshakes, PSUBSCRIBEs ``sock-drawer/*`` with hiredis, and
 for each read from Redis sends each socket of a channel its frames, joined,
 with one ``send()``.  The frames are built by sockdrawer's own
-``sockdrawer.frames.encode_batch`` (standard library only, no Twisted), so
+``sockdrawer.transports.websocket.frames.encode_batch`` (standard library only, no Twisted), so
 both servers send the same bytes.  It never buffers (a socket that cannot take
 its bytes loses them), so it is only a measuring stick: sockdrawer's figures
 minus these are what sockdrawer itself costs.
@@ -24,7 +24,7 @@ import socket
 
 import hiredis
 
-from sockdrawer.frames import encode_batch
+from sockdrawer.transports.websocket.frames import encode_batch
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PREFIX = b"sock-drawer/"

@@ -6,10 +6,10 @@ Importing this package (and :mod:`sockdrawer.client`) does not import
 Twisted; the server lives in :mod:`sockdrawer.service`.
 """
 
-from ._channels import ChannelNameError
-from .client import Client, PublishError
-from .subscriber import BROKER, SOCKET, Source, Subscriber, on
-from .tokens import make_token
+from sockdrawer.client import Client, PublishError
+from sockdrawer.core.channels import ChannelNameError
+from sockdrawer.core.subscriber import BROKER, SOCKET, Source, Subscriber, on
+from sockdrawer.core.tokens import make_token
 
 __version__ = "0.1.0"
 

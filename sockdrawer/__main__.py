@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .tokens import make_token
+from sockdrawer.core.tokens import make_token
 
 
 def main(argv: list[str] | None = None) -> int:

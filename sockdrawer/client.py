@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
-from ._channels import DEFAULT_NAMESPACE, Namespace, validate_channel
-from .config import Settings
+from sockdrawer.config import Settings
+from sockdrawer.core.channels import DEFAULT_NAMESPACE, Namespace, validate_channel
 
 # the server's defaults, from its option table
 _DEFAULTS = Settings()
@@ -227,12 +227,12 @@ class Client:
             return self._pub_history(key, payload)
         fcall = getattr(self._redis, "fcall", None)
         if fcall is not None and time.monotonic() >= self._no_function_until:
-            from .history import function_name, history_channel
+            from sockdrawer.core.history import function_name, history_channel
 
             check = "1" if retry else ""
             try:
                 if self._cluster:
-                    from ._slots import hash_tag
+                    from sockdrawer.brokers.slots import hash_tag
 
                     channel = history_channel(self._namespace.name, key)
                     result = fcall(function_name(self._namespace.name), 1, hash_tag(channel), payload,
@@ -270,7 +270,7 @@ class Client:
         if self._http is not None:
             body = self._http_get(f"/presence/{quote(channel, safe='/')}")
             return list(body.get("clients", []))
-        from .presence import READ_SCRIPT, hash_key, parse_entries
+        from sockdrawer.core.presence import READ_SCRIPT, hash_key, parse_entries
 
         register = getattr(self._redis, "register_script", None)
         if register is None:
@@ -279,7 +279,7 @@ class Client:
             self._read_script = register(READ_SCRIPT)
         try:
             if self._cluster:
-                from ._slots import presence_key as hash_key
+                from sockdrawer.brokers.slots import presence_key as hash_key
             values = self._read_script(keys=[hash_key(self._namespace.name, key)], args=[])
         except Exception as e:
             raise PublishError(f"could not read presence on {self._where()}: {type(e).__name__}: {e}") from e
@@ -307,11 +307,11 @@ class Client:
             raise PublishError(f"{failed} {self._where()}: {e}") from e
 
     def _pub_history(self, key: bytes, payload: bytes) -> str:
-        from .history import PUBLISH_SCRIPT, history_channel, redis_keys
+        from sockdrawer.core.history import PUBLISH_SCRIPT, history_channel, redis_keys
 
         if self._cluster:
-            from ._slots import SHARDED_PUBLISH_SCRIPT as PUBLISH_SCRIPT
-            from ._slots import history_keys as redis_keys
+            from sockdrawer.brokers.slots import SHARDED_PUBLISH_SCRIPT as PUBLISH_SCRIPT
+            from sockdrawer.brokers.slots import history_keys as redis_keys
         if self._script is None:
             self._script = self._redis.register_script(PUBLISH_SCRIPT)  # type: ignore[union-attr]
         name = self._namespace.name

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._channels import DEFAULT_NAMESPACE, Namespace
+from sockdrawer.core.channels import DEFAULT_NAMESPACE, Namespace
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -295,7 +295,7 @@ class Settings:
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
         for pattern in self.public_channel:
-            from .tokens import check_pattern
+            from sockdrawer.core.tokens import check_pattern
 
             try:
                 check_pattern(pattern)
@@ -303,7 +303,7 @@ class Settings:
                 raise ValueError(f"--public-channel: {e}") from None
         self.token_verifier()
         for seed in self.redis_cluster:
-            from .redislink import RedisURL
+            from sockdrawer.brokers.redis import RedisURL
 
             try:
                 url = RedisURL.parse(seed)
@@ -312,7 +312,7 @@ class Settings:
             if url.scheme == "unix":
                 raise ValueError("--redis-cluster: seed nodes are host:port URLs, not Unix sockets")
         if self.redis is not None:
-            from .redislink import RedisURL
+            from sockdrawer.brokers.redis import RedisURL
 
             try:
                 url = RedisURL.parse(self.redis)
@@ -335,7 +335,7 @@ class Settings:
                              "under")
         if any(c.isspace() for c in self.sentinel_master):
             raise ValueError("--sentinel-master must be a name without spaces")
-        from .sentinel import parse_sentinel
+        from sockdrawer.brokers.sentinel import parse_sentinel
 
         try:
             urls = [parse_sentinel(text) for text in self.sentinel]
@@ -361,7 +361,7 @@ class Settings:
         """
         if not self.auth_enabled:
             return None
-        from .tokens import TokenVerifier
+        from sockdrawer.core.tokens import TokenVerifier
 
         secrets: list[bytes] = []
         for path in self.auth_secret_file:

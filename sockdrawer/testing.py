@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from .interfaces import Batch, ISink
+from sockdrawer.core.interfaces import Batch, ISink
 
 
 @implementer(ISink)

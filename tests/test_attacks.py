@@ -92,7 +92,7 @@ def test_a_frame_that_raises_closes_only_its_socket_with_1011() -> None:
     the traceback is logged once a minute at most (a client cannot flood the log)."""
     from twisted.internet.task import Clock
 
-    from sockdrawer.websocket import SockDrawerServerProtocol
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerProtocol
 
     failed: list[tuple[int, str]] = []
 
@@ -122,7 +122,7 @@ def test_a_frame_that_raises_closes_only_its_socket_with_1011() -> None:
 def test_memory_history_reads_in_pages() -> None:
     """The embedded history answers a resume one page at a time: at most PAGE_MESSAGES messages, ending once
     PAGE_BYTES of payload are reached, with more set while messages follow."""
-    from sockdrawer.history import PAGE_BYTES, MemoryHistory
+    from sockdrawer.core.history import PAGE_BYTES, MemoryHistory
 
     history = MemoryHistory(1000, 300)
     start = history.replay(b"c", None).latest
@@ -306,7 +306,7 @@ async def test_presence_churn_costs_the_room_little(run_service: Any) -> None:
     from conftest import wait_for
     from test_presence import subscribe_with_presence
 
-    from sockdrawer.v1 import PRESENCE_PERIOD
+    from sockdrawer.core.v1 import PRESENCE_PERIOD
 
     svc = await run_service()
     members = [await v1(svc) for _ in range(30)]

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from sockdrawer import make_token
-from sockdrawer.tokens import TokenRefused, TokenVerifier, pattern_matches
+from sockdrawer.core.tokens import TokenRefused, TokenVerifier, pattern_matches
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"  # 35 bytes
 
@@ -181,7 +181,7 @@ def test_secret_is_not_a_command_line_option() -> None:
     """The token secret itself cannot be given on the command line (only its file, or the environment)."""
     from twisted.python.usage import UsageError
 
-    from sockdrawer.tap import Options
+    from sockdrawer.node.tap import Options
 
     with pytest.raises(UsageError):
         Options().parseOptions(["--auth-secret", SECRET])

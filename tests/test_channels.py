@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sockdrawer._channels import ChannelNameError, Namespace, channel_from_path, validate_channel
+from sockdrawer.core.channels import ChannelNameError, Namespace, channel_from_path, validate_channel
 
 
 @pytest.mark.parametrize(

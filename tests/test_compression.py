@@ -22,7 +22,7 @@ from twisted.logger import globalLogPublisher
 from websockets.frames import Opcode
 from wsclient import connect
 
-from sockdrawer.frames import BINARY, TEXT, Deflater, encode_frame
+from sockdrawer.transports.websocket.frames import BINARY, TEXT, Deflater, encode_frame
 
 UPGRADE = (
     "GET /{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -103,7 +103,7 @@ def test_deflater_batches_opcodes_and_settings() -> None:
 
 def test_encoders_share_one_deflater_per_window() -> None:
     """Encoders builds one Deflater per window, with its threshold, and hands the same one out after."""
-    from sockdrawer.fanout import PLAIN, Encoders
+    from sockdrawer.transports.websocket.fanout import PLAIN, Encoders
 
     encoders = Encoders(threshold=10)
     deflater = encoders.get(12).__self__  # type: ignore[attr-defined]

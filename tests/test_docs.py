@@ -1024,7 +1024,7 @@ def run_toml(session: Session, block: Block) -> None:
     assert session.uses(block.filename), f"no command of {session.path} uses {block.filename}"
     check = ("import sys\n"
              "from sockdrawer.config import Settings, load_config_file\n"
-             "from sockdrawer.listeners import load_listener_class\n"
+             "from sockdrawer.core.listeners import load_listener_class\n"
              "settings = Settings(**load_config_file(sys.argv[1])).validate()\n"
              "for spec in settings.listeners:\n"
              "    load_listener_class(spec)\n")

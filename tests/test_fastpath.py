@@ -74,10 +74,10 @@ async def test_no_frame_after_close(run_service: Any) -> None:
 def test_partial_direct_send_queues_the_rest_in_order() -> None:
     """When the kernel takes part of a direct send, the rest goes through Twisted first, in order, and the
     socket returns to direct sends once that has drained."""
-    from sockdrawer.fanout import ChannelGroup
-    from sockdrawer.hub import MemoryChannelHub
-    from sockdrawer.interfaces import Batch
-    from sockdrawer.websocket import SockDrawerServerFactory, SockDrawerServerProtocol
+    from sockdrawer.core.hub import MemoryChannelHub
+    from sockdrawer.core.interfaces import Batch
+    from sockdrawer.transports.websocket.fanout import ChannelGroup
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory, SockDrawerServerProtocol
 
     class Kernel:
         def __init__(self) -> None:
@@ -128,7 +128,7 @@ def test_partial_direct_send_queues_the_rest_in_order() -> None:
     proto.transport.drain()
     group.receive(Batch(b"k", [b"m4"]))  # drained: direct again
     assert group.direct and not group.queued
-    from sockdrawer.frames import encode_batch
+    from sockdrawer.transports.websocket.frames import encode_batch
 
     assert kernel.accepted == b"".join(encode_batch([m]) for m in (b"m0", b"m1-long", b"m2", b"m3", b"m4"))
 
@@ -136,9 +136,9 @@ def test_partial_direct_send_queues_the_rest_in_order() -> None:
 def test_group_of_one_and_of_many_deliver_the_same() -> None:
     """A group keeps a single member in slots and several in dicts: through joins, partial sends, drains and
     leaves in any order, every member gets every batch once, in order, direct or queued."""
-    from sockdrawer.fanout import ChannelGroup
-    from sockdrawer.frames import encode_batch
-    from sockdrawer.interfaces import Batch
+    from sockdrawer.core.interfaces import Batch
+    from sockdrawer.transports.websocket.fanout import ChannelGroup
+    from sockdrawer.transports.websocket.frames import encode_batch
 
     class Member:
         _group: ChannelGroup | None = None

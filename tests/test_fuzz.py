@@ -18,7 +18,7 @@ Each property checks three things:
   published message, and the factory's counters are back to the bystander
   alone once the fuzzed connection is gone.
 
-Most properties drive the real :class:`~sockdrawer.websocket.SockDrawerServerFactory`
+Most properties drive the real :class:`~sockdrawer.transports.websocket.protocol.SockDrawerServerFactory`
 in memory (a StringTransport per connection, a ``Clock`` for time); a thin
 layer runs against a real service on 127.0.0.1 with a few examples.
 
@@ -97,8 +97,8 @@ from twisted.python.failure import Failure
 
 from sockdrawer import _private
 from sockdrawer.config import Settings
-from sockdrawer.hub import MemoryChannelHub
-from sockdrawer.websocket import SockDrawerServerFactory
+from sockdrawer.core.hub import MemoryChannelHub
+from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
 
 # -- hypothesis profiles ---------------------------------------------------------
 

@@ -8,8 +8,8 @@ import pytest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from sockdrawer.hub import EmbeddedBroker, MemoryChannelHub
-from sockdrawer.interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
+from sockdrawer.core.hub import EmbeddedBroker, MemoryChannelHub
+from sockdrawer.core.interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
 from sockdrawer.testing import RecordingSink
 
 
@@ -270,7 +270,7 @@ def test_embedded_broker_delivers_locally() -> None:
 
 def test_receivers_counts_a_plain_sink_as_one() -> None:
     """A sink without a ``receivers`` attribute (a listener's) counts as one receiver; a group counts its sockets."""
-    from sockdrawer.hub import MemoryChannelHub
+    from sockdrawer.core.hub import MemoryChannelHub
 
     class Plain:
         def receive(self, batch: object) -> None:

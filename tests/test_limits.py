@@ -23,8 +23,8 @@ from twisted.logger import globalLogPublisher
 from wsclient import connect, connect_refused
 
 from sockdrawer import Subscriber, on
-from sockdrawer.listeners import ListenerRegistry
-from sockdrawer.subscriber import SOCKET, Source
+from sockdrawer.core.listeners import ListenerRegistry
+from sockdrawer.core.subscriber import SOCKET, Source
 
 
 class _Capture:
@@ -442,7 +442,7 @@ def test_api_connection_limit_counts_refusals() -> None:
     from twisted.internet.testing import StringTransport
     from twisted.web import resource, server
 
-    from sockdrawer.api import ConnectionLimit
+    from sockdrawer.http.api import ConnectionLimit
 
     class Slow(resource.Resource):
         isLeaf = True
@@ -471,7 +471,7 @@ def test_api_request_deadline_runs_on_the_given_clock() -> None:
     from twisted.web.resource import Resource
     from twisted.web.test.requesthelper import DummyChannel
 
-    from sockdrawer.api import ApiSite
+    from sockdrawer.http.api import ApiSite
 
     clock = Clock()
     site = ApiSite(Resource(), max_body=10, timeout=7, clock=clock)

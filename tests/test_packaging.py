@@ -22,15 +22,15 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 def test_plugin_found_through_getplugins(tmp_path: Any) -> None:
     """The installed twistd plugin is found by getPlugins(IServiceMaker), from outside the checkout, and points
-    at sockdrawer.tap."""
+    at sockdrawer.node.tap."""
     code = (
         "from twisted.application.service import IServiceMaker\n"
         "from twisted.plugin import getPlugins\n"
-        "import sockdrawer.tap\n"
+        "import sockdrawer.node.tap\n"
         "makers = {p.tapname: p for p in getPlugins(IServiceMaker)}\n"
         "maker = makers['sockdrawer']\n"
-        "assert maker.module == 'sockdrawer.tap', maker.module\n"
-        "assert maker.options is sockdrawer.tap.Options\n"
+        "assert maker.module == 'sockdrawer.node.tap', maker.module\n"
+        "assert maker.options is sockdrawer.node.tap.Options\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -52,7 +52,7 @@ def test_client_import_does_not_import_twisted() -> None:
 
 
 def test_plugin_help_does_not_import_autobahn() -> None:
-    """`twistd --help` lists sockdrawer without importing sockdrawer.tap's heavy parts."""
+    """`twistd --help` lists sockdrawer without importing sockdrawer.node.tap's heavy parts."""
     code = (
         "import sys\n"
         "from twisted.application.service import IServiceMaker\n"

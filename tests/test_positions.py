@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
 from sockdrawer import Client
-from sockdrawer.history import (
+from sockdrawer.core.history import (
     HistoryReset,
     MemoryHistory,
     function_name,
@@ -156,7 +156,7 @@ def test_function_names_per_namespace() -> None:
 def test_a_retried_publish_with_an_id_is_kept_once(own_redis: RedisServer) -> None:
     """Client.pub with an id: a second call with the same id (a retry after a timeout) returns the first
     message's offset and keeps nothing new; another id is a new message."""
-    from sockdrawer.history import library_code
+    from sockdrawer.core.history import library_code
 
     with own_redis.client() as r:
         r.function_load(library_code("sock-drawer", 100, 300), replace=True)
@@ -173,7 +173,7 @@ def test_a_retried_publish_with_an_id_is_kept_once(own_redis: RedisServer) -> No
 def test_without_a_policy_the_client_publishes_plainly(own_redis: RedisServer) -> None:
     """With no node's function in Redis, Client.pub publishes a plain PUBLISH (the number of nodes), keeps
     nothing, and picks the function up once a node loads it."""
-    from sockdrawer.history import library_code
+    from sockdrawer.core.history import library_code
 
     with own_redis.client() as r:
         r.function_flush()

@@ -23,8 +23,9 @@ from twisted.internet.threads import deferToThread
 from websockets.sync.client import connect as sync_connect
 from wsclient import connect
 
-from sockdrawer import Client, make_token, presence
-from sockdrawer.interfaces import Batch
+from sockdrawer import Client, make_token
+from sockdrawer.core import presence
+from sockdrawer.core.interfaces import Batch
 
 V1 = ["sockdrawer.v1"]
 SECRET = "p" * 40
@@ -412,7 +413,7 @@ class _Store:
 def _group() -> tuple[Any, Any, Any, Any]:
     from twisted.internet.task import Clock
 
-    from sockdrawer.v1 import PresenceGroup
+    from sockdrawer.core.v1 import PresenceGroup
 
     store, clock = _Store(), Clock()
     service: Any = type("S", (), {"store": store, "clock": clock, "field": lambda self, s: "n/" + s.client})()
@@ -431,7 +432,7 @@ def _event(nonce: str, op: str = "", client: str = "", user: str = "u") -> bytes
 def test_group_lines_up_snapshot_and_events(snapshot_first: bool) -> None:
     """A new subscription gets the snapshot of its own join with the events after its marker applied (those
     before it dropped), whether the snapshot or the marker arrives first; then each later event once."""
-    from sockdrawer.v1 import PRESENCE_PERIOD
+    from sockdrawer.core.v1 import PRESENCE_PERIOD
 
     group, store, clock, sub = _group()
     group.add(sub)
@@ -515,7 +516,7 @@ def test_failing_renewals_are_logged_once() -> None:
     from twisted.internet.task import Clock
     from twisted.logger import globalLogPublisher
 
-    from sockdrawer.v1 import PresenceService
+    from sockdrawer.core.v1 import PresenceService
 
     outcome: list[Any] = [ConnectionError("Redis is down")]
 
@@ -548,7 +549,7 @@ def test_failing_renewals_are_logged_once() -> None:
 def test_group_asks_one_snapshot_at_a_time_and_batches_events() -> None:
     """Subscriptions joining a group that has no list yet ask for one snapshot between them (the others' joins
     are events after its marker); the events of one batch reach each live subscription in one write."""
-    from sockdrawer.v1 import PRESENCE_PERIOD
+    from sockdrawer.core.v1 import PRESENCE_PERIOD
 
     group, store, clock, first = _group()
     second: Any = _Sub("two")
@@ -577,7 +578,7 @@ def test_group_coalesces_a_period_of_churn() -> None:
     """Within one presence period, a client that joins and leaves (or leaves and comes back) costs the members
     nothing, and a client that changes several times costs each member one event, its last; the members' view
     ends as the store's."""
-    from sockdrawer.v1 import PRESENCE_PERIOD
+    from sockdrawer.core.v1 import PRESENCE_PERIOD
 
     group, store, clock, sub = _group()
     group.add(sub)

@@ -26,7 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from sockdrawer import _private
-from sockdrawer.compression import accept_deflate
+from sockdrawer.transports.websocket.compression import accept_deflate
 
 HANDSHAKE = (
     b"GET /a;b//c?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -343,8 +343,8 @@ def test_autobahn_pretty_prints_the_copied_options_with_its_pformat_global() -> 
     pprint.pformat = lambda *a, **k: called.append(a) or original(*a, **k)  # type: ignore[assignment]
     from twisted.internet import reactor
 
-    from sockdrawer.hub import MemoryChannelHub
-    from sockdrawer.websocket import SockDrawerServerFactory
+    from sockdrawer.core.hub import MemoryChannelHub
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
 
     factory = SockDrawerServerFactory(MemoryChannelHub(), clock=reactor)
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))

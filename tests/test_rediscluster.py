@@ -38,13 +38,14 @@ from websockets.sync.client import connect as ws_connect
 from wsclient import connect
 from zope.interface.verify import verifyObject
 
-from sockdrawer import Client, Source, Subscriber, _slots, on
-from sockdrawer._channels import Namespace
-from sockdrawer.hub import MemoryChannelHub
-from sockdrawer.interfaces import IBroker, IChannelObserver
-from sockdrawer.presence import events_channel
-from sockdrawer.rediscluster import ClusterLink, ShardSubscriberProtocol, _ShardSubscriberFactory, parse_slots
-from sockdrawer.redislink import RedisURL
+from sockdrawer import Client, Source, Subscriber, on
+from sockdrawer.brokers import slots as _slots
+from sockdrawer.brokers.cluster import ClusterLink, ShardSubscriberProtocol, _ShardSubscriberFactory, parse_slots
+from sockdrawer.brokers.redis import RedisURL
+from sockdrawer.core.channels import Namespace
+from sockdrawer.core.hub import MemoryChannelHub
+from sockdrawer.core.interfaces import IBroker, IChannelObserver
+from sockdrawer.core.presence import events_channel
 from sockdrawer.testing import RecordingSink
 
 # -- the cluster
@@ -429,7 +430,7 @@ async def test_empty_channels_have_positions_and_a_plain_client_keeps_history(cl
     shard that never had a message gets <epoch>:0-0, and messages a plain Client(cluster=...) publishes
     meanwhile (no history_size: it follows the function, once per id even when retried) come back to a client
     that resumes from that position."""
-    from sockdrawer.history import function_name
+    from sockdrawer.core.history import function_name
 
     svc = await start_node(run_service, cluster, name="pos", history_size=50)
 
@@ -820,7 +821,7 @@ def test_history_and_presence_keys_share_their_channels_slot(channel: str) -> No
 
 def test_sharded_scripts_spublish() -> None:
     """The cluster's history script is the single-Redis one with SPUBLISH instead of PUBLISH, nothing else."""
-    from sockdrawer.history import PUBLISH_SCRIPT
+    from sockdrawer.core.history import PUBLISH_SCRIPT
 
     assert "PUBLISH'" not in _slots.SHARDED_PUBLISH_SCRIPT.replace("SPUBLISH'", "")
     assert _slots.SHARDED_PUBLISH_SCRIPT.replace("SPUBLISH", "PUBLISH") == PUBLISH_SCRIPT

@@ -7,9 +7,9 @@ import pytest_twisted
 import txredisapi
 from twisted.internet.testing import StringTransport
 
-from sockdrawer._channels import Namespace
-from sockdrawer.hub import MemoryChannelHub
-from sockdrawer.redislink import HIREDIS, RedisSubscriberProtocol, RedisURL
+from sockdrawer.brokers.redis import HIREDIS, RedisSubscriberProtocol, RedisURL
+from sockdrawer.core.channels import Namespace
+from sockdrawer.core.hub import MemoryChannelHub
 from sockdrawer.testing import RecordingSink
 
 
@@ -51,7 +51,7 @@ def test_psubscribes_to_namespace_on_connect() -> None:
 def test_history_messages_carry_their_offset() -> None:
     """A pmessage on '<name>#/news' with payload '<offset>\\n<message>' reaches the hub as the message with its
     offset; a raw one has no offset."""
-    from sockdrawer.interfaces import Batch
+    from sockdrawer.core.interfaces import Batch
 
     p, _, hub = connected_protocol()
     got: list[tuple[bytes, list[bytes], list[str | None] | None]] = []
@@ -209,7 +209,7 @@ def test_both_parsers_count_and_log_what_they_drop() -> None:
     warning for a dropped message names its channel and size."""
     from twisted.logger import globalLogPublisher
 
-    from sockdrawer.redislink import RedisLink
+    from sockdrawer.brokers.redis import RedisLink
 
     events: list[dict[str, object]] = []
     globalLogPublisher.addObserver(events.append)
@@ -237,7 +237,7 @@ def test_link_lost_while_behind_explains_itself() -> None:
     from twisted.logger import globalLogPublisher
     from twisted.python.failure import Failure
 
-    from sockdrawer.redislink import RedisLink
+    from sockdrawer.brokers.redis import RedisLink
 
     events: list[dict[str, object]] = []
     globalLogPublisher.addObserver(events.append)
@@ -270,7 +270,7 @@ def test_failed_psubscribe_drops_the_connection() -> None:
 
 def test_reconnects_count_each_new_subscription_after_the_first() -> None:
     """The first subscription is not a reconnect; each one after it is."""
-    from sockdrawer.redislink import RedisLink
+    from sockdrawer.brokers.redis import RedisLink
 
     link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0)
     for _ in range(3):
@@ -284,7 +284,7 @@ async def test_link_stop_waits_for_its_connections() -> None:
     """stopService returns a Deferred (what twistd waits on) that fires once both connections are stopped."""
     from twisted.internet.defer import Deferred
 
-    from sockdrawer.redislink import RedisLink
+    from sockdrawer.brokers.redis import RedisLink
 
     link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0.05,
                      timeout=0.5)
@@ -320,7 +320,7 @@ def test_refused_psubscribe_reply_drops_the_connection() -> None:
 def test_full_reads_are_counted_in_a_row() -> None:
     """A read of at least 60 KiB counts as full; a shorter one ends the run; the fan-out latency is recorded per
     read, in seconds."""
-    from sockdrawer.redislink import _FULL_READ, RedisLink
+    from sockdrawer.brokers.redis import _FULL_READ, RedisLink
 
     p, _, hub = connected_protocol()
     p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
@@ -345,7 +345,7 @@ def test_factories_wire_their_protocols_to_the_link() -> None:
     publisher factory starts the publish backoff over once a connection is ready."""
     from twisted.internet.address import IPv4Address
 
-    from sockdrawer.redislink import RedisLink, _PublisherFactory, _SubscriberFactory
+    from sockdrawer.brokers.redis import RedisLink, _PublisherFactory, _SubscriberFactory
 
     hub = MemoryChannelHub()
     link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace("app"), hub, ping_interval=0,
@@ -362,7 +362,7 @@ def test_factories_wire_their_protocols_to_the_link() -> None:
 @pytest_twisted.ensureDeferred
 async def test_liveness_pings_start_one_interval_after_start() -> None:
     """The first liveness PING goes out one --redis-ping-interval after start, not at once; interval 0 sends none."""
-    from sockdrawer.redislink import RedisLink
+    from sockdrawer.brokers.redis import RedisLink
 
     for interval, running in ((30.0, True), (0.0, False)):
         link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(),
@@ -381,8 +381,8 @@ def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -
     backoffs and both factories (bytes in and out, no factory noise)."""
     from twisted.internet import reactor
 
-    from sockdrawer import redislink
-    from sockdrawer.redislink import Backoff, RedisLink
+    from sockdrawer.brokers import redis as redislink
+    from sockdrawer.brokers.redis import Backoff, RedisLink
 
     default = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0)
     assert (default.timeout, default._sub_backoff.maximum, default._pub_backoff.maximum) == (5.0, 30.0, 30.0)

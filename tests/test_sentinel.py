@@ -206,8 +206,8 @@ def test_options_are_checked(settings: dict[str, Any], message: str | None) -> N
 def test_addresses_and_the_command_line() -> None:
     """HOST:PORT (26379 when left out) and redis(s):// forms; repeatable on the command line and in the
     environment (comma-separated); a conflict is a one-line usage error."""
-    from sockdrawer.sentinel import SentinelMaster, parse_sentinel
-    from sockdrawer.tap import Options
+    from sockdrawer.brokers.sentinel import SentinelMaster, parse_sentinel
+    from sockdrawer.node.tap import Options
 
     assert (parse_sentinel("10.0.0.1:26380").host, parse_sentinel("10.0.0.1:26380").port) == ("10.0.0.1", 26380)
     assert parse_sentinel("s1.example").port == 26379
@@ -275,8 +275,8 @@ async def test_the_endpoint_connects_to_the_master_and_refuses_a_replica(sentine
     """connect() asks the sentinels in turn (a dead one is skipped), connects to the master they name and hands
     the connection over once ROLE says master; a server that says it is a replica fails the attempt, and so does
     a name no sentinel knows."""
-    from sockdrawer.redislink import RedisURL
-    from sockdrawer.sentinel import NotMaster, SentinelError, SentinelMaster
+    from sockdrawer.brokers.redis import RedisURL
+    from sockdrawer.brokers.sentinel import NotMaster, SentinelError, SentinelMaster
 
     dead = RedisURL("redis", "127.0.0.1", free_port())
     urls = [dead] + [RedisURL("redis", "127.0.0.1", s.port) for s in sentinels.sentinels]
@@ -465,7 +465,7 @@ async def test_node_follows_a_failover_and_v1_misses_nothing(failing_over: Senti
     except Exception:
         pass
     missing = [m for m in published if m not in got]
-    from sockdrawer.history import redis_keys
+    from sockdrawer.core.history import redis_keys
 
     with s.replica.client() as r:
         held = [fields[b"d"].decode() for _, fields in r.xrange(redis_keys("fo", b"f")[0])]

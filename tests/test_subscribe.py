@@ -22,10 +22,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from wsclient import connect
 
-from sockdrawer._channels import Namespace
-from sockdrawer.hub import MemoryChannelHub
-from sockdrawer.interfaces import Batch
-from sockdrawer.redislink import RedisLink, RedisSubscriberProtocol, RedisURL, _SubscriberFactory
+from sockdrawer.brokers.redis import RedisLink, RedisSubscriberProtocol, RedisURL, _SubscriberFactory
+from sockdrawer.core.channels import Namespace
+from sockdrawer.core.hub import MemoryChannelHub
+from sockdrawer.core.interfaces import Batch
 from sockdrawer.testing import RecordingSink
 
 
@@ -296,7 +296,7 @@ def test_changes_while_the_first_subscribe_is_pending(node: Node) -> None:
 
 def test_large_batches_are_split(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     """More Redis channels than MAX_CHANNELS_PER_COMMAND go out in several commands, all counted."""
-    from sockdrawer import redislink
+    from sockdrawer.brokers import redis as redislink
 
     monkeypatch.setattr(redislink, "MAX_CHANNELS_PER_COMMAND", 4)
     node.open(b"a", b"b", b"c")

@@ -12,7 +12,7 @@ import pytest
 from twisted.python.usage import UsageError
 
 from sockdrawer.config import Settings, load_config_file
-from sockdrawer.tap import Options
+from sockdrawer.node.tap import Options
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 

@@ -7,7 +7,7 @@ import inspect
 import autobahn.websocket.protocol
 from twisted.internet.task import Clock
 
-from sockdrawer.timers import BucketTimer
+from sockdrawer.transports.websocket.timers import BucketTimer
 
 
 def test_timers_never_fire_early() -> None:

@@ -64,7 +64,7 @@ async def test_many_channels_on_one_socket(run_service: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_envelopes_are_framed_once_per_channel(run_service: Any, monkeypatch: Any) -> None:
     """Every v1 socket on a channel gets the same envelope bytes, built once per batch."""
-    from sockdrawer import v1 as v1module
+    from sockdrawer.core import v1 as v1module
 
     built: list[bytes] = []
     original = v1module.envelope
@@ -311,7 +311,7 @@ class _Proto:
 
         from twisted.internet.defer import succeed
 
-        from sockdrawer.hub import MemoryChannelHub
+        from sockdrawer.core.hub import MemoryChannelHub
 
         self.reads: list[str | None] = []
 
@@ -336,8 +336,8 @@ def _data(sent: list[Any]) -> list[Any]:
 
 
 def _v1_subscription(replies: list[Any]) -> tuple[Any, Any, Any]:
-    from sockdrawer.fanout import PLAIN, FanoutStats
-    from sockdrawer.v1 import EnvelopeGroup, Subscription, V1Session
+    from sockdrawer.core.v1 import EnvelopeGroup, Subscription, V1Session
+    from sockdrawer.transports.websocket.fanout import PLAIN, FanoutStats
 
     proto = _Proto(replies)
     session = V1Session(proto)  # type: ignore[arg-type]
@@ -352,8 +352,8 @@ def test_live_messages_the_replay_held_are_dropped() -> None:
     """A live message at or before the last offset the replay sent (it was still on the subscriber connection
     when the replay was read) is not sent again, nor counted as delivered; a batch partly held is sent from the
     first new message; once a newer message came, batches go as their shared frames again."""
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
+    from sockdrawer.core.history import Replay
+    from sockdrawer.core.interfaces import Batch
 
     proto, sub, group = _v1_subscription([])
     stats = group.stats
@@ -371,8 +371,8 @@ def test_live_messages_the_replay_held_are_dropped() -> None:
 def test_kept_messages_move_the_last_offset() -> None:
     """Messages kept aside during a replay and sent after it (those the replay did not hold) move the
     subscription's last offset, so a later catch-up starts after them."""
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
+    from sockdrawer.core.history import Replay
+    from sockdrawer.core.interfaces import Batch
 
     proto, sub, group = _v1_subscription([])
     sub.deliver(Batch(b"c", [b"two", b"three"], ["e:2-0", "e:3-0"]), b"KEPT")
@@ -385,8 +385,8 @@ def test_a_gap_during_a_replay_catches_up_again_from_the_replays_end() -> None:
     """A broker gap while the replay was read (the broker may have lost messages between the replay and the
     live ones kept meanwhile): the replay is sent, the kept messages with an offset are not (history gives them
     again, in order), those without one are, and the subscription catches up from the replay's last offset."""
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
+    from sockdrawer.core.history import Replay
+    from sockdrawer.core.interfaces import Batch
 
     proto, sub, group = _v1_subscription([Replay("e:2-0")])
     sub.reading = True  # its replay is being read
@@ -404,8 +404,8 @@ def test_live_messages_after_a_lost_subscription_wait_for_the_gap_and_history() 
     """Between the broker's lost and its gap (a Redis Cluster shard failing over while others deliver), live
     messages are kept, not sent: one after a hole must not move the last offset. At the gap the catch-up reads
     from the last offset sent before the loss and sends the hole and the kept message once each, in order."""
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
+    from sockdrawer.core.history import Replay
+    from sockdrawer.core.interfaces import Batch
 
     proto, sub, group = _v1_subscription([
         Replay("e:8-0", (("e:6-0", b"six"), ("e:7-0", b"seven"), ("e:8-0", b"eight"))),
@@ -426,8 +426,8 @@ def test_a_subscription_made_while_the_broker_is_not_whole_waits_for_its_gap() -
     """A subscription whose replay is read before the broker subscribed (a node just started) goes live only
     at the broker's gap, after a catch-up from the replay's end; a channel without history offsets yet gets
     reset with the latest offset (there is no place to resume from)."""
-    from sockdrawer.history import Replay
-    from sockdrawer.interfaces import Batch
+    from sockdrawer.core.history import Replay
+    from sockdrawer.core.interfaces import Batch
 
     proto, sub, group = _v1_subscription([Replay(None), Replay("e:1-0")])
     proto.factory.hub.broker_lost()

@@ -298,7 +298,7 @@ async def test_mixed_text_and_binary_burst_in_order(run_service: Any) -> None:
 
 def test_websocket_frame_encoding() -> None:
     """Server frames: unmasked, FIN set, text opcode for UTF-8 and binary otherwise, 7/16/64-bit lengths."""
-    from sockdrawer.frames import encode_batch, encode_frame
+    from sockdrawer.transports.websocket.frames import encode_batch, encode_frame
 
     assert encode_frame(b"hi") == b"\x81\x02hi"
     assert encode_frame(b"\xff") == b"\x82\x01\xff"
@@ -321,7 +321,7 @@ async def test_closed_connections_freed_without_cyclic_gc(run_service: Any) -> N
 
     from twisted.internet import task
 
-    from sockdrawer.websocket import SockDrawerServerProtocol
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerProtocol
 
     svc = await run_service()
     gc.collect()
@@ -403,7 +403,7 @@ def test_take_token_redacts_query_and_header() -> None:
     """The token comes from ?token= (percent-decoded, among other parameters; '=' may be in its value), both places
     are rewritten to 'redacted', and the bytes after the head's blank line are left as they are, even when they
     look like a header."""
-    from sockdrawer.websocket import take_token
+    from sockdrawer.transports.websocket.protocol import take_token
 
     rest = b"Authorization: Bearer later\r\n\r\n"
     head = (b"GET /news?a=1&token=abc%2Bd=&b=2 HTTP/1.1\r\nHost: x\r\nauthorization: bearer other\r\n\r\n" + rest)
@@ -416,7 +416,7 @@ def test_take_token_redacts_query_and_header() -> None:
 def test_take_token_leaves_other_requests_alone() -> None:
     """A request without a token keeps every byte (no '?' added to its target); a '?' inside the query is part of a
     value, not the start of another query; the header is the fallback when the query has no token."""
-    from sockdrawer.websocket import take_token
+    from sockdrawer.transports.websocket.protocol import take_token
 
     plain = b"GET /news HTTP/1.1\r\nHost: x\r\n\r\n"
     assert take_token(plain) == (None, plain)
@@ -435,7 +435,7 @@ def test_take_token_leaves_other_requests_alone() -> None:
 
 def test_address_of_a_peer_string() -> None:
     """The client address in Autobahn's peer strings, IPv4 and IPv6 (colons inside), or a forwarded bare one."""
-    from sockdrawer.websocket import _address
+    from sockdrawer.transports.websocket.protocol import _address
 
     assert _address("tcp4:198.51.100.2:5678") == "198.51.100.2"
     assert _address("tcp6:2001:db8::1:5678") == "2001:db8::1"
@@ -446,8 +446,8 @@ def test_address_of_a_peer_string() -> None:
 def test_factory_public_channels_and_origins() -> None:
     """is_public follows --public-channel patterns; origin_allowed follows --allowed-origin."""
     from sockdrawer.config import Settings
-    from sockdrawer.hub import MemoryChannelHub
-    from sockdrawer.websocket import SockDrawerServerFactory
+    from sockdrawer.core.hub import MemoryChannelHub
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
 
     settings = Settings(public_channel=("public/*",), allowed_origins=("https://app.example:443",))
     factory = SockDrawerServerFactory(MemoryChannelHub(), settings=settings, clock=reactor)
@@ -459,7 +459,7 @@ def test_collector_freeze_after_settling_and_every_chunk() -> None:
     """The collector freeze runs `settle` seconds after a socket opened (one freeze however many opened
     meanwhile), at once after `chunk` openings, collects the young generations just before each freeze, and
     stop() cancels what is pending and unfreezes."""
-    from sockdrawer.timers import CollectorFreeze
+    from sockdrawer.transports.websocket.timers import CollectorFreeze
 
     class Collector:
         def __init__(self) -> None:
@@ -505,7 +505,7 @@ async def test_open_sockets_are_frozen_out_of_full_collections(run_service: Any)
     pass does not walk them; they still close and free normally; the service's stop unfreezes."""
     import gc
 
-    from sockdrawer.websocket import SockDrawerServerProtocol
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerProtocol
 
     svc = await run_service()
     assert svc.factory.freezer is not None
@@ -529,7 +529,7 @@ async def test_no_gc_freeze_leaves_sockets_to_full_collections(run_service: Any)
     """With --no-gc-freeze nothing is frozen: open sockets stay in the collector's generations."""
     import gc
 
-    from sockdrawer.websocket import SockDrawerServerProtocol
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerProtocol
 
     gc.unfreeze()
     svc = await run_service(no_gc_freeze=True)

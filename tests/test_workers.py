@@ -25,8 +25,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from sockdrawer import Client
-from sockdrawer.tap import Options
-from sockdrawer.workers import WorkerLog, check_workers, parse_tcp, worker_api
+from sockdrawer.node.tap import Options
+from sockdrawer.node.workers import WorkerLog, check_workers, parse_tcp, worker_api
 
 _STARTED = re.compile(r"\] worker-(\d+) started \(pid (\d+)\)")
 _API = re.compile(r"\[worker-(\d+)\] listening on http://[^:]+:(\d+)")
@@ -302,7 +302,7 @@ def test_workers_run_as_the_supervisor_was_started() -> None:
     """Each worker runs twistd in the foreground without a pidfile, with the supervisor's --reactor and the
     sockdrawer arguments as given, logging JSON lines for the supervisor to decode."""
     from sockdrawer.config import Settings
-    from sockdrawer.workers import WorkerSupervisor
+    from sockdrawer.node.workers import WorkerSupervisor
 
     settings = Settings(workers=2, redis="redis://127.0.0.1:6379/0").validate()
     argv = ["--workers", "2", "--redis", "redis://127.0.0.1:6379/0"]

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 sockdrawer = ServiceMaker(
     "sockdrawer",
-    "sockdrawer.tap",
+    "sockdrawer.node.tap",
     "Push Redis pub/sub messages to browsers over WebSockets",
     "sockdrawer",
 )

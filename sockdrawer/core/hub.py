@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .history import HistoryReset, MemoryHistory, Replay
-from .interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
-from .stats import Histogram
+from sockdrawer.core.history import HistoryReset, MemoryHistory, Replay
+from sockdrawer.core.interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
+from sockdrawer.core.stats import Histogram
 
 _Receive = Callable[[Batch], None]
 
@@ -40,7 +40,7 @@ class MemoryChannelHub:
     broker subscribes per channel.
     """
 
-    _log = Logger()
+    _log = Logger(namespace="sockdrawer.hub.MemoryChannelHub")
 
     def __init__(self) -> None:
         self._sinks: dict[bytes, dict[ISink, None]] = {}

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .history import PUBLISH_SCRIPT, history_channel
-from .presence import events_channel
+from sockdrawer.core.history import PUBLISH_SCRIPT, history_channel
+from sockdrawer.core.presence import events_channel
 
 #: slots in a Redis Cluster
 SLOTS = REDIS_CLUSTER_HASH_SLOTS

@@ -26,8 +26,8 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from . import _private
-from ._channels import ChannelNameError, channel_from_path
+from sockdrawer import _private
+from sockdrawer.core.channels import ChannelNameError, channel_from_path
 
 
 class NodeView(Protocol):
@@ -78,7 +78,7 @@ def client_js() -> bytes:
     packaged = resources.files("sockdrawer") / "static" / "sockdrawer.js"
     if packaged.is_file():
         return packaged.read_bytes()
-    return (Path(__file__).resolve().parent.parent / "js" / "sockdrawer.js").read_bytes()
+    return (Path(__file__).resolve().parents[2] / "js" / "sockdrawer.js").read_bytes()
 
 
 class _BoundedRequest(Request):

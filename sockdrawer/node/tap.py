@@ -16,7 +16,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import (
+from sockdrawer.config import (
     ENV_PREFIX,
     OPTIONS,
     OptionSpec,
@@ -106,7 +106,7 @@ class Options(usage.Options):
             settings = Settings(**values).validate()
         except (TypeError, ValueError) as e:
             raise usage.UsageError(str(e).splitlines()[0]) from None
-        from .workers import check_workers
+        from sockdrawer.node.workers import check_workers
 
         try:
             check_workers(settings)
@@ -116,7 +116,7 @@ class Options(usage.Options):
         if settings.api_enabled:
             assert settings.api is not None
             _check_endpoint("--api", settings.api)
-        from .listeners import ListenerLoadError, load_listener_class
+        from sockdrawer.core.listeners import ListenerLoadError, load_listener_class
 
         loaded: list[Any] = []
         for spec_text in settings.listeners:
@@ -154,7 +154,7 @@ def spec_env(field: str) -> str:
 def _check_endpoint(option: str, description: str | int) -> None:
     from twisted.internet import reactor
 
-    from .service import check_endpoint
+    from sockdrawer.node.service import check_endpoint
 
     try:
         check_endpoint(option, description, reactor)
@@ -168,8 +168,8 @@ def makeService(options: Options) -> IService:
     the supervisor of that many nodes (:mod:`sockdrawer.workers`), or one of
     those nodes when the supervisor started this process.
     """
-    from .service import SockDrawerService
-    from .workers import WorkerSupervisor, make_worker, worker_index
+    from sockdrawer.node.service import SockDrawerService
+    from sockdrawer.node.workers import WorkerSupervisor, make_worker, worker_index
 
     settings = options.settings
     service: SockDrawerService

@@ -20,8 +20,8 @@ from typing import Protocol
 
 from zope.interface import implementer
 
-from .frames import Deflater, encode_batch, encode_frame
-from .interfaces import Batch, ISink
+from sockdrawer.core.interfaces import Batch, ISink
+from sockdrawer.transports.websocket.frames import Deflater, encode_batch, encode_frame
 
 #: the encoding of sockets without compression
 PLAIN = 0

@@ -44,10 +44,10 @@ from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
-from .config import Settings, endpoint_string
+from sockdrawer.config import Settings, endpoint_string
 
 if TYPE_CHECKING:
-    from .service import SockDrawerService
+    from sockdrawer.node.service import SockDrawerService
 
 _log = Logger(namespace="sockdrawer")
 
@@ -224,7 +224,7 @@ def make_worker(settings: Settings, environ: Mapping[str, str], reactor: Any = N
     with ``SO_REUSEPORT`` on ``$SOCKDRAWER_WORKER_PORT``, its API on the
     ``--api`` port plus its index.
     """
-    from .service import SockDrawerService
+    from sockdrawer.node.service import SockDrawerService
 
     if reactor is None:
         from twisted.internet import reactor

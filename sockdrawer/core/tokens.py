@@ -30,7 +30,7 @@ from typing import Any
 
 import jwt
 
-from ._channels import ChannelNameError, validate_channel
+from sockdrawer.core.channels import ChannelNameError, validate_channel
 
 #: Algorithms for a shared secret (``--auth-secret-file``).
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from ._channels import validate_channel
+from sockdrawer.core.channels import validate_channel
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .interfaces import IChannelHub
+    from sockdrawer.core.interfaces import IChannelHub
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

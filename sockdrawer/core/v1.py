@@ -25,13 +25,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import presence as _presence
-from ._channels import ChannelNameError, validate_channel
-from .fanout import FanoutStats
-from .frames import TEXT, Deflater, encode_frame
-from .history import HistoryReset, Replay
-from .interfaces import Batch, IChannelHub, ISink
-from .subscriber import SOCKET, Source
+from sockdrawer.core import presence as _presence
+from sockdrawer.core.channels import ChannelNameError, validate_channel
+from sockdrawer.core.history import HistoryReset, Replay
+from sockdrawer.core.interfaces import Batch, IChannelHub, ISink
+from sockdrawer.core.subscriber import SOCKET, Source
+from sockdrawer.transports.websocket.fanout import FanoutStats
+from sockdrawer.transports.websocket.frames import TEXT, Deflater, encode_frame
 
 
 class SessionSocket(Protocol):

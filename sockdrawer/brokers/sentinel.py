@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .redislink import Backoff, RedisURL, _command
+from sockdrawer.brokers.redis import Backoff, RedisURL, _command
 
 _log = Logger(namespace="sockdrawer.sentinel")
 

@@ -46,11 +46,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import _private, _slots, history
-from ._channels import Namespace
-from .interfaces import IBroker, IChannelHub, IChannelObserver
-from .presence import READ_SCRIPT, RedisPresence, channel_json, events_channel
-from .redislink import (
+from sockdrawer import _private
+from sockdrawer.brokers import slots as _slots
+from sockdrawer.brokers.redis import (
     HIREDIS,
     MAX_CHANNELS_PER_COMMAND,
     Backoff,
@@ -59,7 +57,11 @@ from .redislink import (
     RedisURL,
     _replay_result,
 )
-from .stats import Histogram
+from sockdrawer.core import history
+from sockdrawer.core.channels import Namespace
+from sockdrawer.core.interfaces import IBroker, IChannelHub, IChannelObserver
+from sockdrawer.core.presence import READ_SCRIPT, RedisPresence, channel_json, events_channel
+from sockdrawer.core.stats import Histogram
 
 _log = Logger(namespace="sockdrawer.redis")
 

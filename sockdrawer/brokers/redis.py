@@ -38,10 +38,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import _private, _slots, history
-from ._channels import Namespace
-from .interfaces import IBroker, IChannelHub, IChannelObserver
-from .stats import Histogram
+from sockdrawer import _private
+from sockdrawer.brokers import slots as _slots
+from sockdrawer.core import history
+from sockdrawer.core.channels import Namespace
+from sockdrawer.core.interfaces import IBroker, IChannelHub, IChannelObserver
+from sockdrawer.core.stats import Histogram
 
 _log = Logger(namespace="sockdrawer.redis")
 

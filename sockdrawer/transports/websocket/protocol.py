@@ -22,18 +22,18 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from . import _private
-from ._channels import ChannelNameError, channel_from_path
-from .compression import accept_deflate, acceptable_offers
-from .config import Settings
-from .fanout import PLAIN, ChannelGroup, Encoders, FanoutStats
-from .frames import BINARY, MAX_WINDOW_BITS, TEXT
-from .interfaces import IChannelHub
-from .origins import OriginPolicy
-from .subscriber import SOCKET, Source
-from .timers import BucketTimer, CollectorFreeze
-from .tokens import Grant, TokenRefused, pattern_matches
-from .v1 import SUBPROTOCOL, EnvelopeGroup, PresenceService, Subscription, V1Session
+from sockdrawer import _private
+from sockdrawer.config import Settings
+from sockdrawer.core.channels import ChannelNameError, channel_from_path
+from sockdrawer.core.interfaces import IChannelHub
+from sockdrawer.core.subscriber import SOCKET, Source
+from sockdrawer.core.tokens import Grant, TokenRefused, pattern_matches
+from sockdrawer.core.v1 import SUBPROTOCOL, EnvelopeGroup, PresenceService, Subscription, V1Session
+from sockdrawer.transports.websocket.compression import accept_deflate, acceptable_offers
+from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, FanoutStats
+from sockdrawer.transports.websocket.frames import BINARY, MAX_WINDOW_BITS, TEXT
+from sockdrawer.transports.websocket.origins import OriginPolicy
+from sockdrawer.transports.websocket.timers import BucketTimer, CollectorFreeze
 
 #: Called with each frame a browser sends: returns one Deferred per handler,
 #: each firing with the reply to send back (or ``None``).
@@ -73,7 +73,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     factory: SockDrawerServerFactory
     transport: Any
     closeHandshakeTimeout: float  # an option, from the factory
-    _log = Logger()
+    _log = Logger(namespace="sockdrawer.websocket.SockDrawerServerProtocol")
 
     key: bytes | None = None
     #: :data:`~sockdrawer.fanout.PLAIN`, or the permessage-deflate window bits

@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .interfaces import Batch, IChannelHub, ISink
-from .subscriber import BROKER, Source, Subscriber
+from sockdrawer.core.interfaces import Batch, IChannelHub, ISink
+from sockdrawer.core.subscriber import BROKER, Source, Subscriber
 
 
 class ListenerLoadError(ValueError):
@@ -180,7 +180,7 @@ class ListenerRegistry:
     :param clock: the reactor, for the once-a-minute failure counts.
     """
 
-    _log = Logger()
+    _log = Logger(namespace="sockdrawer.listeners.ListenerRegistry")
 
     def __init__(self, listeners: Iterable[str | type[Subscriber] | Subscriber] = (), clock: Any = None) -> None:
         self.instances: list[Subscriber] = []
