@@ -64,7 +64,7 @@ async def test_many_channels_on_one_socket(run_service: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_envelopes_are_framed_once_per_channel(run_service: Any, monkeypatch: Any) -> None:
     """Every v1 socket on a channel gets the same envelope bytes, built once per batch."""
-    from sockdrawer.core import v1 as v1module
+    from sockdrawer.transports.websocket import fanout as v1module  # where the envelope groups build them
 
     built: list[bytes] = []
     original = v1module.envelope
@@ -324,6 +324,9 @@ class _Proto:
                                        join_v1=lambda sub, encoding: None)
         self.out: list[Any] = []
 
+    def frame_text(self, payload: bytes) -> bytes:
+        return payload  # a fake framing: what is sent stays JSON
+
     def deliver_queued(self, frames: bytes) -> None:
         import json
 
@@ -336,8 +339,8 @@ def _data(sent: list[Any]) -> list[Any]:
 
 
 def _v1_subscription(replies: list[Any]) -> tuple[Any, Any, Any]:
-    from sockdrawer.core.v1 import EnvelopeGroup, Subscription, V1Session
-    from sockdrawer.transports.websocket.fanout import PLAIN, FanoutStats
+    from sockdrawer.core.v1 import Subscription, V1Session
+    from sockdrawer.transports.websocket.fanout import PLAIN, EnvelopeGroup, FanoutStats
 
     proto = _Proto(replies)
     session = V1Session(proto)  # type: ignore[arg-type]

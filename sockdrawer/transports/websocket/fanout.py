@@ -15,13 +15,16 @@ the buffer has drained.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from zope.interface import implementer
 
 from sockdrawer.core.interfaces import Batch, ISink
-from sockdrawer.transports.websocket.frames import Deflater, encode_batch, encode_frame
+from sockdrawer.core.v1.messages import envelope
+from sockdrawer.core.v1.session import Subscription
+from sockdrawer.transports.websocket.frames import TEXT, Deflater, encode_batch, encode_frame
 
 #: the encoding of sockets without compression
 PLAIN = 0
@@ -251,3 +254,57 @@ class ChannelGroup:
 
     def __repr__(self) -> str:
         return f"<ChannelGroup {self.key!r} encoding={self.encoding} direct={self.direct} queued={self.queued}>"
+
+
+@implementer(ISink)
+class EnvelopeGroup:
+    """
+    The v1 subscriptions of one channel with one encoding, as one sink: each
+    batch becomes envelope frames once, and the same bytes go to every
+    subscription.
+    """
+
+    __slots__ = ("key", "encoding", "_channel_json", "_deflater", "stats", "members", "__weakref__")
+
+    def __init__(self, key: bytes, encoding: int, deflater: Deflater | None, stats: FanoutStats) -> None:
+        self.key = key
+        self.encoding = encoding
+        self._channel_json = json.dumps(key.decode("utf-8"), ensure_ascii=False)
+        self._deflater = deflater
+        self.stats = stats
+        self.members: dict[Subscription, None] = {}
+
+    @property
+    def receivers(self) -> int:
+        return len(self.members)
+
+    def frames(self, batch: Batch) -> bytes:
+        cache_key = ("v1", self.encoding)
+        cache = batch.encodings
+        if cache is None:
+            cache = batch.encodings = {}
+        data = cache.get(cache_key)
+        if data is None:
+            offsets = batch.offsets or [None] * len(batch.messages)
+            frame = self._deflater.encode_frame if self._deflater is not None else encode_frame
+            pairs = zip(batch.messages, offsets, strict=True)
+            data = cache[cache_key] = b"".join(frame(envelope(self._channel_json, off, m), TEXT) for m, off in pairs)
+        return data
+
+    def gap(self) -> None:
+        """The broker may have lost messages: every subscription catches up from history."""
+        for sub in tuple(self.members):
+            sub.session.catch_up(sub)
+
+    def lost(self) -> None:
+        """The broker's subscription no longer covers every channel: subscriptions wait for its gap."""
+        for sub in tuple(self.members):
+            sub.suspend()
+
+    def receive(self, batch: Batch) -> None:
+        data = self.frames(batch)
+        members = tuple(self.members)
+        self.stats.deliveries += len(members) * len(batch.messages)
+        self.stats.bytes_sent += len(members) * len(data)
+        for sub in members:
+            sub.deliver(batch, data)

@@ -28,9 +28,9 @@ from sockdrawer.core.channels import ChannelNameError, channel_from_path
 from sockdrawer.core.interfaces import IChannelHub
 from sockdrawer.core.subscriber import SOCKET, Source
 from sockdrawer.core.tokens import Grant, TokenRefused, pattern_matches
-from sockdrawer.core.v1 import SUBPROTOCOL, EnvelopeGroup, PresenceService, Subscription, V1Session
+from sockdrawer.core.v1 import SUBPROTOCOL, PresenceService, Subscription, V1Session
 from sockdrawer.transports.websocket.compression import accept_deflate, acceptable_offers
-from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, FanoutStats
+from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, EnvelopeGroup, FanoutStats
 from sockdrawer.transports.websocket.frames import BINARY, MAX_WINDOW_BITS, TEXT
 from sockdrawer.transports.websocket.origins import OriginPolicy
 from sockdrawer.transports.websocket.timers import BucketTimer, CollectorFreeze
@@ -161,6 +161,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
                 factory.pending_per_ip[ip] = left
             else:
                 factory.pending_per_ip.pop(ip, None)
+
+    def frame_text(self, payload: bytes) -> bytes:
+        """A text frame of ``payload`` in this socket's encoding (what a v1 session sends)."""
+        return self.factory.encoders.frame(self.encoding, payload, TEXT)
 
     @property
     def counted_ip(self) -> str | None:
@@ -892,7 +896,8 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         sub.group = group
 
     def leave_v1(self, sub: Subscription) -> None:
-        group, sub.group = sub.group, None
+        group: EnvelopeGroup | None = sub.group
+        sub.group = None
         if group is None:
             return
         group.members.pop(sub, None)
