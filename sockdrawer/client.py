@@ -70,7 +70,9 @@ class Client:
     :param retry_for: seconds :meth:`pub` keeps retrying while Redis is
         unreachable, read-only (a failover) or loading, before it raises
         :class:`PublishError`; 0 tries once.  A retry of a message kept in
-        history cannot duplicate it (see :meth:`pub`).
+        history cannot duplicate it (see :meth:`pub`).  With an explicit
+        ``history_size`` (no message id), only failures where the message
+        certainly was not published are retried.
     :param cluster: seed nodes of a Redis Cluster (``redis://`` or
         ``rediss://`` URLs, as the server's ``--redis-cluster``), instead of
         ``url``: messages go out with ``SPUBLISH`` to the shard that owns the
@@ -214,7 +216,10 @@ class Client:
             try:
                 return self._pub_redis(key, payload, message_id, retry=attempt > 0 or id is not None)
             except Exception as e:
-                if not _retryable(e) or time.monotonic() >= deadline:
+                # the explicit history script carries no id: retrying it after a timeout could keep the
+                # message twice, so it is retried only when it certainly did not run
+                sure = not self._history_size or _not_run(e)
+                if not sure or not _retryable(e) or time.monotonic() >= deadline:
                     raise PublishError(f"could not publish on {self._where()}: {type(e).__name__}: {e}") from e
                 self._log.debug("publishing on %s failed (%s); retrying", self._where(), e)
             time.sleep(min(0.05 * 2 ** attempt, 1.0, max(0.0, deadline - time.monotonic())))
@@ -353,6 +358,14 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _not_run(error: Exception) -> bool:
+    """Whether a failed command certainly did not run: refused before sending, or refused by Redis."""
+    text = str(error)
+    if text.startswith(("READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")):
+        return True
+    return "Error connecting" in text or "Connection refused" in text
 
 
 def _retryable(error: Exception) -> bool:

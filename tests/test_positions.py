@@ -266,3 +266,26 @@ async def test_the_redis_cli_example_publishes_with_the_policy(own_redis: RedisS
     assert re.fullmatch(r"[0-9]+:[0-9]+-[0-9]+", done.stdout.strip()), done.stdout + done.stderr
     got = await client.next_json()
     assert (got["data"], got["offset"]) == ("new model!", done.stdout.strip())
+
+
+def test_the_explicit_history_script_is_not_retried_after_an_ambiguous_failure(own_redis: RedisServer) -> None:
+    """Client(url, history_size=...) publishes with a script that carries no id: after a failure where the
+    script may have run (a timeout), pub raises at once instead of retrying (which could keep it twice); a
+    refused connection, where it certainly did not run, is retried."""
+    import redis as redis_py
+
+    from sockdrawer import PublishError
+    from sockdrawer.client import _not_run
+
+    assert not _not_run(redis_py.exceptions.TimeoutError("Timeout reading from socket"))
+    assert not _not_run(redis_py.exceptions.ConnectionError("Connection closed by server."))
+    assert _not_run(redis_py.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."))
+    with own_redis.client() as r:
+        r.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # every command waits: a timeout
+    client = Client(own_redis.url, history_size=10, timeout=0.3, retry_for=10)
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(PublishError):
+        client.pub("once", "news")
+    assert time.monotonic() - started < 5  # not retried for retry_for (10 s)
