@@ -303,7 +303,7 @@ class Settings:
                 raise ValueError(f"--public-channel: {e}") from None
         self.token_verifier()
         for seed in self.redis_cluster:
-            from sockdrawer.brokers.redis import RedisURL
+            from sockdrawer.brokers.url import RedisURL
 
             try:
                 url = RedisURL.parse(seed)
@@ -312,7 +312,7 @@ class Settings:
             if url.scheme == "unix":
                 raise ValueError("--redis-cluster: seed nodes are host:port URLs, not Unix sockets")
         if self.redis is not None:
-            from sockdrawer.brokers.redis import RedisURL
+            from sockdrawer.brokers.url import RedisURL
 
             try:
                 url = RedisURL.parse(self.redis)

@@ -24,7 +24,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from wsclient import connect
 
-from sockdrawer.brokers.redis import Backoff
+from sockdrawer.brokers.linkparts import Backoff
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

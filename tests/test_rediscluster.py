@@ -41,7 +41,7 @@ from zope.interface.verify import verifyObject
 from sockdrawer import Client, Source, Subscriber, on
 from sockdrawer.brokers import slots as _slots
 from sockdrawer.brokers.cluster import ClusterLink, ShardSubscriberProtocol, _ShardSubscriberFactory, parse_slots
-from sockdrawer.brokers.redis import RedisURL
+from sockdrawer.brokers.url import RedisURL
 from sockdrawer.core.channels import Namespace
 from sockdrawer.core.hub import MemoryChannelHub
 from sockdrawer.core.interfaces import IBroker, IChannelObserver

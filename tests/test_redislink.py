@@ -7,7 +7,8 @@ import pytest_twisted
 import txredisapi
 from twisted.internet.testing import StringTransport
 
-from sockdrawer.brokers.redis import HIREDIS, RedisSubscriberProtocol, RedisURL
+from sockdrawer.brokers.subscriber import HIREDIS, RedisSubscriberProtocol
+from sockdrawer.brokers.url import RedisURL
 from sockdrawer.core.channels import Namespace
 from sockdrawer.core.hub import MemoryChannelHub
 from sockdrawer.testing import RecordingSink
@@ -320,7 +321,8 @@ def test_refused_psubscribe_reply_drops_the_connection() -> None:
 def test_full_reads_are_counted_in_a_row() -> None:
     """A read of at least 60 KiB counts as full; a shorter one ends the run; the fan-out latency is recorded per
     read, in seconds."""
-    from sockdrawer.brokers.redis import _FULL_READ, RedisLink
+    from sockdrawer.brokers.redis import RedisLink
+    from sockdrawer.brokers.subscriber import _FULL_READ
 
     p, _, hub = connected_protocol()
     p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
@@ -382,7 +384,8 @@ def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -
     from twisted.internet import reactor
 
     from sockdrawer.brokers import redis as redislink
-    from sockdrawer.brokers.redis import Backoff, RedisLink
+    from sockdrawer.brokers.linkparts import Backoff
+    from sockdrawer.brokers.redis import RedisLink
 
     default = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0)
     assert (default.timeout, default._sub_backoff.maximum, default._pub_backoff.maximum) == (5.0, 30.0, 30.0)

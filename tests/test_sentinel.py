@@ -275,8 +275,8 @@ async def test_the_endpoint_connects_to_the_master_and_refuses_a_replica(sentine
     """connect() asks the sentinels in turn (a dead one is skipped), connects to the master they name and hands
     the connection over once ROLE says master; a server that says it is a replica fails the attempt, and so does
     a name no sentinel knows."""
-    from sockdrawer.brokers.redis import RedisURL
     from sockdrawer.brokers.sentinel import NotMaster, SentinelError, SentinelMaster
+    from sockdrawer.brokers.url import RedisURL
 
     dead = RedisURL("redis", "127.0.0.1", free_port())
     urls = [dead] + [RedisURL("redis", "127.0.0.1", s.port) for s in sentinels.sentinels]

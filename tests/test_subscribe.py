@@ -22,7 +22,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from wsclient import connect
 
-from sockdrawer.brokers.redis import RedisLink, RedisSubscriberProtocol, RedisURL, _SubscriberFactory
+from sockdrawer.brokers.redis import RedisLink, _SubscriberFactory
+from sockdrawer.brokers.subscriber import RedisSubscriberProtocol
+from sockdrawer.brokers.url import RedisURL
 from sockdrawer.core.channels import Namespace
 from sockdrawer.core.hub import MemoryChannelHub
 from sockdrawer.core.interfaces import Batch
@@ -296,7 +298,7 @@ def test_changes_while_the_first_subscribe_is_pending(node: Node) -> None:
 
 def test_large_batches_are_split(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     """More Redis channels than MAX_CHANNELS_PER_COMMAND go out in several commands, all counted."""
-    from sockdrawer.brokers import redis as redislink
+    from sockdrawer.brokers import subscriber as redislink  # where the link splits its commands
 
     monkeypatch.setattr(redislink, "MAX_CHANNELS_PER_COMMAND", 4)
     node.open(b"a", b"b", b"c")

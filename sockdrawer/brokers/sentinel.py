@@ -44,7 +44,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sockdrawer.brokers.redis import Backoff, RedisURL, _command
+from sockdrawer.brokers.linkparts import Backoff, _command
+from sockdrawer.brokers.url import RedisURL
 
 _log = Logger(namespace="sockdrawer.sentinel")
 

@@ -16,8 +16,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sockdrawer.brokers.cluster import ClusterLink
-from sockdrawer.brokers.redis import RedisLink, RedisURL
+from sockdrawer.brokers.redis import RedisLink
 from sockdrawer.brokers.sentinel import SentinelMaster
+from sockdrawer.brokers.url import RedisURL
 from sockdrawer.config import Settings, endpoint_string
 from sockdrawer.core.channels import Namespace, validate_channel
 from sockdrawer.core.history import PAGE_MESSAGES, MemoryHistory
