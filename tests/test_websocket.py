@@ -403,7 +403,7 @@ def test_take_token_redacts_query_and_header() -> None:
     """The token comes from ?token= (percent-decoded, among other parameters; '=' may be in its value), both places
     are rewritten to 'redacted', and the bytes after the head's blank line are left as they are, even when they
     look like a header."""
-    from sockdrawer.transports.websocket.protocol import take_token
+    from sockdrawer.transports.websocket.handshake import take_token
 
     rest = b"Authorization: Bearer later\r\n\r\n"
     head = (b"GET /news?a=1&token=abc%2Bd=&b=2 HTTP/1.1\r\nHost: x\r\nauthorization: bearer other\r\n\r\n" + rest)
@@ -416,7 +416,7 @@ def test_take_token_redacts_query_and_header() -> None:
 def test_take_token_leaves_other_requests_alone() -> None:
     """A request without a token keeps every byte (no '?' added to its target); a '?' inside the query is part of a
     value, not the start of another query; the header is the fallback when the query has no token."""
-    from sockdrawer.transports.websocket.protocol import take_token
+    from sockdrawer.transports.websocket.handshake import take_token
 
     plain = b"GET /news HTTP/1.1\r\nHost: x\r\n\r\n"
     assert take_token(plain) == (None, plain)
@@ -435,7 +435,7 @@ def test_take_token_leaves_other_requests_alone() -> None:
 
 def test_address_of_a_peer_string() -> None:
     """The client address in Autobahn's peer strings, IPv4 and IPv6 (colons inside), or a forwarded bare one."""
-    from sockdrawer.transports.websocket.protocol import _address
+    from sockdrawer.transports.websocket.handshake import _address
 
     assert _address("tcp4:198.51.100.2:5678") == "198.51.100.2"
     assert _address("tcp6:2001:db8::1:5678") == "2001:db8::1"

@@ -7,13 +7,11 @@ send to the listeners.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import weakref
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any, NoReturn
-from urllib.parse import unquote
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -32,6 +30,7 @@ from sockdrawer.core.v1 import SUBPROTOCOL, PresenceService, Subscription, V1Ses
 from sockdrawer.transports.websocket.compression import accept_deflate, acceptable_offers
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, EnvelopeGroup, FanoutStats
 from sockdrawer.transports.websocket.frames import BINARY, MAX_WINDOW_BITS, TEXT
+from sockdrawer.transports.websocket.handshake import _address, merge_extension_headers, take_token
 from sockdrawer.transports.websocket.origins import OriginPolicy
 from sockdrawer.transports.websocket.timers import BucketTimer, CollectorFreeze
 
@@ -657,79 +656,6 @@ class _BufferWatch:
 
     def stopProducing(self) -> None:
         pass
-
-
-def _address(peer: str | None) -> str | None:
-    """The client address in an Autobahn peer string (``tcp4:1.2.3.4:5678``, or a bare address)."""
-    if not peer:
-        return None
-    if peer.startswith(("tcp4:", "tcp6:")):
-        return peer[5:].rsplit(":", 1)[0]
-    return peer
-
-
-def merge_extension_headers(head: bytes) -> bytes:
-    """
-    Join repeated ``Sec-WebSocket-Extensions`` lines into one (RFC 6455 9.1
-    allows several; Autobahn refuses the handshake when it sees more than
-    one).
-    """
-    end = head.index(b"\r\n\r\n")
-    lines = head[:end].split(b"\r\n")
-    kept, offers = [], []
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() == b"sec-websocket-extensions":
-            offers.append(value.strip())
-        else:
-            kept.append(line)
-    kept.append(b"Sec-WebSocket-Extensions: " + b", ".join(o for o in offers if o))
-    return b"\r\n".join(kept) + head[end:]
-
-
-#: a ``token=`` parameter anywhere in a request line, up to the next ``&``, space or end
-_TOKEN_PARAM = re.compile(rb"([?&\s]token=)[^&\s]*")
-
-
-def take_token(head: bytes) -> tuple[str | None, bytes]:
-    """
-    Take the token out of an opening handshake before anything parses or
-    logs it: from ``?token=...`` in the request target (browsers cannot set
-    headers on a WebSocket) or from ``Authorization: Bearer ...``.  Both
-    places are rewritten to ``redacted``.
-
-    :param head: the request up to and including the blank line, and
-        whatever followed it.
-    :return: the token (``None`` when there is none) and the rewritten bytes.
-    """
-    end = head.index(b"\r\n\r\n")
-    lines = head[:end].split(b"\r\n")
-    token: str | None = None
-    parts = lines[0].split(b" ")
-    if len(parts) == 3 and b"?" in parts[1]:
-        path, _, query = parts[1].partition(b"?")
-        params = query.split(b"&")
-        for i, param in enumerate(params):
-            name, eq, value = param.partition(b"=")
-            if name == b"token" and eq:
-                if token is None:
-                    token = unquote(value.decode("latin-1"))
-                params[i] = b"token=redacted"
-        parts[1] = path + b"?" + b"&".join(params)
-        lines[0] = b" ".join(parts)
-    elif b"token=" in lines[0]:
-        # not METHOD TARGET VERSION (an unencoded space, say): refused later,
-        # and logged then, so every token-like parameter goes first
-        lines[0] = _TOKEN_PARAM.sub(rb"\1redacted", lines[0])
-    for i in range(1, len(lines)):
-        name, colon, value = lines[i].partition(b":")
-        if colon and name.strip().lower() == b"authorization":
-            scheme, _, credentials = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer":
-                if token is None:
-                    token = credentials.strip().decode("latin-1")
-                lines[i] = b"Authorization: Bearer redacted"
-    return token or None, b"\r\n".join(lines) + head[end:]
 
 
 class SockDrawerServerFactory(WebSocketServerFactory):
