@@ -98,6 +98,7 @@ from twisted.python.failure import Failure
 from sockdrawer import _private
 from sockdrawer.config import Settings
 from sockdrawer.core.hub import MemoryChannelHub
+from sockdrawer.node.service import websocket_options
 from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
 
 # -- hypothesis profiles ---------------------------------------------------------
@@ -287,7 +288,7 @@ def serving(**options: Any) -> Iterator[Server]:
     txaio.config.loop = clock
     try:
         hub = MemoryChannelHub()
-        factory = SockDrawerServerFactory(hub, echo, settings=in_memory_settings(**options), clock=clock)
+        factory = SockDrawerServerFactory(hub, echo, websocket_options(in_memory_settings(**options)), clock=clock)
         ports = iter(range(20000, 60000))
         bystander = Peer(factory, next(ports))
         bystander.send(upgrade(b"/" + BYSTANDER_CHANNEL))
@@ -897,7 +898,7 @@ def check_outcome(server: Server, peer: Peer, start: int, expected: Outcome, inf
             assert code == expected.close, f"close code {code}, expected {expected.close}: {frames[-1]}"
             peer.send(CLIENT_CLOSE)
             # never a hang: answered at once, or at the latest when --close-handshake-timeout runs out
-            server.advance(server.factory.settings.close_handshake_timeout + 0.1)
+            server.advance(server.factory.options.close_handshake_timeout + 0.1)
             assert peer.lost, "the server kept a failed connection past --close-handshake-timeout"
     else:
         assert not closes, f"unexpected close: {frames[closes[0]]}"
@@ -1197,12 +1198,12 @@ def check_handshake(server: Server, request: Request, cuts: Sequence[int]) -> Pe
     """Send ``request`` in pieces and check the answer: a 101 that opens the socket on the right channel, or
     a refusal with one of the allowed statuses that ends the connection and echoes nothing of the request."""
     data = request.encode()
-    expected = request.expected(server.factory.settings.max_handshake_size)
+    expected = request.expected(server.factory.options.max_handshake_size)
     note(f"request: {data[:300]!r}, expected: {expected}")
     peer = server.connect()
     peer.send_chunks(data, cuts)
     if not peer.output and not peer.lost:
-        server.advance(server.factory.settings.open_handshake_timeout + 1)  # no answer: it must time out
+        server.advance(server.factory.options.open_handshake_timeout + 1)  # no answer: it must time out
     assert peer.output, f"no answer at all (lost={peer.lost})"
     status, headers, rest = split_response(peer.output)
     assert status in expected, f"status {status}, expected one of {expected}: {peer.output[:200]!r}"
@@ -1729,7 +1730,7 @@ def test_frames_after_the_server_closes(why: str, script: Script) -> None:
             peer.send_chunks(data, cuts)
         assert server_frames(peer.output[start:]) == frames, "the server sent something after its close frame"
         peer.send(CLIENT_CLOSE)
-        server.advance(server.factory.settings.close_handshake_timeout + 0.1)
+        server.advance(server.factory.options.close_handshake_timeout + 0.1)
         assert peer.lost
         assert_bystander_unaffected(server)
     assert_clean_log(events, secrets=[token])

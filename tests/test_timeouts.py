@@ -348,3 +348,13 @@ def test_defaults_reach_autobahn() -> None:
     assert (proto.openHandshakeTimeout, proto.closeHandshakeTimeout) == (5.0, 1.0)
     assert (proto.maxFramePayloadSize, proto.maxMessagePayloadSize) == (65536, 65536)
 
+
+
+def test_websocket_options_default_to_the_option_table() -> None:
+    """The WebSocket transport's own options object has the option table's defaults, name for name (the
+    transport never reads Settings; the node builds its options from them)."""
+    from sockdrawer.transports.websocket.options import WebSocketOptions
+
+    defaults, options = Settings(), WebSocketOptions()
+    for name in WebSocketOptions.names():
+        assert getattr(options, name) == getattr(defaults, name), name

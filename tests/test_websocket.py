@@ -447,10 +447,11 @@ def test_factory_public_channels_and_origins() -> None:
     """is_public follows --public-channel patterns; origin_allowed follows --allowed-origin."""
     from sockdrawer.config import Settings
     from sockdrawer.core.hub import MemoryChannelHub
+    from sockdrawer.node.service import websocket_options
     from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
 
     settings = Settings(public_channel=("public/*",), allowed_origins=("https://app.example:443",))
-    factory = SockDrawerServerFactory(MemoryChannelHub(), settings=settings, clock=reactor)
+    factory = SockDrawerServerFactory(MemoryChannelHub(), options=websocket_options(settings), clock=reactor)
     assert factory.is_public("public/news") and not factory.is_public("news")
     assert factory.origin_allowed("https://app.example") and not factory.origin_allowed("https://evil.example")
 

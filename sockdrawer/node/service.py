@@ -29,6 +29,7 @@ from sockdrawer.core.presence import MemoryPresence, RedisPresence
 from sockdrawer.core.v1 import PresenceService
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
+from sockdrawer.transports.websocket.options import WebSocketOptions
 from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
 
 _log = Logger(namespace="sockdrawer")
@@ -273,7 +274,7 @@ class SockDrawerService(MultiService):
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
-            settings,
+            websocket_options(settings),
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
@@ -434,6 +435,12 @@ class SockDrawerService(MultiService):
             "channels": self.channel_count(),
             **({"shards": self.broker.shard_states()} if isinstance(self.broker, ClusterLink) else {}),
         }
+
+
+def websocket_options(settings: Settings) -> WebSocketOptions:
+    """What the WebSocket transport reads of ``settings``, with the token verifier built once."""
+    values = {name: getattr(settings, name) for name in WebSocketOptions.names()}
+    return WebSocketOptions(verifier=settings.token_verifier(), **values)
 
 
 def _node_name() -> str:

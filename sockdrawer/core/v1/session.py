@@ -376,7 +376,7 @@ class V1Session:
 
     def _take_presence_join(self) -> bool:
         """One presence join from this socket's bucket (each join and its leave cost every member an event)."""
-        settings = self.proto.factory.settings
+        settings = self.proto.factory.options
         now = self.proto.factory.clock.seconds()
         if self._joins_at is None:
             tokens = float(settings.presence_join_burst)
@@ -402,13 +402,13 @@ class V1Session:
         if key in self.subscriptions:
             self.error(409, "already subscribed", channel)
             return
-        if len(self.subscriptions) >= factory.settings.max_subscriptions:
+        if len(self.subscriptions) >= factory.options.max_subscriptions:
             self.error(429, "too many subscriptions", channel)
             return
         ip = self.proto.counted_ip
         if ip is not None:
             count = factory.subscriptions_per_ip.get(ip, 0)
-            if count >= factory.settings.max_subscriptions_per_ip:
+            if count >= factory.options.max_subscriptions_per_ip:
                 self.error(429, "too many subscriptions from this address", channel)
                 return
         if not self._allowed(channel):

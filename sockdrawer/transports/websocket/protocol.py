@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from sockdrawer import _private
-from sockdrawer.config import Settings
 from sockdrawer.core.channels import ChannelNameError, channel_from_path
 from sockdrawer.core.interfaces import IChannelHub
 from sockdrawer.core.subscriber import SOCKET, Source
@@ -31,6 +30,7 @@ from sockdrawer.transports.websocket.compression import accept_deflate, acceptab
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, EnvelopeGroup, FanoutStats
 from sockdrawer.transports.websocket.frames import BINARY, MAX_WINDOW_BITS, TEXT
 from sockdrawer.transports.websocket.handshake import _address, merge_extension_headers, take_token
+from sockdrawer.transports.websocket.options import WebSocketOptions
 from sockdrawer.transports.websocket.origins import OriginPolicy
 from sockdrawer.transports.websocket.timers import BucketTimer, CollectorFreeze
 
@@ -129,12 +129,12 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         factory.connections_total += 1
         self._pending = True
         factory.pending += 1
-        if factory.pending > factory.settings.max_pending_handshakes:
+        if factory.pending > factory.options.max_pending_handshakes:
             # silent connections must not lock real clients out: drop at once
             factory.refusals[503] = factory.refusals.get(503, 0) + 1
             self.dropConnection(abort=True)
             return
-        if not factory.settings.trust_x_forwarded_for:
+        if not factory.options.trust_x_forwarded_for:
             ip = self.transport.getPeer().host
             if ip:
                 # one address may hold only part of the pool: the others still get in
@@ -178,7 +178,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         count = factory.per_ip.get(ip, 0) + 1
         factory.per_ip[ip] = count
         self._counted_ip = ip
-        if count > factory.settings.max_connections_per_ip:
+        if count > factory.options.max_connections_per_ip:
             self._own_reason = "too many connections from this address"
             self.failHandshake(self._own_reason, 429)
             return False
@@ -252,10 +252,10 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             self._deny(ConnectionDeny.BAD_REQUEST, str(e))
         if request.origin and not factory.origins.allows(request.origin):
             self._deny(ConnectionDeny.FORBIDDEN, "origin not allowed")
-        if factory.settings.trust_x_forwarded_for and self._counted_ip is None:
+        if factory.options.trust_x_forwarded_for and self._counted_ip is None:
             if not self._count_ip(_address(self.peer)):
                 raise ConnectionDeny(429, self._own_reason or "")
-        if factory.open_sockets >= factory.settings.max_connections:
+        if factory.open_sockets >= factory.options.max_connections:
             self._deny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
         channel = key.decode("utf-8")
         v1 = SUBPROTOCOL in request.protocols and key == b""
@@ -379,7 +379,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             if not self._take_frame():
                 return  # failed: Autobahn ignores the rest of the frame
             self._fragments += 1
-            if self._fragments > self.factory.settings.max_fragments:
+            if self._fragments > self.factory.options.max_fragments:
                 _private.fail_connection(self, 1009, "too many fragments")
                 return
         # after our own close (shutdown, expiry) frames are still parsed, and
@@ -395,7 +395,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if self.state != _STATE_OPEN:
             return False
         self.factory.frames_received += 1
-        settings = self.factory.settings
+        settings = self.factory.options
         now = self.factory.clock.seconds()
         tokens = self._bucket
         if tokens < 0:
@@ -666,8 +666,8 @@ class SockDrawerServerFactory(WebSocketServerFactory):
 
     :param hub: where sockets subscribe.
     :param frame_handler: gets the frames browsers send; ``None`` ignores them.
-    :param settings: the service's settings (limits, timeouts, origins,
-        compression); the defaults when ``None``.
+    :param options: the transport's options (limits, timeouts, origins,
+        compression, the token verifier); the defaults when ``None``.
     :param clock: the reactor, for the slow-reader timer.
     """
 
@@ -675,9 +675,9 @@ class SockDrawerServerFactory(WebSocketServerFactory):
     noisy = False  # no "Starting factory <... at 0x...>" lines
 
     def __init__(self, hub: IChannelHub, frame_handler: FrameHandler | None = None,
-                 settings: Settings | None = None, *, clock: Any = None,
+                 options: WebSocketOptions | None = None, *, clock: Any = None,
                  authorize: Callable[[Source], Deferred[bool] | None] | None = None) -> None:
-        settings = settings if settings is not None else Settings()
+        settings = options if options is not None else WebSocketOptions()
         super().__init__(server="")
         if clock is None:
             from twisted.internet import reactor as clock
@@ -687,7 +687,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.hub = hub
         self.frame_handler = frame_handler
         self.clock = clock
-        self.settings = settings
+        self.options = settings
         self.max_channel_length = settings.max_channel_length
         self.max_handshake_size = settings.max_handshake_size
         self.max_reply_size = settings.max_reply_size
@@ -696,7 +696,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.compression = settings.compression
         self.encoders = Encoders(settings.compression_threshold)
         self.origins = OriginPolicy(settings.allowed_origins)
-        self.verifier = settings.token_verifier()
+        self.verifier = settings.verifier
         self.public_channels = settings.public_channel
         #: asks the listeners whether a socket may open (``None``: nobody asks)
         self.authorize = authorize
@@ -733,9 +733,9 @@ class SockDrawerServerFactory(WebSocketServerFactory):
         self.deflate_groups: dict[tuple[bytes, int], ChannelGroup] = {}
         self.slow_cut_offs = 0
         self._empty_waiters: list[Deferred[None]] = []
-        options: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if settings.compression:
-            options["perMessageCompressionAccept"] = accept_deflate
+            extra["perMessageCompressionAccept"] = accept_deflate
         self.setProtocolOptions(
             webStatus=False,
             maxFramePayloadSize=settings.max_message_size,
@@ -753,7 +753,7 @@ class SockDrawerServerFactory(WebSocketServerFactory):
             trustXForwardedFor=settings.trust_x_forwarded_for,
             # send the close code (1002, 1007, 1009) instead of just dropping TCP
             failByDrop=False,
-            **options,
+            **extra,
         )
 
     def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
