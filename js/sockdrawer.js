@@ -225,6 +225,7 @@ export class SockDrawer extends EventTarget {
         }
         break;
       case "subscribed":
+        if (entry) entry.failures = 0;
         if (entry && message.offset !== null && message.offset !== undefined) entry.offset = message.offset;
         this.dispatchEvent(new CustomEvent("subscribed", { detail: message }));
         break;
@@ -264,6 +265,9 @@ export class SockDrawer extends EventTarget {
           this._pending.delete(message.id);
           waiting.reject(Object.assign(new Error(message.reason), { status: message.status }));
         } else {
+          // 503: the node could not read the channel's history (its broker is down) and dropped the
+          // subscription; ask again from the same offset, with the reconnects' backoff
+          if (message.status === 503 && message.channel !== undefined) this._subscribeLater(message.channel);
           this.dispatchEvent(new CustomEvent("error", { detail: message }));
         }
         break;
@@ -284,6 +288,18 @@ export class SockDrawer extends EventTarget {
       waiting.reject(Object.assign(new Error("connection closed"), { status: 0 }));
     }
     this._retry();
+  }
+
+  _subscribeLater(channel) {
+    const entry = this._channels.get(channel);
+    if (!entry) return;
+    const delay = this.delayFor(entry.failures || 0);
+    entry.failures = (entry.failures || 0) + 1;
+    const ws = this._ws;
+    this._setTimeout(() => {
+      // still wanted, on the same socket (a new socket subscribes everything anyway)
+      if (this._channels.get(channel) === entry && this._ws === ws) this._send(this._subscribeMessage(channel, entry));
+    }, delay);
   }
 
   _retry() {

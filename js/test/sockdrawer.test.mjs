@@ -185,3 +185,22 @@ test("presence asked on a channel already subscribed without it subscribes again
   assert.deepEqual(messages, ["x", "y"]); // the null callback is skipped
   assert.deepEqual(sd.presence("news"), []);
 });
+
+test("a subscription the node dropped with 503 (history unavailable) is asked again from its offset", async () => {
+  const { sd, runTimer, last } = harness();
+  await tick();
+  const errors = [];
+  sd.addEventListener("error", (e) => errors.push(e.detail.status));
+  sd.subscribe("news", () => {});
+  last().open();
+  last().receive({ op: "message", channel: "news", offset: "e:4", data: "x" });
+  last().sent.length = 0;
+  last().receive({ op: "error", status: 503, reason: "history unavailable", channel: "news" });
+  assert.deepEqual(errors, [503]);
+  assert.equal(await runTimer(), 250); // the reconnects' backoff: random() = 0.5 of 500
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "news", since: "e:4" }]);
+  last().receive({ op: "error", status: 503, reason: "history unavailable", channel: "news" });
+  assert.equal(await runTimer(), 500);
+  last().receive({ op: "error", status: 403, reason: "token does not cover this channel", channel: "news" });
+  assert.equal(last().sent.length, 2); // only 503 is asked again
+});
