@@ -405,8 +405,8 @@ def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -
                      max_message_size=99)
     assert (link.max_message_size, link.description, link._subscribed_once) == (99, "redis://127.0.0.1:1/0", False)
     assert link._clock is reactor and not link.is_connected()
-    assert link._sub_backoff.maximum == link._pub_backoff.maximum == 7
-    assert [s[2] for s in services] == [link._sub_backoff, link._pub_backoff]
+    assert link._sub_backoff.maximum == link._pub_backoff.maximum == link._read_backoff.maximum == 7
+    assert [s[2] for s in services] == [link._sub_backoff, link._pub_backoff, link._read_backoff]
     for endpoint, factory, _, clock in services:
         assert endpoint._timeout == 2.5 and clock is reactor  # type: ignore[attr-defined]
         assert factory.link is link  # type: ignore[attr-defined]

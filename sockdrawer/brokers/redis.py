@@ -78,18 +78,24 @@ class _SubscriberFactory(_LinkFactoryMixin, txredisapi.SubscriberFactory):  # ty
 
 
 class _PublisherFactory(_LinkFactoryMixin, txredisapi.RedisFactory):  # type: ignore[misc]
-    def __init__(self, link: RedisLink) -> None:
+    """A command connection: publishing (which loads the history library), or reading history."""
+
+    def __init__(self, link: RedisLink, backoff: Backoff | None = None, publishes: bool = True) -> None:
         super().__init__(None, None, 1)
         self.link = link
+        self.backoff = backoff
+        self.publishes = publishes
         _configure(self, link)
 
     def buildProtocol(self, addr: Any) -> Any:
         p = super().buildProtocol(addr)
         link = self.link
+        backoff = self.backoff if self.backoff is not None else link._pub_backoff
         # ready means AUTH passed: only then does the backoff start over
         ready = p.whenConnected()
-        ready.addCallback(lambda _: link._pub_backoff.reset())
-        ready.addCallback(lambda _: link.library.load(p, link.description))
+        ready.addCallback(lambda _: backoff.reset())
+        if self.publishes:
+            ready.addCallback(lambda _: link.library.load(p, link.description))
         ready.addErrback(lambda f: None)
         return p
 
@@ -180,6 +186,11 @@ class RedisLink(BatchedChannelChanges, MultiService):
         self._sub.setServiceParent(self)
         self._pub = ClientService(endpoint, _PublisherFactory(self), retryPolicy=self._pub_backoff, clock=reactor)
         self._pub.setServiceParent(self)
+        # history replays have a connection of their own: a page being read never delays a publish
+        self._read_backoff = Backoff(maximum=retry_max_delay)
+        self._read = ClientService(endpoint, _PublisherFactory(self, self._read_backoff, publishes=False),
+                                   retryPolicy=self._read_backoff, clock=reactor)
+        self._read.setServiceParent(self)
         # Sentinel: the service that follows the master's switches runs with the link
         follower = getattr(url, "follower", None)
         if follower is not None:
@@ -269,9 +280,10 @@ class RedisLink(BatchedChannelChanges, MultiService):
         d.addTimeout(self.timeout, self._clock)
         return d
 
-    def eval(self, script: str, keys: list[Any], args: list[Any]) -> Deferred[Any]:
-        """Run a Lua ``script`` on the publishing connection, like :meth:`execute`."""
-        d: Deferred[Any] = self._pub.whenConnected(failAfterFailures=1)
+    def eval(self, script: str, keys: list[Any], args: list[Any], service: ClientService | None = None
+             ) -> Deferred[Any]:
+        """Run a Lua ``script`` on the publishing connection (or ``service``'s), like :meth:`execute`."""
+        d: Deferred[Any] = (service or self._pub).whenConnected(failAfterFailures=1)
         d.addCallback(lambda p: p.whenConnected())
         d.addCallback(lambda p: p.eval(script, keys, args))
         d.addTimeout(self.timeout, self._clock)
@@ -293,7 +305,7 @@ class RedisLink(BatchedChannelChanges, MultiService):
             except history.HistoryReset as e:
                 return fail(e)
         d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key],
-                      [after, limit, self.library.ttl, wanted_epoch or "", history.PAGE_BYTES])
+                      [after, limit, self.library.ttl, wanted_epoch or "", history.PAGE_BYTES], self._read)
         d.addCallback(_replay_result, since, wanted_epoch, after, limit)
         return d
 
@@ -407,7 +419,7 @@ class RedisLink(BatchedChannelChanges, MultiService):
                     )
 
     def _send_pings(self) -> None:
-        for service in (self._sub, self._pub):
+        for service in (self._sub, self._pub, self._read):
             d = service.whenConnected(failAfterFailures=1)
             d.addCallback(_ping)
             # A timed-out PING aborts the connection (txredisapi), which makes
