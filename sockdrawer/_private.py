@@ -514,3 +514,22 @@ class ConnectionPoolBypass:
 
     def _connectionReady(self, conn: Any) -> None:
         pass
+
+
+def configure_factory(factory: Any, password: str | None, username: str | None, timeout: float) -> None:
+    """
+    Set what a txredisapi ``SubscriberFactory`` or ``RedisFactory`` takes
+    only as attributes: bytes in and out, the credentials, the reply timeout;
+    and silence its AUTH-failure Deferred (the link logs the failure).
+
+    Assumptions (txredisapi 1.6): ``buildProtocol`` reads ``charset``,
+    ``convertNumbers``, ``password``, ``username`` and ``replyTimeout`` from
+    the factory; the first AUTH failure errbacks ``factory.deferred``.
+    """
+    factory.noisy = False
+    factory.charset = None
+    factory.convertNumbers = False
+    factory.password = password
+    factory.username = username
+    factory.replyTimeout = timeout
+    factory.deferred.addErrback(lambda f: None)

@@ -8,7 +8,7 @@ Each one must connect, receive a message published through the HTTP API and
 one published through Redis, get a listener's reply to a frame it sends, and
 see close code 1012 when the node is stopped with SIGTERM (see
 :func:`exercise`).  Chromium, Node ``ws`` and ``websockets`` offer
-permessage-deflate by default (STACK-NOTES 7); their tests also check what
+permessage-deflate by default (docs/clients.rst); their tests also check what
 was negotiated, with and without ``--compression``.
 
 Nothing is skipped: a missing browser, driver or Node fails the run and says

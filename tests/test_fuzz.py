@@ -280,7 +280,7 @@ def in_memory_settings(**options: Any) -> Settings:
 def serving(**options: Any) -> Iterator[Server]:
     """
     A factory on a MemoryChannelHub whose clock, and txaio's (Autobahn's handshake timeouts), is one Clock
-    (so no timer reaches the global reactor, STACK-NOTES 4), with an open bystander socket on /news.
+    (so no timer reaches the global reactor and leaves it dirty), with an open bystander socket on /news.
     """
     clock = ReactorClock()
     clock.advance(time.time())  # tokens carry real timestamps

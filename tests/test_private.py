@@ -421,3 +421,16 @@ def test_autobahn_inflation_cuts_output_when_input_is_consumed() -> None:
 
     with pytest.raises(PayloadExceededError):
         deflate.decompress_message_data(payload[:-4], max_output_len=125)
+
+
+def test_txredisapi_factories_take_their_options_as_attributes() -> None:
+    """txredisapi's factories read charset, convertNumbers, password, username and replyTimeout from
+    themselves when they build a protocol, and report the first AUTH failure through factory.deferred."""
+    for factory_class in (txredisapi.SubscriberFactory, txredisapi.RedisFactory):
+        factory = factory_class() if factory_class is txredisapi.SubscriberFactory else factory_class(
+            None, None, 1)
+        _private.configure_factory(factory, "pw", "user", 2.5)
+        proto = factory.buildProtocol(None)
+        assert (proto.charset, proto.password, proto.username, proto.replyTimeout) == (None, "pw", "user", 2.5)
+        assert proto.convertNumbers is False
+        assert isinstance(factory.deferred, defer.Deferred)

@@ -101,15 +101,7 @@ class _PublisherFactory(_LinkFactoryMixin, txredisapi.RedisFactory):  # type: ig
 
 
 def _configure(factory: Any, link: RedisLink) -> None:
-    factory.noisy = False
-    factory.charset = None
-    factory.convertNumbers = False
-    factory.password = link.url.password
-    factory.username = link.url.username
-    factory.replyTimeout = link.timeout
-    # SubscriberFactory/RedisFactory report the first AUTH failure through
-    # this Deferred; the link logs it instead.
-    factory.deferred.addErrback(lambda f: None)
+    _private.configure_factory(factory, link.url.password, link.url.username, link.timeout)
 
 
 @implementer(IBroker, IChannelObserver)

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from sockdrawer import _private
 from sockdrawer.brokers import slots as _slots
-from sockdrawer.brokers.linkparts import Backoff
+from sockdrawer.brokers.linkparts import Backoff, _command
 from sockdrawer.brokers.subscriber import HIREDIS, MAX_CHANNELS_PER_COMMAND
 from sockdrawer.brokers.url import RedisURL
 from sockdrawer.core.channels import Namespace
@@ -28,10 +28,6 @@ from sockdrawer.core.presence import READ_SCRIPT, RedisPresence, channel_json, e
 
 _log = Logger(namespace="sockdrawer.redis")
 
-
-def _resp(*parts: bytes) -> bytes:
-    """One Redis command in RESP, an array of bulk strings."""
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
 
 
 def _key_bytes(value: Any) -> bytes:
@@ -156,7 +152,7 @@ class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         for group in by_slot.values():
             for start in range(0, len(group), MAX_CHANNELS_PER_COMMAND):
                 chunk = group[start:start + MAX_CHANNELS_PER_COMMAND]
-                out.append(_resp(kind, *chunk))
+                out.append(_command(kind, *chunk))
                 self._pending.append(_Command(kind, chunk, initial))
                 sent += len(chunk)
                 if subscribing:
@@ -293,15 +289,8 @@ class _FactoryMixin(_private.ConnectionPoolBypass):
 
 
 def _configure(factory: Any, url: RedisURL, timeout: float) -> None:
-    factory.noisy = False
-    factory.charset = None
-    factory.convertNumbers = False
-    factory.password = url.password
-    factory.username = url.username
-    factory.replyTimeout = timeout
+    _private.configure_factory(factory, url.password, url.username, timeout)
     factory.url = url
-    # the first AUTH failure is reported through this Deferred too
-    factory.deferred.addErrback(lambda f: None)
 
 
 

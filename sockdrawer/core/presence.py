@@ -226,6 +226,9 @@ class MemoryPresence:
     :param deliver: the hub's ``deliver(key, message)``.
     """
 
+    #: entries here never expire: nothing to renew
+    expires = False
+
     def __init__(self, deliver: Callable[[bytes, bytes], Any]) -> None:
         self._deliver = deliver
         #: channel key -> field -> entry fields (``"user":..,"client":..``)
@@ -283,6 +286,9 @@ class RedisPresence:
     :param namespace: the namespace name.
     :param timeout: seconds an entry lives without being renewed.
     """
+
+    #: entries expire unless renewed (the presence service renews them every third of the timeout)
+    expires = True
 
     def __init__(self, eval: Callable[[str, list[Any], list[Any]], Any], namespace: str, timeout: float) -> None:
         self._eval = eval

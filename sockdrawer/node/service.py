@@ -462,7 +462,3 @@ def check_endpoint(option: str, description: str | int, reactor: Any) -> None:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{option}: bad endpoint {description!r}: {detail}") from None
 
-
-def makeService(settings: Settings | None = None, reactor: Any = None, **overrides: Any) -> SockDrawerService:
-    """Build a :class:`SockDrawerService`; see its parameters."""
-    return SockDrawerService(settings, reactor, **overrides)

@@ -309,7 +309,7 @@ class PresenceService(Service):
     def startService(self) -> None:
         super().startService()
         self._stopped = False
-        if isinstance(self.store, _presence.RedisPresence):
+        if self.store.expires:
             self._refresh.start(self.timeout / 3, now=False)
 
     def stopService(self) -> Deferred[Any]:

@@ -64,9 +64,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     ``slow_timeout`` seconds, is cut off with close code 1008.
     """
 
-    # Autobahn calls transport.setTcpNoDelay(self.tcpNoDelay) before copying
-    # the factory's options, so the option must exist on the class
-    # (STACK-NOTES 2.3).  A push service wants each event on the wire at once.
+    # Autobahn calls transport.setTcpNoDelay(self.tcpNoDelay) before copying the factory's
+    # options, so it must be a class attribute.  A push service wants each event on the wire at once.
     tcpNoDelay = True
 
     factory: SockDrawerServerFactory
