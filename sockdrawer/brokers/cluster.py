@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sockdrawer.brokers import slots as _slots
-from sockdrawer.brokers.linkparts import Backoff, BatchedChannelChanges, HistoryLibrary, _ping, _replay_result
+from sockdrawer.brokers.linkparts import Backoff, BatchedChannelChanges, HistoryLibrary, _ping, read_history
 from sockdrawer.brokers.shards import (
     ShardedPresence,
     ShardSubscriberProtocol,
@@ -369,20 +369,9 @@ class ClusterLink(BatchedChannelChanges, MultiService):
                                     [stream, epoch], [channel, message, size, max(1, int(ttl))])
 
     def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[history.Replay]:
-        """As :meth:`sockdrawer.redislink.RedisLink.replay`, on the cluster's history keys."""
-        stream, epoch_key = _slots.history_keys(self.namespace.name, key)
-        after = ""
-        wanted_epoch: str | None = None
-        if since is not None:
-            try:
-                wanted_epoch, after = history.split_offset(since)
-                history.stream_id(after)
-            except history.HistoryReset as e:
-                return fail(e)
-        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key],
-                      [after, limit, self.library.ttl, wanted_epoch or "", history.PAGE_BYTES])
-        d.addCallback(_replay_result, since, wanted_epoch, after, limit)
-        return d
+        """As :meth:`sockdrawer.brokers.redis.RedisLink.replay`, on the cluster's history keys."""
+        return read_history(lambda keys, args: self.eval(history.REPLAY_SCRIPT, keys, args),
+                            _slots.history_keys(self.namespace.name, key), since, limit, self.library.ttl)
 
     def execute(self, command: str, *args: Any) -> Deferred[Any]:
         """

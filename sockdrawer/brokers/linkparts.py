@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -114,6 +114,27 @@ def _replay_result(result: Any, since: str | None, wanted_epoch: str | None, aft
     more = bool(messages) and messages[-1][0] != latest and (
         len(messages) >= limit or sum(len(m) for _, m in messages) >= history.PAGE_BYTES)
     return history.Replay(latest, messages, more)
+
+
+def read_history(run: Callable[[list[Any], list[Any]], Deferred[Any]], keys: tuple[bytes, bytes],
+                 since: str | None, limit: int, ttl: int) -> Deferred[history.Replay]:
+    """
+    One page of a channel's history after ``since`` (its position alone
+    without): :data:`~sockdrawer.core.history.REPLAY_SCRIPT` run by ``run``
+    on the stream and epoch ``keys``; fails with ``HistoryReset`` when
+    history cannot cover ``since``.
+    """
+    after = ""
+    wanted_epoch: str | None = None
+    if since is not None:
+        try:
+            wanted_epoch, after = history.split_offset(since)
+            history.stream_id(after)
+        except history.HistoryReset as e:
+            return fail(e)
+    d = run(list(keys), [after, limit, ttl, wanted_epoch or "", history.PAGE_BYTES])
+    d.addCallback(_replay_result, since, wanted_epoch, after, limit)
+    return d
 
 
 class HistoryLibrary:

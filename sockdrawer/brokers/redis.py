@@ -21,7 +21,7 @@ from typing import Any
 import txredisapi
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -34,7 +34,7 @@ from sockdrawer.brokers.linkparts import (
     BatchedChannelChanges,
     HistoryLibrary,
     _ping,
-    _replay_result,
+    read_history,
 )
 from sockdrawer.brokers.subscriber import (
     _BEHIND,
@@ -283,23 +283,13 @@ class RedisLink(BatchedChannelChanges, MultiService):
 
     def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[history.Replay]:
         """
-        The latest offset of ``key``'s history and, with ``since``, the
-        messages after it; fails with :class:`~sockdrawer.history.HistoryReset`
-        when history cannot cover ``since``.
+        The latest offset of ``key``'s history and, with ``since``, a page of
+        the messages after it, read on the history connection; fails with
+        :class:`~sockdrawer.core.history.HistoryReset` when history cannot
+        cover ``since``.
         """
-        stream, epoch_key = history.redis_keys(self.namespace.name, key)
-        after = ""
-        wanted_epoch: str | None = None
-        if since is not None:
-            try:
-                wanted_epoch, after = history.split_offset(since)
-                history.stream_id(after)
-            except history.HistoryReset as e:
-                return fail(e)
-        d = self.eval(history.REPLAY_SCRIPT, [stream, epoch_key],
-                      [after, limit, self.library.ttl, wanted_epoch or "", history.PAGE_BYTES], self._read)
-        d.addCallback(_replay_result, since, wanted_epoch, after, limit)
-        return d
+        return read_history(lambda keys, args: self.eval(history.REPLAY_SCRIPT, keys, args, self._read),
+                            history.redis_keys(self.namespace.name, key), since, limit, self.library.ttl)
 
     def when_subscribed(self, key: bytes) -> Deferred[None]:
         """
