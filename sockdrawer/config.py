@@ -335,7 +335,7 @@ class Settings:
                              "under")
         if any(c.isspace() for c in self.sentinel_master):
             raise ValueError("--sentinel-master must be a name without spaces")
-        from sockdrawer.brokers.sentinel import parse_sentinel
+        from sockdrawer.brokers.sentinelwire import parse_sentinel
 
         try:
             urls = [parse_sentinel(text) for text in self.sentinel]

@@ -26,7 +26,6 @@ OVER_600 = {
     "sockdrawer/transports/websocket/protocol.py": 864,
     "sockdrawer/brokers/cluster.py": 715,
     "sockdrawer/config.py": 669,
-    "sockdrawer/brokers/sentinel.py": 644,
 }
 
 

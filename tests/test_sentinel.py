@@ -206,7 +206,8 @@ def test_options_are_checked(settings: dict[str, Any], message: str | None) -> N
 def test_addresses_and_the_command_line() -> None:
     """HOST:PORT (26379 when left out) and redis(s):// forms; repeatable on the command line and in the
     environment (comma-separated); a conflict is a one-line usage error."""
-    from sockdrawer.brokers.sentinel import SentinelMaster, parse_sentinel
+    from sockdrawer.brokers.sentinel import SentinelMaster
+    from sockdrawer.brokers.sentinelwire import parse_sentinel
     from sockdrawer.node.tap import Options
 
     assert (parse_sentinel("10.0.0.1:26380").host, parse_sentinel("10.0.0.1:26380").port) == ("10.0.0.1", 26380)
@@ -275,7 +276,8 @@ async def test_the_endpoint_connects_to_the_master_and_refuses_a_replica(sentine
     """connect() asks the sentinels in turn (a dead one is skipped), connects to the master they name and hands
     the connection over once ROLE says master; a server that says it is a replica fails the attempt, and so does
     a name no sentinel knows."""
-    from sockdrawer.brokers.sentinel import NotMaster, SentinelError, SentinelMaster
+    from sockdrawer.brokers.sentinel import SentinelMaster
+    from sockdrawer.brokers.sentinelwire import NotMaster, SentinelError
     from sockdrawer.brokers.url import RedisURL
 
     dead = RedisURL("redis", "127.0.0.1", free_port())
