@@ -155,7 +155,7 @@ class Client:
             import redis as redis_py
 
             self._redis = redis_py.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=_no_retry()
             )
             self._owns_redis = True
         else:
@@ -360,6 +360,18 @@ class Client:
         self.close()
 
 
+def _no_retry() -> Any:
+    """
+    redis-py's retry policy for our connections: none.  Its own retry would
+    send a timed-out command again unchanged, without the check that makes a
+    retried publish safe; :meth:`Client.pub` retries itself.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 0)
+
+
 def _not_run(error: Exception) -> bool:
     """Whether a failed command certainly did not run: refused before sending, or refused by Redis."""
     text = str(error)
@@ -452,7 +464,7 @@ def _sentinel_client(sentinels: Sequence[str | tuple[str, int]] | None, master: 
                 ca = value
     if len(schemes) > 1:
         raise ValueError("give every sentinel with TLS (rediss://) or none")
-    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _no_retry()}
     if schemes == {"rediss"}:
         common["ssl"] = True
         if ca:

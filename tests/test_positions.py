@@ -289,3 +289,11 @@ def test_the_explicit_history_script_is_not_retried_after_an_ambiguous_failure(o
     with pytest.raises(PublishError):
         client.pub("once", "news")
     assert time.monotonic() - started < 5  # not retried for retry_for (10 s)
+
+
+def test_redis_py_does_not_resend_a_publish_by_itself(own_redis: RedisServer) -> None:
+    """The Client's Redis connections have no redis-py retry: a timed-out FCALL is never sent again unchanged
+    (without the check that finds the kept message); Client.pub's own retry, with the check, is the only one."""
+    client = Client(own_redis.url)
+    retry = client._redis.connection_pool.connection_kwargs["retry"]  # type: ignore[union-attr]
+    assert retry._retries == 0

@@ -597,3 +597,24 @@ def test_group_coalesces_a_period_of_churn() -> None:
     assert sub.session.sent[1:] == [{"op": "join", "channel": "c", "user": "n", "client": "new"}]
     assert set(group.view) == {"me", "old", "new"}
     group.close()
+
+
+def test_a_gap_drops_the_events_gathered_for_the_old_view() -> None:
+    """Events gathered in a presence period before a broker gap are not sent after it: the list the members
+    get after the gap replaces them (no stale join or leave after the new list)."""
+    from sockdrawer.core.v1 import PRESENCE_PERIOD
+
+    group, store, clock, sub = _group()
+    group.add(sub)
+    nonce, d = store.calls[0]
+    d.callback(['{"user":"me","client":"me"}', '{"user":"x","client":"x"}'])
+    group.receive(Batch(b"/presence/c", [_event(nonce, "join", "me", "me")]))
+    group.receive(Batch(b"/presence/c", [_event("", "leave", "x", "x")]))  # gathered, not sent yet
+    group.gap()
+    marker, synced = store.calls[-1]  # the snapshot the gap asked for
+    synced.callback(['{"user":"me","client":"me"}'])  # x is gone from it
+    group.receive(Batch(b"/presence/c", [_event(marker)]))  # its marker: the members get the new list
+    clock.advance(PRESENCE_PERIOD)
+    assert [m["op"] for m in sub.session.sent] == ["presence", "presence"]
+    assert sub.session.sent[-1]["clients"] == [{"user": "me", "client": "me"}]
+    group.close()

@@ -63,7 +63,7 @@ PAGE_BYTES = 256 * 1024
 #: a page.  A channel without an epoch gets one now when no position is asked
 #: for (every subscription has a position, ``<epoch>:0-0`` on a channel that
 #: never had a message), and ``{false}`` otherwise.  Reading keeps both keys
-#: alive for another TTL (never shortening it), so a quiet channel that is
+#: alive for another TTL (never shortening it, nor giving a TTL to a key without one), so a quiet channel that is
 #: read keeps its position.
 REPLAY_SCRIPT = """
 local epoch = redis.call('GET', KEYS[2])
@@ -75,9 +75,11 @@ if not epoch then
   redis.call('SET', KEYS[2], epoch, 'EX', ARGV[3])
   return {epoch, '0-0', '0-0', '1'}
 end
-redis.call('EXPIRE', KEYS[2], ARGV[3], 'GT')
+local ttl = redis.call('TTL', KEYS[2])
+if ttl >= 0 and ttl < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {epoch, '0-0', '0-0', '1'} end
-redis.call('EXPIRE', KEYS[1], ARGV[3], 'GT')
+ttl = redis.call('TTL', KEYS[1])
+if ttl >= 0 and ttl < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local length, added, last, first = 0, 0, '0-0', '0-0'
 for i = 1, #info, 2 do

@@ -173,6 +173,11 @@ class PresenceGroup:
         self.live.clear()
         self._buffer = []
         self._snapshots = {}
+        # the period's gathered events are measured against a view the new list replaces
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._out.clear()
         for d in self.service.store.refresh([self.key]):
             d.addErrback(lambda f: None)  # the snapshot's failure is reported
         self.resync()

@@ -470,8 +470,8 @@ class V1Session:
         self._pump()
 
     def _pump(self) -> None:
-        # a loop, not recursion: reads that answer at once (the embedded
-        # broker) go on here instead of nesting one call per page
+        # one read per call: when it is done, _read_done schedules the next in a later
+        # turn, so reads that answer at once (the embedded broker) take turns with the rest
         if self._pumping:
             return
         self._pumping = True
@@ -487,6 +487,7 @@ class V1Session:
                                errbackArgs=(sub, since))
                 d.addErrback(lambda f: _log.failure("reading history failed", f))
                 d.addBoth(self._read_done)
+                break
         finally:
             self._pumping = False
 
