@@ -76,8 +76,9 @@ def test_partial_direct_send_queues_the_rest_in_order() -> None:
     socket returns to direct sends once that has drained."""
     from sockdrawer.core.hub import MemoryChannelHub
     from sockdrawer.core.interfaces import Batch
+    from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
     from sockdrawer.transports.websocket.fanout import ChannelGroup
-    from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory, SockDrawerServerProtocol
+    from sockdrawer.transports.websocket.protocol import SockDrawerServerProtocol
 
     class Kernel:
         def __init__(self) -> None:
@@ -108,7 +109,7 @@ def test_partial_direct_send_queues_the_rest_in_order() -> None:
             self.queued.clear()
             self._tempDataLen = 0
 
-    factory = SockDrawerServerFactory(MemoryChannelHub(), clock=None)
+    factory = SockDrawerServerFactory(MemoryChannelHub(), clock=task.Clock())
     proto = factory.protocol()
     proto.factory = factory
     proto.state = SockDrawerServerProtocol.STATE_OPEN

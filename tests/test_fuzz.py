@@ -18,7 +18,7 @@ Each property checks three things:
   published message, and the factory's counters are back to the bystander
   alone once the fuzzed connection is gone.
 
-Most properties drive the real :class:`~sockdrawer.transports.websocket.protocol.SockDrawerServerFactory`
+Most properties drive the real :class:`~sockdrawer.transports.websocket.factory.SockDrawerServerFactory`
 in memory (a StringTransport per connection, a ``Clock`` for time); a thin
 layer runs against a real service on 127.0.0.1 with a few examples.
 
@@ -99,7 +99,7 @@ from sockdrawer import _private
 from sockdrawer.config import Settings
 from sockdrawer.core.hub import MemoryChannelHub
 from sockdrawer.node.service import websocket_options
-from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
+from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 
 # -- hypothesis profiles ---------------------------------------------------------
 

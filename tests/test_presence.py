@@ -26,6 +26,7 @@ from wsclient import connect
 from sockdrawer import Client, make_token
 from sockdrawer.core import presence
 from sockdrawer.core.interfaces import Batch
+from sockdrawer.core.v1 import Peer
 
 V1 = ["sockdrawer.v1"]
 SECRET = "p" * 40
@@ -419,7 +420,7 @@ def _group() -> tuple[Any, Any, Any, Any]:
     service: Any = type("S", (), {"store": store, "clock": clock, "field": lambda self, s: "n/" + s.client})()
     group = PresenceGroup(service, b"c")
     sub: Any = _Sub("me")
-    sub.session.proto = type("P", (), {"user": "me"})()
+    sub.session.peer = Peer(user="me")
     return group, store, clock, sub
 
 
@@ -553,7 +554,7 @@ def test_group_asks_one_snapshot_at_a_time_and_batches_events() -> None:
 
     group, store, clock, first = _group()
     second: Any = _Sub("two")
-    second.session.proto = type("P", (), {"user": "two"})()
+    second.session.peer = Peer(user="two")
     group.add(first)
     group.add(second)
     assert store.snapshots == [True, False]

@@ -11,6 +11,7 @@ from typing import Any
 
 import autobahn.twisted.websocket
 import autobahn.websocket.protocol
+import autobahn.websocket.types
 import pytest_twisted
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -335,7 +336,7 @@ def test_autobahn_pretty_prints_the_copied_options_with_its_pformat_global() -> 
     assert "pformat(configAttrLog)" in source
     _private.make_log_arguments_lazy()
     fast = autobahn.websocket.protocol.pformat
-    assert fast is not pprint.pformat and fast.__module__ == "sockdrawer._private"
+    assert fast is not pprint.pformat and fast.__module__ == "sockdrawer._private.of_autobahn"
     for value in ([], [("openHandshakeTimeout", 5, "X")], {"a": [1, 2]}, ()):
         assert fast(value) == pprint.pformat(value)
     called: list[Any] = []
@@ -344,7 +345,7 @@ def test_autobahn_pretty_prints_the_copied_options_with_its_pformat_global() -> 
     from twisted.internet import reactor
 
     from sockdrawer.core.hub import MemoryChannelHub
-    from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
+    from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 
     factory = SockDrawerServerFactory(MemoryChannelHub(), clock=reactor)
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -356,6 +357,78 @@ def test_autobahn_pretty_prints_the_copied_options_with_its_pformat_global() -> 
         pprint.pformat = original
     assert transport.value().startswith(b"HTTP/1.1 101 ")
     assert called == [], "an empty option list still went through pprint"
+
+
+class _Guarded(_private.GuardedServerProtocol):
+    """Records which of the guarded steps' hooks Autobahn reached."""
+
+    hooks: list[Any]
+
+    def onConnect(self, request: Any) -> None:
+        self.transport.registerProducer(self, True)  # Autobahn unregisters one when it drops a refused connection
+        if request.path == "/raise":
+            raise RuntimeError("boom")
+        if request.path == "/deny":
+            raise autobahn.websocket.types.ConnectionDeny(403, "no")
+
+    def onOpen(self) -> None:
+        if self.http_request_path == "/open-raises":
+            raise RuntimeError("boom in onOpen")
+
+    def handshake_error(self) -> None:
+        self.hooks.append("handshake_error")
+
+    def refusing(self, reason: str, code: int, headers: Any) -> tuple[str, int, Any]:
+        self.hooks.append(("refusing", reason, code))
+        return "Changed", code, headers
+
+    def closing(self) -> None:
+        self.hooks.append("closing")
+
+    def closed_frame(self, is_reply: bool) -> None:
+        self.hooks.append(("closed_frame", is_reply))
+
+
+def _guarded(path: bytes) -> tuple[Any, StringTransport]:
+    factory = WebSocketServerFactory()
+    factory.protocol = _Guarded
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    proto = factory.buildProtocol(None)
+    proto.hooks = []
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived((HANDSHAKE % b"").replace(b"/a;b//c?x=1", path))
+    return proto, transport
+
+
+def test_autobahn_runs_the_four_guarded_steps_with_their_signatures() -> None:
+    """Autobahn calls processHandshake, succeedHandshake(res), failHandshake(reason, code, responseHeaders)
+    and sendCloseFrame(code, reasonUtf8, isReply) on a server protocol, so the overrides in
+    GuardedServerProtocol see every handshake and close: a refusal goes through refusing() (its reason is
+    what is sent), and a close frame is framed by closing() and closed_frame()."""
+    server = autobahn.websocket.protocol.WebSocketServerProtocol
+    assert list(inspect.signature(server.succeedHandshake).parameters) == ["self", "res"]
+    assert list(inspect.signature(server.failHandshake).parameters)[:4] == [
+        "self", "reason", "code", "responseHeaders"]
+    assert list(inspect.signature(autobahn.websocket.protocol.WebSocketProtocol.sendCloseFrame).parameters) == [
+        "self", "code", "reasonUtf8", "isReply"]
+    proto, transport = _guarded(b"/deny")
+    assert proto.hooks == [("refusing", "no", 403)]
+    assert transport.value().startswith(b"HTTP/1.1 403 Changed")
+    proto, transport = _guarded(b"/ok")
+    assert transport.value().startswith(b"HTTP/1.1 101 ")
+    proto.sendClose(1000)
+    assert proto.hooks == ["closing", ("closed_frame", False)]
+
+
+def test_autobahn_exceptions_in_the_handshake_reach_the_guard() -> None:
+    """An exception out of onOpen (inside succeedHandshake, in a Deferred callback) reaches handshake_error()
+    instead of dying where nobody sees it; one out of onConnect is Autobahn's own 500 refusal, which goes
+    through refusing()."""
+    proto, _ = _guarded(b"/open-raises")
+    assert proto.hooks == ["handshake_error"]
+    proto, _ = _guarded(b"/raise")
+    assert proto.hooks[0][::2] == ("refusing", 500)
 
 
 # -- txredisapi ----------------------------------------------------------------
@@ -434,3 +507,29 @@ def test_txredisapi_factories_take_their_options_as_attributes() -> None:
         assert (proto.charset, proto.password, proto.username, proto.replyTimeout) == (None, "pw", "user", 2.5)
         assert proto.convertNumbers is False
         assert isinstance(factory.deferred, defer.Deferred)
+
+
+# -- Twisted's ProcessMonitor ----------------------------------------------------
+
+
+def test_twisted_process_monitor_keeps_protocols_restarts_and_processended() -> None:
+    """ProcessMonitor keeps each running process's protocol in ``protocols[name]``, schedules the restart in
+    that protocol's processEnded (then it is in ``restart[name]``), and forgets the protocol when it ended:
+    watch_process_end, restart_pending and running_processes read exactly that."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.runner.procmon import ProcessMonitor
+
+    clock = MemoryReactorClock()
+    monitor = ProcessMonitor(reactor=clock)
+    monitor.addProcess("w", ["/bin/true"])
+    spawned: list[Any] = []
+    clock.spawnProcess = lambda proto, *a, **k: spawned.append(proto) or proto.makeConnection(  # type: ignore
+        type("T", (), {"pid": 42, "closeStdin": lambda self: None})())
+    monitor.startService()
+    ended: list[Any] = []
+    assert _private.watch_process_end(monitor, "w", lambda pid, reason: ended.append(pid)) == 42
+    assert _private.running_processes(monitor) == 1
+    spawned[0].processEnded(Failure(ConnectionDone()))
+    assert ended == [42] and _private.running_processes(monitor) == 0
+    assert _private.restart_pending(monitor, "w") is not None and _private.restart_pending(monitor, "w").active()
+    monitor.stopService()

@@ -341,7 +341,7 @@ def test_defaults_match_the_documented_table() -> None:
 def test_defaults_reach_autobahn() -> None:
     """The timing defaults are what each new connection actually uses."""
     from sockdrawer.core.hub import MemoryChannelHub
-    from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
+    from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 
     proto = SockDrawerServerFactory(MemoryChannelHub(), clock=reactor).protocol
     assert (proto.autoPingInterval, proto.autoPingTimeout) == (25.0, 10.0)

@@ -448,7 +448,7 @@ def test_factory_public_channels_and_origins() -> None:
     from sockdrawer.config import Settings
     from sockdrawer.core.hub import MemoryChannelHub
     from sockdrawer.node.service import websocket_options
-    from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
+    from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 
     settings = Settings(public_channel=("public/*",), allowed_origins=("https://app.example:443",))
     factory = SockDrawerServerFactory(MemoryChannelHub(), options=websocket_options(settings), clock=reactor)

@@ -29,8 +29,8 @@ from sockdrawer.core.presence import MemoryPresence, RedisPresence
 from sockdrawer.core.v1 import PresenceService
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
+from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 from sockdrawer.transports.websocket.options import WebSocketOptions
-from sockdrawer.transports.websocket.protocol import SockDrawerServerFactory
 
 _log = Logger(namespace="sockdrawer")
 
@@ -278,10 +278,10 @@ class SockDrawerService(MultiService):
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
-        self.factory.presence = self.presence  # read by sockdrawer.v1 sessions
+        self.factory.sessions.presence = self.presence
         if settings.history_size:
             # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket
-            self.factory.history = history_reader(self.broker, PAGE_MESSAGES)
+            self.factory.sessions.history = history_reader(self.broker, PAGE_MESSAGES)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
             drain_window=settings.drain_window, close_code=settings.drain_close_code,

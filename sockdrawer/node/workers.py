@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
+from sockdrawer import _private
 from sockdrawer.config import Settings, endpoint_string
 
 if TYPE_CHECKING:
@@ -389,38 +390,29 @@ class WorkerMonitor(ProcessMonitor):
 
     def startProcess(self, name: str) -> None:
         super().startProcess(name)
-        proto = self.protocols.get(name)
-        if proto is None or proto.transport is None:
+        pid = _private.watch_process_end(self, name, lambda pid, reason: self._exited(name, pid, reason))
+        if pid is None:
             return  # could not spawn: ProcessMonitor has scheduled another try
-        pid = proto.transport.pid
-        assert pid is not None
         self.pids[name] = pid
         _log.info("{name} started (pid {pid})", name=name, pid=pid)
-        ended = proto.processEnded
-
-        def processEnded(reason: Failure) -> None:
-            ended(reason)  # ProcessMonitor's own: schedules the restart
-            self._exited(name, pid, reason)
-
-        proto.processEnded = processEnded  # type: ignore[method-assign]
 
     def _exited(self, name: str, pid: int, reason: Failure) -> None:
         if self.pids.get(name) == pid:
             del self.pids[name]
-        restart = self.restart.get(name)
+        restart = _private.restart_pending(self, name)
         if self.running and restart is not None and restart.active():
             _log.warn("{name} (pid {pid}) exited ({why}); restarting in {delay:.0f} s", name=name, pid=pid,
                       why=_exit_text(reason), delay=max(0.0, restart.getTime() - self._now()))
         else:
             _log.info("{name} (pid {pid}) stopped ({why})", name=name, pid=pid, why=_exit_text(reason))
-        if not self.protocols:
+        if not _private.running_processes(self):
             waiters, self._all_exited = self._all_exited, []
             for d in waiters:
                 d.callback(None)
 
     def when_all_exited(self) -> Deferred[None]:
         """A Deferred firing once no worker process is running."""
-        if not self.protocols:
+        if not _private.running_processes(self):
             return defer.succeed(None)
         d: Deferred[None] = Deferred()
         self._all_exited.append(d)

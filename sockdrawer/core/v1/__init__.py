@@ -3,9 +3,10 @@ The sockdrawer.v1 subprotocol, transport-neutral: messages, the session of
 one socket and its subscriptions, and presence.  Imports the core only.
 """
 
+from sockdrawer.core.v1.host import Outbox, Peer, SessionHost, SessionLimits
 from sockdrawer.core.v1.messages import MAX_ID_LENGTH, SUBPROTOCOL, control, envelope
 from sockdrawer.core.v1.presence import MAX_BUFFERED, PRESENCE_PERIOD, RESYNC_DELAY, PresenceGroup, PresenceService
-from sockdrawer.core.v1.session import SessionSocket, Subscription, V1Session
+from sockdrawer.core.v1.session import State, Subscription, V1Session
 
 __all__ = [
     "MAX_BUFFERED",
@@ -15,7 +16,11 @@ __all__ = [
     "SUBPROTOCOL",
     "PresenceGroup",
     "PresenceService",
-    "SessionSocket",
+    "Outbox",
+    "Peer",
+    "SessionHost",
+    "SessionLimits",
+    "State",
     "Subscription",
     "V1Session",
     "control",

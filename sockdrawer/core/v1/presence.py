@@ -90,7 +90,7 @@ class PresenceGroup:
         self.pending[nonce] = sub
         session = sub.session
         self._pending_clients[session.client] = nonce
-        fields = _presence.entry_fields(session.proto.user, session.client)
+        fields = _presence.entry_fields(session.peer.user, session.client)
         # one snapshot at a time is enough: a join after it is an event after its marker (a crowd joining at
         # once costs one O(n) read, not n of them)
         snapshot = not self.synced and not self._asking
@@ -243,7 +243,7 @@ class PresenceGroup:
         out.clear()
         if not payloads:
             return
-        frames: dict[int, bytes] = {}
+        frames: dict[Any, bytes] = {}
         for sub in tuple(self.live):
             sub.session.send_shared(payloads, frames)
 

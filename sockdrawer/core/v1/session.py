@@ -1,16 +1,19 @@
 """
-A sockdrawer.v1 socket's state: its subscriptions (each kept aside, reading
-history, suspended or live), offsets, catch-up and replies.  It speaks
-through a :class:`SessionSocket`, which the transport provides.
+A sockdrawer.v1 connection's state, without I/O: payloads come in
+(:meth:`V1Session.received`), frames go out through an
+:class:`~sockdrawer.core.v1.host.Outbox`; its subscriptions (each in one
+:class:`State`), offsets, catch-up and replies.  No transport, no framing,
+no reactor: the transport hands them in.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import secrets
 from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -20,6 +23,7 @@ from sockdrawer.core.channels import ChannelNameError, validate_channel
 from sockdrawer.core.history import HistoryReset, Replay
 from sockdrawer.core.interfaces import Batch
 from sockdrawer.core.subscriber import SOCKET, Source
+from sockdrawer.core.v1.host import Outbox, Peer, PresenceJoins, SessionHost
 from sockdrawer.core.v1.messages import (
     MAX_ID_LENGTH,
     _at_or_before,
@@ -34,46 +38,35 @@ from sockdrawer.core.v1.messages import (
 _log = Logger(namespace="sockdrawer.v1")
 
 
-class PresenceJoins(Protocol):
-    """The node's presence as a session uses it (:class:`~sockdrawer.core.v1.presence.PresenceService`)."""
-
-    def join(self, sub: Subscription) -> None:
-        """Add ``sub``'s entry."""
-
-    def leave(self, sub: Subscription) -> None:
-        """Remove ``sub``'s entry."""
-
-
-class SessionSocket(Protocol):
+class State(enum.Enum):
     """
-    The socket a :class:`V1Session` speaks through (the WebSocket protocol
-    provides it): who is on it, its framing, its node's parts (``factory``),
-    and a way out for frames.
+    Where a subscription is.  Live messages reach the client only in
+    ``LIVE``; in every other state they are kept aside, and sent (or read
+    again from history) when it goes live.
     """
 
-    factory: Any
-    state: Any
-    STATE_OPEN: Any
-    #: the framing of this socket's frames (plain or a deflate variant)
-    encoding: int
-    user: str | None
-    peer: str | None
-    grant: Any
+    #: a listener is asked whether it may subscribe; not in the fan-out yet
+    AUTHORIZING = "authorizing"
+    #: its history is read; the live messages kept meanwhile follow it
+    READING = "reading"
+    #: its history is read, and the broker has lost messages since: the kept
+    #: ones may follow a hole, so it waits for the broker's gap when done
+    READING_LOST = "reading, broker lost"
+    #: its history is read, and a broker gap came meanwhile (the read may
+    #: predate what the gap lost): it catches up again from the read's end
+    READING_GAP = "reading, gap pending"
+    #: the broker lost messages: it waits for the gap to catch up from history
+    SUSPENDED = "suspended"
+    #: live messages go to the client as they come
+    LIVE = "live"
 
-    @property
-    def counted_ip(self) -> str | None:
-        """The address its subscriptions count against (``--max-subscriptions-per-ip``)."""
 
-    def deliver_queued(self, data: bytes) -> None:
-        """Send frames, behind whatever waits for the socket."""
-
-    def frame_text(self, payload: bytes) -> bytes:
-        """``payload`` as a text frame of this socket's framing (the transport frames; the session never does)."""
+_READING = (State.READING, State.READING_LOST, State.READING_GAP)
 
 
 class Subscription:
     """
-    One channel of one v1 socket.  While its replay is being read it keeps
+    One channel of one v1 session.  While its replay is being read it keeps
     live messages aside; then it sends the replay, the kept messages that
     came after it (never one twice), and goes live.
 
@@ -86,12 +79,11 @@ class Subscription:
     While the broker's subscription does not cover the channel (from the
     hub's ``broker_lost`` to its ``broker_gap``), live messages cannot be
     taken as following the last one sent: some may be missing in between.
-    The subscription is *suspended*: it keeps them aside, and at the gap it
+    The subscription is ``SUSPENDED``: it keeps them aside, and at the gap it
     reads history from its last offset, which holds them all, in order.
     """
 
-    __slots__ = ("session", "key", "channel", "group", "live", "_kept", "last", "presence", "present", "_guard",
-                 "gap_pending", "reading", "suspended")
+    __slots__ = ("session", "key", "channel", "group", "state", "_kept", "last", "presence", "present", "_guard")
 
     def __init__(self, session: V1Session, key: bytes) -> None:
         self.session = session
@@ -99,8 +91,7 @@ class Subscription:
         self.channel = key.decode("utf-8")
         #: the transport's fan-out group this subscription is a member of
         self.group: Any = None
-        #: live messages go to the client as they come (else they are kept aside)
-        self.live = False
+        self.state = State.AUTHORIZING
         #: live messages kept aside while not live (an empty tuple until the first: no list per subscription)
         self._kept: list[tuple[str | None, bytes]] | tuple[()] = ()
         #: the offset of the last message sent to the client
@@ -111,15 +102,13 @@ class Subscription:
         self.present = False
         #: live since a replay, and no live message newer than it seen yet
         self._guard = False
-        #: a broker gap came while a replay was being read: catch up again after it
-        self.gap_pending = False
-        #: a replay is being read
-        self.reading = False
-        #: the broker lost messages and has not said it is whole again
-        self.suspended = False
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.channel!r} {self.state.value}>"
 
     def deliver(self, batch: Batch, data: bytes) -> None:
-        if self.live:
+        """A batch of the channel's live messages, and ``data``: their frames as the fan-out group made them."""
+        if self.state is State.LIVE:
             offsets = batch.offsets
             if self._guard and offsets is not None and self._drop_replayed(batch, data):
                 return
@@ -178,10 +167,12 @@ class Subscription:
 
     def suspend(self) -> None:
         """The broker lost messages: keep live ones aside until its gap (when history can say what they follow)."""
-        if self.session.proto.factory.history is None:
+        if self.session.host.history is None:
             return  # nothing to catch up from: the gap sends reset
-        self.suspended = True
-        self.live = False
+        if self.state is State.LIVE:
+            self.state = State.SUSPENDED
+        elif self.state is State.READING:
+            self.state = State.READING_LOST
 
     def send_page(self, replay: Replay, reset: bool, announce: bool) -> None:
         """Send one page of a replay that goes on (the subscription keeps reading, live messages kept aside)."""
@@ -203,7 +194,7 @@ class Subscription:
         again, else at its gap).
         """
         session = self.session
-        self.reading = False
+        state = self.state
         if reset:
             session.send_control("reset", channel=self.channel)
         if announce or reset:
@@ -214,7 +205,7 @@ class Subscription:
             session.send_text(envelope(channel_json, offset, message))
             last = offset
         seen = _position(last) if last is not None else None
-        hold = self.gap_pending or self.suspended
+        hold = state in (State.READING_LOST, State.READING_GAP, State.SUSPENDED)
         skipped = 0
         for kept_offset, message in self._kept:
             if kept_offset is not None:
@@ -237,68 +228,77 @@ class Subscription:
         self._guard = last is not None
         if self.presence and not self.present:
             self.present = True
-            service = self.session.presence
+            service = session.host.presence
             if service is not None:
                 service.join(self)
-        if self.gap_pending:
-            self.gap_pending = False
-            self.session.catch_up(self)
-        elif not self.suspended:
-            self.live = True
+        if state is State.READING_GAP:
+            self.state = State.SUSPENDED
+            session.catch_up(self)
+        elif hold:
+            self.state = State.SUSPENDED
+        else:
+            self.state = State.LIVE
 
 
 class V1Session:
     """
-    The v1 state of one socket: its subscriptions, and the handling of the
-    client's messages.
+    The v1 state of one connection: its subscriptions, and the handling of
+    the client's messages.
+
+    :param host: the node's parts (history, presence, hub, listeners, limits).
+    :param outbox: where its frames go.
+    :param peer: who is on the other end.
     """
 
-    def __init__(self, proto: SessionSocket) -> None:
-        self.proto = proto
+    def __init__(self, host: SessionHost, outbox: Outbox, peer: Peer) -> None:
+        self.host = host
+        self.outbox = outbox
+        self.peer = peer
         self.subscriptions: dict[bytes, Subscription] = {}
         self._client: str | None = None
-        #: history reads waiting for this socket's one read in flight
+        #: history reads waiting for this session's one read in flight
         self._reads: deque[tuple[Subscription, str | None, bool, bool]] = deque()
         self._reading = False
         self._pumping = False
         #: the address its subscriptions are counted against (--max-subscriptions-per-ip)
         self._ip: str | None = None
-        #: presence joins left in this socket's bucket, as of when (None: full)
+        #: presence joins left in this session's bucket, as of when (None: full)
         self._joins = 0.0
         self._joins_at: float | None = None
 
     @property
     def client(self) -> str:
-        """This socket's id in presence entries (random, made on first use)."""
+        """This session's id in presence entries (random, made on first use)."""
         if self._client is None:
             self._client = secrets.token_urlsafe(9)
         return self._client
 
     @property
     def presence(self) -> PresenceJoins | None:
-        """The node's presence (``None`` when the factory was not given one)."""
-        presence: PresenceJoins | None = self.proto.factory.presence
-        return presence
+        """The node's presence (``None`` when it offers none)."""
+        return self.host.presence
 
     # -- out
 
     def write(self, frames: bytes) -> None:
-        self.proto.deliver_queued(frames)
+        self.outbox.write(frames)
 
     def send_text(self, payload: bytes) -> None:
-        self.proto.deliver_queued(self.proto.frame_text(payload))
+        outbox = self.outbox
+        outbox.write(outbox.frame(payload))
 
     def send_control(self, op: str, **fields: Any) -> None:
         self.send_text(control(op, **fields))
 
-    def send_shared(self, payloads: list[bytes], frames: dict[int, bytes]) -> None:
-        """:meth:`send_text` of payloads many sockets get: framed once per encoding, kept in ``frames``."""
-        encoding = self.proto.encoding
+    def send_shared(self, payloads: list[bytes], frames: dict[Any, bytes]) -> None:
+        """:meth:`send_text` of payloads many sessions get: framed once per encoding, kept in ``frames``."""
+        outbox = self.outbox
+        encoding = outbox.encoding
         data = frames.get(encoding)
         if data is None:
-            frame = self.proto.frame_text
+            frame = outbox.frame
             data = frames[encoding] = b"".join(frame(payload) for payload in payloads)
-        self.write(data)
+        outbox.write(data)
 
     def error(self, status: int, reason: str, channel: str | None = None, id: Any = None) -> None:
         fields: dict[str, Any] = {"status": status, "reason": reason}
@@ -334,7 +334,7 @@ class V1Session:
             self.error(400, "channel must be a string")
             return
         try:
-            key = validate_channel(channel, self.proto.factory.max_channel_length)
+            key = validate_channel(channel, self.host.limits.max_channel_length)
         except ChannelNameError as e:
             self.error(400, str(e), channel=channel if len(channel) < 300 else None)
             return
@@ -367,7 +367,7 @@ class V1Session:
         """One subscription less for this socket's address."""
         ip = self._ip
         if ip is not None:
-            per_ip = self.proto.factory.subscriptions_per_ip
+            per_ip = self.host.subscriptions_per_ip
             left = per_ip.get(ip, 1) - 1
             if left > 0:
                 per_ip[ip] = left
@@ -375,9 +375,9 @@ class V1Session:
                 per_ip.pop(ip, None)
 
     def _take_presence_join(self) -> bool:
-        """One presence join from this socket's bucket (each join and its leave cost every member an event)."""
-        settings = self.proto.factory.options
-        now = self.proto.factory.clock.seconds()
+        """One presence join from this session's bucket (each join and its leave cost every member an event)."""
+        settings = self.host.limits
+        now = self.host.clock.seconds()
         if self._joins_at is None:
             tokens = float(settings.presence_join_burst)
         else:
@@ -391,24 +391,20 @@ class V1Session:
         return True
 
     def _allowed(self, channel: str) -> bool:
-        factory = self.proto.factory
-        if factory.verifier is None or factory.is_public(channel):
-            return True
-        grant = self.proto.grant
-        return grant is not None and grant.allows(channel)
+        return self.host.allowed(channel, self.peer.grant)
 
     def subscribe(self, key: bytes, channel: str, since: str | None, presence: bool = False) -> None:
-        factory = self.proto.factory
+        host = self.host
         if key in self.subscriptions:
             self.error(409, "already subscribed", channel)
             return
-        if len(self.subscriptions) >= factory.options.max_subscriptions:
+        if len(self.subscriptions) >= host.limits.max_subscriptions:
             self.error(429, "too many subscriptions", channel)
             return
-        ip = self.proto.counted_ip
+        ip = self.peer.counted_ip
         if ip is not None:
-            count = factory.subscriptions_per_ip.get(ip, 0)
-            if count >= factory.options.max_subscriptions_per_ip:
+            count = host.subscriptions_per_ip.get(ip, 0)
+            if count >= host.limits.max_subscriptions_per_ip:
                 self.error(429, "too many subscriptions from this address", channel)
                 return
         if not self._allowed(channel):
@@ -418,10 +414,9 @@ class V1Session:
         sub.presence = presence
         self.subscriptions[key] = sub
         if ip is not None:
-            factory.subscriptions_per_ip[ip] = count + 1
+            host.subscriptions_per_ip[ip] = count + 1
             self._ip = ip
-        decision = factory.authorize(Source(SOCKET, channel, self.proto.peer, self.proto.user)) \
-            if factory.authorize is not None else None
+        decision = host.authorize(self._source(channel)) if host.authorize is not None else None
         if decision is None:
             self._start(sub, since)
         else:
@@ -437,19 +432,17 @@ class V1Session:
             return
         self._start(sub, since)
 
+    def _source(self, channel: str) -> Source:
+        return Source(SOCKET, channel, self.peer.address, self.peer.user)
+
     def _start(self, sub: Subscription, since: str | None) -> None:
-        factory = self.proto.factory
-        factory.join_v1(sub, self.proto.encoding)
-        history = factory.history
-        if history is None:
-            if since is not None:
-                sub.go_live(Replay(None), reset=True)
-            else:
-                sub.go_live(Replay(None), reset=False)
+        host = self.host
+        host.fanout.join(sub, self.outbox.encoding)
+        if host.history is None:
+            sub.go_live(Replay(None), reset=since is not None)
             return
-        if not factory.hub.broker_whole:
-            sub.suspended = True  # what comes live until the broker's gap may follow a hole
-        sub.reading = True
+        # what comes live until the broker's gap may follow a hole
+        sub.state = State.READING if host.hub.broker_whole else State.READING_LOST
         self._read(sub, since, False, True)
 
     # -- history reads: one at a time per socket, a page at a time
@@ -476,7 +469,7 @@ class V1Session:
             return
         self._pumping = True
         try:
-            history = self.proto.factory.history
+            history = self.host.history
             while not self._reading and self._reads and history is not None:
                 sub, since, reset, announce = self._reads.popleft()
                 if self.subscriptions.get(sub.key) is not sub:
@@ -496,10 +489,10 @@ class V1Session:
         if self._reads:
             # the next page in a later turn: a replay that answers at once (the
             # embedded broker) takes turns with everything else, not one long turn
-            self.proto.factory.clock.callLater(0, self._pump)
+            self.host.clock.callLater(0, self._pump)
 
     def _replayed(self, replay: Replay, sub: Subscription, reset: bool, announce: bool = True) -> None:
-        if self.subscriptions.get(sub.key) is not sub or self.proto.state != self.proto.STATE_OPEN:
+        if self.subscriptions.get(sub.key) is not sub or not self.outbox.can_send:
             return
         if replay.more and replay.messages:
             sub.send_page(replay, reset, announce)
@@ -513,19 +506,16 @@ class V1Session:
         offset (keeping live messages aside meanwhile), or ``reset`` it when
         history cannot say.
         """
-        history = self.proto.factory.history
-        if sub.reading:
+        if sub.state in _READING:
             # it may have been read before what the gap lost was published, so
             # the subscription catches up again from where that replay ends
-            sub.gap_pending = True
+            sub.state = State.READING_GAP
             return
-        sub.live = False
-        if history is None:
+        if self.host.history is None:
             sub.go_live(Replay(None), reset=True)
             return
         # lost again already (a gap that came during a replay, then another loss)
-        sub.suspended = not self.proto.factory.hub.broker_whole
-        sub.reading = True
+        sub.state = State.READING if self.host.hub.broker_whole else State.READING_LOST
         if sub.last is None:
             # nothing with an offset sent yet: no place to resume from
             self._read(sub, None, True, False)
@@ -535,8 +525,7 @@ class V1Session:
     def _replay_failed(self, failure: Failure, sub: Subscription, since: str | None) -> None:
         if self.subscriptions.get(sub.key) is not sub:
             return
-        history = self.proto.factory.history
-        if failure.check(HistoryReset) and since is not None and history is not None:
+        if failure.check(HistoryReset) and since is not None and self.host.history is not None:
             self._read(sub, None, True, True, first=True)
             return
         _log.warn("history of {channel!r} unavailable: {error}", channel=sub.channel,
@@ -548,28 +537,26 @@ class V1Session:
         sub = self.subscriptions.pop(key, None)
         if sub is not None:
             self._uncount()
-            self.proto.factory.leave_v1(sub)
+            self.host.fanout.leave(sub)
             if sub.present:
                 service = self.presence
                 if service is not None:
                     service.leave(sub)
 
     def send(self, key: bytes, channel: str, data: Any, id: Any) -> None:
-        factory = self.proto.factory
         if not self._allowed(channel):
             self.error(403, "token does not cover this channel", channel, id)
             return
-        handler = factory.frame_handler
+        handler = self.host.frame_handler
         if handler is None:
             self.send_control("reply", id=id, data=None)
             return
         message = data if isinstance(data, str) else json.dumps(data)
-        source = Source(SOCKET, channel, self.proto.peer, self.proto.user)
-        for d in handler(source, message):
+        for d in handler(self._source(channel), message):
             d.addCallback(self._reply, id)
 
     def _reply(self, result: Any, id: Any) -> None:
-        if result is None or self.proto.state != self.proto.STATE_OPEN:
+        if result is None or not self.outbox.can_send:
             return
         if isinstance(result, (bytes, bytearray, memoryview)):
             result = {"data": base64.b64encode(bytes(result)).decode("ascii"), "encoding": "base64"}
@@ -578,7 +565,7 @@ class V1Session:
         except (TypeError, ValueError) as e:
             _log.error("listener reply is not JSON: {error}", error=e)
             return
-        limit = self.proto.factory.max_reply_size
+        limit = self.host.limits.max_reply_size
         if len(payload) > limit:
             _log.warn("listener reply of {size} bytes not sent: over --max-reply-size ({limit})",
                       size=len(payload), limit=limit)
@@ -586,6 +573,6 @@ class V1Session:
         self.send_text(payload)
 
     def close(self) -> None:
-        """Leave every channel (the socket is closing)."""
+        """Leave every channel (the connection is closing)."""
         for key in list(self.subscriptions):
             self.unsubscribe(key)

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from sockdrawer.core.v1.host import SessionLimits
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -47,6 +49,10 @@ class WebSocketOptions:
     no_gc_freeze: bool = False
     #: verifies browser tokens (``None``: no keys, every channel public)
     verifier: Any = None
+
+    def session_limits(self) -> SessionLimits:
+        """What its sockdrawer.v1 sessions obey."""
+        return SessionLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SessionLimits)})
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -9,34 +9,26 @@ from __future__ import annotations
 import json
 import socket
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, NoReturn
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from sockdrawer import _private
 from sockdrawer.core.channels import ChannelNameError, channel_from_path
-from sockdrawer.core.interfaces import IChannelHub
 from sockdrawer.core.subscriber import SOCKET, Source
-from sockdrawer.core.tokens import Grant, TokenRefused, pattern_matches
-from sockdrawer.core.v1 import SUBPROTOCOL, PresenceService, Subscription, V1Session
-from sockdrawer.transports.websocket.compression import accept_deflate, acceptable_offers
-from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, EnvelopeGroup, FanoutStats
-from sockdrawer.transports.websocket.frames import BINARY, MAX_WINDOW_BITS, TEXT
+from sockdrawer.core.tokens import Grant, TokenRefused
+from sockdrawer.core.v1 import SUBPROTOCOL, Peer, V1Session
+from sockdrawer.transports.websocket.compression import acceptable_offers
+from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup
+from sockdrawer.transports.websocket.frames import BINARY, TEXT
 from sockdrawer.transports.websocket.handshake import _address, merge_extension_headers, take_token
-from sockdrawer.transports.websocket.options import WebSocketOptions
-from sockdrawer.transports.websocket.origins import OriginPolicy
-from sockdrawer.transports.websocket.timers import BucketTimer, CollectorFreeze
-
-#: Called with each frame a browser sends: returns one Deferred per handler,
-#: each firing with the reply to send back (or ``None``).
-FrameHandler = Callable[[Source, "str | bytes"], Sequence[Deferred[Any]]]
+from sockdrawer.transports.websocket.sockets import SocketRegistry
 
 _private.make_log_arguments_lazy()
 
@@ -46,13 +38,13 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
 #: the socket's token expired; the client should reconnect with a fresh one
 CLOSE_TOKEN_EXPIRED = 4001
-_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
+_STATE_OPEN = _private.GuardedServerProtocol.STATE_OPEN
 #: Twisted's write-buffer size above which a socket counts as "too slow"
 #: while the ``slow_timeout`` clock runs
 _HIGH_WATER = 64 * 1024
 
 
-class SockDrawerServerProtocol(WebSocketServerProtocol):
+class SockDrawerServerProtocol(_private.GuardedServerProtocol):
     """
     One browser connection on one channel, a member of that channel's
     :class:`~sockdrawer.fanout.ChannelGroup` for its encoding while it is
@@ -68,7 +60,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
     # options, so it must be a class attribute.  A push service wants each event on the wire at once.
     tcpNoDelay = True
 
-    factory: SockDrawerServerFactory
+    factory: SocketRegistry
     transport: Any
     closeHandshakeTimeout: float  # an option, from the factory
     _log = Logger(namespace="sockdrawer.websocket.SockDrawerServerProtocol")
@@ -160,14 +152,18 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             else:
                 factory.pending_per_ip.pop(ip, None)
 
-    def frame_text(self, payload: bytes) -> bytes:
-        """A text frame of ``payload`` in this socket's encoding (what a v1 session sends)."""
-        return self.factory.encoders.frame(self.encoding, payload, TEXT)
+    # -- the outbox of its sockdrawer.v1 session (sockdrawer.core.v1.host.Outbox)
 
     @property
-    def counted_ip(self) -> str | None:
-        """The client address counted against the per-address limits (``None`` when not counted)."""
-        return self._counted_ip
+    def can_send(self) -> bool:
+        return bool(self.state == _STATE_OPEN)
+
+    def frame(self, payload: bytes) -> bytes:
+        """A text frame of ``payload`` in this socket's encoding."""
+        return self.factory.encoders.frame(self.encoding, payload, TEXT)
+
+    def write(self, data: bytes) -> None:
+        self.deliver_queued(data)
 
     def _count_ip(self, ip: str | None) -> bool:
         """Count this connection against its address; refuse with 429 when that is over the limit."""
@@ -229,12 +225,6 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
 
     # -- Autobahn: the opening handshake
 
-    def processHandshake(self) -> None:
-        try:
-            super().processHandshake()
-        except Exception:
-            self._handshake_error()
-
     def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:  # type: ignore[override]
         factory = self.factory
         token, self._token = self._token, None
@@ -284,16 +274,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if not allowed:
             self._deny(ConnectionDeny.FORBIDDEN, "refused by a listener")
 
-    def succeedHandshake(self, res: Any) -> None:
-        # Autobahn runs this (and onOpen) in a Deferred callback: an
-        # exception would die there unseen, and the client would wait for
-        # the handshake timeout.
-        try:
-            super().succeedHandshake(res)
-        except Exception:
-            self._handshake_error()
-
-    def _handshake_error(self) -> None:
+    def handshake_error(self) -> None:
         self._log.failure("error while answering a WebSocket handshake from {peer}", peer=self.peer)
         if self.state == self.STATE_CONNECTING:
             self._own_reason = "Internal Server Error"
@@ -305,7 +286,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         self._own_reason = reason
         raise ConnectionDeny(code, reason)
 
-    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+    def refusing(self, reason: str, code: int, responseHeaders: Any) -> tuple[str, int, Any]:
         # Autobahn puts request details (method, version, Host header) and
         # exception texts into the status line; send the standard phrase
         # instead, and log the detail.
@@ -323,7 +304,7 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
                 reason = HTTPStatus(code).phrase
             except ValueError:
                 reason = "Bad Request"
-        super().failHandshake(reason, code, responseHeaders)
+        return reason, code, responseHeaders
 
     def onOpen(self) -> None:
         key = self.key
@@ -361,7 +342,8 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
         if self._v1:
             # v1 frames go straight to the kernel too while nothing waits in
             # Twisted's buffer (deliver_queued checks), else through it, in order
-            self._session = V1Session(self)
+            peer = Peer(self.peer, self.user, self.grant, self._counted_ip)
+            self._session = V1Session(factory.sessions, self, peer)
             return
         self.factory.join(key, self)
 
@@ -451,11 +433,11 @@ class SockDrawerServerProtocol(WebSocketServerProtocol):
             # count against its limits too
             self._check_backlog(len(data))
 
-    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
-                       isReply: bool = False) -> None:
+    def closing(self) -> None:
         # no data frame may follow a close frame: leave the channel first
         self._leave()
-        super().sendCloseFrame(code, reasonUtf8, isReply)
+
+    def closed_frame(self, isReply: bool) -> None:
         if not isReply and not self.closeHandshakeTimeout and self.state == self.STATE_CLOSING:
             # no close handshake timer to drop a peer that never answers:
             # close TCP once the close frame is written (at once for a slow
@@ -655,209 +637,3 @@ class _BufferWatch:
 
     def stopProducing(self) -> None:
         pass
-
-
-class SockDrawerServerFactory(WebSocketServerFactory):
-    """
-    Builds :class:`SockDrawerServerProtocol` connections with safe, finite
-    options: no status page (no open redirect), no ``Server`` header, size
-    limits on incoming frames and messages, handshake timeouts, auto-ping.
-
-    :param hub: where sockets subscribe.
-    :param frame_handler: gets the frames browsers send; ``None`` ignores them.
-    :param options: the transport's options (limits, timeouts, origins,
-        compression, the token verifier); the defaults when ``None``.
-    :param clock: the reactor, for the slow-reader timer.
-    """
-
-    protocol = SockDrawerServerProtocol  # type: ignore[assignment]
-    noisy = False  # no "Starting factory <... at 0x...>" lines
-
-    def __init__(self, hub: IChannelHub, frame_handler: FrameHandler | None = None,
-                 options: WebSocketOptions | None = None, *, clock: Any = None,
-                 authorize: Callable[[Source], Deferred[bool] | None] | None = None) -> None:
-        settings = options if options is not None else WebSocketOptions()
-        super().__init__(server="")
-        if clock is None:
-            from twisted.internet import reactor as clock
-        _private.set_connection_timer(self, BucketTimer(clock))
-        #: keeps full GC passes short with many sockets (see CollectorFreeze)
-        self.freezer = CollectorFreeze(clock) if not settings.no_gc_freeze else None
-        self.hub = hub
-        self.frame_handler = frame_handler
-        self.clock = clock
-        self.options = settings
-        self.max_channel_length = settings.max_channel_length
-        self.max_handshake_size = settings.max_handshake_size
-        self.max_reply_size = settings.max_reply_size
-        self.send_buffer = settings.send_buffer
-        self.slow_timeout = settings.slow_timeout
-        self.compression = settings.compression
-        self.encoders = Encoders(settings.compression_threshold)
-        self.origins = OriginPolicy(settings.allowed_origins)
-        self.verifier = settings.verifier
-        self.public_channels = settings.public_channel
-        #: asks the listeners whether a socket may open (``None``: nobody asks)
-        self.authorize = authorize
-        #: connections in their opening handshake, open sockets, and
-        #: connections per client address
-        self.pending = 0
-        self.open_sockets = 0
-        self.per_ip: dict[str, int] = {}
-        #: connections in their opening handshake, and v1 subscriptions, by client address
-        self.pending_per_ip: dict[str, int] = {}
-        self.subscriptions_per_ip: dict[str, int] = {}
-        self.max_pending_per_ip = min(settings.max_pending_handshakes_per_ip,
-                                      max(1, settings.max_pending_handshakes // 2))
-        #: refused handshakes by HTTP status
-        self.refusals: dict[int, int] = {}
-        self.rate_limited = 0
-        #: v1 frames that raised out of the session (each closed its socket with 1011)
-        self.frame_failures = 0
-        self.last_frame_failure_logged = float("-inf")
-        self.connections_total = 0
-        #: reads a channel's history for v1 subscriptions: ``(key, since)``
-        #: -> Deferred[Replay]; ``None`` without history
-        self.history: Callable[[bytes, str | None], Deferred[Any]] | None = None
-        self.v1_groups: dict[tuple[bytes, int], EnvelopeGroup] = {}
-        #: who is on each channel, for v1 ``"presence": true``; ``None``: not offered (set by the service)
-        self.presence: PresenceService | None = None
-        self.frames_received = 0
-        self.stats = FanoutStats()
-        self.connections: dict[SockDrawerServerProtocol, None] = {}
-        #: channel key -> the group of its plain sockets; (key, window bits)
-        #: -> the group of its sockets with that permessage-deflate window
-        #: (apart, so that the usual plain group costs no key tuple)
-        self.groups: dict[bytes, ChannelGroup] = {}
-        self.deflate_groups: dict[tuple[bytes, int], ChannelGroup] = {}
-        self.slow_cut_offs = 0
-        self._empty_waiters: list[Deferred[None]] = []
-        extra: dict[str, Any] = {}
-        if settings.compression:
-            extra["perMessageCompressionAccept"] = accept_deflate
-        self.setProtocolOptions(
-            webStatus=False,
-            maxFramePayloadSize=settings.max_message_size,
-            maxMessagePayloadSize=settings.max_message_size,
-            # counted by sockdrawer: open sockets only (Autobahn counts every
-            # TCP connection, so silent ones would lock real clients out)
-            maxConnections=0,
-            openHandshakeTimeout=settings.open_handshake_timeout,
-            closeHandshakeTimeout=settings.close_handshake_timeout,
-            autoPingInterval=settings.auto_ping_interval,
-            autoPingTimeout=settings.auto_ping_timeout,
-            # origins are checked in onConnect, to answer 403 with a fixed reason
-            allowedOrigins=["*"],
-            allowNullOrigin=True,
-            trustXForwardedFor=settings.trust_x_forwarded_for,
-            # send the close code (1002, 1007, 1009) instead of just dropping TCP
-            failByDrop=False,
-            **extra,
-        )
-
-    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
-        """
-        As Autobahn's, and the options become class attributes of this
-        factory's own protocol subclass: Autobahn then copies nothing into
-        each connection (35 attributes, and a pretty-printed debug line it
-        formats even with debug logging off), which saves memory and
-        handshake time per socket.
-        """
-        super().setProtocolOptions(*args, **kwargs)
-        self.protocol = _private.options_as_class(SockDrawerServerProtocol, self)  # type: ignore[assignment]
-
-    def startFactory(self) -> None:
-        super().startFactory()
-        if self.freezer is not None:
-            self.freezer.start()
-
-    def is_public(self, channel: str) -> bool:
-        """Whether ``channel`` needs no token (``--public-channel``)."""
-        return any(pattern_matches(p, channel) for p in self.public_channels)
-
-    def origin_allowed(self, origin: str) -> bool:
-        """Whether a browser from ``origin`` may connect (see :class:`~sockdrawer.origins.OriginPolicy`)."""
-        return self.origins.allows(origin)
-
-    def _groups_of(self, key: bytes, encoding: int) -> tuple[dict[Any, ChannelGroup], Any]:
-        """Where the group of ``key`` with ``encoding`` is kept, and under which index."""
-        if encoding == PLAIN:
-            return self.groups, key
-        return self.deflate_groups, (key, encoding)
-
-    def join(self, key: bytes, proto: SockDrawerServerProtocol) -> None:
-        """Add an open socket to its channel's group for its encoding (subscribing the group)."""
-        encoding = proto.encoding
-        groups, index = self._groups_of(key, encoding)
-        group = groups.get(index)
-        if group is None:
-            group = groups[index] = ChannelGroup(key, encoding, self.encoders.get(encoding), self.stats)
-            self.hub.subscribe(key, group)
-        group.add(proto)
-
-    def leave(self, proto: SockDrawerServerProtocol) -> None:
-        """Take a socket out of its group; the last one out unsubscribes the group."""
-        group = proto._group
-        if group is None:
-            return
-        group.remove(proto)
-        if len(group):
-            return
-        key = group.key
-        groups, index = self._groups_of(key, group.encoding)
-        if groups.get(index) is group:
-            del groups[index]
-            self.hub.unsubscribe(key, group)
-
-    def join_v1(self, sub: Subscription, encoding: int) -> None:
-        """Add a v1 subscription to its channel's envelope group for ``encoding``."""
-        index = (sub.key, encoding)
-        group = self.v1_groups.get(index)
-        if group is None:
-            group = self.v1_groups[index] = EnvelopeGroup(sub.key, encoding, self.encoders.deflater(encoding),
-                                                          self.stats)
-            self.hub.subscribe(sub.key, group)
-        group.members[sub] = None
-        sub.group = group
-
-    def leave_v1(self, sub: Subscription) -> None:
-        group: EnvelopeGroup | None = sub.group
-        sub.group = None
-        if group is None:
-            return
-        group.members.pop(sub, None)
-        index = (group.key, group.encoding)
-        if not group.members and self.v1_groups.get(index) is group:
-            del self.v1_groups[index]
-            self.hub.unsubscribe(group.key, group)
-
-    def group(self, key: bytes, encoding: int = PLAIN) -> ChannelGroup | None:
-        """The group of the sockets on ``key`` with ``encoding``, if any."""
-        if encoding == PLAIN:
-            return self.groups.get(key)
-        return self.deflate_groups.get((key, encoding))
-
-    def sockets(self, key: bytes) -> int:
-        """How many open sockets (not counting sockdrawer.v1 subscriptions) are on channel ``key``."""
-        count = len(self.groups.get(key) or ())
-        if self.deflate_groups:
-            for bits in range(9, MAX_WINDOW_BITS + 1):
-                group = self.deflate_groups.get((key, bits))
-                if group is not None:
-                    count += len(group)
-        return count
-
-    def when_all_closed(self) -> Deferred[None]:
-        """A Deferred that fires once no connection is left."""
-        if not self.connections:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._empty_waiters.append(d)
-        return d
-
-    def _forget(self, proto: SockDrawerServerProtocol) -> None:
-        self.connections.pop(proto, None)
-        if not self.connections and self._empty_waiters:
-            waiters, self._empty_waiters = self._empty_waiters, []
-            for d in waiters:
-                d.callback(None)

@@ -1,21 +1,4 @@
-"""
-Every place where sockdrawer relies on private state of Twisted, Autobahn or
-txredisapi, and nothing else.
-
-Each function below names one assumption about a library's internals; each
-has a test in ``tests/test_private.py`` that fails, naming the assumption,
-when a new release breaks it.  No other module reads or writes a private
-attribute of these libraries.  The pins in ``pyproject.toml`` and the CI run
-against the lowest and the highest allowed versions keep the list honest.
-
-Public mechanisms were preferred where they exist: the direct send path
-finds the socket with ``getHandle()`` and detects TLS with
-``ISSLTransport``.  Twisted's producer API tells a streaming producer only
-when the write buffer crosses ``bufferSize`` and when it has drained, while
-the fan-out needs to know whether *any* byte is queued (a direct write past
-it would reorder the stream) and how many (the slow-reader limits): those two
-reads stay here.
-"""
+"""The private state of autobahn that sockdrawer relies on (see :mod:`sockdrawer._private`)."""
 
 from __future__ import annotations
 
@@ -29,69 +12,7 @@ import autobahn.websocket.protocol
 import autobahn.websocket.utf8validator
 from autobahn import util
 from autobahn.exception import PayloadExceededError
-from twisted.internet import tcp
 from twisted.internet.defer import succeed
-from twisted.internet.interfaces import ISSLTransport
-
-# -- Twisted -------------------------------------------------------------------
-
-
-def write_backlog(conn: tcp.Connection) -> int:
-    """
-    Bytes waiting in Twisted for ``conn``.
-
-    Assumption (Twisted ``abstract.FileDescriptor``): unsent bytes are
-    ``_tempDataLen`` (written since the last doWrite) plus ``dataBuffer``
-    from ``offset`` on.
-    """
-    pending: int = conn._tempDataLen + len(conn.dataBuffer) - conn.offset
-    return pending
-
-
-def has_write_backlog(conn: tcp.Connection) -> bool:
-    """
-    Whether any byte waits in Twisted for ``conn`` (the same attributes as
-    :func:`write_backlog`; an empty buffer is ``b""`` with ``_tempDataLen`` 0).
-    """
-    return bool(conn._tempDataLen or conn.dataBuffer)
-
-
-def handling_request(channel: Any) -> bool:
-    """
-    Whether an HTTP connection has a whole request in hand (received, its
-    answer not finished): the API's connection limit evicts the others (idle,
-    or still receiving a request, as a slowloris client always is).
-
-    Assumptions (Twisted ``http``): a ``Site`` builds a
-    ``_GenericHTTPChannelProtocol`` whose ``_channel`` is the
-    ``HTTPChannel``; the channel's ``_handlingRequest`` is set when a
-    request's content has all arrived and cleared when its response is
-    finished.
-    """
-    # not an HTTP channel: nothing to tell, so never evicted
-    return bool(getattr(getattr(channel, "_channel", channel), "_handlingRequest", True))
-
-
-def tcp_connection(transport: Any) -> tuple[tcp.Connection | None, bool]:
-    """
-    The Twisted TCP (or UNIX) connection whose write buffer holds this
-    transport's backlog, and whether bytes may be sent straight to its socket
-    (not when TLS is in between).
-
-    Assumption: ``tcp.Connection`` (which UNIX connections subclass) is
-    where Twisted buffers writes; a ``TLSMemoryBIOProtocol`` wraps one as
-    its ``transport``.  The TLS checks themselves are public
-    (``ISSLTransport``).
-    """
-    if isinstance(transport, tcp.Connection):
-        return transport, not ISSLTransport.providedBy(transport)
-    inner = getattr(transport, "transport", None)
-    if isinstance(inner, tcp.Connection):
-        return inner, False
-    return None, False
-
-
-# -- Autobahn ------------------------------------------------------------------
 
 #: Attributes Autobahn's server keeps from the opening handshake and never
 #: reads once the socket is open.
@@ -471,65 +392,59 @@ def _pformat(value: Any, *args: Any, **kwargs: Any) -> str:
     return pprint.pformat(value, *args, **kwargs)
 
 
-# -- txredisapi ----------------------------------------------------------------
 
 
-def hiredis_reader(proto: Any) -> Any:
+class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
     """
-    The ``hiredis.Reader`` of a txredisapi ``HiredisProtocol`` connection.
+    Autobahn's server protocol with four of its internal steps overridden,
+    each handing over to a hook a subclass defines (no-ops here):
 
-    Assumption: ``HiredisProtocol`` keeps it in ``_reader``, and feeds it in
-    ``dataReceived``.
-    """
-    return proto._reader
+    - ``processHandshake`` and ``succeedHandshake``: Autobahn runs the
+      second (and ``onOpen``) in a Deferred callback, where an exception
+      would die unseen and leave the client waiting for the handshake
+      timeout; either one that raises calls :meth:`handshake_error`.
+    - ``failHandshake(reason, code, responseHeaders)``: :meth:`refusing`
+      may change all three before Autobahn writes the response (its own
+      status lines carry request details and exception texts).
+    - ``sendCloseFrame(code, reasonUtf8, isReply)``: :meth:`closing` runs
+      before it (no data frame may follow a close frame), :meth:`closed_frame`
+      after it.
 
-
-def dispatch_reply(proto: Any, reply: Any) -> None:
-    """
-    Hand one parsed reply to txredisapi exactly as
-    ``HiredisProtocol.dataReceived`` does for each reply.
-
-    Assumption: it converts with ``tryConvertData``, counts ``QUEUED`` in
-    ``transactions``, otherwise passes the reply through
-    ``handleTransactionData`` to ``replyReceived``.
-    """
-    if isinstance(reply, (str, bytes, list)):
-        reply = proto.tryConvertData(reply)
-    if reply == "QUEUED":
-        proto.transactions += 1
-    else:
-        reply = proto.handleTransactionData(reply)
-    proto.replyReceived(reply)
-
-
-class ConnectionPoolBypass:
-    """
-    Mixin for txredisapi factories driven by Twisted's ``ClientService``.
-
-    Assumption: txredisapi's factory calls ``_connectionReady(conn)`` for each
-    new connection to add it to its pool and to a queue of waiting callers.
-    Under ``ClientService`` nobody reads them, and the pool would keep every
-    dead connection after a reconnect; this hook does nothing instead.
+    Assumption: Autobahn calls these four with these signatures (pinned in
+    ``tests/test_private.py``).
     """
 
-    def _connectionReady(self, conn: Any) -> None:
-        pass
+    def processHandshake(self) -> None:
+        try:
+            super().processHandshake()
+        except Exception:
+            self.handshake_error()
 
+    def succeedHandshake(self, res: Any) -> None:
+        try:
+            super().succeedHandshake(res)
+        except Exception:
+            self.handshake_error()
 
-def configure_factory(factory: Any, password: str | None, username: str | None, timeout: float) -> None:
-    """
-    Set what a txredisapi ``SubscriberFactory`` or ``RedisFactory`` takes
-    only as attributes: bytes in and out, the credentials, the reply timeout;
-    and silence its AUTH-failure Deferred (the link logs the failure).
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        reason, code, responseHeaders = self.refusing(reason, code, responseHeaders)
+        super().failHandshake(reason, code, responseHeaders)
 
-    Assumptions (txredisapi 1.6): ``buildProtocol`` reads ``charset``,
-    ``convertNumbers``, ``password``, ``username`` and ``replyTimeout`` from
-    the factory; the first AUTH failure errbacks ``factory.deferred``.
-    """
-    factory.noisy = False
-    factory.charset = None
-    factory.convertNumbers = False
-    factory.password = password
-    factory.username = username
-    factory.replyTimeout = timeout
-    factory.deferred.addErrback(lambda f: None)
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        self.closing()
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        self.closed_frame(isReply)
+
+    def handshake_error(self) -> None:
+        """Answering the opening handshake raised (the exception is being handled)."""
+
+    def refusing(self, reason: str, code: int, headers: Any) -> tuple[str, int, Any]:
+        """The handshake is refused: return the reason, status and headers to send."""
+        return reason, code, headers
+
+    def closing(self) -> None:
+        """A close frame is about to be sent."""
+
+    def closed_frame(self, is_reply: bool) -> None:
+        """A close frame was sent (``is_reply``: answering the client's)."""

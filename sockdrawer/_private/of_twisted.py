@@ -1,0 +1,109 @@
+"""The private state of twisted that sockdrawer relies on (see :mod:`sockdrawer._private`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import ISSLTransport
+
+
+def write_backlog(conn: tcp.Connection) -> int:
+    """
+    Bytes waiting in Twisted for ``conn``.
+
+    Assumption (Twisted ``abstract.FileDescriptor``): unsent bytes are
+    ``_tempDataLen`` (written since the last doWrite) plus ``dataBuffer``
+    from ``offset`` on.
+    """
+    pending: int = conn._tempDataLen + len(conn.dataBuffer) - conn.offset
+    return pending
+
+
+def has_write_backlog(conn: tcp.Connection) -> bool:
+    """
+    Whether any byte waits in Twisted for ``conn`` (the same attributes as
+    :func:`write_backlog`; an empty buffer is ``b""`` with ``_tempDataLen`` 0).
+    """
+    return bool(conn._tempDataLen or conn.dataBuffer)
+
+
+def handling_request(channel: Any) -> bool:
+    """
+    Whether an HTTP connection has a whole request in hand (received, its
+    answer not finished): the API's connection limit evicts the others (idle,
+    or still receiving a request, as a slowloris client always is).
+
+    Assumptions (Twisted ``http``): a ``Site`` builds a
+    ``_GenericHTTPChannelProtocol`` whose ``_channel`` is the
+    ``HTTPChannel``; the channel's ``_handlingRequest`` is set when a
+    request's content has all arrived and cleared when its response is
+    finished.
+    """
+    # not an HTTP channel: nothing to tell, so never evicted
+    return bool(getattr(getattr(channel, "_channel", channel), "_handlingRequest", True))
+
+
+def tcp_connection(transport: Any) -> tuple[tcp.Connection | None, bool]:
+    """
+    The Twisted TCP (or UNIX) connection whose write buffer holds this
+    transport's backlog, and whether bytes may be sent straight to its socket
+    (not when TLS is in between).
+
+    Assumption: ``tcp.Connection`` (which UNIX connections subclass) is
+    where Twisted buffers writes; a ``TLSMemoryBIOProtocol`` wraps one as
+    its ``transport``.  The TLS checks themselves are public
+    (``ISSLTransport``).
+    """
+    if isinstance(transport, tcp.Connection):
+        return transport, not ISSLTransport.providedBy(transport)
+    inner = getattr(transport, "transport", None)
+    if isinstance(inner, tcp.Connection):
+        return inner, False
+    return None, False
+
+
+
+
+def watch_process_end(monitor: Any, name: str, ended: Callable[[int, Any], None]) -> int | None:
+    """
+    The pid of the process ``monitor`` (a ``ProcessMonitor``) just started
+    as ``name``, and have ``ended(pid, reason)`` called after the monitor's
+    own handling when it exits; ``None`` when it could not be spawned.
+
+    Assumption: ``ProcessMonitor.startProcess`` keeps the process protocol in
+    ``monitor.protocols[name]`` and its own restart scheduling in that
+    protocol's ``processEnded``.
+    """
+    proto = monitor.protocols.get(name)
+    if proto is None or proto.transport is None:
+        return None
+    pid: int = proto.transport.pid
+    own = proto.processEnded
+
+    def processEnded(reason: Any) -> None:
+        own(reason)  # ProcessMonitor's own: schedules the restart
+        ended(pid, reason)
+
+    proto.processEnded = processEnded
+    return pid
+
+
+def restart_pending(monitor: Any, name: str) -> Any:
+    """
+    The delayed call that will restart ``name`` (or ``None``).
+
+    Assumption: ``ProcessMonitor`` keeps them in ``monitor.restart[name]``.
+    """
+    return monitor.restart.get(name)
+
+
+def running_processes(monitor: Any) -> int:
+    """
+    How many processes ``monitor`` has running.
+
+    Assumption: ``ProcessMonitor`` keeps one protocol per running process in
+    ``monitor.protocols``.
+    """
+    return len(monitor.protocols)
