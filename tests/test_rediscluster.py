@@ -31,6 +31,7 @@ from childnode import ChildNode
 from conftest import INSTALL_HINT, commands, free_port, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
@@ -40,7 +41,8 @@ from zope.interface.verify import verifyObject
 
 from sockdrawer import Client, Source, Subscriber, on
 from sockdrawer.brokers import slots as _slots
-from sockdrawer.brokers.cluster import ClusterLink, ShardSubscriberProtocol, _ShardSubscriberFactory, parse_slots
+from sockdrawer.brokers.cluster import ClusterLink, ShardSubscriberProtocol, _ShardSubscriberFactory
+from sockdrawer.brokers.shards import parse_slots
 from sockdrawer.brokers.url import RedisURL
 from sockdrawer.core.channels import Namespace
 from sockdrawer.core.hub import MemoryChannelHub
@@ -847,9 +849,9 @@ def test_bad_seeds_are_refused() -> None:
     """No seed, a unix:// seed, or a Client(cluster=...) that is not a list of redis:// URLs: ValueError."""
     hub = MemoryChannelHub()
     with pytest.raises(ValueError, match="seed"):
-        ClusterLink([], Namespace(), hub)
+        ClusterLink([], Namespace(), hub, reactor=reactor)
     with pytest.raises(ValueError, match="Unix"):
-        ClusterLink([RedisURL.parse("unix:///tmp/r.sock")], Namespace(), hub)
+        ClusterLink([RedisURL.parse("unix:///tmp/r.sock")], Namespace(), hub, reactor=reactor)
     with pytest.raises(ValueError, match="list"):
         Client(cluster="redis://127.0.0.1:7000")
     with pytest.raises(ValueError, match="redis://"):

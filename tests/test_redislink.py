@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 import txredisapi
+from twisted.internet import reactor
 from twisted.internet.testing import StringTransport
 
 from sockdrawer.brokers.subscriber import HIREDIS, RedisSubscriberProtocol
@@ -216,7 +217,7 @@ def test_both_parsers_count_and_log_what_they_drop() -> None:
     globalLogPublisher.addObserver(events.append)
     try:
         p, _, hub = connected_protocol(max_message_size=5)
-        p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
+        p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0, reactor=reactor)
         hub.subscribe(b"news", RecordingSink())
         p.messageReceived(b"sock-drawer/*", b"sock-drawer/news", b"hello")
         assert p.link.messages == 1
@@ -244,7 +245,7 @@ def test_link_lost_while_behind_explains_itself() -> None:
     globalLogPublisher.addObserver(events.append)
     try:
         hub = MemoryChannelHub()
-        link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
+        link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0, reactor=reactor)
         link.running = True
         p, _, _ = connected_protocol()
         p.link = link
@@ -273,7 +274,8 @@ def test_reconnects_count_each_new_subscription_after_the_first() -> None:
     """The first subscription is not a reconnect; each one after it is."""
     from sockdrawer.brokers.redis import RedisLink
 
-    link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0)
+    link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0,
+                     reactor=reactor)
     for _ in range(3):
         p, _, _ = connected_protocol()
         link._subscribed(p)
@@ -288,7 +290,7 @@ async def test_link_stop_waits_for_its_connections() -> None:
     from sockdrawer.brokers.redis import RedisLink
 
     link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0.05,
-                     timeout=0.5)
+                     timeout=0.5, reactor=reactor)
     link.startService()
     d = link.stopService()
     assert isinstance(d, Deferred)
@@ -325,7 +327,7 @@ def test_full_reads_are_counted_in_a_row() -> None:
     from sockdrawer.brokers.subscriber import _FULL_READ
 
     p, _, hub = connected_protocol()
-    p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0)
+    p.link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), hub, ping_interval=0, reactor=reactor)
     size = _FULL_READ - len(pmessage(b"sock-drawer/x", b""))
     while len(pmessage(b"sock-drawer/x", b"y" * size)) > _FULL_READ:
         size -= 1
@@ -351,7 +353,7 @@ def test_factories_wire_their_protocols_to_the_link() -> None:
 
     hub = MemoryChannelHub()
     link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace("app"), hub, ping_interval=0,
-                     max_message_size=123)
+                     max_message_size=123, reactor=reactor)
     addr = IPv4Address("TCP", "127.0.0.1", 1)
     sub = _SubscriberFactory(link).buildProtocol(addr)
     assert (sub.hub, sub.namespace, sub.link, sub.max_message_size) == (hub, link.namespace, link, 123)
@@ -368,7 +370,7 @@ async def test_liveness_pings_start_one_interval_after_start() -> None:
 
     for interval, running in ((30.0, True), (0.0, False)):
         link = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(),
-                         ping_interval=interval)
+                         ping_interval=interval, reactor=reactor)
         calls: list[None] = []
         link._ping.f = lambda calls=calls: calls.append(None)
         link.startService()
@@ -387,7 +389,8 @@ def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -
     from sockdrawer.brokers.linkparts import Backoff
     from sockdrawer.brokers.redis import RedisLink
 
-    default = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0)
+    default = RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), ping_interval=0,
+                        reactor=reactor)
     assert (default.timeout, default._sub_backoff.maximum, default._pub_backoff.maximum) == (5.0, 30.0, 30.0)
     assert Backoff().maximum == 30.0 and Backoff().jitter == 0.25
     services: list[tuple[object, ...]] = []
@@ -402,7 +405,7 @@ def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(redislink, "ClientService", Recorder)
     url = RedisURL.parse("redis://user:pw@127.0.0.1:1/0")
     link = RedisLink(url, Namespace(), MemoryChannelHub(), ping_interval=0, timeout=2.5, retry_max_delay=7,
-                     max_message_size=99)
+                     max_message_size=99, reactor=reactor)
     assert (link.max_message_size, link.description, link._subscribed_once) == (99, "redis://127.0.0.1:1/0", False)
     assert link._clock is reactor and not link.is_connected()
     assert link._sub_backoff.maximum == link._pub_backoff.maximum == link._read_backoff.maximum == 7

@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 import txredisapi
 from conftest import commands, wait_for
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
@@ -136,7 +136,8 @@ def test_pattern_mode_does_not_watch_the_hub() -> None:
     finally:
         n.stop()
     with pytest.raises(ValueError, match="pattern or channels"):
-        RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), subscribe="glob")
+        RedisLink(RedisURL.parse("redis://127.0.0.1:1"), Namespace(), MemoryChannelHub(), subscribe="glob",
+                  reactor=reactor)
 
 
 def test_changes_of_one_turn_are_one_command(node: Node) -> None:

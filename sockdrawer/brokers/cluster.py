@@ -30,7 +30,6 @@ sockets catch up from history.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import txredisapi
@@ -52,8 +51,8 @@ from sockdrawer.brokers.shards import (
     _configure,
     _FactoryMixin,
     _key_bytes,
-    parse_slots,
 )
+from sockdrawer.brokers.slotmap import Address, FollowsSlotMap
 from sockdrawer.brokers.url import RedisURL
 from sockdrawer.core import history
 from sockdrawer.core.channels import Namespace
@@ -62,11 +61,6 @@ from sockdrawer.core.stats import Histogram
 
 _log = Logger(namespace="sockdrawer.redis")
 
-Address = tuple[str, int]
-
-#: slot map reads that may find the map unchanged after Redis dropped
-#: channels, before the link takes the map as it is
-_STALE_READS = 8
 
 
 class _ShardSubscriberFactory(_FactoryMixin, txredisapi.SubscriberFactory):  # type: ignore[misc]
@@ -139,7 +133,7 @@ class _Shard(MultiService):
 
 
 @implementer(IBroker, IChannelObserver)
-class ClusterLink(BatchedChannelChanges, MultiService):
+class ClusterLink(FollowsSlotMap, BatchedChannelChanges, MultiService):
     """
     The Redis Cluster broker: subscribes each hub channel (its raw Redis
     channel ``<name>/<channel>`` and its history channel ``<name>#/<channel>``)
@@ -178,7 +172,7 @@ class ClusterLink(BatchedChannelChanges, MultiService):
         seeds: Sequence[RedisURL],
         namespace: Namespace,
         hub: IChannelHub,
-        reactor: Any = None,
+        reactor: Any,
         timeout: float = 5.0,
         ping_interval: float = 30.0,
         retry_max_delay: float = 30.0,
@@ -194,10 +188,6 @@ class ClusterLink(BatchedChannelChanges, MultiService):
         for seed in seeds:
             if seed.scheme == "unix":
                 raise ValueError("Redis Cluster seed nodes are host:port URLs, not Unix sockets")
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self._reactor = reactor
         self._clock: IReactorTime = reactor
         self.seeds = tuple(seeds)
@@ -559,134 +549,8 @@ class ClusterLink(BatchedChannelChanges, MultiService):
             self._moved = True
             self._schedule_refresh(0)
 
-    # -- the slot map
-
-    def _node_url(self, address: Address) -> RedisURL:
-        return replace(self.seeds[0], host=address[0], port=address[1])
-
-    def _candidates(self) -> list[Address]:
-        """Where the control connection may go: the nodes of the last slot map, then the seeds."""
-        seen: dict[Address, None] = dict.fromkeys(self._nodes)
-        for seed in self.seeds:
-            seen[(seed.host, seed.port)] = None
-        return list(seen)
-
-    def refresh(self) -> Deferred[None]:
-        """Read the slot map again now; fires once a read started after this call has finished (whatever it found)."""
-        if not self.running:
-            return fail(ConnectionError("the Redis Cluster link is not running"))
-        d: Deferred[None] = Deferred()
-        self._refresh_waiters.append(d)
-        self._schedule_refresh(0)
-        return d
-
-    def _schedule_refresh(self, delay: float) -> None:
-        if not self.running:
-            return
-        if self._refreshing:
-            self._refresh_again = True
-            return
-        call = self._refresh_call
-        if call is not None and call.active():
-            if delay == 0:
-                call.reset(0)
-            return
-        self._refresh_call = self._clock.callLater(delay, self._read_slots)
-
-    def _read_slots(self) -> None:
-        self._refresh_call = None
-        self._refreshing = True
-        self._refresh_again = False
-        self._reading_for, self._refresh_waiters = self._refresh_waiters, []
-        # channels Redis dropped before this read: the map it returns should differ
-        moved, self._moved = self._moved, False
-        d: Deferred[Any] = self._control.whenConnected(failAfterFailures=1)
-        d.addCallback(lambda p: p.whenConnected())
-        d.addCallback(lambda p: p.execute_command("CLUSTER", "SLOTS"))
-        d.addTimeout(self.timeout, self._clock)
-        d.addCallbacks(self._slots_read, self._slots_failed, callbackArgs=(moved,), errbackArgs=(moved,))
-        d.addErrback(lambda f: _log.failure("reading the Redis Cluster slot map failed", f))
-        d.addBoth(self._refreshed)
-
-    def _address(self, host: Any, port: Any) -> Address:
-        text = host.decode("utf-8", "replace") if isinstance(host, bytes) else str(host)
-        if not text or text == "?":
-            # Redis knows no address to give: the one the control connection used
-            text = self._control_endpoint.address[0] if self._control_endpoint.address else self.seeds[0].host
-        return text, int(port)
-
-    def _slots_read(self, reply: Any, moved: bool) -> None:
-        ranges = [(first, last, self._address(host, port)) for first, last, host, port in parse_slots(reply)]
-        masters = dict.fromkeys(address for _, _, address in ranges)
-        nodes = dict.fromkeys(self._address(node[0], node[1]) for entry in reply for node in entry[2:])
-        for address in list(self.shards):
-            if address not in masters:
-                shard = self.shards.pop(address)
-                shard.retired = True
-                if shard.following is not None:
-                    if shard.following.subscribed:
-                        # its channels move to their new owners: messages may fall in between
-                        self._lose()
-                    # whatever it still sends until it is closed is stale
-                    shard.following.subscribed.clear()
-                    shard.following = None
-                shard.disownServiceParent()
-        new = []
-        for address in masters:
-            if address not in self.shards:
-                shard = self.shards[address] = _Shard(self, address)
-                new.append(shard)
-                shard.setServiceParent(self)
-        table: list[_Shard | None] = [None] * _slots.SLOTS
-        for first, last, address in ranges:
-            table[first:last + 1] = [self.shards[address]] * (last + 1 - first)
-        old = self._slots
-        changed = old is None or any(a is not b for a, b in zip(old, table, strict=True))
-        self._nodes = list(nodes)
-        self._slots = table
-        covered = self._covered = _slots.SLOTS - table.count(None)
-        if changed:
-            self.map_changes += 1
-            self._unchanged_reads = 0
-            _log.info("Redis Cluster slot map: {count} master(s) ({masters}), {covered} of {total} slots covered",
-                      count=len(self.shards), masters=", ".join(s.node for s in self.shards.values()),
-                      covered=covered, total=_slots.SLOTS)
-        else:
-            self._unchanged_reads += 1
-        moved_here = self._resync()
-        if moved_here and old is not None:
-            # subscriptions moved to their new owners: messages may have fallen in between
-            self._lose()
-        down = any(s.following is None and s not in new for s in self.shards.values())
-        stale = moved and not changed and self._unchanged_reads <= _STALE_READS
-        if covered == _slots.SLOTS and not down and not stale:
-            self._refresh_backoff.reset()
-            return
-        # a master is down (its replica not promoted yet), slots are not
-        # covered, or Redis dropped channels and this node's map has not
-        # changed yet: read it again soon
-        self._moved = self._moved or stale
-        self._refresh_again = True
-
-    def _slots_failed(self, failure: Failure, moved: bool) -> None:
-        # the next read still has to find the map changed
-        self._moved = self._moved or moved
-        _log.warn("cannot read the Redis Cluster slot map from {node}: {error}",
-                  node=":".join(map(str, self._control_endpoint.address or ("?",))),
-                  error=failure.getErrorMessage() or type(failure.value).__name__)
-        self._refresh_again = True
-
-    def _refreshed(self, _: object) -> None:
-        self._refreshing = False
-        waiters, self._reading_for = self._reading_for, []
-        for w in waiters:
-            w.callback(None)
-        if self._refresh_again:
-            self._refresh_again = False
-            self._schedule_refresh(self._refresh_backoff())
-        if self._later:
-            self._release_later()
-        self._check_whole()
+    def _new_shard(self, address: Address) -> _Shard:
+        return _Shard(self, address)
 
     # -- liveness
 

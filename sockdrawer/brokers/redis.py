@@ -143,7 +143,7 @@ class RedisLink(BatchedChannelChanges, MultiService):
         url: RedisAddress,
         namespace: Namespace,
         hub: IChannelHub,
-        reactor: Any = None,
+        reactor: Any,
         timeout: float = 5.0,
         ping_interval: float = 30.0,
         retry_max_delay: float = 30.0,
@@ -156,10 +156,6 @@ class RedisLink(BatchedChannelChanges, MultiService):
         if subscribe not in ("pattern", "channels"):
             raise ValueError("subscribe must be pattern or channels")
         self.subscribe = subscribe
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self.url = url
         self.namespace = namespace
         self.hub = hub

@@ -463,13 +463,9 @@ class SwitchWatcher(MultiService):
     :ivar switches: ``+switch-master`` messages seen for our master.
     """
 
-    def __init__(self, master: SentinelMaster, reactor: Any = None, timeout: float = 5.0,
+    def __init__(self, master: SentinelMaster, reactor: Any, timeout: float = 5.0,
                  ping_interval: float = 30.0, retry_max_delay: float = 30.0) -> None:
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self.master = master
         self.clock = reactor
         self.timeout = timeout

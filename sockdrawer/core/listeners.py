@@ -115,10 +115,7 @@ class _FailureLog:
             return
         self._suppressed[handler] = self._suppressed.get(handler, 0) + 1
         if self._summary is None:
-            clock = self._clock
-            if clock is None:
-                from twisted.internet import reactor as clock
-            self._summary = clock.callLater(FAILURE_SUMMARY_INTERVAL, self._report)
+            self._summary = self._clock.callLater(FAILURE_SUMMARY_INTERVAL, self._report)
 
     def _report(self) -> None:
         self._summary = None
@@ -182,7 +179,7 @@ class ListenerRegistry:
 
     _log = Logger(namespace="sockdrawer.listeners.ListenerRegistry")
 
-    def __init__(self, listeners: Iterable[str | type[Subscriber] | Subscriber] = (), clock: Any = None) -> None:
+    def __init__(self, listeners: Iterable[str | type[Subscriber] | Subscriber] = (), *, clock: Any) -> None:
         self.instances: list[Subscriber] = []
         self._handlers: dict[str, list[tuple[Callable[..., Any], bool, bool]]] = {}
         self._authorizers: dict[str, list[Callable[[Source], Any]]] = {}

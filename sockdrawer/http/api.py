@@ -96,10 +96,7 @@ class _BoundedRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        clock = self.clock
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._deadline = clock.callLater(self.timeout, self._too_slow)
+        self._deadline = self.clock.callLater(self.timeout, self._too_slow)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._deadline.active():
@@ -290,7 +287,7 @@ class ApiSite(Site):
     failures are logged).
     """
 
-    def __init__(self, resource: Resource, max_body: int, timeout: float = 10.0, clock: Any = None) -> None:
+    def __init__(self, resource: Resource, max_body: int, timeout: float = 10.0, *, clock: Any) -> None:
         request_factory = type("BoundedRequest", (_BoundedRequest,),
                                {"max_body": max_body, "timeout": timeout, "clock": clock})
         super().__init__(resource, requestFactory=request_factory, timeout=timeout, reactor=clock)

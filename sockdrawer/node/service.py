@@ -46,7 +46,7 @@ class ListeningService(Service):
 
     :param description: a server endpoint string.
     :param factory: the protocol factory.
-    :param reactor: the reactor; resolved at start when ``None``.
+    :param reactor: the reactor.
     """
 
     port: IListeningPort | None = None
@@ -62,7 +62,7 @@ class ListeningService(Service):
     #: what follows host and port in that line's URL
     url_suffix = ""
 
-    def __init__(self, description: str, factory: IProtocolFactory, reactor: Any = None) -> None:
+    def __init__(self, description: str, factory: IProtocolFactory, reactor: Any) -> None:
         self.description = description
         self.factory = factory
         self._reactor = reactor
@@ -71,8 +71,6 @@ class ListeningService(Service):
     def startService(self) -> None:
         super().startService()
         reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
         endpoint = self.endpoint if self.endpoint is not None else serverFromString(reactor, self.description)
         failed_at_once: list[Failure] = []
         self._starting = True
@@ -148,7 +146,7 @@ class WebSocketService(ListeningService):
     url_suffix = "/<channel>"
 
     def __init__(self, description: str, factory: SockDrawerServerFactory, shutdown_timeout: float,
-                 reactor: Any = None, drain_window: float = 0.0, close_code: int = 1012) -> None:
+                 reactor: Any, drain_window: float = 0.0, close_code: int = 1012) -> None:
         super().__init__(description, factory, reactor)
         self.shutdown_timeout = shutdown_timeout
         self.drain_window = drain_window
@@ -295,7 +293,7 @@ class SockDrawerService(MultiService):
                                  max_publish_size=settings.max_publish_size)
             registry = self.metrics
             site = ApiSite(ApiResource(self, options, lambda: render(registry)), settings.max_publish_size,
-                           settings.api_timeout, reactor)
+                           settings.api_timeout, clock=reactor)
             limited = ConnectionLimit(site, settings.api_max_connections)
             self.api = ListeningService(endpoint_string(settings.api), limited, reactor)
             # added before the WebSocket listener, so it stops after it:

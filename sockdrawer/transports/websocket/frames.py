@@ -9,9 +9,11 @@ module imports only the standard library.
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 TEXT = 0x1
 BINARY = 0x2
@@ -120,3 +122,22 @@ class Deflater:
         if len(messages) == 1:
             return self.encode_frame(messages[0])
         return b"".join([self.encode_frame(m) for m in messages])
+
+
+def reply_frame(result: Any) -> tuple[bytes, int]:
+    """
+    A listener's reply on a raw socket as a payload and its opcode: ``str``
+    and JSON (``dict``, ``list``) go as text, bytes as binary.
+
+    :raises TypeError: for anything else, saying what.
+    """
+    if isinstance(result, str):
+        return result.encode("utf-8"), TEXT
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return bytes(result), BINARY
+    if isinstance(result, (dict, list)):
+        try:
+            return json.dumps(result).encode("utf-8"), TEXT
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"is not JSON: {e}") from None
+    raise TypeError(f"has type {type(result).__name__}; return str, bytes, dict, list or None")

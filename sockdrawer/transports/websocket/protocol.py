@@ -6,9 +6,7 @@ send to the listeners.
 
 from __future__ import annotations
 
-import json
 import socket
-import weakref
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, NoReturn
@@ -26,9 +24,10 @@ from sockdrawer.core.tokens import Grant, TokenRefused
 from sockdrawer.core.v1 import SUBPROTOCOL, Peer, V1Session
 from sockdrawer.transports.websocket.compression import acceptable_offers
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup
-from sockdrawer.transports.websocket.frames import BINARY, TEXT
+from sockdrawer.transports.websocket.frames import TEXT, reply_frame
 from sockdrawer.transports.websocket.handshake import _address, merge_extension_headers, take_token
 from sockdrawer.transports.websocket.sockets import SocketRegistry
+from sockdrawer.transports.websocket.timers import BufferWatch
 
 _private.make_log_arguments_lazy()
 
@@ -335,7 +334,7 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
         register = getattr(self.transport, "registerProducer", None)
         if register is not None:
             try:
-                register(_BufferWatch(self), True)
+                register(BufferWatch(self), True)
                 self._watched = True
             except RuntimeError:  # a producer is registered already (under a Site)
                 pass
@@ -576,22 +575,10 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
     def _reply(self, result: Any) -> None:
         if result is None or self.state != self.STATE_OPEN:
             return
-        if isinstance(result, str):
-            payload, opcode = result.encode("utf-8"), TEXT
-        elif isinstance(result, (bytes, bytearray, memoryview)):
-            payload, opcode = bytes(result), BINARY
-        elif isinstance(result, (dict, list)):
-            try:
-                payload, opcode = json.dumps(result).encode("utf-8"), TEXT
-            except (TypeError, ValueError) as e:
-                self._log.error("listener reply on {channel!r} is not JSON: {error}", channel=self.key, error=e)
-                return
-        else:
-            self._log.error(
-                "listener reply on {channel!r} has type {type}; return str, bytes, dict, list or None",
-                channel=self.key,
-                type=type(result).__name__,
-            )
+        try:
+            payload, opcode = reply_frame(result)
+        except TypeError as e:
+            self._log.error("listener reply on {channel!r} {error}", channel=self.key, error=e)
             return
         limit = self.factory.max_reply_size
         if len(payload) > limit:
@@ -609,31 +596,3 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
 
 
 _private.install_compact_defaults(SockDrawerServerProtocol)
-
-
-class _BufferWatch:
-    """
-    A streaming producer for Twisted's ``registerProducer``: Twisted pauses
-    it when a socket's write buffer grows past ``bufferSize`` (64 KiB) and
-    resumes it when the buffer has drained, which is exactly the "too slow,
-    for how long" that the ``slow_timeout`` limit needs.
-    """
-
-    __slots__ = ("_proto",)
-
-    def __init__(self, proto: SockDrawerServerProtocol) -> None:
-        # weak: the transport holds this, and the protocol the transport
-        self._proto = weakref.ref(proto)
-
-    def pauseProducing(self) -> None:
-        proto = self._proto()
-        if proto is not None:
-            proto.buffer_full()
-
-    def resumeProducing(self) -> None:
-        proto = self._proto()
-        if proto is not None:
-            proto.buffer_drained()
-
-    def stopProducing(self) -> None:
-        pass
