@@ -438,6 +438,17 @@ def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     return values
 
 
+#: ``SOCKDRAWER_*`` variables that are not options: the config file, a worker's index and port (set by the
+#: supervisor), the publisher's API address (``sockdrawer.Client``)
+NOT_OPTIONS = ("CONFIG", "WORKER", "WORKER_PORT", "URL")
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """The ``SOCKDRAWER_*`` variables in ``environ`` that name no option (a typo sets nothing)."""
+    known = {spec.env for spec in OPTIONS} | {ENV_PREFIX + name for name in NOT_OPTIONS}
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
 def parse_value(spec: OptionSpec, raw: str, label: str) -> Any:
     """
     Parse and check ``raw`` for ``spec``.
@@ -471,7 +482,9 @@ def describe(settings: Settings, sources: Mapping[str, str] | None = None) -> It
     width = max(len(spec.cli) for spec in OPTIONS)
     for spec in OPTIONS:
         value = getattr(settings, spec.field)
-        if spec.secret and value is not None:
+        if spec.secret and spec.repeatable and value:
+            shown = ", ".join(_mask(spec, str(v)) for v in value)
+        elif spec.secret and value not in (None, ()):
             shown = _mask(spec, value)
         elif spec.repeatable:
             shown = ", ".join(getattr(v, "__qualname__", None) and f"{v.__module__}:{v.__qualname__}" or str(v)
@@ -484,7 +497,7 @@ def describe(settings: Settings, sources: Mapping[str, str] | None = None) -> It
 
 
 def _mask(spec: OptionSpec, value: str) -> str:
-    if spec.field == "redis":
+    if spec.field in ("redis", "redis_cluster"):
         from urllib.parse import urlsplit
 
         parts = urlsplit(value)

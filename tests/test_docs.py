@@ -938,7 +938,10 @@ def run_sh(session: Session, block: Block) -> None:
 
 def run_command(session: Session, command: Command, started: list[Node]) -> None:
     argv = command.argv
-    if argv[:2] == ["pip", "install"]:
+    if argv[:3] == ["python3", "-m", "venv"] or argv[0] == ".":
+        # making and activating a virtualenv: the tests already run in one
+        assert argv[0] != "." or argv[1].endswith("/bin/activate"), command.text
+    elif argv[:2] == ["pip", "install"]:
         check_pip(session, argv[2:])
     elif server_kind(argv):
         server = session.start_server(command)

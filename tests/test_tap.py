@@ -118,10 +118,51 @@ def test_twistd_usage_error_is_not_a_traceback() -> None:
          "--max-message-size", "huge"],
         capture_output=True, text=True, timeout=60,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "--max-message-size must be an integer, not 'huge'" in output
-    assert "Traceback" not in output
+    assert result.returncode == 2
+    # one line and where to find --help: not the whole usage before it
+    assert result.stderr.splitlines() == ["twistd sockdrawer: --max-message-size must be an integer, not 'huge'",
+                                          "Run 'twistd sockdrawer --help' for the options."]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("env", "config", "expected"), [
+    ({"SOCKDRAWER_PORT": "x:1"}, None, "twistd sockdrawer: SOCKDRAWER_PORT: bad endpoint 'x:1'"),
+    ({}, 'port = "x:1"\n', "twistd sockdrawer: config file {path}: port: bad endpoint 'x:1'"),
+    ({"SOCKDRAWER_DRAIN_CLOSE_CODE": "1005"}, None,
+     "twistd sockdrawer: SOCKDRAWER_DRAIN_CLOSE_CODE must be 1001 or 1012"),
+])
+def test_errors_name_where_the_value_came_from(tmp_path: Any, env: dict[str, str], config: str | None,
+                                               expected: str) -> None:
+    """An error about a value from the environment or a config file names the variable or the file and key
+    it came from, not the command-line option."""
+    args = []
+    path = tmp_path / "sd.toml"
+    if config is not None:
+        path.write_text(config)
+        args = ["--config", str(path)]
+    result = subprocess.run([*TWISTD, "-n", "--pidfile=", "sockdrawer", *args], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0].startswith(expected.format(path=path)), result.stderr
+
+
+def test_unknown_sockdrawer_variables_are_warned_about() -> None:
+    """A SOCKDRAWER_* variable that names no option (a typo) is warned about on stderr, naming it."""
+    result = subprocess.run([*TWISTD, "sockdrawer", "--print-config"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SOCKDRAWER_MAX_CONECTIONS": "5", "SOCKDRAWER_URL": "http://x"})
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [
+        "twistd sockdrawer: warning: SOCKDRAWER_MAX_CONECTIONS names no option (ignored); see --help"]
+
+
+def test_version_names_sockdrawer_and_its_stack() -> None:
+    """`twistd sockdrawer --version` prints sockdrawer's version and those of Twisted, Autobahn, txredisapi."""
+    import sockdrawer
+
+    result = subprocess.run([*TWISTD, "sockdrawer", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"sockdrawer {sockdrawer.__version__} (Twisted ")
+    assert "Autobahn " in result.stdout and "txredisapi " in result.stdout
 
 
 def test_twistd_help_documents_every_option() -> None:
@@ -253,6 +294,7 @@ def test_print_config_masks_secrets() -> None:
     out = result.stdout
     assert "hunter2" not in out and "s3cret" not in out
     assert "redis://:***@h:1/0  (command line)" in out
+    assert re.search(r"^redis-cluster +none  \(default\)$", out, re.M)  # nothing set: nothing masked
     assert "api-key" in out and "***" in out
     assert re.search(r"^max-connections +77  \(SOCKDRAWER_MAX_CONNECTIONS\)$", out, re.M), out
     from sockdrawer.config import OPTIONS

@@ -309,7 +309,7 @@ def test_workers_run_as_the_supervisor_was_started() -> None:
     sup = WorkerSupervisor(settings, argv, {}, reactor_name="asyncio", python="/usr/bin/python3")
     command = sup.worker_argv()
     assert command[:3] == ["/usr/bin/python3", "-c", "from twisted.scripts.twistd import run; run()"]
-    assert command[3:] == ["--nodaemon", "--pidfile=", "--logger=sockdrawer.logs.json_stdout", "--reactor=asyncio",
+    assert command[3:] == ["--nodaemon", "--pidfile=", "--logger=sockdrawer.logs.worker_stdout", "--reactor=asyncio",
                            "sockdrawer", *argv]
     assert "--reactor=asyncio" not in WorkerSupervisor(settings, argv, {}).worker_argv()
     # SIGKILL comes after the whole drain, plus a margin

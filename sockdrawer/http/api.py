@@ -262,7 +262,7 @@ class ApiResource(Resource):
         def failed(failure: Failure) -> None:
             _log.warn(
                 "publish on {channel!r} failed: {error}",
-                channel=key,
+                channel=key.decode("utf-8"),
                 error=failure.getErrorMessage() or repr(failure.value),
             )
             if not finished:

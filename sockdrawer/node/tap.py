@@ -25,6 +25,7 @@ from sockdrawer.config import (
     from_environment,
     load_config_file,
     parse_value,
+    unknown_environment,
 )
 
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -71,7 +72,23 @@ class Options(usage.Options):
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise  # parsed by a program, not by twistd: it reports the error
+            # under twistd: one line (twistd would print the whole usage first), and exit 2 as usage errors do
+            print(f"twistd sockdrawer: {str(e).splitlines()[0]}\n"
+                  f"Run 'twistd sockdrawer --help' for the options.", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def opt_version(self) -> None:
+        """Print sockdrawer's version and those of Twisted, Autobahn and txredisapi, then exit."""
+        from importlib.metadata import version
+
+        print(f"sockdrawer {version('sockdrawer')} (Twisted {version('twisted')}, Autobahn {version('autobahn')}, "
+              f"txredisapi {version('txredisapi')}, Python {sys.version.split()[0]})")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         values: dict[str, Any] = {}
@@ -105,17 +122,20 @@ class Options(usage.Options):
                 sources[spec.field] = "command line"
             settings = Settings(**values).validate()
         except (TypeError, ValueError) as e:
-            raise usage.UsageError(str(e).splitlines()[0]) from None
+            raise usage.UsageError(_from_source(str(e).splitlines()[0], sources)) from None
+        for name in unknown_environment(self.environ):
+            print(f"twistd sockdrawer: warning: {name} names no option (ignored); see --help",
+                  file=sys.stderr)
         from sockdrawer.node.workers import check_workers
 
         try:
             check_workers(settings)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        _check_endpoint("--port", settings.port)
+        _check_endpoint(_label("port", sources), settings.port)
         if settings.api_enabled:
             assert settings.api is not None
-            _check_endpoint("--api", settings.api)
+            _check_endpoint(_label("api", sources), settings.api)
         from sockdrawer.core.listeners import ListenerLoadError, load_listener_class
 
         loaded: list[Any] = []
@@ -141,9 +161,31 @@ class Options(usage.Options):
 # one repeatable option method per repeatable option of the table
 for _spec in OPTIONS:
     if _spec.repeatable:
-        setattr(Options, "opt_" + _spec.cli.replace("-", "_"), _adder(_spec))
+        _add = _adder(_spec)
+        setattr(Options, "opt_" + _spec.cli.replace("-", "_"), _add)
         if _spec.short:
-            setattr(Options, "opt_" + _spec.short, _adder(_spec))
+            setattr(Options, "opt_" + _spec.short, _add)  # the same method: --help lists it as an alias
+
+
+def _label(field: str, sources: dict[str, str]) -> str:
+    """How an error names the option in ``field``: as it was given (an environment variable, a config file key,
+    or the command-line option)."""
+    spec = next(spec for spec in OPTIONS if spec.field == field)
+    source = sources.get(field, "command line")
+    if source.startswith(ENV_PREFIX):
+        return source
+    if source.startswith("config file "):
+        return f"{source}: {spec.cli}"
+    return "--" + spec.cli
+
+
+def _from_source(message: str, sources: dict[str, str]) -> str:
+    """A validation error that names an option (``--port ...``) named as it was given instead."""
+    for spec in OPTIONS:
+        own = "--" + spec.cli
+        if message.startswith(own) and message[len(own):len(own) + 1] in (":", " ", ""):
+            return _label(spec.field, sources) + message[len(own):]
+    return message
 
 
 def spec_env(field: str) -> str:

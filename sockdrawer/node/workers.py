@@ -452,7 +452,7 @@ class WorkerSupervisor(Service):
 
     def worker_argv(self) -> list[str]:
         """The command line of every worker."""
-        twistd = ["--nodaemon", "--pidfile=", "--logger=sockdrawer.logs.json_stdout"]
+        twistd = ["--nodaemon", "--pidfile=", "--logger=sockdrawer.logs.worker_stdout"]
         if self.reactor_name:
             twistd.append(f"--reactor={self.reactor_name}")
         return [self.python, "-c", _TWISTD, *twistd, "sockdrawer", *self.argv]
