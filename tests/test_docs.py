@@ -433,7 +433,7 @@ class Process:
         return self.proc.returncode
 
 
-_STARTING = re.compile(r"sockdrawer starting: WebSocket on (\S+), API on (\S+), broker (\S+),")
+_STARTING = re.compile(r"sockdrawer starting: WebSocket on (\S+), API (?:on )?(\S+), broker (\S+),")
 _WS = re.compile(r"listening on wss?://\S+?:(\d+)/<channel>")
 _API = re.compile(r"listening on https?://[^\s/]+:(\d+)")
 

@@ -421,6 +421,24 @@ def test_autobahn_runs_the_four_guarded_steps_with_their_signatures() -> None:
     assert proto.hooks == ["closing", ("closed_frame", False)]
 
 
+def test_autobahn_logs_a_refusal_only_through_the_connection_log() -> None:
+    """Autobahn's failHandshake (and the dropConnection it calls) log through the connection's ``log``
+    attribute, read at each call: GuardedServerProtocol, which swaps it for the call, leaves no Autobahn
+    line about the refusal in the log, while the refusal is still sent."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto, transport = _guarded(b"/deny")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.value().startswith(b"HTTP/1.1 403 ")
+    assert not [e for e in events if "handshake" in str(e.get("log_format", "")) or "dropping" in str(
+        e.get("log_format", ""))]
+    assert "log" in vars(proto) or hasattr(type(proto), "log")  # the attribute Autobahn logs through
+
+
 def test_autobahn_exceptions_in_the_handshake_reach_the_guard() -> None:
     """An exception out of onOpen (inside succeedHandshake, in a Deferred callback) reaches handshake_error()
     instead of dying where nobody sees it; one out of onConnect is Autobahn's own 500 refusal, which goes
@@ -507,6 +525,35 @@ def test_txredisapi_factories_take_their_options_as_attributes() -> None:
         assert (proto.charset, proto.password, proto.username, proto.replyTimeout) == (None, "pw", "user", 2.5)
         assert proto.convertNumbers is False
         assert isinstance(factory.deferred, defer.Deferred)
+
+
+# -- Twisted's ClientService ----------------------------------------------------
+
+
+def test_twisted_client_service_logs_its_retries_through_its_class_logger() -> None:
+    """ClientService logs each retry ("Scheduling retry ...") at info level through its class attribute
+    ``_log``: QuietClientService, which replaces that logger, logs no retry line, a plain one does."""
+    from twisted.application.internet import ClientService
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import Logger, globalLogPublisher
+
+    assert isinstance(ClientService.__dict__["_log"], Logger)
+    seen: dict[str, list[str]] = {}
+    for name, kind in (("plain", ClientService), ("quiet", _private.QuietClientService)):
+        clock = MemoryReactorClock()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            service = kind(TCP4ClientEndpoint(clock, "127.0.0.1", 1), protocol.Factory.forProtocol(protocol.Protocol),
+                           retryPolicy=lambda n: 1.0, clock=clock)
+            service.startService()
+            connector = clock.connectors[0]
+            clock.tcpClients[0][2].clientConnectionFailed(connector, Failure(ConnectionDone()))
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        seen[name] = [e["log_format"] for e in events if "Scheduling retry" in e.get("log_format", "")]
+    assert len(seen["plain"]) == 1 and seen["quiet"] == []
 
 
 # -- Twisted's ProcessMonitor ----------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 import txredisapi
+from conftest import RedisServer, free_port, wait_for
 from twisted.internet import reactor
 from twisted.internet.testing import StringTransport
 
@@ -231,7 +232,7 @@ def test_both_parsers_count_and_log_what_they_drop() -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
     dropped = [(e["channel"], e["size"], e["limit"]) for e in events if "dropped a" in str(e.get("log_format"))]
-    assert dropped == [(b"news", 8, 5), (b"sport", 12, 5)]
+    assert dropped == [("news", 8, 5), ("sport", 12, 5)]  # text: the log line shows 'news', not b'news'
 
 
 def test_link_lost_while_behind_explains_itself() -> None:
@@ -402,7 +403,7 @@ def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -
         def setServiceParent(self, parent: object) -> None:
             pass
 
-    monkeypatch.setattr(redislink, "ClientService", Recorder)
+    monkeypatch.setattr(redislink._private, "QuietClientService", Recorder)
     url = RedisURL.parse("redis://user:pw@127.0.0.1:1/0")
     link = RedisLink(url, Namespace(), MemoryChannelHub(), ping_interval=0, timeout=2.5, retry_max_delay=7,
                      max_message_size=99, reactor=reactor)
@@ -411,7 +412,73 @@ def test_link_settings_reach_both_connections(monkeypatch: pytest.MonkeyPatch) -
     assert link._sub_backoff.maximum == link._pub_backoff.maximum == link._read_backoff.maximum == 7
     assert [s[2] for s in services] == [link._sub_backoff, link._pub_backoff, link._read_backoff]
     for endpoint, factory, _, clock in services:
-        assert endpoint._timeout == 2.5 and clock is reactor  # type: ignore[attr-defined]
+        assert endpoint.endpoint._timeout == 2.5 and clock is reactor  # type: ignore[attr-defined]
         assert factory.link is link  # type: ignore[attr-defined]
         assert (factory.noisy, factory.charset, factory.convertNumbers, factory.replyTimeout,  # type: ignore
                 factory.password, factory.username) == (False, None, False, 2.5, "pw", "user")  # type: ignore
+
+
+# -- what the log says when Redis cannot be used --------------------------------
+
+
+def _retry_lines(events: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [e for e in events if str(e.get("log_format", "")).startswith("cannot use Redis")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_redis_is_said_once_per_try_and_its_return(own_redis: RedisServer) -> None:
+    """With Redis unreachable at start, the link says once per failed try, in its own words, what failed and
+    when the next try is, with a count that climbs (no Twisted "Scheduling retry" line, no line per
+    connection); when Redis answers, one line says it works again."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from sockdrawer.brokers.redis import RedisLink
+
+    port = free_port()
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    link = RedisLink(RedisURL.parse(f"redis://127.0.0.1:{port}/0"), Namespace(), MemoryChannelHub(),
+                     ping_interval=0, timeout=1.0, reactor=reactor)
+    link.startService()
+    try:
+        await wait_for(lambda: len(_retry_lines(events)) >= 3)
+        lines = _retry_lines(events)
+        assert [e["tries"] for e in lines] == list(range(1, len(lines) + 1))
+        assert all("refused" in str(e["reason"]) and e["log_level"].name == "warn" for e in lines)  # type: ignore
+        assert formatEvent(lines[1]).startswith(f"cannot use Redis at redis://127.0.0.1:{port}/0: ")
+        assert "trying again in " in formatEvent(lines[1])
+        assert not [e for e in events if "Scheduling retry" in str(e.get("log_format", ""))]
+        own_redis.start(port)
+        await wait_for(link.is_connected)
+        again = [formatEvent(e) for e in events if "works again" in str(e.get("log_format", ""))]
+        assert len(again) == 1 and again[0].startswith(f"Redis at redis://127.0.0.1:{port}/0 works again after ")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await link.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_is_said_once_per_try_with_a_climbing_count(own_redis: RedisServer) -> None:
+    """A password Redis refuses: one line per failed try naming the refusal (not one per connection, not
+    the same count again and again), and the backoff grows."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from sockdrawer.brokers.redis import RedisLink
+
+    with own_redis.client() as r:
+        r.config_set("requirepass", "right")
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    link = RedisLink(RedisURL.parse(f"redis://:wrong@127.0.0.1:{own_redis.port}/0"), Namespace(),
+                     MemoryChannelHub(), ping_interval=0, timeout=1.0, reactor=reactor)
+    link.startService()
+    try:
+        await wait_for(lambda: len(_retry_lines(events)) >= 3)
+        lines = _retry_lines(events)
+        assert [e["tries"] for e in lines] == list(range(1, len(lines) + 1))
+        assert all(str(e["reason"]).startswith("AUTH refused: WRONGPASS") for e in lines)
+        assert "trying again now" in formatEvent(lines[0]) and "trying again in " in formatEvent(lines[2])
+        assert not [e for e in events if "Redis link to" in str(e.get("log_format", ""))]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await link.stopService()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -338,3 +339,18 @@ def test_embedding_gets_the_command_lines_errors() -> None:
         assert message in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UsageError, match="--port: bad endpoint 'tcp:nope'"):
         parse("--port", "tcp:nope")
+
+
+def test_a_port_in_use_is_one_line_of_ours_and_exit_status_1() -> None:
+    """A WebSocket port already taken stops the node with exit status 1 and one sockdrawer line naming the
+    endpoint and the reason, not a line of "stderr"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*TWISTD, "-n", "--pidfile=", "sockdrawer", "--api", "none", "--port",
+                                 f"tcp:{port}:interface=127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "cannot listen" in line]
+    assert len(lines) == 1 and "[sockdrawer#error] cannot listen on tcp:" in lines[0], result.stdout
+    assert "Address already in use" in lines[0] and "stderr" not in result.stdout

@@ -68,6 +68,29 @@ async def test_no_status_page_and_no_open_redirect(run_service: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_refused_request_is_one_log_line(run_service: Any) -> None:
+    """A plain GET on the WebSocket port is logged once: sockdrawer's line with the status it got and why,
+    in the namespace the docs quote, and not Autobahn's two lines about failing and dropping it."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    svc = await run_service()
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        response = await deferToThread(raw_request, svc.ws_port, b"GET /news HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await wait_for(lambda: any("refused a WebSocket" in e.get("log_format", "") for e in events))
+        ok = await connect(svc.ws_port, "/news")  # a later turn: anything logged for the GET is in
+        assert ok.ws.state.name == "OPEN"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert response.startswith(b"HTTP/1.1 426")
+    about = [e for e in events if "peer" in e or "refused" in e.get("log_format", "")]
+    assert [(e["log_namespace"], formatEvent(e).split(": ", 1)[1]) for e in about] == [
+        ("sockdrawer.websocket.SockDrawerServerProtocol", "426 HTTP Upgrade header missing")]
+    assert not [e for e in events if str(e.get("log_namespace", "")).startswith("autobahn")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_oversized_handshake_gets_431(run_service: Any) -> None:
     """A handshake request over --max-handshake-size gets HTTP 431 and is closed."""
     svc = await run_service(max_handshake_size=2048)

@@ -40,6 +40,7 @@ from sockdrawer._private.of_autobahn import (
     set_extension_offers,
 )
 from sockdrawer._private.of_twisted import (
+    QuietClientService,
     handling_request,
     has_write_backlog,
     restart_pending,
@@ -56,6 +57,7 @@ from sockdrawer._private.of_txredisapi import (
 )
 
 __all__ = [
+    "QuietClientService",
     "COMPACT_DEFAULTS",
     "LAZY_STATE",
     "GuardedServerProtocol",

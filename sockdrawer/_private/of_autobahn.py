@@ -394,6 +394,20 @@ def _pformat(value: Any, *args: Any, **kwargs: Any) -> str:
 
 
 
+class _QuietLog:
+    """A txaio logger that logs nothing (for the lines a refusal would repeat)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+_QUIET: Any = _QuietLog()
+
+
 class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
     """
     Autobahn's server protocol with four of its internal steps overridden,
@@ -405,12 +419,17 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
       timeout; either one that raises calls :meth:`handshake_error`.
     - ``failHandshake(reason, code, responseHeaders)``: :meth:`refusing`
       may change all three before Autobahn writes the response (its own
-      status lines carry request details and exception texts).
+      status lines carry request details and exception texts), and logs the
+      refusal: Autobahn's two lines for it (info "failing WebSocket opening
+      handshake", warn "dropping connection") are not logged, so one refused
+      request is one line.
     - ``sendCloseFrame(code, reasonUtf8, isReply)``: :meth:`closing` runs
       before it (no data frame may follow a close frame), :meth:`closed_frame`
       after it.
 
-    Assumption: Autobahn calls these four with these signatures (pinned in
+    Assumptions: Autobahn calls these four with these signatures, and its
+    ``failHandshake`` logs only through the connection's ``log`` attribute
+    (its ``dropConnection`` too), which it reads at each call (pinned in
     ``tests/test_private.py``).
     """
 
@@ -428,7 +447,11 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         reason, code, responseHeaders = self.refusing(reason, code, responseHeaders)
-        super().failHandshake(reason, code, responseHeaders)
+        log, self.log = self.log, _QUIET
+        try:
+            super().failHandshake(reason, code, responseHeaders)
+        finally:
+            self.log = log
 
     def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
                        isReply: bool = False) -> None:

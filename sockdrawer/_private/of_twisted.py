@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.internet import ClientService
 from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 
 
 def write_backlog(conn: tcp.Connection) -> int:
@@ -107,3 +109,20 @@ def running_processes(monitor: Any) -> int:
     ``monitor.protocols``.
     """
     return len(monitor.protocols)
+
+
+class QuietClientService(ClientService):
+    """
+    A ``ClientService`` without its info line for each retry ("Scheduling
+    retry 2 to connect <HostnameEndpoint ...> in 0.5284137140728176
+    seconds"): the Redis links say once, in their own words, what failed and
+    when the next try is (``sockdrawer.brokers.linkparts.RetryLog``).  Its
+    warnings and errors still reach the log.
+
+    Assumption (Twisted ``application._client_service``): ``ClientService``
+    logs through its class attribute ``_log``, a ``Logger`` that ``__init__``
+    hands to its state machine.
+    """
+
+    _log = Logger(observer=FilteringLogObserver(globalLogPublisher,
+                                                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]))

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import txredisapi
-from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -42,8 +41,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sockdrawer import _private
 from sockdrawer.brokers import slots as _slots
-from sockdrawer.brokers.linkparts import Backoff, BatchedChannelChanges, HistoryLibrary, _ping, read_history
+from sockdrawer.brokers.linkparts import (
+    Backoff,
+    BatchedChannelChanges,
+    HistoryLibrary,
+    ReportingEndpoint,
+    RetryLog,
+    _ping,
+    read_history,
+)
 from sockdrawer.brokers.shards import (
     ShardedPresence,
     ShardSubscriberProtocol,
@@ -70,6 +78,7 @@ class _ShardSubscriberFactory(_FactoryMixin, txredisapi.SubscriberFactory):  # t
         super().__init__()
         self.link = link
         self.shard = shard
+        self.backoff = shard.sub_backoff
         _configure(self, shard.url, link.timeout)
 
     def buildProtocol(self, addr: Any) -> ShardSubscriberProtocol:
@@ -113,15 +122,20 @@ class _Shard(MultiService):
         self.node = f"{address[0]}:{address[1]}"
         self.url = link._node_url(address)
         endpoint = self.url.endpoint(link._reactor, link.timeout)
-        self.sub_backoff = Backoff(maximum=link.retry_max_delay)
-        self.pub_backoff = Backoff(maximum=link.retry_max_delay)
-        self.sub = ClientService(endpoint, _ShardSubscriberFactory(link, self), retryPolicy=self.sub_backoff,
-                                 clock=link._reactor)
+        # failed tries said once each; the command connection's only while the subscriber works
+        sub_report = RetryLog(str(self.url))
+        pub_report = RetryLog(str(self.url), " (commands)", lambda: self.following is not None)
+        self.sub_backoff = Backoff(maximum=link.retry_max_delay, report=sub_report)
+        self.pub_backoff = Backoff(maximum=link.retry_max_delay, report=pub_report)
+        self.sub = _private.QuietClientService(ReportingEndpoint(endpoint, sub_report),
+                                               _ShardSubscriberFactory(link, self), retryPolicy=self.sub_backoff,
+                                               clock=link._reactor)
         self.sub.setServiceParent(self)
         library, node = link.library, self.node
-        self.pub = ClientService(endpoint, _CommandFactory(self.url, link.timeout, self.pub_backoff,
-                                                           lambda p: library.load(p, node)),
-                                 retryPolicy=self.pub_backoff, clock=link._reactor)
+        self.pub = _private.QuietClientService(ReportingEndpoint(endpoint, pub_report),
+                                               _CommandFactory(self.url, link.timeout, self.pub_backoff,
+                                                               lambda p: library.load(p, node)),
+                                               retryPolicy=self.pub_backoff, clock=link._reactor)
         self.pub.setServiceParent(self)
         #: the subscriber connection, once past AUTH (its channels sent)
         self.following: ShardSubscriberProtocol | None = None
@@ -205,10 +219,12 @@ class ClusterLink(FollowsSlotMap, BatchedChannelChanges, MultiService):
         #: slots of the last map that have a master
         self._covered = 0
         self._control_endpoint = _AnyNodeEndpoint(self)
-        self._control_backoff = Backoff(maximum=retry_max_delay)
-        self._control = ClientService(self._control_endpoint,
-                                      _CommandFactory(self.seeds[0], timeout, self._control_backoff),
-                                      retryPolicy=self._control_backoff, clock=reactor)
+        # the slot map reads say their failed tries while no shard is there to say them
+        control_report = RetryLog(self.description, " (slot map reads)", lambda: not self.shards)
+        self._control_backoff = Backoff(maximum=retry_max_delay, report=control_report)
+        self._control = _private.QuietClientService(ReportingEndpoint(self._control_endpoint, control_report),
+                                                    _CommandFactory(self.seeds[0], timeout, self._control_backoff),
+                                                    retryPolicy=self._control_backoff, clock=reactor)
         self._control.setServiceParent(self)
         #: how long to wait before reading the slot map again while it is not settled
         self._refresh_backoff = Backoff(initial=0.25, maximum=retry_max_delay)

@@ -10,8 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from sockdrawer.brokers import slots as _slots
 from sockdrawer.core import history
@@ -33,23 +35,104 @@ class Backoff:
     """
 
     def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0, jitter: float = 0.25,
-                 random: Callable[[], float] = random.random) -> None:
+                 random: Callable[[], float] = random.random, report: RetryLog | None = None) -> None:
         self.initial = initial
         self.maximum = maximum
         self.factor = factor
         self.jitter = jitter
         self._random = random
         self.failures = 0
+        #: says in the log why a try failed and when the next one is
+        self.report = report
 
     def __call__(self, attempt: int = 0) -> float:
         n, self.failures = self.failures, self.failures + 1
         if n == 0:
-            return 0.0
-        base = min(self.maximum, self.initial * self.factor ** min(n - 1, 64))
-        return min(self.maximum, base * (1 + self.jitter * self._random()))
+            delay = 0.0
+        else:
+            base = min(self.maximum, self.initial * self.factor ** min(n - 1, 64))
+            delay = min(self.maximum, base * (1 + self.jitter * self._random()))
+        if self.report is not None:
+            self.report.retrying(delay)
+        return delay
 
     def reset(self) -> None:
         self.failures = 0
+        if self.report is not None:
+            self.report.working()
+
+
+class RetryLog:
+    """
+    One Redis connection's failed tries, said once each in sockdrawer's
+    words: what failed (the connect's error, or Redis refusing AUTH or
+    SELECT) and when the next try is, with the count of failed tries in a
+    row; and, when it works again, one line saying so.  A working connection
+    that drops is not a failed try (the link says that itself).
+
+    ``loud`` says whether this connection's failures are news: the
+    publishing and history connections of a link whose subscriber connection
+    also fails say nothing, so a node that cannot reach Redis says so once
+    per try, not once per connection.
+    """
+
+    def __init__(self, url: str, what: str = "", loud: Callable[[], bool] = lambda: True,
+                 log: Logger = _log) -> None:
+        self.url = url
+        self.what = what
+        self.loud = loud
+        self.log = log
+        #: failed tries in a row
+        self.tries = 0
+        self._reason: str | None = None
+        self._said = False
+
+    def failed(self, reason: str) -> None:
+        """This try failed, for ``reason`` (its line comes with the next try's delay)."""
+        self._reason = reason
+
+    def retrying(self, delay: float) -> None:
+        reason, self._reason = self._reason, None
+        if reason is None:
+            return  # a working connection dropped: not a failed try
+        self.tries += 1
+        if not self.loud():
+            return
+        self._said = True
+        reason = reason.rstrip(".").replace("Redis error: could not auth: ", "AUTH refused: ")
+        when = f"in {delay:.1f} s" if delay > 0 else "now"
+        self.log.warn("cannot use Redis at {url}{what}: {reason}; trying again {when} ({tries} failed in a row)",
+                      url=self.url, what=self.what, reason=reason, when=when, tries=self.tries)
+
+    def working(self) -> None:
+        if self._said:
+            self.log.info("Redis at {url}{what} works again after {tries} failed tries",
+                          url=self.url, what=self.what, tries=self.tries)
+        self.tries = 0
+        self._reason = None
+        self._said = False
+
+
+@implementer(IStreamClientEndpoint)
+class ReportingEndpoint:
+    """An endpoint that tells a :class:`RetryLog` why a connect failed."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, report: RetryLog) -> None:
+        self.endpoint = endpoint
+        self.report = report
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = self.endpoint.connect(factory)
+
+        def failed(f: Failure) -> Failure:
+            self.report.failed(f.getErrorMessage())
+            return f
+
+        d.addErrback(failed)
+        return d
+
+    def __repr__(self) -> str:
+        return repr(self.endpoint)
 
 
 class BatchedChannelChanges:

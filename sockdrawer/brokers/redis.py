@@ -33,6 +33,8 @@ from sockdrawer.brokers.linkparts import (
     Backoff,
     BatchedChannelChanges,
     HistoryLibrary,
+    ReportingEndpoint,
+    RetryLog,
     _ping,
     read_history,
 )
@@ -52,11 +54,16 @@ _log = Logger(namespace="sockdrawer.redis")
 
 class _LinkFactoryMixin(_private.ConnectionPoolBypass):
     link: RedisLink
+    backoff: Backoff
 
     def connectionError(self, why: str) -> None:
         # txredisapi reports AUTH and SELECT failures here; the connection is
-        # then closed and ClientService retries with backoff.
-        _log.error("Redis link to {url}: {why}", url=str(self.link.url), why=why)
+        # then closed and ClientService retries with backoff, whose RetryLog
+        # says why, with the next try's delay
+        if self.backoff.report is not None:
+            self.backoff.report.failed(why)
+        else:
+            _log.error("Redis link to {url}: {why}", url=str(self.link.url), why=why)
 
 
 class _SubscriberFactory(_LinkFactoryMixin, txredisapi.SubscriberFactory):  # type: ignore[misc]
@@ -65,6 +72,7 @@ class _SubscriberFactory(_LinkFactoryMixin, txredisapi.SubscriberFactory):  # ty
     def __init__(self, link: RedisLink) -> None:
         super().__init__()
         self.link = link
+        self.backoff = link._sub_backoff
         _configure(self, link)
 
     def buildProtocol(self, addr: Any) -> RedisSubscriberProtocol:
@@ -83,14 +91,14 @@ class _PublisherFactory(_LinkFactoryMixin, txredisapi.RedisFactory):  # type: ig
     def __init__(self, link: RedisLink, backoff: Backoff | None = None, publishes: bool = True) -> None:
         super().__init__(None, None, 1)
         self.link = link
-        self.backoff = backoff
+        self.backoff = backoff if backoff is not None else link._pub_backoff
         self.publishes = publishes
         _configure(self, link)
 
     def buildProtocol(self, addr: Any) -> Any:
         p = super().buildProtocol(addr)
         link = self.link
-        backoff = self.backoff if self.backoff is not None else link._pub_backoff
+        backoff = self.backoff
         # ready means AUTH passed: only then does the backoff start over
         ready = p.whenConnected()
         ready.addCallback(lambda _: backoff.reset())
@@ -168,16 +176,26 @@ class RedisLink(BatchedChannelChanges, MultiService):
         self._subscribed_once = False
         self.subscriber: RedisSubscriberProtocol | None = None
         endpoint = url.endpoint(reactor, timeout)
-        self._sub_backoff = Backoff(maximum=retry_max_delay)
-        self._pub_backoff = Backoff(maximum=retry_max_delay)
-        self._sub = ClientService(endpoint, _SubscriberFactory(self), retryPolicy=self._sub_backoff, clock=reactor)
+        # each connection's failed tries are logged once, in our words; the
+        # publishing and history connections only while the subscriber works
+        # (when it fails too, its line says it all)
+        def alone() -> bool:
+            return self.subscriber is not None
+
+        reports = (RetryLog(self.description), RetryLog(self.description, " (publishing)", alone),
+                   RetryLog(self.description, " (history reads)", alone))
+        self._sub_backoff, self._pub_backoff, self._read_backoff = (
+            Backoff(maximum=retry_max_delay, report=report) for report in reports)
+        self._sub = _private.QuietClientService(ReportingEndpoint(endpoint, reports[0]), _SubscriberFactory(self),
+                                                retryPolicy=self._sub_backoff, clock=reactor)
         self._sub.setServiceParent(self)
-        self._pub = ClientService(endpoint, _PublisherFactory(self), retryPolicy=self._pub_backoff, clock=reactor)
+        self._pub = _private.QuietClientService(ReportingEndpoint(endpoint, reports[1]), _PublisherFactory(self),
+                                                retryPolicy=self._pub_backoff, clock=reactor)
         self._pub.setServiceParent(self)
         # history replays have a connection of their own: a page being read never delays a publish
-        self._read_backoff = Backoff(maximum=retry_max_delay)
-        self._read = ClientService(endpoint, _PublisherFactory(self, self._read_backoff, publishes=False),
-                                   retryPolicy=self._read_backoff, clock=reactor)
+        self._read = _private.QuietClientService(ReportingEndpoint(endpoint, reports[2]),
+                                                 _PublisherFactory(self, self._read_backoff, publishes=False),
+                                                 retryPolicy=self._read_backoff, clock=reactor)
         self._read.setServiceParent(self)
         # Sentinel: the service that follows the master's switches runs with the link
         follower = getattr(url, "follower", None)

@@ -22,7 +22,7 @@ from sockdrawer.brokers import slots as _slots
 from sockdrawer.brokers.linkparts import Backoff, _command
 from sockdrawer.brokers.subscriber import HIREDIS, MAX_CHANNELS_PER_COMMAND
 from sockdrawer.brokers.url import RedisURL
-from sockdrawer.core.channels import Namespace
+from sockdrawer.core.channels import Namespace, printable
 from sockdrawer.core.interfaces import IChannelHub
 from sockdrawer.core.presence import READ_SCRIPT, RedisPresence, channel_json, events_channel
 
@@ -236,7 +236,7 @@ class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
             return False
         if self.max_message_size and len(message) > self.max_message_size:
             _log.warn("dropped a {size}-byte message on {channel!r}: over the limit of {limit} bytes",
-                      size=len(message), channel=key, limit=self.max_message_size)
+                      size=len(message), channel=printable(key), limit=self.max_message_size)
             return False
         self.hub.deliver(key, message, offset)
         link.messages += 1
@@ -281,11 +281,16 @@ class ShardSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
 
 class _FactoryMixin(_private.ConnectionPoolBypass):
     url: RedisURL
+    backoff: Backoff | None = None
 
     def connectionError(self, why: str) -> None:
         # txredisapi reports AUTH failures here; the connection is then
-        # closed and ClientService retries with backoff
-        _log.error("Redis Cluster node {url}: {why}", url=str(self.url), why=why)
+        # closed and ClientService retries with backoff, whose RetryLog says
+        # why, with the next try's delay
+        if self.backoff is not None and self.backoff.report is not None:
+            self.backoff.report.failed(why)
+        else:
+            _log.error("Redis Cluster node {url}: {why}", url=str(self.url), why=why)
 
 
 def _configure(factory: Any, url: RedisURL, timeout: float) -> None:

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from sockdrawer import _private
 from sockdrawer.brokers.linkparts import _command
-from sockdrawer.core.channels import Namespace
+from sockdrawer.core.channels import Namespace, printable
 from sockdrawer.core.interfaces import IChannelHub
 from sockdrawer.core.stats import Histogram
 
@@ -331,7 +331,7 @@ class RedisSubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[mi
         _log.warn(
             "dropped a {size}-byte message on {channel!r}: over the limit of {limit} bytes",
             size=size,
-            channel=key,
+            channel=printable(key),
             limit=self.max_message_size,
         )
 

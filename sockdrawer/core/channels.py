@@ -135,3 +135,10 @@ class Namespace:
 
     def __repr__(self) -> str:
         return f"Namespace({self.name!r})"
+
+
+def printable(channel: bytes | str | None) -> str:
+    """A channel name for a log line: text, never a ``b'...'`` repr (undecodable bytes replaced)."""
+    if isinstance(channel, bytes):
+        return channel.decode("utf-8", "replace")
+    return str(channel)

@@ -9,11 +9,12 @@ from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.logger import Logger
 from zope.interface import implementer
 
+from sockdrawer.core.channels import printable
 from sockdrawer.core.history import HistoryReset, MemoryHistory, Replay
 from sockdrawer.core.interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
+from sockdrawer.core.logs import NamedLogger
 from sockdrawer.core.stats import Histogram
 
 _Receive = Callable[[Batch], None]
@@ -40,7 +41,7 @@ class MemoryChannelHub:
     broker subscribes per channel.
     """
 
-    _log = Logger(namespace="sockdrawer.hub.MemoryChannelHub")
+    _log = NamedLogger(namespace="sockdrawer.hub.MemoryChannelHub")
 
     def __init__(self) -> None:
         self._sinks: dict[bytes, dict[ISink, None]] = {}
@@ -73,7 +74,7 @@ class MemoryChannelHub:
                     observer.channel_closed(key)
             except Exception:
                 self._log.failure("channel observer {observer!r} failed on channel {channel!r}",
-                                  observer=observer, channel=key)
+                                  observer=observer, channel=printable(key))
 
     def subscribe(self, key: bytes, sink: ISink) -> None:
         sinks = self._sinks.get(key)
@@ -185,7 +186,7 @@ class MemoryChannelHub:
                 receive(batch)
             except Exception:
                 self._log.failure("sink {sink!r} failed on channel {channel!r}",
-                                  sink=receive, channel=key)
+                                  sink=receive, channel=printable(key))
 
 
 def history_reader(broker: IBroker, limit: int) -> Callable[[bytes, str | None], Deferred[Replay]]:

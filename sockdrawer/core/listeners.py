@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, maybeDeferred, succeed
-from twisted.logger import Logger
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sockdrawer.core.channels import printable
 from sockdrawer.core.interfaces import Batch, IChannelHub, ISink
+from sockdrawer.core.logs import NamedLogger
 from sockdrawer.core.subscriber import BROKER, Source, Subscriber
 
 
@@ -90,7 +92,7 @@ class _FailureLog:
     every frame cannot flood the log.
     """
 
-    _log = Logger(namespace="sockdrawer.listeners")
+    _log = NamedLogger(namespace="sockdrawer.listeners.ListenerRegistry")
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
@@ -104,12 +106,14 @@ class _FailureLog:
         self.count += 1
         if handler not in self._seen:
             self._seen.add(handler)
+            # an application's error, not sockdrawer's: error, not critical
             self._log.failure(
                 "listener handler {handler} failed on channel {channel!r} ({kind}); further failures of this "
                 "handler are counted and logged once a minute",
                 failure,
+                level=LogLevel.error,
                 handler=handler,
-                channel=source.channel,
+                channel=printable(source.channel),
                 kind=source.kind,
             )
             return
@@ -177,7 +181,7 @@ class ListenerRegistry:
     :param clock: the reactor, for the once-a-minute failure counts.
     """
 
-    _log = Logger(namespace="sockdrawer.listeners.ListenerRegistry")
+    _log = NamedLogger(namespace="sockdrawer.listeners.ListenerRegistry")
 
     def __init__(self, listeners: Iterable[str | type[Subscriber] | Subscriber] = (), *, clock: Any) -> None:
         self.instances: list[Subscriber] = []
@@ -319,7 +323,7 @@ class ListenerRegistry:
                     self._log.warn(
                         "listener handler {handler} held the reactor for {ms:.0f} ms on channel {channel!r}: "
                         "no socket is served meanwhile; return a Deferred or use deferToThread for slow work",
-                        handler=_name(handler), ms=held * 1000, channel=source.channel,
+                        handler=_name(handler), ms=held * 1000, channel=printable(source.channel),
                     )
         except Exception:
             self._failures.failed(_name(handler), Failure(), source)

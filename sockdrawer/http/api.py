@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from sockdrawer import _private
-from sockdrawer.core.channels import ChannelNameError, channel_from_path
+from sockdrawer.core.channels import ChannelNameError, channel_from_path, printable
 
 
 class NodeView(Protocol):
@@ -205,7 +205,7 @@ class ApiResource(Resource):
                 request.finish()
 
         def failed(failure: Failure) -> None:
-            _log.warn("presence of {channel!r} unavailable: {error}", channel=key,
+            _log.warn("presence of {channel!r} unavailable: {error}", channel=printable(key),
                       error=failure.getErrorMessage() or repr(failure.value))
             if not finished:
                 request.write(_respond(request, 503, {"error": "broker unavailable"}))

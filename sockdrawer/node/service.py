@@ -78,8 +78,11 @@ class ListeningService(Service):
         self._starting = False
         if failed_at_once:  # as with TCP: raise to whoever started the service
             if self.exit_on_failure:
-                raise SystemExit(f"sockdrawer: cannot listen on {self.description}: "
-                                 f"{failed_at_once[0].getErrorMessage()}")
+                # one line of ours, then exit status 1 (a message in SystemExit would reach the
+                # log as a line of "stderr")
+                _log.error("cannot listen on {endpoint}: {why}", endpoint=self.description,
+                           why=failed_at_once[0].getErrorMessage())
+                raise SystemExit(1)
             failed_at_once[0].raiseException()
 
     def _listen_failed(self, failure: Failure, failed_at_once: list[Failure]) -> None:
@@ -312,10 +315,10 @@ class SockDrawerService(MultiService):
             claim = redis_claim(self.broker.execute, self.namespace.name, _node_name())
         self.listeners.attach(self.hub, self._listener_publish, claim)
         _log.info(
-            "sockdrawer starting: WebSocket on {port}, API on {api}, broker {broker}, namespace {name!r}, "
+            "sockdrawer starting: WebSocket on {port}, API {api}, broker {broker}, namespace {name!r}, "
             "{count} listener(s)",
             port=self.websocket.description,
-            api=self.api.description if self.api else "off",
+            api=f"on {self.api.description}" if self.api else "off",
             broker=self.broker.description,
             name=self.namespace.name,
             count=len(self.listeners.instances),

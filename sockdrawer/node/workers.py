@@ -463,7 +463,8 @@ class WorkerSupervisor(Service):
             self._reserved = reuseport_socket(self.address)
         except OSError as e:
             if self.exit_on_failure:
-                raise SystemExit(f"sockdrawer: cannot listen on {self.address.description()}: {e}") from None
+                _log.error("cannot listen on {endpoint}: {why}", endpoint=self.address.description(), why=str(e))
+                raise SystemExit(1) from None
             raise
         port = self._reserved.getsockname()[1]
         count = self.settings.workers

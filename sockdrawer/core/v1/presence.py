@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sockdrawer.core import presence as _presence
+from sockdrawer.core.channels import printable
 from sockdrawer.core.interfaces import Batch, IChannelHub, ISink
 from sockdrawer.core.v1.messages import control
 from sockdrawer.core.v1.session import Subscription, V1Session
@@ -140,7 +141,7 @@ class PresenceGroup:
             return
         if not self._warned:
             self._warned = True
-            _log.warn("presence of {channel!r} unavailable ({error}); retrying", channel=self.channel,
+            _log.warn("presence of {channel!r} unavailable ({error}); retrying", channel=printable(self.channel),
                       error=failure.getErrorMessage() or type(failure.value).__name__)
         if not self.synced:
             self._schedule_resync()
@@ -357,7 +358,7 @@ class PresenceService(Service):
         d.addErrback(self._leave_failed, sub.channel)
 
     def _leave_failed(self, failure: Failure, channel: str) -> None:
-        _log.warn("presence leave on {channel!r} failed ({error}); the entry expires", channel=channel,
+        _log.warn("presence leave on {channel!r} failed ({error}); the entry expires", channel=printable(channel),
                   error=failure.getErrorMessage() or type(failure.value).__name__)
 
     def entries(self, key: bytes) -> Deferred[list[dict[str, Any]]]:

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sockdrawer.core.channels import ChannelNameError, validate_channel
+from sockdrawer.core.channels import ChannelNameError, printable, validate_channel
 from sockdrawer.core.history import HistoryReset, Replay
 from sockdrawer.core.interfaces import Batch
 from sockdrawer.core.subscriber import SOCKET, Source
@@ -528,7 +528,7 @@ class V1Session:
         if failure.check(HistoryReset) and since is not None and self.host.history is not None:
             self._read(sub, None, True, True, first=True)
             return
-        _log.warn("history of {channel!r} unavailable: {error}", channel=sub.channel,
+        _log.warn("history of {channel!r} unavailable: {error}", channel=printable(sub.channel),
                   error=failure.getErrorMessage())
         self.unsubscribe(sub.key)
         self.error(503, "history unavailable", sub.channel)

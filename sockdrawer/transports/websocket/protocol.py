@@ -15,10 +15,10 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 
 from sockdrawer import _private
-from sockdrawer.core.channels import ChannelNameError, channel_from_path
+from sockdrawer.core.channels import ChannelNameError, channel_from_path, printable
+from sockdrawer.core.logs import NamedLogger
 from sockdrawer.core.subscriber import SOCKET, Source
 from sockdrawer.core.tokens import Grant, TokenRefused
 from sockdrawer.core.v1 import SUBPROTOCOL, Peer, V1Session
@@ -62,7 +62,7 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
     factory: SocketRegistry
     transport: Any
     closeHandshakeTimeout: float  # an option, from the factory
-    _log = Logger(namespace="sockdrawer.websocket.SockDrawerServerProtocol")
+    _log = NamedLogger(namespace="sockdrawer.websocket.SockDrawerServerProtocol")
 
     key: bytes | None = None
     #: :data:`~sockdrawer.fanout.PLAIN`, or the permessage-deflate window bits
@@ -286,9 +286,8 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
         raise ConnectionDeny(code, reason)
 
     def refusing(self, reason: str, code: int, responseHeaders: Any) -> tuple[str, int, Any]:
-        # Autobahn puts request details (method, version, Host header) and
-        # exception texts into the status line; send the standard phrase
-        # instead, and log the detail.
+        # Autobahn puts request details and exception texts into the status
+        # line: send the standard phrase, log the detail (one line a refusal)
         factory = self.factory
         factory.refusals[code] = factory.refusals.get(code, 0) + 1
         headers = [h for h in (responseHeaders or []) if h[0].lower() != "sec-websocket-version"]
@@ -297,8 +296,11 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
             # would be refused too)
             code = 426
             responseHeaders = [*headers, ("Sec-WebSocket-Version", "13")]
+        # a 500 was logged with its traceback already
+        if not (code == 500 and reason == self._own_reason):
+            self._log.info("refused a WebSocket handshake from {peer}: {code} {reason}", peer=self.peer, code=code,
+                           reason=reason)
         if reason != self._own_reason:
-            self._log.info("refused a WebSocket handshake from {peer}: {reason}", peer=self.peer, reason=reason)
             try:
                 reason = HTTPStatus(code).phrase
             except ValueError:
@@ -538,7 +540,7 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
             return
         self._log.info(
             "cutting off a slow reader on {channel!r} from {peer}: {why}",
-            channel=self.key,
+            channel=printable(self.key),
             peer=self.peer,
             why=why,
         )
@@ -578,14 +580,14 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
         try:
             payload, opcode = reply_frame(result)
         except TypeError as e:
-            self._log.error("listener reply on {channel!r} {error}", channel=self.key, error=e)
+            self._log.error("listener reply on {channel!r} {error}", channel=printable(self.key), error=e)
             return
         limit = self.factory.max_reply_size
         if len(payload) > limit:
             self._log.warn(
                 "listener reply of {size} bytes on {channel!r} not sent: over --max-reply-size ({limit})",
                 size=len(payload),
-                channel=self.key,
+                channel=printable(self.key),
                 limit=limit,
             )
             return
