@@ -954,6 +954,13 @@ def run_command(session: Session, command: Command, started: list[Node]) -> None
         run_websockets_client(session, command, nodes[-1] if nodes else session.node())
     else:
         env = session.env(command.env)
+        if any(a.endswith("send_message.py") for a in argv):
+            # it must reach someone (exit status 2 otherwise): a node is up; without --url it talks to the
+            # node's API at its default, 127.0.0.1:8021, which is the API port that node got here
+            nodes = [n for n in started if n.kind == "node"]
+            node = nodes[-1] if nodes else session.node()
+            if "--url" not in argv:
+                env["SOCKDRAWER_URL"] = f"http://127.0.0.1:{node.api_port}"
         done = subprocess.run(session.executable(argv, env), cwd=session.cwd, env=env, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=300)
         output = done.stdout + done.stderr

@@ -169,8 +169,9 @@ def _open_sockets(port: int, count: int) -> list[socket.socket]:
 
 
 def test_sigterm_drains_1000_sockets_over_the_window(tmp_path: Any) -> None:
-    """SIGTERM with 1,000 open sockets: /ready turns 503 at once, every socket gets 1012 'service restart',
-    spread over --drain-window, and the process exits within the window plus --shutdown-timeout."""
+    """SIGTERM with 1,000 open sockets: /ready turns 503 at once and still answers 503 while the sockets are
+    being closed, every socket gets 1012 'service restart', spread over --drain-window, and the process exits
+    within the window plus --shutdown-timeout."""
     window, timeout, delay = 2.0, 2.0, 0.5
     args = ["--drain-window", str(window), "--shutdown-timeout", str(timeout), "--drain-delay", str(delay),
             "--max-connections-per-ip", "5000", "--max-pending-handshakes", "2000",
@@ -190,7 +191,13 @@ def test_sigterm_drains_1000_sockets_over_the_window(tmp_path: Any) -> None:
         closed: dict[socket.socket, tuple[float, int, bytes]] = {}
         buffers: dict[socket.socket, bytes] = {}
         deadline = signalled + delay + window + timeout + 5
+        asked_midway = None
         while len(closed) < len(sockets) and time.monotonic() < deadline:
+            if asked_midway is None and len(closed) >= 300:  # the window is under way
+                try:
+                    asked_midway = get(f"http://127.0.0.1:{node.api_port}/ready")[0]
+                except urllib.error.URLError:  # refused: the API port is closed
+                    asked_midway = 0
             for key, _ in selector.select(timeout=0.5):
                 s = key.fileobj
                 assert isinstance(s, socket.socket)
@@ -212,6 +219,7 @@ def test_sigterm_drains_1000_sockets_over_the_window(tmp_path: Any) -> None:
         for s in sockets:
             s.close()
     assert len(closed) == 1000
+    assert asked_midway == 503, "the API stopped before the sockets were closed"
     codes = {code for _, code, _ in closed.values()}
     assert codes == {1012}, codes
     assert {reason for _, _, reason in closed.values()} == {b"service restart"}

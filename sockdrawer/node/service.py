@@ -330,14 +330,17 @@ class SockDrawerService(MultiService):
         """
         Drain, then stop: ``/ready`` answers 503 at once; sockets are served
         for ``drain_delay`` more seconds (for load balancers to notice), then
-        closed (see :class:`WebSocketService`), then the API and the broker
-        link stop.
+        closed (see :class:`WebSocketService`); once they are, the API and
+        the broker link stop.
         """
         self.draining = True
         delay = self.settings.drain_delay
         if delay > 0 and self.factory.connections:
             _log.info("draining: /ready answers 503; closing sockets in {delay} s", delay=delay)
             yield task.deferLater(self._reactor, delay, lambda: None)
+        # the sockets first: the API answers (/ready with 503) until they are closed, then
+        # stops with the rest (MultiService would stop every part at once)
+        yield defer.maybeDeferred(self.websocket.stopService)
         yield super().stopService()
         self.listeners.detach(self.hub)
         if self.factory.freezer is not None:
