@@ -203,6 +203,8 @@ def run_service(services: list[Any]) -> Any:
 
 
 def pytest_configure(config: Any) -> None:
+    global _config
+    _config = config
     # the example listeners used by the tests live in tests/listeners.py
     sys.path.insert(0, os.path.join(ROOT, "tests"))
 
@@ -214,9 +216,28 @@ CONFORMANCE_COUNTS = pytest.StashKey[dict[str, dict[str, float]]]()
 
 
 @pytest.fixture
-def conformance_summary(request: pytest.FixtureRequest) -> dict[str, dict[str, float]]:
-    """Where a conformance run stores its behaviour counts, for the table at the end of the session."""
-    return request.config.stash.setdefault(CONFORMANCE_COUNTS, {})
+def conformance_summary(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, float]]]:
+    """Where a conformance run stores its behaviour counts, for the table at the end of the session: they
+    travel in the test's report (``user_properties``), so they reach the table from an xdist worker too."""
+    counts: dict[str, dict[str, float]] = {}
+    yield counts
+    request.node.user_properties.append(("conformance", counts))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "teardown":
+        return
+    for name, value in report.user_properties:
+        if name == "conformance":
+            _config.stash.setdefault(CONFORMANCE_COUNTS, {}).update(value)
+
+
+_config: pytest.Config
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker more than the cores (the tests mostly wait on sockets and child processes), at most 8."""
+    return min(8, (os.cpu_count() or 1) + 1)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

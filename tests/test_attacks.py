@@ -227,7 +227,9 @@ async def test_one_address_cannot_hold_the_handshake_pool(run_service: Any) -> N
         s = socket.create_connection(("127.0.0.1", svc.ws_port))
         silent.append(s)
     try:
-        await wait_for(lambda: svc.factory.refusals.get(503, 0) >= 25)
+        # a refused connection leaves the pool when it is closed, a reactor turn or more after its 503
+        await wait_for(lambda: svc.factory.refusals.get(503, 0) >= 25 and svc.factory.pending <= 5)
+        assert svc.factory.refusals.get(503, 0) == 25
         assert svc.factory.pending == 5
         assert svc.factory.pending_per_ip == {"127.0.0.1": 5}
 
