@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 CORE = ("twisted", "autobahn", "txredisapi")
 
@@ -27,7 +27,13 @@ def available(name: str) -> list[Version]:
     match = re.search(r"Available versions: (.+)", out)
     if match is None:
         raise SystemExit(f"pip index versions {name}: no versions in {out!r}")
-    return [Version(v.strip()) for v in match.group(1).split(",")]
+    versions = []
+    for v in match.group(1).split(","):
+        try:
+            versions.append(Version(v.strip()))
+        except InvalidVersion:  # an old upload's name, such as autobahn's 0.3.1.win32
+            continue
+    return versions
 
 
 def main() -> None:
