@@ -84,6 +84,13 @@ class ServiceCollector(Collector):
                                   value=factory.stats.bytes_sent)
         yield CounterMetricFamily("sockdrawer_slow_cutoffs", "Sockets cut off for reading too slowly (1008)",
                                   value=factory.slow_cut_offs)
+        streams = factory.streams
+        yield GaugeMetricFamily("sockdrawer_event_streams", "Open Server-Sent Events streams (in sockdrawer_sockets "
+                                "too)", value=streams.open_streams)
+        yield CounterMetricFamily("sockdrawer_event_stream_deliveries", "Messages times the event streams they "
+                                  "were written to", value=streams.delivered)
+        yield CounterMetricFamily("sockdrawer_event_stream_cutoffs", "Event streams cut off for reading too slowly",
+                                  value=streams.cut_offs)
         yield CounterMetricFamily("sockdrawer_rate_limited", "Sockets closed for sending too many frames (1008)",
                                   value=factory.rate_limited)
         yield CounterMetricFamily("sockdrawer_frames_received", "Frames received from sockets",

@@ -1,7 +1,7 @@
 """
 The WebSocket side: an Autobahn server whose sockets join their channel's
 group by their path (:mod:`sockdrawer.fanout`), and pass the frames browsers
-send to the listeners.
+send to the listeners; a request for an event stream goes to the SSE side.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sockdrawer.core.logs import NamedLogger
 from sockdrawer.core.subscriber import SOCKET, Source
 from sockdrawer.core.tokens import Grant, TokenRefused
 from sockdrawer.core.v1 import SUBPROTOCOL, Peer, V1Session
+from sockdrawer.transports.sse.connection import StreamingConnection
 from sockdrawer.transports.websocket.compression import acceptable_offers
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup
 from sockdrawer.transports.websocket.frames import TEXT, reply_frame
@@ -43,7 +44,7 @@ _STATE_OPEN = _private.GuardedServerProtocol.STATE_OPEN
 _HIGH_WATER = 64 * 1024
 
 
-class SockDrawerServerProtocol(_private.GuardedServerProtocol):
+class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtocol):  # type: ignore[misc]
     """
     One browser connection on one channel, a member of that channel's
     :class:`~sockdrawer.fanout.ChannelGroup` for its encoding while it is
@@ -55,8 +56,7 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
     ``slow_timeout`` seconds, is cut off with close code 1008.
     """
 
-    # Autobahn calls transport.setTcpNoDelay(self.tcpNoDelay) before copying the factory's
-    # options, so it must be a class attribute.  A push service wants each event on the wire at once.
+    # a class attribute (Autobahn sets it before copying options): each event on the wire at once
     tcpNoDelay = True
 
     factory: SocketRegistry
@@ -78,17 +78,13 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
     _slow_timer: IDelayedCall | None = None
     #: set when cutting off a slow reader: no waiting for its buffer to drain
     _abort_on_close = False
-    #: whether a producer registered with the transport is told when its
-    #: buffer fills and drains
+    #: whether a producer registered with the transport hears of its buffer filling and draining
     _watched = False
-    #: the reason of a refusal sockdrawer chose itself (fixed text, safe
-    #: for the status line)
+    #: the reason of a refusal sockdrawer chose itself (fixed text, safe for the status line)
     _own_reason: str | None = None
-    #: the token of a handshake in progress (taken out of the request
-    #: before Autobahn sees it, so it is never logged)
+    #: the token of a handshake in progress (taken out before Autobahn sees it: never logged)
     _token: str | None = None
-    #: the opening handshake as received so far, until its blank line
-    _head = b""
+    _head = b""  # the request head as received so far, until its blank line
     _head_complete = False
     #: the ``sub`` of the token this socket presented
     user: str | None = None
@@ -179,10 +175,11 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
         return True
 
     def dataReceived(self, data: bytes) -> None:
+        if self.streaming:
+            return  # an event stream's client has nothing more to say
         if self.state == self.STATE_CONNECTING and not self._head_complete:
-            # Collect the request head ourselves: its size is capped (frames
-            # a client sends right behind it do not count), and a token in
-            # it is taken out before Autobahn parses or logs anything.
+            # the request head, collected here: its size capped, a token taken out before Autobahn
+            # parses or logs anything, a request for an event stream handed to the SSE side
             head = self._head + data
             end = head.find(b"\r\n\r\n")
             if (end if end >= 0 else len(head)) > self.factory.max_handshake_size:
@@ -197,12 +194,15 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
             self._head_complete = True
             if self.factory.verifier is not None:
                 self._token, head = take_token(head)
+            if self.take_stream_request(head[:end], self._token):
+                return
             if head.lower().count(b"\r\nsec-websocket-extensions:", 0, end + 2) > 1:
                 head = merge_extension_headers(head)
             data = head
         _private.feed(self, data)
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.stream_lost()
         self._leave()
         self._cancel_expiry()
         super().connectionLost(reason)
@@ -228,11 +228,9 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
         factory = self.factory
         token, self._token = self._token, None
         if request.version != 13:
-            # older drafts carry the origin in another header, and no browser
-            # has used them for a decade: refuse rather than skip the check
+            # older drafts carry the origin elsewhere, and no browser uses them: refuse
             self._deny(426, "use WebSocket version 13")
-        # The channel comes from the raw request target: Autobahn's
-        # request.path went through urlparse.
+        # the channel comes from the raw request target (Autobahn's request.path went through urlparse)
         target = _private.raw_request_target(self).split("?", 1)[0]
         try:
             key = channel_from_path(target, factory.max_channel_length)
@@ -528,7 +526,9 @@ class SockDrawerServerProtocol(_private.GuardedServerProtocol):
 
     def close_for_shutdown(self, code: int = CLOSE_SERVICE_RESTART) -> None:
         """Start a clean close at server shutdown: 1012 (service restart) or 1001 (going away)."""
-        if self.state == self.STATE_OPEN:
+        if self.streaming:
+            self.transport.loseConnection()  # an event stream ends (its client comes back after retry)
+        elif self.state == self.STATE_OPEN:
             reason = b"service restart" if code == CLOSE_SERVICE_RESTART else b"server shutting down"
             self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)
         elif self.state == self.STATE_CONNECTING:

@@ -17,6 +17,7 @@ from sockdrawer.core.interfaces import IChannelHub
 from sockdrawer.core.subscriber import Source
 from sockdrawer.core.tokens import pattern_matches
 from sockdrawer.core.v1 import SessionHost, Subscription
+from sockdrawer.transports.sse.stream import StreamRegistry
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, EnvelopeGroup, FanoutStats
 from sockdrawer.transports.websocket.frames import MAX_WINDOW_BITS
 from sockdrawer.transports.websocket.options import WebSocketOptions
@@ -93,6 +94,8 @@ class SocketRegistry:
         self.deflate_groups: dict[tuple[bytes, int], ChannelGroup] = {}
         self.slow_cut_offs = 0
         self._empty_waiters: list[Deferred[None]] = []
+        #: the event streams served on the same port (Server-Sent Events)
+        self.streams = StreamRegistry(hub, clock, settings.send_buffer)
 
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""
