@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest_twisted
+from childnode import ChildNode
 from conftest import wait_for
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.ui import WebDriverWait
@@ -229,3 +230,183 @@ def test_one_heartbeat_loop_for_all_streams() -> None:
     for stream in streams:
         stream.lost()
     assert hub.subscribers(b"news") == 0 and not clock.getDelayedCalls()
+
+
+# -- sockdrawer.v1 over Server-Sent Events
+
+_LISTEN_V1 = """
+    window.events = [];
+    var source = window.source = new EventSource(arguments[0]);
+    source.onmessage = function (e) { events.push({id: e.lastEventId, data: JSON.parse(e.data)}); };
+    source.onerror = function () { events.push({id: null, data: {op: "error-event"}}); };
+"""
+
+
+def v1_events(driver: Any, predicate: Any, what: str) -> list[dict[str, Any]]:
+    try:
+        events: list[dict[str, Any]] = WebDriverWait(driver, 30, poll_frequency=0.05).until(
+            lambda d: (lambda e: e if predicate(e) else None)(d.execute_script("return window.events;")))
+    except TimeoutException:
+        raise AssertionError(f"{what}: {driver.execute_script('return window.events;')}") from None
+    return events
+
+
+def messages(events: list[dict[str, Any]], channel: str) -> list[str]:
+    return [e["data"]["data"] for e in events if e["data"].get("op") == "message" and e["data"]["channel"] == channel]
+
+
+def test_eventsource_v1_stream_resumes_through_a_node_restart(chromium: Any, serve: Any,  # noqa: F811
+                                                              redis_server: Any, tmp_path: Path) -> None:
+    """``new EventSource("http://<node>/?channel=a&channel=b")`` gets the v1 envelopes of both channels, each
+    event's id a cursor of both; when the node restarts, the browser reconnects by itself with that cursor as
+    Last-Event-ID and gets every message published meanwhile on each channel, exactly once and in order, then
+    live ones."""
+    from conftest import free_port
+
+    from sockdrawer import Client
+
+    port = free_port()
+    args = ["--port", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_server.url, "--history-size", "100",
+            "--drain-window", "0"]
+    nodes = []
+
+    def start(name: str) -> ChildNode:
+        (tmp_path / name).mkdir()
+        node = ChildNode(tmp_path / name, args).start()
+        nodes.append(node)
+        deadline = time.monotonic() + 10
+        with redis_server.client() as r:  # the policy the node writes, for the plain Client to follow
+            while not r.function_list(library="sockdrawer*"):
+                assert time.monotonic() < deadline, node.log_text()
+                time.sleep(0.05)
+        return node
+
+    publisher = Client(redis_server.url)
+    try:
+        node = start("node0")
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "index.html").write_text(PAGE)
+        chromium.get(serve(tmp_path / "site") + "/index.html")
+        chromium.execute_script(_LISTEN_V1, f"http://127.0.0.1:{port}/?channel=sse-a&channel=sse-b")
+        v1_events(chromium, lambda e: sum(x["data"].get("op") == "subscribed" for x in e) == 2, "two subscribed")
+        publisher.pub("a0", "sse-a")
+        publisher.pub("b0", "sse-b")
+        events = v1_events(chromium, lambda e: len(messages(e, "sse-b")) == 1 and messages(e, "sse-a"), "a0, b0")
+        last = [e for e in events if e["data"].get("op") == "message"][-1]
+        assert len(last["id"].split(",")) == 2 and all(last["id"].split(","))
+        node.stop()
+        for message, channel in (("a1", "sse-a"), ("b1", "sse-b"), ("a2", "sse-a")):
+            publisher.pub(message, channel)
+        start("node1")
+        v1_events(chromium, lambda e: "a2" in messages(e, "sse-a") and "b1" in messages(e, "sse-b"), "a1, a2, b1")
+        publisher.pub("a3", "sse-a")
+        events = v1_events(chromium, lambda e: "a3" in messages(e, "sse-a"), "a3")
+    finally:
+        publisher.close()
+        for node in nodes:
+            node.stop()
+    assert messages(events, "sse-a") == ["a0", "a1", "a2", "a3"]
+    assert messages(events, "sse-b") == ["b0", "b1"]
+    assert not [e for e in events if e["data"].get("op") == "reset"]
+
+
+_BUFFERS: dict[socket.socket, bytes] = {}
+
+
+def read_events(s: socket.socket, until: Any, kind: bytes | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """
+    Read a v1 stream from ``s`` (from its start: what was read is kept) until ``until(events)``: the
+    (id, envelope) pairs of its message events, or of its events of type ``kind``.
+    """
+    import json
+
+    while True:
+        events = []
+        for block in _BUFFERS.get(s, b"").split(b"\n\n"):
+            lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+            if b"data" in lines and lines[b"data"].startswith(b"{") and lines.get(b"event") == kind:
+                events.append((lines.get(b"id", b"").decode(), json.loads(lines[b"data"])))
+        if until(events):
+            return events
+        chunk = s.recv(65536)
+        assert chunk, _BUFFERS.get(s)
+        _BUFFERS[s] = _BUFFERS.get(s, b"") + chunk
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_v1_stream_resumes_from_its_cursor_and_refuses_a_foreign_one(run_service: Any) -> None:
+    """A v1 stream's events carry a cursor of all its channels; a new stream with it as Last-Event-ID gets
+    what was published since on each channel and nothing before; a cursor that does not fit the channels
+    gets 400; a cursor with unknown positions gets reset for those channels, and the stream goes on."""
+    svc = await run_service(history_size=100)
+
+    def opened(request: bytes) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", svc.ws_port), timeout=5)
+        s.sendall(request)
+        return s
+
+    first = await deferToThread(opened, stream_request("/?channel=x&channel=y"))
+    try:
+        await wait_for(lambda: svc.hub.subscribers(b"x") and svc.hub.subscribers(b"y"))
+        await svc.publish("x1", "x")
+        await svc.publish("y1", "y")
+        events = await deferToThread(read_events, first, lambda ev: len(ev) == 4)
+    finally:
+        first.close()
+    assert [e["op"] for _, e in events] == ["subscribed", "subscribed", "message", "message"]
+    cursor = events[-1][0]
+    assert cursor.split(",") == [events[2][1]["offset"], events[3][1]["offset"]]
+    await svc.publish("x2", "x")
+    again = await deferToThread(opened, stream_request("/?channel=x&channel=y", f"Last-Event-ID: {cursor}"))
+    try:
+        events = await deferToThread(read_events, again, lambda ev: any(e.get("data") == "x2" for _, e in ev))
+    finally:
+        again.close()
+    assert [e.get("data") for _, e in events if e["op"] == "message"] == ["x2"]
+    answer = await deferToThread(raw_request, svc.ws_port, stream_request("/?channel=x", f"Last-Event-ID: {cursor}"))
+    assert answer.startswith(b"HTTP/1.1 400")
+    forged = await deferToThread(opened, stream_request("/?channel=x&channel=y", "Last-Event-ID: nope,9:9"))
+    try:
+        events = await deferToThread(read_events, forged, lambda ev: sum(e["op"] == "reset" for _, e in ev) == 2)
+    finally:
+        forged.close()
+    await svc.publish("x3", "x")
+    assert svc.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_posts_ops_for_its_stream(run_service: Any) -> None:
+    """A v1 stream names itself in a ``stream`` event; a POST of a v1 op to /?stream=<that id> is accepted
+    (202) and acts as the stream: a send reaches the listeners and their reply comes on the stream, a
+    subscribe adds a channel to it; an unknown id gets 404, a body over --max-message-size 413."""
+
+    import listeners as test_listeners
+
+    svc = await run_service(listeners=(test_listeners.Echo,), max_message_size=1024)
+
+    def stream_id(s: socket.socket) -> str:
+        return str(read_events(s, lambda ev: ev, kind=b"stream")[0][1]["id"])
+
+    def post(path: str, body: bytes) -> bytes:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}"
+        return raw_request(svc.ws_port, head.encode() + b"\r\n\r\n" + body)
+
+    s = socket.create_connection(("127.0.0.1", svc.ws_port), timeout=5)
+    try:
+        s.sendall(stream_request("/?channel=echo"))
+        sid = await deferToThread(stream_id, s)
+        answer = await deferToThread(post, f"/?stream={sid}",
+                                     b'{"op":"send","channel":"echo","data":"hi","id":7}')
+        assert answer.startswith(b"HTTP/1.1 202") and answer.endswith(b'{"accepted": true}')
+        answer = await deferToThread(post, f"/?stream={sid}", b'{"op":"subscribe","channel":"more"}')
+        assert answer.startswith(b"HTTP/1.1 202")
+        events = await deferToThread(read_events, s, lambda ev: len(ev) == 3)
+    finally:
+        s.close()
+    assert [e for _, e in events] == [
+        {"op": "subscribed", "channel": "echo", "offset": None},
+        {"op": "reply", "id": 7, "data": "hi"},
+        {"op": "subscribed", "channel": "more", "offset": None},
+    ]
+    assert (await deferToThread(post, "/?stream=nope", b"{}")).startswith(b"HTTP/1.1 404")
+    assert (await deferToThread(post, f"/?stream={sid}", b"x" * 2000)).startswith(b"HTTP/1.1 413")

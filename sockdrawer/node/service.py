@@ -279,10 +279,12 @@ class SockDrawerService(MultiService):
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
-        self.factory.sessions.presence = self.presence
-        if settings.history_size:
-            # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket
-            self.factory.sessions.history = history_reader(self.broker, PAGE_MESSAGES)
+        hosts = (self.factory.sessions, self.factory.streams.sessions)  # the v1 sessions of sockets and of streams
+        for host in hosts:
+            host.presence = self.presence
+            if settings.history_size:
+                # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket
+                host.history = history_reader(self.broker, PAGE_MESSAGES)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
             drain_window=settings.drain_window, close_code=settings.drain_close_code,

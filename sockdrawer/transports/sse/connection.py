@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sockdrawer.transports.sse.stream import EventStream, event_stream_request, open_stream
+from sockdrawer.transports.sse.admission import answer_post, answer_preflight, open_stream
+from sockdrawer.transports.sse.stream import EventStream, StreamRequest, event_stream_request
 
 
 class StreamingConnection:
@@ -26,15 +27,43 @@ class StreamingConnection:
     #: the stream, once open
     stream: EventStream | None = None
 
-    def take_stream_request(self, head: bytes, token: str | None) -> bool:
-        """Whether ``head`` (the request head, up to its blank line) asked for a stream, which is then answered."""
-        request = event_stream_request(head)
+    #: a POST for a stream's session, while its body arrives
+    _post: StreamRequest | None = None
+    _body = b""
+
+    def take_stream_request(self, data: bytes, end: int, token: str | None) -> bool:
+        """
+        Whether the request in ``data`` (its head ends at ``end``) is one for
+        the event-stream side, which then answers it: a stream, a post for
+        a stream's session (its body may follow), or a preflight.
+        """
+        request = event_stream_request(data[:end])
         if request is None:
             return False
         self.streaming = True
         self._token = None  # the stream's to check, then forgotten
-        open_stream(self, request, token)
+        if request.method == "GET":
+            open_stream(self, request, token)
+        elif request.method == "OPTIONS":
+            answer_preflight(self, request)
+        else:
+            self._post = request
+            self.stream_data(data[end + 4:])
         return True
+
+    def stream_data(self, data: bytes) -> None:
+        """Bytes after a stream request's head: a post's body, up to its ``Content-Length``."""
+        request = self._post
+        if request is None:
+            return  # a stream's client has nothing more to say
+        self._body += data
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > self.factory.options.max_message_size:
+            self._post = None
+            answer_post(self, request, None)
+        elif len(self._body) >= int(length):
+            self._post = None
+            answer_post(self, request, self._body[:int(length)])
 
     def stream_opened(self, key: bytes) -> EventStream:
         """The stream is accepted: out of the handshake counts, into the open connections."""

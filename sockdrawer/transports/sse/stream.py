@@ -8,20 +8,16 @@ channel's streams, with one heartbeat for every stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from sockdrawer import _private
-from sockdrawer.core.channels import ChannelNameError, channel_from_path, printable
+from sockdrawer.core.channels import printable
 from sockdrawer.core.interfaces import Batch, IChannelHub, ISink
 from sockdrawer.core.logs import NamedLogger
-from sockdrawer.core.subscriber import SOCKET, Source
-from sockdrawer.core.tokens import TokenRefused
 from sockdrawer.transports.sse.events import HEARTBEAT, message_event, response_head, retry_hint
 
 #: how often every stream gets a heartbeat comment, and the reconnect delay a stream suggests
@@ -54,23 +50,28 @@ class StreamRequest:
 
 def event_stream_request(head: bytes) -> StreamRequest | None:
     """
-    The request in ``head`` (up to its blank line) if it asks for an event
-    stream: a ``GET`` with ``text/event-stream`` in ``Accept`` and no
-    ``Upgrade``.  Anything else (a WebSocket handshake, a plain ``GET``) is
-    ``None``: the WebSocket side answers it.
+    The request in ``head`` (up to its blank line) if it is one for the
+    event-stream side: a ``GET`` with ``text/event-stream`` in ``Accept`` and
+    no ``Upgrade`` (a stream), a ``POST`` to ``/?stream=<id>`` (an op for
+    that stream's session), or an ``OPTIONS`` preflight for such a post.
+    Anything else (a WebSocket handshake, a plain ``GET``) is ``None``: the
+    WebSocket side answers it.
     """
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET":
+    if len(parts) != 3 or parts[0] not in (b"GET", b"POST", b"OPTIONS"):
         return None
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if colon:
             headers.setdefault(name.strip().lower().decode("latin-1"), value.strip().decode("latin-1"))
-    if "upgrade" in headers or "text/event-stream" not in headers.get("accept", ""):
+    request = StreamRequest(parts[0].decode("ascii"), parts[1].decode("latin-1"), headers)
+    if "upgrade" in headers:
         return None
-    return StreamRequest("GET", parts[1].decode("latin-1"), headers)
+    if request.method == "GET":
+        return request if "text/event-stream" in headers.get("accept", "") else None
+    return request if request.path == "/" and request.query("stream") else None
 
 
 class StreamRefused(Exception):
@@ -89,15 +90,20 @@ class EventStream:
     ``send_buffer`` bytes queued in Twisted's buffer closes the stream.
     """
 
-    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "open")
+    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "open", "session", "id")
 
-    def __init__(self, registry: StreamRegistry, transport: Any, key: bytes, peer: str) -> None:
+    def __init__(self, registry: StreamRegistry, transport: Any, key: bytes | None, peer: str) -> None:
         self.registry = registry
         self.transport = transport
+        #: the channel of a raw stream; ``None`` for a sockdrawer.v1 stream (its session has the channels)
         self.key = key
         self.peer = peer
         self._tcp, _ = _private.tcp_connection(transport)
         self.open = False
+        #: the sockdrawer.v1 session of a v1 stream
+        self.session: Any = None
+        #: a v1 stream's secret name, for the ops its page posts (``None`` until given one)
+        self.id: str | None = None
 
     def write(self, data: bytes) -> None:
         if not self.open:
@@ -106,8 +112,8 @@ class EventStream:
         conn = self._tcp
         if conn is not None and _private.write_backlog(conn) > self.registry.send_buffer:
             self.registry.cut_offs += 1
-            _log.info("cutting off a slow event stream on {channel!r} from {peer}", channel=printable(self.key),
-                      peer=self.peer)
+            _log.info("cutting off a slow event stream on {channel!r} from {peer}",
+                      channel=printable(self.key or b"sockdrawer.v1"), peer=self.peer)
             self.open = False
             self.registry.leave(self)
             self.transport.abortConnection()
@@ -164,6 +170,11 @@ class StreamRegistry:
         self.clock = clock
         self.send_buffer = send_buffer
         self.groups: dict[bytes, StreamGroup] = {}
+        #: every open stream, raw or sockdrawer.v1; v1 streams by id
+        self.streams: dict[EventStream, None] = {}
+        self.by_id: dict[str, EventStream] = {}
+        #: what the sockdrawer.v1 sessions of streams share (set by the server)
+        self.sessions: Any = None
         #: streams opened since start, open now, cut off as slow readers; messages written
         self.opened = 0
         self.cut_offs = 0
@@ -174,119 +185,57 @@ class StreamRegistry:
 
     @property
     def open_streams(self) -> int:
-        return sum(len(g.streams) for g in self.groups.values())
+        return len(self.streams)
 
     def join(self, stream: EventStream) -> None:
-        group = self.groups.get(stream.key)
-        if group is None:
-            group = self.groups[stream.key] = StreamGroup(stream.key, self)
-            self.hub.subscribe(stream.key, group)
-        group.streams[stream] = None
+        """A stream opens: a raw one joins its channel's group."""
+        key = stream.key
+        if key is not None:
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = StreamGroup(key, self)
+                self.hub.subscribe(key, group)
+            group.streams[stream] = None
+        self.streams[stream] = None
         stream.open = True
         self.opened += 1
         if not self._heartbeat.running and self._interval > 0:
             self._heartbeat.start(self._interval, now=False)
 
     def leave(self, stream: EventStream) -> None:
-        group = self.groups.get(stream.key)
-        if group is None or stream not in group.streams:
+        """A stream ends: out of its group (the last one out unsubscribes it), its session closed."""
+        if stream not in self.streams:
             return
-        del group.streams[stream]
-        if not group.streams:
-            del self.groups[stream.key]
-            self.hub.unsubscribe(stream.key, group)
-        if not self.groups and self._heartbeat.running:
+        del self.streams[stream]
+        if stream.id is not None:
+            self.by_id.pop(stream.id, None)
+        session, stream.session = stream.session, None
+        if session is not None:
+            session.close()
+        key = stream.key
+        group = self.groups.get(key) if key is not None else None
+        if group is not None and stream in group.streams:
+            del group.streams[stream]
+            if not group.streams:
+                del self.groups[group.key]
+                self.hub.unsubscribe(group.key, group)
+        if not self.streams and self._heartbeat.running:
             self._heartbeat.stop()
 
     def _beat(self) -> None:
-        for group in list(self.groups.values()):
-            for stream in list(group.streams):
-                stream.write(HEARTBEAT)
+        for stream in list(self.streams):
+            stream.write(HEARTBEAT)
 
 
 _log = NamedLogger(namespace="sockdrawer.sse")
 
 
-def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
-    """
-    Answer ``request`` on ``proto``'s connection (a connection of the
-    WebSocket port whose head asked for an event stream): the response head
-    and the stream, or an error status; the listeners' ``authorize`` may
-    decide later.
-    """
-    factory = proto.factory
-    cors: list[tuple[str, str]] = []
-    try:
-        origin = request.headers.get("origin")
-        if origin:
-            if not factory.origins.allows(origin):
-                raise StreamRefused(403, "origin not allowed")
-            cors = [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
-                    ("Vary", "Origin")]
-        try:
-            key = channel_from_path(request.path, factory.max_channel_length)
-        except ChannelNameError as e:
-            raise StreamRefused(400, str(e)) from None
-        if factory.open_sockets >= factory.options.max_connections:
-            raise StreamRefused(503, "too many connections")
-        channel = key.decode("utf-8")
-        user = None
-        if factory.verifier is not None and (token or not factory.is_public(channel)):
-            try:
-                grant = factory.verifier.verify(token)
-            except TokenRefused as e:
-                raise StreamRefused(e.status, e.reason) from None
-            if not grant.allows(channel):
-                raise StreamRefused(403, "token does not cover this channel")
-            user = grant.user
-        decision = None
-        if factory.authorize is not None:
-            decision = factory.authorize(Source(SOCKET, channel, proto.peer, user))
-    except StreamRefused as e:
-        refuse(proto, e, cors)
-        return
-    if decision is None:
-        _start(proto, key, cors)
-        return
-
-    def decided(allowed: bool) -> None:
-        if not proto.connected:
-            return
-        if allowed:
-            _start(proto, key, cors)
-        else:
-            refuse(proto, StreamRefused(403, "refused by a listener"), cors)
-
-    def failed(failure: Any) -> None:
-        _log.failure("error while deciding on an event stream from {peer}", failure, peer=proto.peer)
-        if proto.connected:
-            refuse(proto, StreamRefused(500, "Internal Server Error"), cors)
-
-    d: Deferred[bool] = decision
-    d.addCallbacks(decided, failed)
-
-
-def refuse(proto: Any, refusal: StreamRefused, cors: list[tuple[str, str]]) -> None:
-    """An error response for a stream request, then the connection closes."""
-    factory = proto.factory
-    factory.refusals[refusal.status] = factory.refusals.get(refusal.status, 0) + 1
-    if refusal.status != 500:
-        _log.info("refused an event stream from {peer}: {code} {reason}", peer=proto.peer, code=refusal.status,
-                  reason=refusal.reason)
-    try:
-        phrase = HTTPStatus(refusal.status).phrase
-    except ValueError:
-        phrase = "Bad Request"
-    body = f"{refusal.status} {phrase}\n".encode()
-    proto.transport.write(response_head(refusal.status, phrase, [
-        ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *cors]) + body)
-    proto.transport.loseConnection()
-
-
-def _start(proto: Any, key: bytes, cors: list[tuple[str, str]]) -> None:
-    stream = proto.stream_opened(key)
+def start_response(proto: Any, key: bytes | None, cors: list[tuple[str, str]]) -> EventStream:
+    """The response head and the retry hint; the stream, counted as open."""
+    stream: EventStream = proto.stream_opened(key)
     proto.transport.write(response_head(200, "OK", [
         ("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
         # nginx: pass each event on at once instead of buffering the response
         ("X-Accel-Buffering", "no"), *cors]) + retry_hint(RETRY_MS))
     proto.factory.streams.join(stream)
+    return stream

@@ -176,7 +176,7 @@ class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtoc
 
     def dataReceived(self, data: bytes) -> None:
         if self.streaming:
-            return  # an event stream's client has nothing more to say
+            return self.stream_data(data)
         if self.state == self.STATE_CONNECTING and not self._head_complete:
             # the request head, collected here: its size capped, a token taken out before Autobahn
             # parses or logs anything, a request for an event stream handed to the SSE side
@@ -194,7 +194,7 @@ class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtoc
             self._head_complete = True
             if self.factory.verifier is not None:
                 self._token, head = take_token(head)
-            if self.take_stream_request(head[:end], self._token):
+            if self.take_stream_request(head, end, self._token):
                 return
             if head.lower().count(b"\r\nsec-websocket-extensions:", 0, end + 2) > 1:
                 head = merge_extension_headers(head)

@@ -18,6 +18,7 @@ from sockdrawer.core.subscriber import Source
 from sockdrawer.core.tokens import pattern_matches
 from sockdrawer.core.v1 import SessionHost, Subscription
 from sockdrawer.transports.sse.stream import StreamRegistry
+from sockdrawer.transports.sse.v1 import StreamFanout
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, EnvelopeGroup, FanoutStats
 from sockdrawer.transports.websocket.frames import MAX_WINDOW_BITS
 from sockdrawer.transports.websocket.options import WebSocketOptions
@@ -94,8 +95,14 @@ class SocketRegistry:
         self.deflate_groups: dict[tuple[bytes, int], ChannelGroup] = {}
         self.slow_cut_offs = 0
         self._empty_waiters: list[Deferred[None]] = []
-        #: the event streams served on the same port (Server-Sent Events)
+        #: the event streams served on the same port (Server-Sent Events), their v1 sessions sharing
+        #: this server's limits, listeners and per-address subscription counts
         self.streams = StreamRegistry(hub, clock, settings.send_buffer)
+        self.streams.sessions = SessionHost(
+            hub, StreamFanout(self.streams), clock, settings.session_limits(),
+            requires_token=self.sessions.requires_token, authorize=authorize, frame_handler=frame_handler,
+        )
+        self.streams.sessions.subscriptions_per_ip = self.sessions.subscriptions_per_ip
 
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""

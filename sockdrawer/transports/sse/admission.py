@@ -1,0 +1,156 @@
+"""
+Whether a request for an event stream is answered with one: the origin (with
+CORS headers for an allowed one), the channel, the connection cap, the token
+and the listeners' ``authorize``, as for a socket; a refusal is a plain HTTP
+answer.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from sockdrawer.core.channels import ChannelNameError, channel_from_path
+from sockdrawer.core.logs import NamedLogger
+from sockdrawer.core.subscriber import SOCKET, Source
+from sockdrawer.core.tokens import TokenRefused
+from sockdrawer.transports.sse.events import response_head
+from sockdrawer.transports.sse.stream import StreamRefused, StreamRequest, start_response
+from sockdrawer.transports.sse.v1 import post_op, start_v1_stream, v1_positions
+
+_log = NamedLogger(namespace="sockdrawer.sse")
+
+
+def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
+    """
+    Answer ``request`` on ``proto``'s connection (a connection of the
+    WebSocket port whose head asked for an event stream): the response head
+    and the stream, or an error status; the listeners' ``authorize`` may
+    decide later.
+    """
+    factory = proto.factory
+    cors: list[tuple[str, str]] = []
+    try:
+        origin = request.headers.get("origin")
+        if origin:
+            if not factory.origins.allows(origin):
+                raise StreamRefused(403, "origin not allowed")
+            cors = [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
+                    ("Vary", "Origin")]
+        try:
+            key = channel_from_path(request.path, factory.max_channel_length)
+        except ChannelNameError as e:
+            raise StreamRefused(400, str(e)) from None
+        if factory.open_sockets >= factory.options.max_connections:
+            raise StreamRefused(503, "too many connections")
+        channels = request.query("channel")
+        if key == b"" and channels:
+            # sockdrawer.v1: the channels are subscribed in the session, each checked there
+            since = v1_positions(request, channels, factory.options.max_subscriptions)
+            grant = None
+            if factory.verifier is not None and token:
+                try:
+                    grant = factory.verifier.verify(token)
+                except TokenRefused as e:
+                    raise StreamRefused(e.status, e.reason) from None
+            start_v1_stream(proto, channels, since, grant, request.query("presence") == ["1"], cors)
+            return
+        channel = key.decode("utf-8")
+        user = None
+        if factory.verifier is not None and (token or not factory.is_public(channel)):
+            try:
+                grant = factory.verifier.verify(token)
+            except TokenRefused as e:
+                raise StreamRefused(e.status, e.reason) from None
+            if not grant.allows(channel):
+                raise StreamRefused(403, "token does not cover this channel")
+            user = grant.user
+        decision = None
+        if factory.authorize is not None:
+            decision = factory.authorize(Source(SOCKET, channel, proto.peer, user))
+    except StreamRefused as e:
+        refuse(proto, e, cors)
+        return
+    if decision is None:
+        _start(proto, key, cors)
+        return
+
+    def decided(allowed: bool) -> None:
+        if not proto.connected:
+            return
+        if allowed:
+            _start(proto, key, cors)
+        else:
+            refuse(proto, StreamRefused(403, "refused by a listener"), cors)
+
+    def failed(failure: Any) -> None:
+        _log.failure("error while deciding on an event stream from {peer}", failure, peer=proto.peer)
+        if proto.connected:
+            refuse(proto, StreamRefused(500, "Internal Server Error"), cors)
+
+    d: Deferred[bool] = decision
+    d.addCallbacks(decided, failed)
+
+
+def refuse(proto: Any, refusal: StreamRefused, cors: list[tuple[str, str]]) -> None:
+    """An error response for a stream request, then the connection closes."""
+    factory = proto.factory
+    factory.refusals[refusal.status] = factory.refusals.get(refusal.status, 0) + 1
+    if refusal.status != 500:
+        _log.info("refused an event stream from {peer}: {code} {reason}", peer=proto.peer, code=refusal.status,
+                  reason=refusal.reason)
+    try:
+        phrase = HTTPStatus(refusal.status).phrase
+    except ValueError:
+        phrase = "Bad Request"
+    body = f"{refusal.status} {phrase}\n".encode()
+    proto.transport.write(response_head(refusal.status, phrase, [
+        ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *cors]) + body)
+    proto.transport.loseConnection()
+
+
+def _start(proto: Any, key: bytes, cors: list[tuple[str, str]]) -> None:
+    start_response(proto, key, cors)
+
+
+def _cors(proto: Any, request: StreamRequest) -> list[tuple[str, str]] | None:
+    """The CORS headers for the request's origin; ``None`` when that origin is not allowed."""
+    origin = request.headers.get("origin")
+    if not origin:
+        return []
+    if not proto.factory.origins.allows(origin):
+        return None
+    return [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
+            ("Vary", "Origin")]
+
+
+def _answer(proto: Any, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+    phrase = HTTPStatus(status).phrase
+    proto.transport.write(response_head(status, phrase, [
+        ("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers]) + body)
+    proto.transport.loseConnection()
+
+
+def answer_preflight(proto: Any, request: StreamRequest) -> None:
+    """An ``OPTIONS`` preflight for a post from another origin: allowed for the allowed origins."""
+    cors = _cors(proto, request)
+    if cors is None:
+        refuse(proto, StreamRefused(403, "origin not allowed"), [])
+        return
+    _answer(proto, 204, b"", [*cors, ("Access-Control-Allow-Methods", "POST"),
+                              ("Access-Control-Allow-Headers", "Content-Type"), ("Access-Control-Max-Age", "600")])
+
+
+def answer_post(proto: Any, request: StreamRequest, body: bytes | None) -> None:
+    """A post of one v1 op for a stream's session (``None``: no length, or over --max-message-size)."""
+    cors = _cors(proto, request)
+    if cors is None:
+        refuse(proto, StreamRefused(403, "origin not allowed"), [])
+        return
+    if body is None:
+        refuse(proto, StreamRefused(413, "no Content-Length, or over --max-message-size"), cors)
+        return
+    status, answer = post_op(proto, request.query("stream")[0], body)
+    _answer(proto, status, answer, cors)
