@@ -39,8 +39,17 @@ export interface SockDrawerOptions {
   maxDelay?: number;
   /** Milliseconds a connection must stay open before the backoff starts over. */
   stableAfter?: number;
-  /** For tests: the WebSocket class, randomness and timers. */
+  /**
+   * What to connect with, in order of preference: by default ["websocket", "sse"] where the browser has
+   * EventSource (Server-Sent Events after two WebSocket attempts failed before opening).
+   */
+  transports?: Array<"websocket" | "sse">;
+  /** Milliseconds on Server-Sent Events before trying WebSocket again (60000; 0: never). */
+  retryWebSocketAfter?: number;
+  /** For tests: the WebSocket and EventSource classes, fetch, randomness and timers. */
   WebSocket?: typeof WebSocket;
+  EventSource?: typeof EventSource;
+  fetch?: typeof fetch;
   random?: () => number;
   setTimeout?: (fn: () => void, ms: number) => unknown;
   clearTimeout?: (handle: unknown) => void;
@@ -52,6 +61,8 @@ export declare class SockDrawer extends EventTarget {
   constructor(url: string, options?: SockDrawerOptions);
   readonly url: string;
   readonly state: SockDrawerState;
+  /** The transport in use (a "transport" event says when it changes). */
+  readonly transport: "websocket" | "sse";
   /** Subscribe to a channel (with presence, given the options); returns a function that unsubscribes. */
   subscribe(channel: string, callback: MessageCallback | null, options?: SubscribeOptions): () => void;
   /** Who is on a channel subscribed with presence, as last reported. */

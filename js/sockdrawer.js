@@ -11,6 +11,10 @@
 //     onLeave: ({ user, client }) => remove(client),
 //   });
 //
+// Where a WebSocket cannot open (a proxy that breaks upgrades), it falls back
+// to Server-Sent Events on the same port by itself (`transports`), with the
+// same API, and tries WebSocket again later (`retryWebSocketAfter`).
+//
 // Many channels on one socket; reconnects with exponential backoff and full
 // jitter (base 0.5 s, cap 30 s, reset after a stable connection); asks for a
 // fresh token on close code 4001 or a refused handshake; resubscribes with
@@ -38,6 +42,11 @@ export class SockDrawer extends EventTarget {
    * @param {number} [options.maxDelay] longest reconnect delay, ms (30000)
    * @param {number} [options.stableAfter] ms open after which the backoff starts over (5000)
    * @param {typeof WebSocket} [options.WebSocket] the WebSocket class (for tests)
+   * @param {string[]} [options.transports] what to connect with, in order of preference
+   *   (["websocket", "sse"]: Server-Sent Events after WebSocket failed twice before opening)
+   * @param {number} [options.retryWebSocketAfter] ms on Server-Sent Events before trying WebSocket again (60000)
+   * @param {typeof EventSource} [options.EventSource] the EventSource class (for tests)
+   * @param {typeof fetch} [options.fetch] the fetch function (for tests)
    * @param {() => number} [options.random] a random number in [0, 1) (for tests)
    * @param {(fn: () => void, ms: number) => any} [options.setTimeout]
    * @param {(handle: any) => void} [options.clearTimeout]
@@ -47,6 +56,15 @@ export class SockDrawer extends EventTarget {
     this.url = url;
     this.options = options;
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._EventSource = options.EventSource || globalThis.EventSource;
+    this._fetch = options.fetch || ((...args) => globalThis.fetch(...args));
+    this._transports = options.transports || (this._EventSource ? ["websocket", "sse"] : ["websocket"]);
+    this._retryWebSocketAfter = options.retryWebSocketAfter ?? 60000;
+    // the transport in use: "websocket" until it failed twice before opening (then "sse")
+    this.transport = this._transports[0];
+    this._wsFailures = 0;
+    this._upgradeTimer = null;
+    this._posts = Promise.resolve();
     this._random = options.random || Math.random;
     this._setTimeout = options.setTimeout || ((fn, ms) => globalThis.setTimeout(fn, ms));
     this._clearTimeout = options.clearTimeout || ((h) => globalThis.clearTimeout(h));
@@ -146,6 +164,7 @@ export class SockDrawer extends EventTarget {
     this._closed = true;
     this._clearTimeout(this._retryTimer);
     this._clearTimeout(this._stableTimer);
+    this._clearTimeout(this._upgradeTimer);
     if (this._ws) this._ws.close(1000);
     this._setState("closed");
   }
@@ -180,6 +199,10 @@ export class SockDrawer extends EventTarget {
       url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(this._token);
     }
     if (this._closed) return;
+    if (this.transport === "sse") {
+      this._connectStream(url);
+      return;
+    }
     const ws = new this._WebSocket(url, PROTOCOL);
     this._ws = ws;
     this._opened = false;
@@ -191,6 +214,7 @@ export class SockDrawer extends EventTarget {
   _onOpen(ws) {
     if (ws !== this._ws) return;
     this._opened = true;
+    this._wsFailures = 0;
     this._setState("open");
     this._stableTimer = this._setTimeout(() => { this._attempt = 0; }, this._stableAfter);
     for (const [channel, entry] of this._channels) {
@@ -283,6 +307,16 @@ export class SockDrawer extends EventTarget {
     // a fresh token after expiry, and after a refused handshake (browsers
     // report it as a close before open)
     if (event.code === TOKEN_EXPIRED || !this._opened) this._needToken = true;
+    if (!this._opened && this.transport === "websocket" && this._transports.includes("sse")) {
+      // twice refused before opening (a proxy that breaks upgrades?): Server-Sent Events, then
+      // WebSocket again later
+      this._wsFailures += 1;
+      if (this._wsFailures >= 2) {
+        this._wsFailures = 0;
+        this.transport = "sse";
+        this.dispatchEvent(new CustomEvent("transport", { detail: { transport: "sse" } }));
+      }
+    }
     for (const [id, waiting] of this._pending) {
       this._pending.delete(id);
       waiting.reject(Object.assign(new Error("connection closed"), { status: 0 }));
@@ -312,6 +346,11 @@ export class SockDrawer extends EventTarget {
 
   _send(message) {
     const ws = this._ws;
+    if (ws && ws.isStream) {
+      if (this._opened) ws.send(message);
+      else if (message.op === "send") this._queue.push(message);
+      return;
+    }
     if (ws && this._opened && ws.readyState === 1) {
       ws.send(JSON.stringify(message));
     } else if (message.op === "send") {
@@ -320,5 +359,65 @@ export class SockDrawer extends EventTarget {
     // subscribe/unsubscribe need no queue: the channel map is sent on open
   }
 }
+
+/**
+ * A Server-Sent Events stream standing in for the socket: the same envelopes arrive as its events, and ops
+ * go out as POSTs for the stream (in order). It never reconnects by itself: the client does, as for a
+ * socket, resubscribing each channel from its last offset.
+ */
+SockDrawer.prototype._connectStream = function (wsUrl) {
+  const base = wsUrl.replace(/^ws/, "http").replace(/\?.*$/, "").replace(/\/?$/, "/");
+  const query = wsUrl.includes("?") ? "&" + wsUrl.split("?")[1] : "";
+  const source = new this._EventSource(base + "?v1=1" + query);
+  const stream = {
+    isStream: true,
+    readyState: 0,
+    id: null,
+    send: (message) => {
+      if (stream.id === null) return;
+      const url = base + "?stream=" + encodeURIComponent(stream.id);
+      const body = typeof message === "string" ? message : JSON.stringify(message);
+      // text/plain: a simple request, no CORS preflight
+      this._posts = this._posts.then(() => this._fetch(url, { method: "POST", body, headers: { "Content-Type": "text/plain" } }))
+        .catch((error) => this.dispatchEvent(new CustomEvent("error", { detail: { error } })));
+    },
+    close: () => {
+      source.close();
+      if (stream.readyState !== 3) {
+        stream.readyState = 3;
+        this._onClose(stream, { code: 1000 });
+      }
+    },
+  };
+  this._ws = stream;
+  this._opened = false;
+  source.addEventListener("stream", (event) => {
+    if (this._ws !== stream) return;
+    stream.id = JSON.parse(event.data).id;
+    stream.readyState = 1;
+    this._onOpen(stream);
+    if (this._transports[0] === "websocket" && this._retryWebSocketAfter > 0) {
+      this._clearTimeout(this._upgradeTimer);
+      this._upgradeTimer = this._setTimeout(() => {
+        if (this._ws !== stream || this._closed) return;
+        this.transport = "websocket";
+        this.dispatchEvent(new CustomEvent("transport", { detail: { transport: "websocket" } }));
+        this._attempt = 0;
+        stream.close();
+      }, this._retryWebSocketAfter);
+    }
+  });
+  source.onmessage = (event) => {
+    if (this._ws === stream) this._onMessage(event);
+  };
+  source.onerror = () => {
+    // the stream broke (or never opened): the client reconnects, not EventSource
+    if (this._ws !== stream) {
+      source.close();
+      return;
+    }
+    stream.close();
+  };
+};
 
 export default SockDrawer;

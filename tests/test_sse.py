@@ -410,3 +410,159 @@ async def test_a_page_posts_ops_for_its_stream(run_service: Any) -> None:
     ]
     assert (await deferToThread(post, "/?stream=nope", b"{}")).startswith(b"HTTP/1.1 404")
     assert (await deferToThread(post, f"/?stream={sid}", b"x" * 2000)).startswith(b"HTTP/1.1 413")
+
+
+# -- the JavaScript client behind a proxy that breaks WebSocket upgrades
+
+class UpgradeBreakingProxy:
+    """A TCP proxy on 127.0.0.1 that passes plain HTTP through to ``port`` and closes any connection whose
+    request asks for a WebSocket upgrade, as some corporate proxies and antivirus web shields do."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.upstream = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.refused = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        import threading
+
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    client.close()
+                    return
+                head += chunk
+            if b"upgrade: websocket" in head.lower():
+                self.refused += 1
+                client.close()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            client.close()
+            return
+        upstream.sendall(head)
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+JS_PAGE = """<!DOCTYPE html>
+<meta charset="utf-8">
+<title>fallback</title>
+<script type="module">
+  import { SockDrawer } from "./sockdrawer.js";
+  window.received = [];
+  window.events = [];
+  const sd = window.sd = new SockDrawer("ws://127.0.0.1:%(port)d/", { baseDelay: 200, maxDelay: 1000 });
+  sd.addEventListener("state", (e) => window.events.push(e.detail.state));
+  sd.addEventListener("transport", (e) => window.events.push("transport " + e.detail.transport));
+  sd.addEventListener("reset", (e) => window.events.push("reset " + e.detail.channel));
+  sd.addEventListener("subscribed", (e) => window.events.push("subscribed " + e.detail.channel));
+  sd.subscribe("fallback", (data, meta) => window.received.push([data, meta.offset]));
+</script>
+"""
+
+
+def test_js_client_falls_back_to_event_streams_and_misses_nothing(chromium: Any, serve: Any,  # noqa: F811
+                                                                  redis_server: Any, tmp_path: Path) -> None:
+    """js/sockdrawer.js in Chromium, behind a proxy that breaks WebSocket upgrades, falls back to Server-Sent
+    Events by itself and gets every message exactly once, in order: before, during and after a node restart
+    (its ops, and a send's reply, go by POST)."""
+    import shutil
+
+    from childnode import ROOT
+    from conftest import free_port
+
+    from sockdrawer import Client
+
+    port = free_port()
+    args = ["--port", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_server.url, "--history-size", "100",
+            "--drain-window", "0", "--listener", "listeners:Echo"]
+    proxy = UpgradeBreakingProxy(port)
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(Path(ROOT) / "js" / "sockdrawer.js", site / "sockdrawer.js")
+    (site / "index.html").write_text(JS_PAGE % {"port": proxy.port})
+    publisher = Client(redis_server.url)
+    nodes: list[ChildNode] = []
+
+    def start(name: str) -> ChildNode:
+        (tmp_path / name).mkdir()
+        node = ChildNode(tmp_path / name, args).start()
+        nodes.append(node)
+        with redis_server.client() as r:
+            deadline = time.monotonic() + 10
+            while not r.function_list(library="sockdrawer*"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        return node
+
+    def received(count: int) -> list[list[Any]]:
+        deadline = time.monotonic() + 30
+        while True:
+            got: list[list[Any]] = chromium.execute_script("return window.received || []")
+            if len(got) >= count:
+                return got
+            assert time.monotonic() < deadline, (got, chromium.execute_script("return window.events"))
+            time.sleep(0.05)
+
+    try:
+        node = start("node0")
+        chromium.get(serve(site) + "/index.html")
+        node.wait_sockets(1, timeout=30)  # the event stream
+        deadline = time.monotonic() + 10
+        while "subscribed fallback" not in chromium.execute_script("return window.events"):
+            assert time.monotonic() < deadline, chromium.execute_script("return window.events")
+            time.sleep(0.05)
+        for i in range(5):
+            publisher.pub(f"m{i}", "fallback")
+        received(5)
+        reply = chromium.execute_async_script("window.sd.send('echo', 'hi').then(arguments[0]);")
+        assert reply == "hi"
+        node.stop()
+        for i in range(5, 10):
+            publisher.pub(f"m{i}", "fallback")
+        start("node1").wait_sockets(1, timeout=30)
+        for i in range(10, 15):
+            publisher.pub(f"m{i}", "fallback")
+        got = received(15)
+    finally:
+        publisher.close()
+        for node in nodes:
+            node.stop()
+        proxy.close()
+    assert [data for data, _ in got] == [f"m{i}" for i in range(15)], got
+    events = chromium.execute_script("return window.events")
+    assert "transport sse" in events and not any(e.startswith("reset") for e in events), events
+    assert proxy.refused >= 2

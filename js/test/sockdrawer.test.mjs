@@ -204,3 +204,52 @@ test("a subscription the node dropped with 503 (history unavailable) is asked ag
   last().receive({ op: "error", status: 403, reason: "token does not cover this channel", channel: "news" });
   assert.equal(last().sent.length, 2); // only 503 is asked again
 });
+
+class FakeEventSource {
+  static instances = [];
+  constructor(url) {
+    this.url = url;
+    this.listeners = {};
+    FakeEventSource.instances.push(this);
+  }
+  addEventListener(type, fn) { this.listeners[type] = fn; }
+  close() { this.closed = true; }
+  open(id) { this.listeners.stream({ data: JSON.stringify({ id }) }); }
+  receive(message) { this.onmessage({ data: JSON.stringify(message) }); }
+}
+
+test("falls back to Server-Sent Events after two refused sockets, posts its ops, and tries WebSocket later", async () => {
+  FakeEventSource.instances = [];
+  const posts = [];
+  const fetch = async (url, init) => { posts.push([url, JSON.parse(init.body), init.headers["Content-Type"]]); };
+  const { sd, runTimer, last } = harness({ EventSource: FakeEventSource, fetch, retryWebSocketAfter: 60000 });
+  await tick();
+  const seen = [];
+  sd.subscribe("news", (data, meta) => seen.push([data, meta.offset]));
+  last().drop();  // refused before opening, twice
+  await runTimer();
+  last().drop();
+  assert.equal(sd.transport, "sse");
+  await runTimer();
+  const source = FakeEventSource.instances.at(-1);
+  assert.equal(source.url, "http://node/?v1=1");
+  source.open("s1");
+  assert.equal(sd.state, "open");
+  source.receive({ op: "subscribed", channel: "news", offset: "e:1" });
+  source.receive({ op: "message", channel: "news", offset: "e:2", data: "hi" });
+  const answer = sd.send("news", "ping");
+  await tick();
+  await tick();
+  assert.deepEqual(posts.map(([url, body, type]) => [url, body.op, type]), [
+    ["http://node/?stream=s1", "subscribe", "text/plain"], ["http://node/?stream=s1", "send", "text/plain"]]);
+  source.receive({ op: "reply", id: posts[1][1].id, data: "pong" });
+  assert.equal(await answer, "pong");
+  assert.deepEqual(seen, [["hi", "e:2"]]);
+  // later: WebSocket again, resubscribing from the last offset
+  await runTimer();
+  assert.equal(source.closed, true);
+  assert.equal(sd.transport, "websocket");
+  await runTimer();
+  last().open();
+  assert.deepEqual(last().sent, [{ op: "subscribe", channel: "news", since: "e:2" }]);
+});

@@ -46,7 +46,7 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
         if factory.open_sockets >= factory.options.max_connections:
             raise StreamRefused(503, "too many connections")
         channels = request.query("channel")
-        if key == b"" and channels:
+        if key == b"" and (channels or request.query("v1")):  # v1=1: a stream whose channels come by POST
             # sockdrawer.v1: the channels are subscribed in the session, each checked there
             since = v1_positions(request, channels, factory.options.max_subscriptions)
             grant = None
