@@ -566,3 +566,47 @@ def test_js_client_falls_back_to_event_streams_and_misses_nothing(chromium: Any,
     events = chromium.execute_script("return window.events")
     assert "transport sse" in events and not any(e.startswith("reset") for e in events), events
     assert proxy.refused >= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_on_a_v1_stream(run_service: Any) -> None:
+    """A v1 stream with presence=1 gets the channel's presence list after subscribed, then a join when a v1
+    WebSocket subscribes with presence, and the WebSocket sees the stream's entry in its list."""
+    from test_presence import subscribe_with_presence, v1
+
+    svc = await run_service()
+    s = socket.create_connection(("127.0.0.1", svc.ws_port), timeout=5)
+    try:
+        s.sendall(stream_request("/?channel=room/1&presence=1"))
+        events = await deferToThread(read_events, s, lambda ev: len(ev) == 2)
+        assert [e["op"] for _, e in events] == ["subscribed", "presence"]
+        me = events[1][1]["self"]
+        client = await v1(svc)
+        listing = await subscribe_with_presence(client, "room/1")
+        assert me in [c["client"] for c in listing["clients"]]
+        events = await deferToThread(read_events, s, lambda ev: len(ev) == 3)
+        assert events[2][1]["op"] == "join" and events[2][1]["client"] == listing["self"]
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_does_not_read_is_cut_off(run_service: Any) -> None:
+    """A stream whose reader stops reading is closed once --send-buffer bytes wait for it, counted in the
+    metrics; the node and other streams carry on."""
+    svc = await run_service(send_buffer=256 * 1024)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", svc.ws_port))
+    try:
+        s.sendall(stream_request("/firehose"))
+        await wait_for(lambda: svc.hub.subscribers(b"firehose") == 1)
+        payload = "x" * 16384
+        for _ in range(200):  # up to 3 MiB, far more than the kernel buffers and --send-buffer
+            if svc.factory.streams.cut_offs:
+                break
+            await svc.publish(payload, "firehose")
+        await wait_for(lambda: svc.factory.streams.cut_offs == 1 and svc.factory.open_sockets == 0)
+    finally:
+        s.close()
+    assert svc.hub.subscribers(b"firehose") == 0 and svc.running

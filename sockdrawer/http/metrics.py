@@ -88,7 +88,7 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily("sockdrawer_event_streams", "Open Server-Sent Events streams (in sockdrawer_sockets "
                                 "too)", value=streams.open_streams)
         yield CounterMetricFamily("sockdrawer_event_stream_deliveries", "Messages times the event streams they "
-                                  "were written to", value=streams.delivered)
+                                  "were written to", value=streams.stats.deliveries)
         yield CounterMetricFamily("sockdrawer_event_stream_cutoffs", "Event streams cut off for reading too slowly",
                                   value=streams.cut_offs)
         yield CounterMetricFamily("sockdrawer_rate_limited", "Sockets closed for sending too many frames (1008)",

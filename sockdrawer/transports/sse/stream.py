@@ -19,6 +19,7 @@ from sockdrawer.core.channels import printable
 from sockdrawer.core.interfaces import Batch, IChannelHub, ISink
 from sockdrawer.core.logs import NamedLogger
 from sockdrawer.transports.sse.events import HEARTBEAT, message_event, response_head, retry_hint
+from sockdrawer.transports.websocket.fanout import FanoutStats
 
 #: how often every stream gets a heartbeat comment, and the reconnect delay a stream suggests
 HEARTBEAT_INTERVAL = 15.0
@@ -149,7 +150,9 @@ class StreamGroup:
 
     def receive(self, batch: Batch) -> None:
         data = b"".join(message_event(m) for m in batch.messages)
-        self.registry.delivered += len(batch.messages) * len(self.streams)
+        stats = self.registry.stats
+        stats.deliveries += len(batch.messages) * len(self.streams)
+        stats.bytes_sent += len(data) * len(self.streams)
         for stream in list(self.streams):
             stream.write(data)
 
@@ -178,7 +181,8 @@ class StreamRegistry:
         #: streams opened since start, open now, cut off as slow readers; messages written
         self.opened = 0
         self.cut_offs = 0
-        self.delivered = 0
+        #: messages times streams, and bytes, written (a v1 subscription takes back what it did not send)
+        self.stats = FanoutStats()
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._interval = heartbeat

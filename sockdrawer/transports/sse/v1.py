@@ -91,13 +91,15 @@ class StreamOutbox:
 class StreamEnvelopeGroup:
     """The v1 stream subscriptions of one channel: each batch's envelopes made once, for every stream."""
 
-    __slots__ = ("key", "_channel_json", "members", "registry")
+    __slots__ = ("key", "_channel_json", "members", "registry", "stats")
 
     def __init__(self, key: bytes, registry: Any) -> None:
         self.key = key
         self._channel_json = json.dumps(key.decode("utf-8"), ensure_ascii=False)
         self.members: dict[Any, None] = {}
         self.registry = registry
+        #: what the subscriptions take back from when they drop a replayed message
+        self.stats = registry.stats
 
     @property
     def receivers(self) -> int:
@@ -107,7 +109,8 @@ class StreamEnvelopeGroup:
         offsets = batch.offsets or [None] * len(batch.messages)
         data = b"".join(envelope(self._channel_json, off, m) + b"\n"
                         for m, off in zip(batch.messages, offsets, strict=True))
-        self.registry.delivered += len(self.members) * len(batch.messages)
+        self.stats.deliveries += len(self.members) * len(batch.messages)
+        self.stats.bytes_sent += len(self.members) * len(data)
         for sub in tuple(self.members):
             sub.deliver(batch, data)
 
