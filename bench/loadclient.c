@@ -138,6 +138,7 @@ static char last_http_status[192];
 static uint32_t mask_seed = 0x9e3779b9u;
 static int want_deflate;       /* --deflate */
 static int v1;                 /* --v1: the sockdrawer.v1 subprotocol */
+static int sse;                /* --sse: Server-Sent Events streams (GET with Accept: text/event-stream) */
 static int inflate_cache = 1;  /* --inflate-cache */
 static z_stream zs;
 static unsigned char *ibuf;
@@ -306,7 +307,9 @@ static void send_handshake(conn_t *c) {
         snprintf(path, sizeof path, "/");
     else
         snprintf(path, sizeof path, "/%s%u", prefix, c->chan);
-    int n = snprintf(req, sizeof req,
+    int n = sse ? snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n\r\n",
+                           path, host, port) :
+            snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\n"
                      "Host: %s:%d\r\n"
                      "Upgrade: websocket\r\n"
@@ -641,6 +644,44 @@ static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now
     c->left_len = (uint32_t)rest;
 }
 
+/*
+ * Server-Sent Events (--sse): each event ends with a blank line; a "data: "
+ * event is one message (the publisher's payloads are one line), anything
+ * else (the retry hint, heartbeat comments) a control.
+ */
+static void parse_sse(conn_t *c, unsigned char *buf, size_t len, uint64_t now) {
+    size_t pos = 0;
+    for (;;) {
+        unsigned char *e = buf + pos;
+        unsigned char *end = memmem(e, len - pos, "\n\n", 2);
+        if (!end) break;
+        size_t elen = (size_t)(end - e) + 2;
+        if (elen > 8 && memcmp(e, "data: ", 6) == 0) {
+            count_data(c, e + 6, elen - 8, elen, now);
+        } else {
+            st.controls++;
+            st.wire_bytes += elen;
+        }
+        pos += elen;
+    }
+    size_t rest = len - pos;
+    if (rest > (size_t)RBUF_SIZE / 2) {
+        fprintf(stderr, "loadclient: event of over %zu bytes\n", rest);
+        conn_close(c, ST_CLOSED);
+        n_closed++;
+        return;
+    }
+    if (rest) {
+        if (c->left_cap < rest) {
+            free(c->left);
+            c->left_cap = (uint32_t)(rest < 256 ? 256 : rest);
+            c->left = malloc(c->left_cap);
+        }
+        memmove(c->left, buf + pos, rest);
+    }
+    c->left_len = (uint32_t)rest;
+}
+
 /* The value of header `name` (lowercase, with the colon) in a response head, or NULL. */
 static const char *find_header(const unsigned char *buf, size_t len, const char *name, size_t *vlen) {
     size_t nl = strlen(name);
@@ -728,12 +769,19 @@ static void on_readable(conn_t *c) {
             c->left_len = (uint32_t)len;
             return;
         }
-        if (len < 12 || memcmp(rbuf, "HTTP/1.1 101", 12) != 0) {
+        if (len < 12 || memcmp(rbuf, sse ? "HTTP/1.1 200" : "HTTP/1.1 101", 12) != 0) {
             size_t l = 0;
             while (l < len && l < sizeof last_http_status - 1 && rbuf[l] != '\r') l++;
             memcpy(last_http_status, rbuf, l);
             last_http_status[l] = 0;
             handshake_failed(c, 2);
+            return;
+        }
+        if (sse) {
+            c->left_len = 0;
+            connection_open(c, now);
+            size_t hdr = (size_t)(end + 4 - rbuf);
+            if (len > hdr) parse_sse(c, rbuf + hdr, len - hdr, now);
             return;
         }
         if (check_extensions(c, rbuf, (size_t)(end - rbuf)) < 0) {
@@ -753,7 +801,10 @@ static void on_readable(conn_t *c) {
         if (len > hdr) parse_frames(c, rbuf + hdr, len - hdr, now);
         return;
     }
-    parse_frames(c, rbuf, len, now);
+    if (sse)
+        parse_sse(c, rbuf, len, now);
+    else
+        parse_frames(c, rbuf, len, now);
 }
 
 /* The handshake is done (raw: the 101; v1: "subscribed"): the connection counts as open. */
@@ -888,6 +939,10 @@ int main(int argc, char **argv) {
         }
         if (!strcmp(a, "--v1")) {
             v1 = 1;
+            continue;
+        }
+        if (!strcmp(a, "--sse")) {
+            sse = 1;
             continue;
         }
         if (!v) usage();

@@ -21,6 +21,8 @@ Scenarios:
   fanout-json  1 channel, 1,000 sockets, 1 KiB JSON messages, rate stepped up from 100 msg/s
   fanout-v1 fanout with clients speaking sockdrawer.v1 (path /, a subscribe, JSON envelopes);
             sockdrawer builds only (the baseline and the floor do not speak it)
+  fanout-sse fanout read as Server-Sent Events streams (GET /<channel>, Accept: text/event-stream);
+            sockdrawer builds only
 
 --compression measures each sockdrawer build twice, plain and with
 permessage-deflate (server --compression, load clients offering and
@@ -91,6 +93,7 @@ class Scenario:
     max_rate: float = 0.0
     payload: str = "dots"  # publisher --payload: "dots" (header + '.' padding) or "json"
     v1: bool = False  # clients speak sockdrawer.v1 (path /, subscribe, JSON envelopes)
+    sse: bool = False  # clients read Server-Sent Events streams instead of WebSockets
 
     @property
     def fanout(self) -> float:
@@ -106,6 +109,8 @@ SCENARIOS = {
                             "json"),
     "fanout-v1": Scenario("fanout-v1", "1 channel, 1,000 sockdrawer.v1 sockets, 100 B", 1000, 1, 100, 100, 10_000,
                           v1=True),
+    "fanout-sse": Scenario("fanout-sse", "1 channel, 1,000 Server-Sent Events streams, 100 B", 1000, 1, 100, 100,
+                           10_000, sse=True),
 }
 QUICK = {
     "fanout": dict(sockets=200, start_rate=100),
@@ -114,8 +119,9 @@ QUICK = {
     "large": dict(sockets=100, start_rate=20),
     "fanout-json": dict(sockets=200, start_rate=100),
     "fanout-v1": dict(sockets=200, start_rate=100),
+    "fanout-sse": dict(sockets=200, start_rate=100),
 }
-ORDER = ["fanout", "channels", "idle", "large", "fanout-json", "fanout-v1"]
+ORDER = ["fanout", "channels", "idle", "large", "fanout-json", "fanout-v1", "fanout-sse"]
 
 
 @dataclass
@@ -337,7 +343,7 @@ class Children:
 class LoadClient:
     def __init__(self, children: Children, idx: int, port: int, conns: int, offset: int, channels: int,
                  concurrency: int, cpus: set[int] | None, log: Path, poll_us: int = 0, deflate: bool = False,
-                 inflate_cache: bool = True, v1: bool = False) -> None:
+                 inflate_cache: bool = True, v1: bool = False, sse: bool = False) -> None:
         argv = [str(BUILD / "loadclient"), "--port", str(port), "--conns", str(conns), "--offset", str(offset),
                 "--channels", str(channels), "--concurrency", str(concurrency), "--id", str(idx),
                 "--max-seconds", "3600", "--poll-us", str(poll_us), "--inflate-cache", "1" if inflate_cache else "0"]
@@ -345,6 +351,8 @@ class LoadClient:
             argv.append("--deflate")
         if v1:
             argv.append("--v1")
+        if sse:
+            argv.append("--sse")
         self.idx = idx
         self.conns = conns
         self.logf = open(log, "wb")
@@ -987,7 +995,7 @@ def start_setup(env: Env, server: Server, sc: Scenario) -> tuple[Setup, dict[str
         for i, n in enumerate(per):
             c = LoadClient(children, i, port, n, off, sc.channels, max(1, args.concurrency // k), env.load_cpus,
                            env.logdir / f"{tag}-client{i}.log", args.client_poll_us, server.deflate,
-                           not args.no_inflate_cache, sc.v1)
+                           not args.no_inflate_cache, sc.v1, sc.sse)
             setup.clients.append(c)
             off += n
         conn = [c.read_event("connected", 300) for c in setup.clients]
@@ -1780,7 +1788,7 @@ def main(argv: list[str] | None = None) -> int:
                 sc.sockets = args.sockets
                 if name == "channels":
                     sc.channels = args.sockets
-            these = [sv for sv in servers if not (sc.v1 and sv.label in ("baseline", "floor"))]
+            these = [sv for sv in servers if not ((sc.v1 or sc.sse) and sv.label in ("baseline", "floor"))]
             if args.interleave and sc.start_rate:
                 t0 = time.monotonic()
                 for server, (res, error) in zip(these, run_interleaved(env, these, sc), strict=True):

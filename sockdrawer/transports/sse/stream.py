@@ -91,7 +91,7 @@ class EventStream:
     ``send_buffer`` bytes queued in Twisted's buffer closes the stream.
     """
 
-    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "open", "session", "id")
+    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "_sock", "open", "session", "id")
 
     def __init__(self, registry: StreamRegistry, transport: Any, key: bytes | None, peer: str) -> None:
         self.registry = registry
@@ -99,7 +99,9 @@ class EventStream:
         #: the channel of a raw stream; ``None`` for a sockdrawer.v1 stream (its session has the channels)
         self.key = key
         self.peer = peer
-        self._tcp, _ = _private.tcp_connection(transport)
+        self._tcp, direct = _private.tcp_connection(transport)
+        #: the socket, for writes straight to the kernel while nothing waits in Twisted's buffer (not TLS)
+        self._sock = self._tcp.getHandle() if self._tcp is not None and direct else None
         self.open = False
         #: the sockdrawer.v1 session of a v1 stream
         self.session: Any = None
@@ -109,8 +111,17 @@ class EventStream:
     def write(self, data: bytes) -> None:
         if not self.open:
             return
+        conn, sock = self._tcp, self._sock
+        if sock is not None and conn is not None and not _private.has_write_backlog(conn):
+            # as the WebSocket fan-out does: one send, no trip through the reactor's write loop
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         self.transport.write(data)
-        conn = self._tcp
         if conn is not None and _private.write_backlog(conn) > self.registry.send_buffer:
             self.registry.cut_offs += 1
             _log.info("cutting off a slow event stream on {channel!r} from {peer}",
