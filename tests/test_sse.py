@@ -610,3 +610,29 @@ async def test_a_stream_that_does_not_read_is_cut_off(run_service: Any) -> None:
     finally:
         s.close()
     assert svc.hub.subscribers(b"firehose") == 0 and svc.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_ends_when_its_token_expires(run_service: Any, tmp_path: Path) -> None:
+    """A stream opened with a token ends when the token expires (as a socket is closed with 4001), so the
+    browser comes back with a fresh one; its connection closes and it leaves the open count."""
+    from sockdrawer import make_token
+
+    svc = await run_service(auth_secret="s" * 32, auth_leeway=0)
+    token = make_token("s" * 32, channels=["news"], ttl=1)
+    s = socket.create_connection(("127.0.0.1", svc.ws_port), timeout=5)
+    try:
+        s.sendall(stream_request(f"/news?token={token}"))
+        await wait_for(lambda: svc.factory.open_sockets == 1)
+
+        def until_closed() -> bytes:
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data
+
+        received = await deferToThread(until_closed)
+    finally:
+        s.close()
+    assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b"retry: 2000\n\n")
+    await wait_for(lambda: svc.factory.open_sockets == 0)

@@ -59,7 +59,8 @@ class ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         svc = self._service
         factory = svc.factory
-        yield GaugeMetricFamily("sockdrawer_sockets", "Open WebSocket connections", value=factory.open_sockets)
+        yield GaugeMetricFamily("sockdrawer_sockets", "Open WebSocket connections and event streams",
+                                value=factory.open_sockets)
         yield GaugeMetricFamily("sockdrawer_pending_handshakes", "Connections in their opening handshake",
                                 value=factory.pending)
         yield GaugeMetricFamily("sockdrawer_channels", "Channels with at least one socket or listener",

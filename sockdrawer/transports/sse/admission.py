@@ -58,7 +58,7 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
             start_v1_stream(proto, channels, since, grant, request.query("presence") == ["1"], cors)
             return
         channel = key.decode("utf-8")
-        user = None
+        user = grant = None
         if factory.verifier is not None and (token or not factory.is_public(channel)):
             try:
                 grant = factory.verifier.verify(token)
@@ -74,14 +74,14 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
         refuse(proto, e, cors)
         return
     if decision is None:
-        _start(proto, key, cors)
+        start_response(proto, key, cors, grant)
         return
 
     def decided(allowed: bool) -> None:
         if not proto.connected:
             return
         if allowed:
-            _start(proto, key, cors)
+            start_response(proto, key, cors, grant)
         else:
             refuse(proto, StreamRefused(403, "refused by a listener"), cors)
 
@@ -109,10 +109,6 @@ def refuse(proto: Any, refusal: StreamRefused, cors: list[tuple[str, str]]) -> N
     proto.transport.write(response_head(refusal.status, phrase, [
         ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *cors]) + body)
     proto.transport.loseConnection()
-
-
-def _start(proto: Any, key: bytes, cors: list[tuple[str, str]]) -> None:
-    start_response(proto, key, cors)
 
 
 def _cors(proto: Any, request: StreamRequest) -> list[tuple[str, str]] | None:

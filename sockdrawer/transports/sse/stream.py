@@ -58,6 +58,8 @@ def event_stream_request(head: bytes) -> StreamRequest | None:
     Anything else (a WebSocket handshake, a plain ``GET``) is ``None``: the
     WebSocket side answers it.
     """
+    if head.startswith(b"GET ") and b"text/event-stream" not in head:
+        return None  # a WebSocket handshake (or a plain GET): no parsing on its way
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[0] not in (b"GET", b"POST", b"OPTIONS"):
@@ -91,7 +93,7 @@ class EventStream:
     ``send_buffer`` bytes queued in Twisted's buffer closes the stream.
     """
 
-    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "_sock", "open", "session", "id")
+    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "_sock", "open", "session", "id", "expiry")
 
     def __init__(self, registry: StreamRegistry, transport: Any, key: bytes | None, peer: str) -> None:
         self.registry = registry
@@ -107,6 +109,8 @@ class EventStream:
         self.session: Any = None
         #: a v1 stream's secret name, for the ops its page posts (``None`` until given one)
         self.id: str | None = None
+        #: when its token expires, the stream ends
+        self.expiry: Any = None
 
     def write(self, data: bytes) -> None:
         if not self.open:
@@ -222,6 +226,9 @@ class StreamRegistry:
         if stream not in self.streams:
             return
         del self.streams[stream]
+        expiry, stream.expiry = stream.expiry, None
+        if expiry is not None and expiry.active():
+            expiry.cancel()
         if stream.id is not None:
             self.by_id.pop(stream.id, None)
         session, stream.session = stream.session, None
@@ -245,9 +252,18 @@ class StreamRegistry:
 _log = NamedLogger(namespace="sockdrawer.sse")
 
 
-def start_response(proto: Any, key: bytes | None, cors: list[tuple[str, str]]) -> EventStream:
-    """The response head and the retry hint; the stream, counted as open."""
+def start_response(proto: Any, key: bytes | None, cors: list[tuple[str, str]], grant: Any = None) -> EventStream:
+    """
+    The response head and the retry hint; the stream, counted as open.  A
+    stream opened with a token ends when the token expires (as a socket is
+    closed with 4001): the browser comes back with a fresh one.
+    """
     stream: EventStream = proto.stream_opened(key)
+    factory = proto.factory
+    if grant is not None and factory.verifier is not None:
+        clock = factory.clock
+        stream.expiry = clock.callLater(max(0.0, grant.expires + factory.verifier.leeway - clock.seconds()),
+                                        stream.close)
     proto.transport.write(response_head(200, "OK", [
         ("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
         # nginx: pass each event on at once instead of buffering the response

@@ -152,7 +152,7 @@ class StreamFanout:
 def start_v1_stream(proto: Any, channels: list[str], since: list[str | None], grant: Any, presence: bool,
                     cors: list[tuple[str, str]]) -> None:
     """Open a v1 stream: the response, then a session subscribed to each channel from its position."""
-    stream = start_response(proto, None, cors)
+    stream = start_response(proto, None, cors, grant)
     registry = proto.factory.streams
     # its name for the ops the page posts (POST /?stream=<id>): a secret, told only on the stream
     stream.id = secrets.token_urlsafe(16)
