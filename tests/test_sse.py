@@ -636,3 +636,25 @@ async def test_a_stream_ends_when_its_token_expires(run_service: Any, tmp_path: 
         s.close()
     assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b"retry: 2000\n\n")
     await wait_for(lambda: svc.factory.open_sockets == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_count_per_forwarded_address(run_service: Any) -> None:
+    """Behind a trusted proxy, a stream counts against --max-connections-per-ip for the last address of
+    X-Forwarded-For (as a socket does): a second stream from that address gets 429, another address gets in."""
+    svc = await run_service(trust_x_forwarded_for=1, max_connections_per_ip=1)
+    s = socket.create_connection(("127.0.0.1", svc.ws_port), timeout=5)
+    try:
+        s.sendall(stream_request("/news", "X-Forwarded-For: 10.0.0.9, 10.0.0.1"))
+        await wait_for(lambda: svc.factory.per_ip.get("10.0.0.1") == 1 and svc.factory.open_sockets == 1)
+        answer = await deferToThread(raw_request, svc.ws_port, stream_request("/news", "X-Forwarded-For: 10.0.0.1"))
+        assert answer.startswith(b"HTTP/1.1 429")
+        other = socket.create_connection(("127.0.0.1", svc.ws_port), timeout=5)
+        try:
+            other.sendall(stream_request("/news", "X-Forwarded-For: 10.0.0.2"))
+            await wait_for(lambda: svc.factory.open_sockets == 2)
+        finally:
+            other.close()
+    finally:
+        s.close()
+    await wait_for(lambda: not svc.factory.per_ip)

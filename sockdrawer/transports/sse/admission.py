@@ -19,6 +19,7 @@ from sockdrawer.core.tokens import TokenRefused
 from sockdrawer.transports.sse.events import response_head
 from sockdrawer.transports.sse.stream import StreamRefused, StreamRequest, start_response
 from sockdrawer.transports.sse.v1 import post_op, start_v1_stream, v1_positions
+from sockdrawer.transports.websocket.handshake import _address
 
 _log = NamedLogger(namespace="sockdrawer.sse")
 
@@ -45,6 +46,8 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
             raise StreamRefused(400, str(e)) from None
         if factory.open_sockets >= factory.options.max_connections:
             raise StreamRefused(503, "too many connections")
+        if factory.options.trust_x_forwarded_for and proto._counted_ip is None:
+            _count_forwarded(proto, request)
         channels = request.query("channel")
         if key == b"" and (channels or request.query("v1")):  # v1=1: a stream whose channels come by POST
             # sockdrawer.v1: the channels are subscribed in the session, each checked there
@@ -150,3 +153,24 @@ def answer_post(proto: Any, request: StreamRequest, body: bytes | None) -> None:
         return
     status, answer = post_op(proto, request.query("stream")[0], body)
     _answer(proto, status, answer, cors)
+
+
+def _count_forwarded(proto: Any, request: StreamRequest) -> None:
+    """
+    Behind trusted proxies (--trust-x-forwarded-for N): the client is the
+    first of the last N addresses of ``X-Forwarded-For`` (as Autobahn takes
+    it for a socket), counted against --max-connections-per-ip.
+    """
+    factory = proto.factory
+    forwarded = request.headers.get("x-forwarded-for")
+    if forwarded:
+        addresses = [a.strip() for a in forwarded.split(",")]
+        proto.peer = addresses[-int(factory.options.trust_x_forwarded_for):][0]
+    ip = _address(proto.peer)
+    if not ip:
+        return
+    count = factory.per_ip.get(ip, 0) + 1
+    factory.per_ip[ip] = count
+    proto._counted_ip = ip
+    if count > factory.options.max_connections_per_ip:
+        raise StreamRefused(429, "too many connections from this address")
