@@ -540,6 +540,19 @@ static void count_v1(conn_t *c, const unsigned char *p, uint64_t len, uint64_t w
 }
 
 /* Parse frames in buf[0..len); keep the incomplete tail in c->left. */
+/* Keep the unparsed tail of a read (a partial frame or event) for the next one. */
+static void keep_tail(conn_t *c, const unsigned char *tail, size_t rest) {
+    if (rest) {
+        if (c->left_cap < rest) {
+            free(c->left);
+            c->left_cap = (uint32_t)(rest < 256 ? 256 : rest);
+            c->left = malloc(c->left_cap);
+        }
+        memmove(c->left, tail, rest);
+    }
+    c->left_len = (uint32_t)rest;
+}
+
 static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now) {
     size_t pos = 0;
     while (len - pos >= 2) {
@@ -633,15 +646,7 @@ static void parse_frames(conn_t *c, unsigned char *buf, size_t len, uint64_t now
         pos += hl + plen;
     }
     size_t rest = len - pos;
-    if (rest) {
-        if (c->left_cap < rest) {
-            free(c->left);
-            c->left_cap = (uint32_t)(rest < 256 ? 256 : rest);
-            c->left = malloc(c->left_cap);
-        }
-        memmove(c->left, buf + pos, rest);
-    }
-    c->left_len = (uint32_t)rest;
+    keep_tail(c, buf + pos, rest);
 }
 
 /*
@@ -671,15 +676,7 @@ static void parse_sse(conn_t *c, unsigned char *buf, size_t len, uint64_t now) {
         n_closed++;
         return;
     }
-    if (rest) {
-        if (c->left_cap < rest) {
-            free(c->left);
-            c->left_cap = (uint32_t)(rest < 256 ? 256 : rest);
-            c->left = malloc(c->left_cap);
-        }
-        memmove(c->left, buf + pos, rest);
-    }
-    c->left_len = (uint32_t)rest;
+    keep_tail(c, buf + pos, rest);
 }
 
 /* The value of header `name` (lowercase, with the colon) in a response head, or NULL. */

@@ -34,12 +34,10 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
     factory = proto.factory
     cors: list[tuple[str, str]] = []
     try:
-        origin = request.headers.get("origin")
-        if origin:
-            if not factory.origins.allows(origin):
-                raise StreamRefused(403, "origin not allowed")
-            cors = [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
-                    ("Vary", "Origin")]
+        allowed = _cors(proto, request)
+        if allowed is None:
+            raise StreamRefused(403, "origin not allowed")
+        cors = allowed
         try:
             key = channel_from_path(request.path, factory.max_channel_length)
         except ChannelNameError as e:

@@ -19,6 +19,7 @@ from sockdrawer.core.interfaces import Batch, ISink
 from sockdrawer.core.v1 import Peer, V1Session
 from sockdrawer.core.v1.messages import envelope
 from sockdrawer.transports.sse.stream import EventStream, StreamRefused, StreamRequest, start_response
+from sockdrawer.transports.websocket.fanout import SubscriptionGroup
 
 #: the "encoding" of every event-stream outbox: their frames are alike (each stream adds its own ids)
 SSE_ENCODING = -1
@@ -88,7 +89,7 @@ class StreamOutbox:
 
 
 @implementer(ISink)
-class StreamEnvelopeGroup:
+class StreamEnvelopeGroup(SubscriptionGroup):
     """The v1 stream subscriptions of one channel: each batch's envelopes made once, for every stream."""
 
     __slots__ = ("key", "_channel_json", "members", "registry", "stats")
@@ -114,13 +115,6 @@ class StreamEnvelopeGroup:
         for sub in tuple(self.members):
             sub.deliver(batch, data)
 
-    def gap(self) -> None:
-        for sub in tuple(self.members):
-            sub.session.catch_up(sub)
-
-    def lost(self) -> None:
-        for sub in tuple(self.members):
-            sub.suspend()
 
 
 class StreamFanout:

@@ -256,8 +256,26 @@ class ChannelGroup:
         return f"<ChannelGroup {self.key!r} encoding={self.encoding} direct={self.direct} queued={self.queued}>"
 
 
+class SubscriptionGroup:
+    """What a fan-out group of v1 subscriptions does when the broker's subscription breaks (the hub tells it)."""
+
+    __slots__ = ()
+
+    members: dict[Subscription, None]
+
+    def gap(self) -> None:
+        """The broker may have lost messages: every subscription catches up from history."""
+        for sub in tuple(self.members):
+            sub.session.catch_up(sub)
+
+    def lost(self) -> None:
+        """The broker's subscription no longer covers every channel: subscriptions wait for its gap."""
+        for sub in tuple(self.members):
+            sub.suspend()
+
+
 @implementer(ISink)
-class EnvelopeGroup:
+class EnvelopeGroup(SubscriptionGroup):
     """
     The v1 subscriptions of one channel with one encoding, as one sink: each
     batch becomes envelope frames once, and the same bytes go to every
@@ -291,15 +309,6 @@ class EnvelopeGroup:
             data = cache[cache_key] = b"".join(frame(envelope(self._channel_json, off, m), TEXT) for m, off in pairs)
         return data
 
-    def gap(self) -> None:
-        """The broker may have lost messages: every subscription catches up from history."""
-        for sub in tuple(self.members):
-            sub.session.catch_up(sub)
-
-    def lost(self) -> None:
-        """The broker's subscription no longer covers every channel: subscriptions wait for its gap."""
-        for sub in tuple(self.members):
-            sub.suspend()
 
     def receive(self, batch: Batch) -> None:
         data = self.frames(batch)
