@@ -164,6 +164,19 @@ class Settings:
     public_channel: tuple[str, ...] = option(
         (), "channel pattern that needs no token when keys are configured: exact, prefix/* or * (repeatable)",
         part=AUTH)
+    connect_proxy: str | None = option(
+        None, "URL of the app's backend the node POSTs each handshake to (JSON, with the browser's Cookie and "
+        "Authorization): 200 {\"user\", \"channels\", \"expires\"} admits it as that user, 401/403 refuse it, "
+        "anything else (a timeout, an error) refuses it with 503", part=AUTH)
+    proxy_timeout: float = option(
+        5.0, "seconds the connect proxy may take to answer a handshake (then 503)", part=AUTH, above=0,
+        high=MAX_SECONDS)
+    proxy_max_concurrent: int = option(
+        100, "connect proxy requests in flight at once; a handshake beyond them is refused with 503", part=AUTH,
+        low=1)
+    proxy_header: tuple[str, ...] = option(
+        ("Cookie", "Authorization"), "browser request header forwarded to the connect proxy (repeatable)",
+        part=AUTH)
     max_frames_per_second: float = option(
         100.0, "frames a socket may send per second, on average (more: close 1008)", part=WEBSOCKET, above=0,
         high=1e9)
@@ -254,6 +267,10 @@ class Settings:
             raise ValueError(f"--name: {e}") from None
         if not self.allowed_origins:
             raise ValueError("--allowed-origin: at least one origin pattern is needed")
+        if self.connect_proxy is not None and not str(self.connect_proxy).startswith(("http://", "https://")):
+            raise ValueError(f"--connect-proxy must be an http:// or https:// URL, not {self.connect_proxy!r}")
+        if not all(isinstance(h, str) and h and ":" not in h for h in self.proxy_header):
+            raise ValueError("--proxy-header values must be header names")
         if self.drain_close_code not in (1001, 1012):
             raise ValueError("--drain-close-code must be 1001 or 1012")
         if self.log_format not in ("text", "json"):

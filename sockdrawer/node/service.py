@@ -29,6 +29,7 @@ from sockdrawer.core.presence import MemoryPresence, RedisPresence
 from sockdrawer.core.v1 import PresenceService
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
+from sockdrawer.http.proxy import ConnectProxy
 from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 from sockdrawer.transports.websocket.options import WebSocketOptions
 
@@ -272,10 +273,14 @@ class SockDrawerService(MultiService):
         #: before the link (children stop in reverse), so its last leaves go out
         self.presence = PresenceService(store, self.hub, reactor, settings.presence_timeout)
         self.presence.setServiceParent(self)
+        #: asks the app's backend about each handshake without a token (--connect-proxy)
+        self.connect_proxy = (ConnectProxy(settings.connect_proxy, settings.proxy_timeout,
+                                           settings.proxy_max_concurrent, settings.proxy_header, reactor)
+                              if settings.connect_proxy else None)
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
-            websocket_options(settings),
+            websocket_options(settings, self.connect_proxy),
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
@@ -443,10 +448,11 @@ class SockDrawerService(MultiService):
         }
 
 
-def websocket_options(settings: Settings) -> WebSocketOptions:
+def websocket_options(settings: Settings, proxy: ConnectProxy | None = None) -> WebSocketOptions:
     """What the WebSocket transport reads of ``settings``, with the token verifier built once."""
     values = {name: getattr(settings, name) for name in WebSocketOptions.names()}
-    return WebSocketOptions(verifier=settings.token_verifier(), **values)
+    return WebSocketOptions(verifier=settings.token_verifier(), connect_proxy=proxy.ask if proxy else None,
+                            **values)
 
 
 def _node_name() -> str:

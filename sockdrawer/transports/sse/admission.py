@@ -11,11 +11,12 @@ from http import HTTPStatus
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from sockdrawer.core.channels import ChannelNameError, channel_from_path
 from sockdrawer.core.logs import NamedLogger
 from sockdrawer.core.subscriber import SOCKET, Source
-from sockdrawer.core.tokens import TokenRefused
+from sockdrawer.core.tokens import Grant, TokenRefused
 from sockdrawer.transports.sse.events import response_head
 from sockdrawer.transports.sse.stream import StreamRefused, StreamRequest, start_response
 from sockdrawer.transports.sse.v1 import post_op, start_v1_stream, v1_positions
@@ -28,8 +29,8 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
     """
     Answer ``request`` on ``proto``'s connection (a connection of the
     WebSocket port whose head asked for an event stream): the response head
-    and the stream, or an error status; the listeners' ``authorize`` may
-    decide later.
+    and the stream, or an error status; the connect proxy and the listeners'
+    ``authorize`` may decide later.
     """
     factory = proto.factory
     cors: list[tuple[str, str]] = []
@@ -47,33 +48,64 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
         if factory.options.trust_x_forwarded_for and proto._counted_ip is None:
             _count_forwarded(proto, request)
         channels = request.query("channel")
-        if key == b"" and (channels or request.query("v1")):  # v1=1: a stream whose channels come by POST
-            # sockdrawer.v1: the channels are subscribed in the session, each checked there
-            since = v1_positions(request, channels, factory.options.max_subscriptions)
-            grant = None
-            if factory.verifier is not None and token:
-                try:
-                    grant = factory.verifier.verify(token)
-                except TokenRefused as e:
-                    raise StreamRefused(e.status, e.reason) from None
-            start_v1_stream(proto, channels, since, grant, request.query("presence") == ["1"], cors)
-            return
+        v1 = key == b"" and bool(channels or request.query("v1"))  # v1=1: a stream whose channels come by POST
+        since = v1_positions(request, channels, factory.options.max_subscriptions) if v1 else []
         channel = key.decode("utf-8")
-        user = grant = None
-        if factory.verifier is not None and (token or not factory.is_public(channel)):
+        proxy = factory.options.connect_proxy
+        if proxy is not None and not token:  # the app's backend says who this is, and what it may read
+            _ask_proxy(proxy, proto, request, key, v1, since, cors)
+            return
+        grant = None
+        # v1: the token (if any) is checked here, each channel at its subscribe
+        if factory.verifier is not None and (token or not (v1 or factory.is_public(channel))):
             try:
                 grant = factory.verifier.verify(token)
             except TokenRefused as e:
                 raise StreamRefused(e.status, e.reason) from None
-            if not grant.allows(channel):
-                raise StreamRefused(403, "token does not cover this channel")
-            user = grant.user
-        decision = None
-        if factory.authorize is not None:
-            decision = factory.authorize(Source(SOCKET, channel, proto.peer, user))
+        _admit(proto, request, key, v1, since, grant, cors)
     except StreamRefused as e:
         refuse(proto, e, cors)
+
+
+def _ask_proxy(proxy: Any, proto: Any, request: StreamRequest, key: bytes, v1: bool, since: list[str | None],
+               cors: list[tuple[str, str]]) -> None:
+    info = {"transport": "sse", "path": request.path, "channel": None if v1 else key.decode("utf-8"),
+            "subprotocol": "sockdrawer.v1" if v1 else None, "remote": _address(proto.peer),
+            "origin": request.headers.get("origin")}
+    d: Deferred[Grant] = proxy(info, request.headers)
+
+    def admitted(grant: Grant) -> None:
+        if proto.connected:
+            try:
+                _admit(proto, request, key, v1, since, grant, cors)
+            except StreamRefused as e:
+                refuse(proto, e, cors)
+
+    def refused(failure: Failure) -> None:
+        status = getattr(failure.value, "status", None)
+        if status is None:
+            _log.failure("error while asking the connect proxy about a stream from {peer}", failure,
+                         peer=proto.peer)
+            status = 500
+        if proto.connected:
+            refuse(proto, StreamRefused(status, getattr(failure.value, "reason", "Internal Server Error")), cors)
+
+    d.addCallbacks(admitted, refused)
+
+
+def _admit(proto: Any, request: StreamRequest, key: bytes, v1: bool, since: list[str | None], grant: Grant | None,
+           cors: list[tuple[str, str]]) -> None:
+    """The stream, once its grant (a token's, the connect proxy's, or none) is known."""
+    if v1:
+        start_v1_stream(proto, request.query("channel"), since, grant, request.query("presence") == ["1"], cors)
         return
+    channel = key.decode("utf-8")
+    if grant is not None and not grant.allows(channel):
+        raise StreamRefused(403, "this channel is not allowed")
+    factory = proto.factory
+    decision = None
+    if factory.authorize is not None:
+        decision = factory.authorize(Source(SOCKET, channel, proto.peer, grant.user if grant else None))
     if decision is None:
         start_response(proto, key, cors, grant)
         return
@@ -91,8 +123,7 @@ def open_stream(proto: Any, request: StreamRequest, token: str | None) -> None:
         if proto.connected:
             refuse(proto, StreamRefused(500, "Internal Server Error"), cors)
 
-    d: Deferred[bool] = decision
-    d.addCallbacks(decided, failed)
+    decision.addCallbacks(decided, failed)
 
 
 def refuse(proto: Any, refusal: StreamRefused, cors: list[tuple[str, str]]) -> None:

@@ -260,10 +260,10 @@ def start_response(proto: Any, key: bytes | None, cors: list[tuple[str, str]], g
     """
     stream: EventStream = proto.stream_opened(key)
     factory = proto.factory
-    if grant is not None and factory.verifier is not None:
+    if grant is not None and grant.expires != float("inf"):
+        leeway = factory.verifier.leeway if factory.verifier is not None else 0.0
         clock = factory.clock
-        stream.expiry = clock.callLater(max(0.0, grant.expires + factory.verifier.leeway - clock.seconds()),
-                                        stream.close)
+        stream.expiry = clock.callLater(max(0.0, grant.expires + leeway - clock.seconds()), stream.close)
     proto.transport.write(response_head(200, "OK", [
         ("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
         # nginx: pass each event on at once instead of buffering the response

@@ -49,6 +49,9 @@ class WebSocketOptions:
     no_gc_freeze: bool = False
     #: verifies browser tokens (``None``: no keys, every channel public)
     verifier: Any = None
+    #: asks the app's backend about a handshake without a token: ``(request, headers) -> Deferred[Grant]``,
+    #: failing with a ``status`` to refuse it (``None``: no connect proxy)
+    connect_proxy: Any = None
 
     def session_limits(self) -> SessionLimits:
         """What its sockdrawer.v1 sessions obey."""
@@ -56,5 +59,5 @@ class WebSocketOptions:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        """The fields that are options of the same name (all but ``verifier``)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "verifier")
+        """The fields that are options of the same name (all but the parts the node builds)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("verifier", "connect_proxy"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, NoReturn
+from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import tcp
@@ -23,6 +23,7 @@ from sockdrawer.core.subscriber import SOCKET, Source
 from sockdrawer.core.tokens import Grant, TokenRefused
 from sockdrawer.core.v1 import SUBPROTOCOL, Peer, V1Session
 from sockdrawer.transports.sse.connection import StreamingConnection
+from sockdrawer.transports.websocket.admission import Admission
 from sockdrawer.transports.websocket.compression import acceptable_offers
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup
 from sockdrawer.transports.websocket.frames import TEXT, reply_frame
@@ -44,7 +45,8 @@ _STATE_OPEN = _private.GuardedServerProtocol.STATE_OPEN
 _HIGH_WATER = 64 * 1024
 
 
-class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtocol):  # type: ignore[misc]
+class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[misc]
+                               _private.GuardedServerProtocol):
     """
     One browser connection on one channel, a member of that channel's
     :class:`~sockdrawer.fanout.ChannelGroup` for its encoding while it is
@@ -160,20 +162,6 @@ class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtoc
     def write(self, data: bytes) -> None:
         self.deliver_queued(data)
 
-    def _count_ip(self, ip: str | None) -> bool:
-        """Count this connection against its address; refuse with 429 when that is over the limit."""
-        if not ip:
-            return True
-        factory = self.factory
-        count = factory.per_ip.get(ip, 0) + 1
-        factory.per_ip[ip] = count
-        self._counted_ip = ip
-        if count > factory.options.max_connections_per_ip:
-            self._own_reason = "too many connections from this address"
-            self.failHandshake(self._own_reason, 429)
-            return False
-        return True
-
     def dataReceived(self, data: bytes) -> None:
         if self.streaming:
             return self.stream_data(data)
@@ -245,6 +233,9 @@ class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtoc
             self._deny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
         channel = key.decode("utf-8")
         v1 = SUBPROTOCOL in request.protocols and key == b""
+        proxy = factory.options.connect_proxy
+        if proxy is not None and not token:  # the app's backend says who this is, and what it may read
+            return self.ask_connect_proxy(proxy, request, target, key, v1)
         if factory.verifier is not None and (token or not (v1 or factory.is_public(channel))):
             # v1: the token (if any) is checked here, each channel at its subscribe
             try:
@@ -256,13 +247,17 @@ class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtoc
             self.grant = grant
             self.user = grant.user
             self._expires_at = grant.expires + factory.verifier.leeway
+        return self._admitted(request, key, v1)  # type: ignore[no-any-return]
+
+    def _admitted(self, request: ConnectionRequest, key: bytes, v1: bool) -> Any:
+        factory = self.factory
         _private.set_extension_offers(self, acceptable_offers(request.extensions, factory.compression))
         self.key = key
         if v1:
             self._v1 = True
-            return SUBPROTOCOL  # type: ignore[return-value]
+            return SUBPROTOCOL
         if factory.authorize is not None:
-            decision = factory.authorize(Source(SOCKET, channel, self.peer, self.user))
+            decision = factory.authorize(Source(SOCKET, key.decode("utf-8"), self.peer, self.user))
             if decision is not None:
                 return decision.addCallback(self._authorized)
         return None
@@ -278,10 +273,6 @@ class SockDrawerServerProtocol(StreamingConnection, _private.GuardedServerProtoc
             self.failHandshake(self._own_reason, 500)
         elif self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=CLOSE_INTERNAL_ERROR, reasonUtf8=b"internal error", isReply=False)
-
-    def _deny(self, code: int, reason: str) -> NoReturn:
-        self._own_reason = reason
-        raise ConnectionDeny(code, reason)
 
     def refusing(self, reason: str, code: int, responseHeaders: Any) -> tuple[str, int, Any]:
         # Autobahn puts request details and exception texts into the status

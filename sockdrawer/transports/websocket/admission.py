@@ -1,0 +1,84 @@
+"""
+The parts of a socket's admission around Autobahn's handshake: its address
+counted against ``--max-connections-per-ip``, refusals with a reason of our
+own, and the connect proxy asked who the browser is (``--connect-proxy``; the
+node hands in the asking function, the transport never imports the HTTP side).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from sockdrawer.core.tokens import Grant
+from sockdrawer.core.v1 import SUBPROTOCOL
+from sockdrawer.transports.websocket.handshake import _address
+
+
+class Admission:
+    """Mixed into the WebSocket server protocol (see the module docstring)."""
+
+    factory: Any
+    peer: str
+    _counted_ip: str | None
+    _own_reason: str | None
+    grant: Grant | None
+    user: str | None
+
+    if TYPE_CHECKING:  # the protocol's own (Autobahn's, and its admission's last steps)
+        def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None: ...
+
+        def _admitted(self, request: ConnectionRequest, key: bytes, v1: bool) -> Any: ...
+
+    def _count_ip(self, ip: str | None) -> bool:
+        """Count this connection against its address; refuse with 429 when that is over the limit."""
+        if not ip:
+            return True
+        factory = self.factory
+        count = factory.per_ip.get(ip, 0) + 1
+        factory.per_ip[ip] = count
+        self._counted_ip = ip
+        if count > factory.options.max_connections_per_ip:
+            self._own_reason = "too many connections from this address"
+            self.failHandshake(self._own_reason, 429)
+            return False
+        return True
+
+    def _deny(self, code: int, reason: str) -> NoReturn:
+        self._own_reason = reason
+        raise ConnectionDeny(code, reason)
+
+    def ask_connect_proxy(self, proxy: Any, request: ConnectionRequest, target: str, key: bytes,
+                          v1: bool) -> Deferred[Any]:
+        """
+        Ask the app's backend about this handshake (no token came with it):
+        its answer admits the socket as the user it names, with the channels
+        it allows; 401 or 403 refuse with that status; anything else with 503.
+        """
+        channel = key.decode("utf-8")
+        info = {"transport": "websocket", "path": target, "channel": None if v1 else channel,
+                "subprotocol": SUBPROTOCOL if v1 else None, "remote": _address(self.peer), "origin": request.origin}
+        d: Deferred[Grant] = proxy(info, request.headers)
+
+        def admitted(grant: Grant) -> Any:
+            if not v1 and not grant.allows(channel):
+                self._deny(ConnectionDeny.FORBIDDEN, "the connect proxy does not allow this channel")
+            self.grant = grant
+            self.user = grant.user
+            if grant.expires != math.inf:
+                self._expires_at = grant.expires
+            return self._admitted(request, key, v1)
+
+        def refused(failure: Failure) -> Any:
+            status = getattr(failure.value, "status", None)
+            if status is None:
+                return failure  # a ConnectionDeny of ours, or an error: Autobahn's refusal
+            self._deny(status, getattr(failure.value, "reason", "refused"))
+
+        return d.addCallbacks(admitted, refused)
+
+    _expires_at: float
