@@ -76,8 +76,8 @@ def cookie(session: str) -> list[tuple[str, str]]:
 async def test_a_session_cookie_admits_a_socket_as_its_user(run_service: Any) -> None:
     """The proxy gets the handshake as JSON (client id, transport, channel, remote address, origin) with the
     browser's Cookie forwarded; its 200 admits the socket, which gets the channel's messages; a channel the
-    answer does not allow gets 403; no cookie 401 and a banned user 403, with the proxy's own status; the
-    verdicts are in the metrics."""
+    answer does not allow gets 403 (a v1 subscribe too, with no keys configured); no cookie 401 and a banned
+    user 403, with the proxy's own status; the verdicts are in the metrics."""
     app, url, port = await start_app()
     try:
         svc = await run_service(connect_proxy=url)
@@ -90,12 +90,15 @@ async def test_a_session_cookie_admits_a_socket_as_its_user(run_service: Any) ->
         await svc.publish("hello", "news")
         assert await client.next_text() == "hello"
         assert (await connect_refused(svc.ws_port, "/private", extra_headers=cookie("alice"))).status == 403
+        v1 = await connect(svc.ws_port, "/", subprotocols=["sockdrawer.v1"], extra_headers=cookie("alice"))
+        v1.send_json({"op": "subscribe", "channel": "private"})  # no keys configured: the answer still binds
+        assert (await v1.next_json())["status"] == 403
         assert (await connect_refused(svc.ws_port, "/news")).status == 401
         assert (await connect_refused(svc.ws_port, "/news", extra_headers=cookie("banned"))).status == 403
-        assert svc.connect_proxy.answers == {"admitted": 2, "401": 1, "403": 1}
+        assert svc.connect_proxy.answers == {"admitted": 3, "401": 1, "403": 1}
         samples = await deferToThread(scrape, svc.api_port)
         assert [samples[f"sockdrawer_connect_proxy_answers_total{{outcome={o}}}"]
-                for o in ("admitted", "401", "403", "unavailable")] == [2, 1, 1, 0]
+                for o in ("admitted", "401", "403", "unavailable")] == [3, 1, 1, 0]
         assert samples["sockdrawer_connect_proxy_in_flight"] == 0
     finally:
         await port.stopListening()

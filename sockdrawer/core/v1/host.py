@@ -129,6 +129,8 @@ class SessionHost:
     def allowed(self, channel: str, grant: Grant | None) -> bool:
         """Whether a peer with ``grant`` may use ``channel``."""
         requires = self.requires_token
-        if requires is None or not requires(channel):
-            return True
-        return grant is not None and grant.allows(channel)
+        if requires is not None and not requires(channel):
+            return True  # a public channel
+        if grant is not None:  # a token's, or the connect proxy's (which restricts without keys too)
+            return grant.allows(channel)
+        return requires is None
