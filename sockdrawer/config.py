@@ -168,6 +168,10 @@ class Settings:
         None, "URL of the app's backend the node POSTs each handshake to (JSON, with the browser's Cookie and "
         "Authorization): 200 {\"user\", \"channels\", \"expires\"} admits it as that user, 401/403 refuse it, "
         "anything else (a timeout, an error) refuses it with 503", part=AUTH)
+    subscribe_proxy: str | None = option(
+        None, "URL of the app's backend the node POSTs each sockdrawer.v1 subscribe to (JSON: user, client, "
+        "channel, remote): 200 allows it, 401/403 answer the v1 error with that status, anything else 503",
+        part=AUTH)
     proxy_timeout: float = option(
         5.0, "seconds the connect proxy may take to answer a handshake (then 503)", part=AUTH, above=0,
         high=MAX_SECONDS)
@@ -269,6 +273,8 @@ class Settings:
             raise ValueError("--allowed-origin: at least one origin pattern is needed")
         if self.connect_proxy is not None and not str(self.connect_proxy).startswith(("http://", "https://")):
             raise ValueError(f"--connect-proxy must be an http:// or https:// URL, not {self.connect_proxy!r}")
+        if self.subscribe_proxy is not None and not str(self.subscribe_proxy).startswith(("http://", "https://")):
+            raise ValueError(f"--subscribe-proxy must be an http:// or https:// URL, not {self.subscribe_proxy!r}")
         if not all(isinstance(h, str) and h and ":" not in h for h in self.proxy_header):
             raise ValueError("--proxy-header values must be header names")
         if self.drain_close_code not in (1001, 1012):

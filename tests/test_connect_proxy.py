@@ -49,6 +49,12 @@ class App(Resource):
         body = json.loads(request.content.read())
         headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
         self.seen.append((body, headers))
+        if request.path == b"/subscribe":
+            verdicts = {"rooms/forbidden": 403, "rooms/broken": 500}
+            if body["channel"] == "rooms/slow":
+                return NOT_DONE_YET
+            request.setResponseCode(verdicts.get(body["channel"], 200))
+            return b""
         cookie = headers.get("cookie", "")
         values = dict(part.strip().partition("=")[::2] for part in cookie.split(";") if "=" in part)
         session = values.get("session")
@@ -177,5 +183,38 @@ async def test_event_streams_ask_the_proxy_too(run_service: Any) -> None:
         slow = await deferToThread(raw_request, svc.ws_port, stream_request("/news", "Cookie: session=slow"))
         assert slow.startswith(b"HTTP/1.1 503")
         await wait_for(lambda: svc.factory.open_sockets == 0)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_v1_subscribe_asks_the_subscribe_proxy(run_service: Any) -> None:
+    """--subscribe-proxy: each sockdrawer.v1 subscribe, on a socket or a stream, is asked about (user,
+    client, channel, remote); 200 allows it, 403 answers the v1 error 403, a 5xx or no answer the error 503;
+    the socket and its other subscriptions carry on."""
+    app, url, port = await start_app()
+    try:
+        svc = await run_service(connect_proxy=url, subscribe_proxy=url.replace("/connect", "/subscribe"),
+                                proxy_timeout=0.5)
+        client = await connect(svc.ws_port, "/", subprotocols=["sockdrawer.v1"], extra_headers=cookie("alice"))
+        for channel, answer in (("rooms/1", ("subscribed", None)), ("rooms/forbidden", ("error", 403)),
+                                ("rooms/broken", ("error", 503)), ("rooms/slow", ("error", 503))):
+            client.send_json({"op": "subscribe", "channel": channel})
+            reply = await client.next_json()
+            assert (reply["op"], reply.get("status")) == answer, (channel, reply)
+        asked = [body for body, _ in app.seen if "transport" not in body]
+        assert {k: asked[0][k] for k in ("user", "channel", "remote")} == {
+            "user": "alice", "channel": "rooms/1", "remote": "127.0.0.1"}
+        assert asked[0]["client"]
+        await svc.publish("still", "rooms/1")
+        assert (await client.next_json())["data"] == "still"
+        s = socket.create_connection(("127.0.0.1", svc.ws_port), timeout=5)
+        try:
+            s.sendall(stream_request("/?channel=rooms/forbidden", "Cookie: session=alice"))
+            events = await deferToThread(read_events, s, lambda ev: len(ev) == 1)
+        finally:
+            s.close()
+        assert events[0][1]["op"] == "error" and events[0][1]["status"] == 403
+        assert svc.subscribe_proxy.answers == {"admitted": 1, "403": 2, "unavailable": 2}
     finally:
         await port.stopListening()

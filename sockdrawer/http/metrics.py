@@ -38,8 +38,9 @@ class MetricsSource(Protocol):
     listeners: Any
     #: messages published into the node, by source
     published: dict[str, int]
-    #: the connect proxy (``answers`` by outcome, ``in_flight``), or ``None``
+    #: the connect and subscribe proxies (``answers`` by outcome, ``in_flight``), or ``None``
     connect_proxy: Any
+    subscribe_proxy: Any
 
     def channel_count(self) -> int:
         """Channels with sockets or listeners."""
@@ -87,15 +88,16 @@ class ServiceCollector(Collector):
                                   value=factory.stats.bytes_sent)
         yield CounterMetricFamily("sockdrawer_slow_cutoffs", "Sockets cut off for reading too slowly (1008)",
                                   value=factory.slow_cut_offs)
-        proxy = svc.connect_proxy
-        if proxy is not None:
-            answers = CounterMetricFamily("sockdrawer_connect_proxy_answers", "Connect proxy verdicts on "
-                                          "handshakes, by outcome", labels=["outcome"])
+        for kind, proxy in (("connect", svc.connect_proxy), ("subscribe", svc.subscribe_proxy)):
+            if proxy is None:
+                continue
+            answers = CounterMetricFamily(f"sockdrawer_{kind}_proxy_answers", f"The {kind} proxy's verdicts, by "
+                                          "outcome", labels=["outcome"])
             for outcome in ("admitted", "401", "403", "unavailable"):
                 answers.add_metric([outcome], proxy.answers.get(outcome, 0))
             yield answers
-            yield GaugeMetricFamily("sockdrawer_connect_proxy_in_flight", "Connect proxy requests waiting for "
-                                    "an answer", value=proxy.in_flight)
+            yield GaugeMetricFamily(f"sockdrawer_{kind}_proxy_in_flight", f"{kind.capitalize()} proxy requests "
+                                    "waiting for an answer", value=proxy.in_flight)
         streams = factory.streams
         yield GaugeMetricFamily("sockdrawer_event_streams", "Open Server-Sent Events streams (in sockdrawer_sockets "
                                 "too)", value=streams.open_streams)

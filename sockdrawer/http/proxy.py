@@ -108,8 +108,12 @@ class ConnectProxy:
     :param reactor: the reactor.
     """
 
-    def __init__(self, url: str, timeout: float, max_concurrent: int, headers: Sequence[str], reactor: Any) -> None:
+    def __init__(self, url: str, timeout: float, max_concurrent: int, headers: Sequence[str], reactor: Any,
+                 grants: bool = True, what: str = "connect proxy") -> None:
         self.url = url.encode("ascii")
+        #: a 200 answer names a grant (the connect proxy), or only allows (the subscribe proxy: body ignored)
+        self.grants = grants
+        self.what = what
         self.timeout = timeout
         self.max_concurrent = max_concurrent
         self.headers = tuple(h.lower() for h in headers)
@@ -128,9 +132,9 @@ class ConnectProxy:
         """
         if self.in_flight >= self.max_concurrent:
             self._count("unavailable")
-            _log.warn("connect proxy busy ({count} requests in flight): refusing a handshake with 503",
+            _log.warn("{what} busy ({count} requests in flight): refusing with 503", what=self.what,
                       count=self.in_flight)
-            return fail(ProxyRefused(503, "connect proxy busy"))
+            return fail(ProxyRefused(503, f"{self.what} busy"))
         body = json.dumps({"client": secrets.token_urlsafe(9), **request}).encode()
         headers = Headers({b"content-type": [b"application/json"]})
         for name in self.headers:
@@ -155,10 +159,14 @@ class ConnectProxy:
         if status in (401, 403):
             response.deliverBody(_Discard())
             self._count(str(status))
-            raise ProxyRefused(status, f"refused by the connect proxy ({status})")
+            raise ProxyRefused(status, f"refused by the {self.what} ({status})")
         if status != 200:
             response.deliverBody(_Discard())
-            raise ProxyRefused(503, f"connect proxy answered {status}")
+            raise ProxyRefused(503, f"{self.what} answered {status}")
+        if not self.grants:
+            response.deliverBody(_Discard())
+            self._count("admitted")
+            return None  # type: ignore[return-value]
         read: Deferred[bytes] = Deferred()
         response.deliverBody(_Capped(read))
         return read.addCallback(lambda body: self._admitted(grant_from_answer(body, self._reactor.seconds())))
@@ -174,9 +182,9 @@ class ConnectProxy:
         if isinstance(refused, ProxyRefused):
             why = refused.reason
         else:
-            why = f"connect proxy unreachable: {failure.getErrorMessage()}"
+            why = f"{self.what} unreachable: {failure.getErrorMessage()}"
         self._count("unavailable")
-        _log.warn("{why}: refusing a handshake with 503", why=why)
+        _log.warn("{why}: refusing with 503", why=why)
         return Failure(ProxyRefused(503, why))
 
     def _count(self, outcome: str) -> None:

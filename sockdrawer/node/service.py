@@ -5,6 +5,7 @@ listeners, the WebSocket server and the HTTP API into a service.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -284,8 +285,15 @@ class SockDrawerService(MultiService):
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
+        #: asks the app's backend about each v1 subscribe (--subscribe-proxy)
+        self.subscribe_proxy = (ConnectProxy(settings.subscribe_proxy, settings.proxy_timeout,
+                                             settings.proxy_max_concurrent, (), reactor, grants=False,
+                                             what="subscribe proxy")
+                                if settings.subscribe_proxy else None)
         hosts = (self.factory.sessions, self.factory.streams.sessions)  # the v1 sessions of sockets and of streams
         for host in hosts:
+            if self.subscribe_proxy is not None:
+                host.subscribe_proxy = functools.partial(self.subscribe_proxy.ask, browser_headers={})
             host.presence = self.presence
             if settings.history_size:
                 # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket

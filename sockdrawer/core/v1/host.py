@@ -125,6 +125,37 @@ class SessionHost:
         self.presence: PresenceJoins | None = None
         #: v1 subscriptions by the address they count against
         self.subscriptions_per_ip: dict[str, int] = {}
+        #: asks the app's backend about each subscribe (``--subscribe-proxy``): a Deferred that fails with a
+        #: ``status`` to refuse it (``None``: no subscribe proxy)
+        self.subscribe_proxy: Callable[[dict[str, Any]], Deferred[Any]] | None = None
+
+    def decide(self, source: Source, session: Any) -> Deferred[tuple[int, str] | None] | None:
+        """
+        Whether a subscription may start: ``None`` (yes, at once), or a
+        Deferred of ``None`` (yes) or ``(status, reason)`` (no).  The
+        subscribe proxy answers first, then the listeners' ``authorize``.
+        """
+        proxy = self.subscribe_proxy
+        if proxy is None:
+            return self._listeners(source)
+        remote = source.peer  # the address alone, as the connect proxy gets it
+        if remote and remote.startswith(("tcp4:", "tcp6:")):
+            remote = remote[5:].rsplit(":", 1)[0]
+        asked = proxy({"user": source.user, "client": session.client, "channel": source.channel, "remote": remote})
+
+        def answered(_: Any) -> Any:
+            return self._listeners(source)
+
+        def refused(failure: Any) -> tuple[int, str]:
+            return (getattr(failure.value, "status", 503), getattr(failure.value, "reason", "subscribe refused"))
+
+        return asked.addCallbacks(answered, refused)
+
+    def _listeners(self, source: Source) -> Deferred[tuple[int, str] | None] | None:
+        decision = self.authorize(source) if self.authorize is not None else None
+        if decision is None:
+            return None
+        return decision.addCallback(lambda allowed: None if allowed else (403, "refused by a listener"))
 
     def allowed(self, channel: str, grant: Grant | None) -> bool:
         """Whether a peer with ``grant`` may use ``channel``."""

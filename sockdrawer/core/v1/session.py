@@ -416,19 +416,19 @@ class V1Session:
         if ip is not None:
             host.subscriptions_per_ip[ip] = count + 1
             self._ip = ip
-        decision = host.authorize(self._source(channel)) if host.authorize is not None else None
+        decision = host.decide(self._source(channel), self)
         if decision is None:
             self._start(sub, since)
         else:
             decision.addCallback(self._authorized, sub, since)
 
-    def _authorized(self, allowed: bool, sub: Subscription, since: str | None) -> None:
+    def _authorized(self, refusal: tuple[int, str] | None, sub: Subscription, since: str | None) -> None:
         if self.subscriptions.get(sub.key) is not sub:
             return
-        if not allowed:
+        if refusal is not None:
             del self.subscriptions[sub.key]
             self._uncount()
-            self.error(403, "refused by a listener", sub.channel)
+            self.error(refusal[0], refusal[1], sub.channel)
             return
         self._start(sub, since)
 
