@@ -44,12 +44,18 @@ export interface SockDrawerOptions {
    * EventSource (Server-Sent Events after two WebSocket attempts failed before opening).
    */
   transports?: Array<"websocket" | "sse">;
+  /**
+   * With a token function: milliseconds before the token expires that a fresh one replaces it on the open
+   * connection (the v1 "refresh" op; 30000; 0: reconnect at expiry instead).
+   */
+  refreshAhead?: number;
   /** Milliseconds on Server-Sent Events before trying WebSocket again (60000; 0: never). */
   retryWebSocketAfter?: number;
   /** For tests: the WebSocket and EventSource classes, fetch, randomness and timers. */
   WebSocket?: typeof WebSocket;
   EventSource?: typeof EventSource;
   fetch?: typeof fetch;
+  now?: () => number;
   random?: () => number;
   setTimeout?: (fn: () => void, ms: number) => unknown;
   clearTimeout?: (handle: unknown) => void;

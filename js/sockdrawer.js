@@ -47,6 +47,9 @@ export class SockDrawer extends EventTarget {
    * @param {number} [options.retryWebSocketAfter] ms on Server-Sent Events before trying WebSocket again (60000)
    * @param {typeof EventSource} [options.EventSource] the EventSource class (for tests)
    * @param {typeof fetch} [options.fetch] the fetch function (for tests)
+   * @param {number} [options.refreshAhead] ms before a token function's token expires that a fresh one
+   *   replaces it on the open connection (30000; 0: never, reconnect at expiry instead)
+   * @param {() => number} [options.now] the time in ms (for tests)
    * @param {() => number} [options.random] a random number in [0, 1) (for tests)
    * @param {(fn: () => void, ms: number) => any} [options.setTimeout]
    * @param {(handle: any) => void} [options.clearTimeout]
@@ -65,6 +68,10 @@ export class SockDrawer extends EventTarget {
     this._wsFailures = 0;
     this._upgradeTimer = null;
     this._posts = Promise.resolve();
+    // a token function's tokens are refreshed this long before they expire (the v1 "refresh" op)
+    this._refreshAhead = options.refreshAhead ?? 30000;
+    this._now = options.now || (() => Date.now());
+    this._refreshTimer = null;
     this._random = options.random || Math.random;
     this._setTimeout = options.setTimeout || ((fn, ms) => globalThis.setTimeout(fn, ms));
     this._clearTimeout = options.clearTimeout || ((h) => globalThis.clearTimeout(h));
@@ -165,6 +172,7 @@ export class SockDrawer extends EventTarget {
     this._clearTimeout(this._retryTimer);
     this._clearTimeout(this._stableTimer);
     this._clearTimeout(this._upgradeTimer);
+    this._clearTimeout(this._refreshTimer);
     if (this._ws) this._ws.close(1000);
     this._setState("closed");
   }
@@ -220,6 +228,7 @@ export class SockDrawer extends EventTarget {
     for (const [channel, entry] of this._channels) {
       ws.send(JSON.stringify(this._subscribeMessage(channel, entry)));
     }
+    this._scheduleRefresh();
     const queued = this._queue;
     this._queue = [];
     for (const message of queued) {
@@ -271,6 +280,9 @@ export class SockDrawer extends EventTarget {
           { channel: message.channel, user: message.user, client: message.client });
         break;
       }
+      case "refreshed":
+        this._scheduleRefresh();
+        break;
       case "reset":
         if (entry) entry.offset = null;
         this.dispatchEvent(new CustomEvent("reset", { detail: { channel: message.channel } }));
@@ -322,6 +334,32 @@ export class SockDrawer extends EventTarget {
       waiting.reject(Object.assign(new Error("connection closed"), { status: 0 }));
     }
     this._retry();
+  }
+
+  /** With a token function: ask it for a fresh token ahead of the current one's expiry, and send it. */
+  _scheduleRefresh() {
+    this._clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (typeof this.options.token !== "function" || !this._token || this._refreshAhead <= 0) return;
+    let exp;
+    try {
+      exp = JSON.parse(atob(this._token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).exp;
+    } catch {
+      return; // not a JWT whose expiry we can read: reconnect at expiry instead
+    }
+    if (typeof exp !== "number") return;
+    const delay = Math.max(0, exp * 1000 - this._refreshAhead - this._now());
+    const ws = this._ws;
+    this._refreshTimer = this._setTimeout(async () => {
+      if (this._ws !== ws || this._closed) return;
+      try {
+        this._token = await this.options.token();
+      } catch (error) {
+        this.dispatchEvent(new CustomEvent("error", { detail: { error } }));
+        return;
+      }
+      if (this._ws === ws) this._send({ op: "refresh", token: this._token });
+    }, delay);
   }
 
   _subscribeLater(channel) {

@@ -25,9 +25,14 @@ class RecordingOutbox:
         self.can_send = True
         self.out: list[Any] = []
         self.writes = 0
+        #: when the connection's token expires, as the session last said (a refresh)
+        self.expiry: float | None = None
 
     def frame(self, payload: bytes) -> bytes:
         return payload
+
+    def expires(self, when: float) -> None:
+        self.expiry = when
 
     def write(self, data: bytes) -> None:
         self.writes += 1

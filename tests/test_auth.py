@@ -185,3 +185,25 @@ def test_secret_is_not_a_command_line_option() -> None:
 
     with pytest.raises(UsageError):
         Options().parseOptions(["--auth-secret", SECRET])
+
+
+def test_a_v1_socket_refreshes_its_token_in_band(node: ChildNode) -> None:
+    """A sockdrawer.v1 socket sends {"op": "refresh"} with a fresh token for the same user before its token
+    expires: answered "refreshed" with the new expiry, it stays open past the old one and keeps receiving; a
+    token for another user is refused with an error and changes nothing."""
+    old = make_token(SECRET, user="u7", channels=["user/7"], ttl=2)
+    with connect(node.url(f"/?token={old}"), subprotocols=["sockdrawer.v1"], open_timeout=5) as ws:
+        ws.send('{"op": "subscribe", "channel": "user/7"}')
+        assert '"subscribed"' in str(ws.recv(timeout=5))
+        other = make_token(SECRET, user="u8", channels=["user/7"], ttl=60)
+        ws.send(f'{{"op": "refresh", "token": "{other}"}}')
+        assert '"the token is for another user"' in str(ws.recv(timeout=5))
+        fresh = make_token(SECRET, user="u7", channels=["user/7"], ttl=60)
+        ws.send(f'{{"op": "refresh", "token": "{fresh}"}}')
+        refreshed = str(ws.recv(timeout=5))
+        assert '"op":"refreshed"' in refreshed.replace(" ", "")
+        deadline = time.monotonic() + 3  # past the old token's expiry (2 s, leeway 0)
+        while time.monotonic() < deadline:
+            node.publish("user/7", "tick")
+            assert '"tick"' in str(ws.recv(timeout=5))
+            time.sleep(0.2)

@@ -253,3 +253,22 @@ test("falls back to Server-Sent Events after two refused sockets, posts its ops,
   last().open();
   assert.deepEqual(last().sent, [{ op: "subscribe", channel: "news", since: "e:2" }]);
 });
+
+test("refreshes a token function's token ahead of its expiry on the open socket", async () => {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const jwt = (exp) => `${b64({ alg: "HS256" })}.${b64({ exp })}.sig`;
+  let issued = 0;
+  const token = async () => jwt(1000 + 100 * issued++);
+  const { sd, timers, last } = harness({ token, now: () => 900_000, refreshAhead: 30000 });
+  await tick();
+  last().open();
+  const refresh = timers.find((t) => t.ms === 1000 * 1000 - 30000 - 900_000);
+  assert.ok(refresh, JSON.stringify(timers.map((t) => t.ms)));
+  refresh.fn();
+  await tick();
+  await tick();
+  assert.deepEqual(last().sent.at(-1), { op: "refresh", token: jwt(1100) });
+  last().receive({ op: "refreshed", expires: 1100 });
+  assert.ok(timers.some((t) => t.ms === 1100 * 1000 - 30000 - 900_000 && !t.cancelled));
+  sd.close();
+});

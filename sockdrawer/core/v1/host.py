@@ -48,6 +48,9 @@ class Outbox(Protocol):
     def write(self, data: bytes) -> None:
         """Send framed bytes."""
 
+    def expires(self, when: float) -> None:
+        """The connection's token now expires at ``when`` (seconds since the epoch): end it then, not before."""
+
 
 class Fanout(Protocol):
     """The transport's fan-out groups, which a subscription joins to get its channel's messages."""
@@ -128,6 +131,8 @@ class SessionHost:
         #: asks the app's backend about each subscribe (``--subscribe-proxy``): a Deferred that fails with a
         #: ``status`` to refuse it (``None``: no subscribe proxy)
         self.subscribe_proxy: Callable[[dict[str, Any]], Deferred[Any]] | None = None
+        #: verifies the tokens of the ``refresh`` op (``verify``, ``leeway``; ``None``: no token keys)
+        self.verifier: Any = None
 
     def decide(self, source: Source, session: Any) -> Deferred[tuple[int, str] | None] | None:
         """

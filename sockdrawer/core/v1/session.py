@@ -9,6 +9,7 @@ no reactor: the transport hands them in.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import json
 import secrets
@@ -23,6 +24,7 @@ from sockdrawer.core.channels import ChannelNameError, printable, validate_chann
 from sockdrawer.core.history import HistoryReset, Replay
 from sockdrawer.core.interfaces import Batch
 from sockdrawer.core.subscriber import SOCKET, Source
+from sockdrawer.core.tokens import TokenRefused
 from sockdrawer.core.v1.host import Outbox, Peer, PresenceJoins, SessionHost
 from sockdrawer.core.v1.messages import (
     MAX_ID_LENGTH,
@@ -49,11 +51,9 @@ class State(enum.Enum):
     AUTHORIZING = "authorizing"
     #: its history is read; the live messages kept meanwhile follow it
     READING = "reading"
-    #: its history is read, and the broker has lost messages since: the kept
-    #: ones may follow a hole, so it waits for the broker's gap when done
+    #: its history is read, and the broker has lost messages since: it waits for the broker's gap when done
     READING_LOST = "reading, broker lost"
-    #: its history is read, and a broker gap came meanwhile (the read may
-    #: predate what the gap lost): it catches up again from the read's end
+    #: its history is read, and a broker gap came meanwhile: it catches up again from the read's end
     READING_GAP = "reading, gap pending"
     #: the broker lost messages: it waits for the gap to catch up from history
     SUSPENDED = "suspended"
@@ -327,6 +327,9 @@ class V1Session:
             self.error(400, "a string is not Unicode (a lone surrogate escape)")
             return
         op, channel = msg.get("op"), msg.get("channel")
+        if op == "refresh":
+            self.refresh(msg.get("token"))
+            return
         if op not in ("subscribe", "unsubscribe", "send"):
             self.error(400, "unknown op")
             return
@@ -362,6 +365,24 @@ class V1Session:
                 self.error(400, f"id must be a string of at most {MAX_ID_LENGTH} characters or a number", channel)
                 return
             self.send(key, channel, msg.get("data"), id)
+
+    def refresh(self, token: Any) -> None:
+        """The ``refresh`` op: a fresh token for the same user replaces this connection's before it expires."""
+        verifier = self.host.verifier
+        if verifier is None or not isinstance(token, str) or not token:
+            self.error(400, "refresh takes a token" if verifier is not None else "this node takes no tokens")
+            return
+        try:
+            grant = verifier.verify(token)
+        except TokenRefused as e:
+            self.error(e.status, e.reason)
+            return
+        if self.peer.user is not None and grant.user != self.peer.user:
+            self.error(403, "the token is for another user")
+            return
+        self.peer = dataclasses.replace(self.peer, user=grant.user, grant=grant)
+        self.outbox.expires(grant.expires + verifier.leeway)
+        self.send_control("refreshed", expires=grant.expires)
 
     def _uncount(self) -> None:
         """One subscription less for this socket's address."""

@@ -74,6 +74,14 @@ class StreamOutbox:
     def frame(self, payload: bytes) -> bytes:
         return payload + b"\n"
 
+    def expires(self, when: float) -> None:
+        """A refreshed token: the stream ends at its expiry, not the old one's."""
+        stream = self.stream
+        if stream.expiry is not None and stream.expiry.active():
+            stream.expiry.cancel()
+        clock = stream.registry.clock
+        stream.expiry = clock.callLater(max(0.0, when - clock.seconds()), stream.close)
+
     def write(self, data: bytes) -> None:
         events = []
         for payload in data.split(b"\n"):

@@ -162,6 +162,12 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
     def write(self, data: bytes) -> None:
         self.deliver_queued(data)
 
+    def expires(self, when: float) -> None:
+        """A refreshed token: closed with 4001 at its expiry, not the old one's."""
+        self._cancel_expiry()
+        clock = self.factory.clock
+        self._expiry = clock.callLater(max(0.0, when - clock.seconds()), self._token_expired)
+
     def dataReceived(self, data: bytes) -> None:
         if self.streaming:
             return self.stream_data(data)

@@ -103,6 +103,8 @@ class SocketRegistry:
             requires_token=self.sessions.requires_token, authorize=authorize, frame_handler=frame_handler,
         )
         self.streams.sessions.subscriptions_per_ip = self.sessions.subscriptions_per_ip
+        # the v1 refresh op checks tokens as the handshake does
+        self.sessions.verifier = self.streams.sessions.verifier = self.verifier
 
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""

@@ -167,3 +167,24 @@ def test_a_read_answered_after_unsubscribe_is_dropped() -> None:
     session.host.clock.advance(0)  # type: ignore[attr-defined]
     pending[1].callback(Replay("e:0-0"))
     assert outbox.out == [{"op": "subscribed", "channel": "b", "offset": "e:0-0"}]
+
+
+def test_a_refresh_replaces_the_token_of_the_same_user() -> None:
+    """The refresh op checks the new token as a handshake does: the same user's replaces the connection's
+    grant (its channels) and moves its expiry (answered "refreshed"); another user's token, a bad one, or a
+    node without token keys gets an error, and the grant stays."""
+    from sockdrawer.core.tokens import Grant, TokenVerifier, make_token
+
+    secret = "s" * 32
+    sess, outbox, _ = fakes.session(peer=Peer("tcp4:1.2.3.4:5", "u1", Grant("u1", ("a",), 100.0)))
+    sess.received(json.dumps({"op": "refresh", "token": "x"}).encode(), False)
+    assert outbox.out[-1] == {"op": "error", "status": 400, "reason": "this node takes no tokens"}
+    sess.host.verifier = TokenVerifier([secret.encode()], leeway=5)
+    token = make_token(secret, user="u1", channels=["b"], ttl=60)
+    sess.received(json.dumps({"op": "refresh", "token": token}).encode(), False)
+    assert outbox.out[-1]["op"] == "refreshed" and outbox.expiry == outbox.out[-1]["expires"] + 5
+    assert sess.peer.grant is not None and sess.peer.grant.channels == ("b",) and sess.peer.address
+    for bad, status in ((make_token(secret, user="u2", channels=["b"]), 403), ("not a token", 401), (7, 400)):
+        sess.received(json.dumps({"op": "refresh", "token": bad}).encode(), False)
+        assert (outbox.out[-1]["op"], outbox.out[-1]["status"]) == ("error", status)
+    assert sess.peer.grant.channels == ("b",) and sess.peer.user == "u1"
