@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 from sockdrawer.config import Settings
 from sockdrawer.core.channels import DEFAULT_NAMESPACE, Namespace, validate_channel
+from sockdrawer.core.control import CONTROL_KEY, DISCONNECT_CODE, DISCONNECT_REASON, command, encode
 
 # the server's defaults, from its option table
 _DEFAULTS = Settings()
@@ -258,6 +259,49 @@ class Client:
         else:
             result = self._redis.publish(redis_channel, payload)
         return int(result) if result is not None else 0
+
+    def disconnect(self, user: str | None = None, *, client: str | None = None, code: int = DISCONNECT_CODE,
+                   reason: str = DISCONNECT_REASON) -> None:
+        """
+        Close every connection of ``user`` (or the one with presence id
+        ``client``) on every node: sockets with ``code`` (4000-4999) and
+        ``reason``, event streams by ending them.  A user the nodes do not
+        know is not an error (nothing is closed).
+
+        :raises ValueError: for a bad code, reason, or not exactly one of user and client.
+        :raises PublishError: when the command could not be sent.
+        """
+        fields: dict[str, Any] = {"op": "disconnect", "code": code, "reason": reason, "user": user,
+                                  "client": client}
+        self._control(command(fields, self._max_channel_length))
+
+    def unsubscribe(self, user: str, channel: str) -> None:
+        """
+        End ``user``'s subscriptions to ``channel`` on every node: a
+        ``sockdrawer.v1`` subscription gets ``{"op": "unsubscribed"}``, a raw
+        socket on that channel is closed with 4003.
+
+        :raises ValueError: for a bad channel or user.
+        :raises PublishError: when the command could not be sent.
+        """
+        self._control(command({"op": "unsubscribe", "user": user, "channel": channel}, self._max_channel_length))
+
+    def _control(self, cmd: dict[str, Any]) -> None:
+        if self._http is not None:
+            body = json.dumps({k: v for k, v in cmd.items() if k != "op"}).encode()
+            request = urllib.request.Request(f"{self._http}/{cmd['op']}", data=body, method="POST")
+            request.add_header("Content-Type", "application/json")
+            self._request(request, refused="refused the command", failed="could not send the command to")
+            return
+        channel = self._namespace.redis_channel(CONTROL_KEY)
+        redis: Any = self._redis
+        try:
+            if self._cluster:
+                redis.spublish(channel, encode(cmd))
+            else:
+                redis.publish(channel, encode(cmd))
+        except Exception as e:
+            raise PublishError(f"could not send the command to {self._where()}: {e}") from e
 
     def presence(self, channel: str) -> list[dict[str, Any]]:
         """

@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from sockdrawer import _private
 from sockdrawer.core.channels import ChannelNameError, channel_from_path, printable
+from sockdrawer.core.control import command, encode
 
 
 class NodeView(Protocol):
@@ -44,6 +45,9 @@ class NodeView(Protocol):
 
     def presence_entries(self, key: bytes) -> Any:
         """A Deferred firing with the presence entries of a channel."""
+
+    def control(self, payload: bytes) -> Any:
+        """Publish a checked control command to every node (a Deferred)."""
 
     @property
     def broker_description(self) -> str:
@@ -180,12 +184,47 @@ class ApiResource(Resource):
                 request.setHeader(b"allow", b"POST")
                 return _respond(request, 405, {"error": "use POST"})
             return self._publish(request)
+        if path in (b"/disconnect", b"/unsubscribe"):
+            if request.method != b"POST":
+                request.setHeader(b"allow", b"POST")
+                return _respond(request, 405, {"error": "use POST"})
+            return self._control(request, path[1:].decode("ascii"))
         if path.startswith(_PRESENCE_PREFIX):
             if request.method not in (b"GET", b"HEAD"):
                 request.setHeader(b"allow", b"GET, HEAD")
                 return _respond(request, 405, {"error": "use GET"})
             return self._presence(request)
         return _respond(request, 404, {"error": "not found; use POST /publish/<channel>"})
+
+    def _control(self, request: Request, op: str) -> Any:
+        # the control API: a command for every node's connections of a user (or a client)
+        assert request.content is not None
+        request.content.seek(0)
+        try:
+            fields = json.loads(request.content.read())
+            if isinstance(fields, dict):
+                fields = {**fields, "op": op}
+            cmd = command(fields, self._options.max_channel_length)
+        except (ValueError, RecursionError) as e:
+            return _respond(request, 400, {"error": str(e) if not isinstance(e, json.JSONDecodeError)
+                                           else "body is not JSON"})
+        finished: list[bool] = []
+        request.notifyFinish().addErrback(lambda f: finished.append(True))
+
+        def done(_: Any) -> None:
+            if not finished:
+                request.write(_respond(request, 202, {"accepted": cmd}))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.warn("control {op} failed: {error}", op=op, error=failure.getErrorMessage())
+            if not finished:
+                request.write(_respond(request, 503, {"error": "broker unavailable",
+                                                      "broker": self._node.broker_description}))
+                request.finish()
+
+        self._node.control(encode(cmd)).addCallbacks(done, failed)
+        return NOT_DONE_YET
 
     def _presence(self, request: Request) -> Any:
         # who is on a channel (v1 presence): GET /presence/<channel>

@@ -22,6 +22,7 @@ from sockdrawer.brokers.sentinel import SentinelMaster
 from sockdrawer.brokers.url import RedisURL
 from sockdrawer.config import Settings, endpoint_string
 from sockdrawer.core.channels import Namespace, validate_channel
+from sockdrawer.core.control import CONTROL_KEY
 from sockdrawer.core.history import PAGE_MESSAGES, MemoryHistory
 from sockdrawer.core.hub import EmbeddedBroker, MemoryChannelHub, history_reader
 from sockdrawer.core.interfaces import IBroker, IChannelHub
@@ -401,6 +402,10 @@ class SockDrawerService(MultiService):
         elif not isinstance(message, bytes):
             return defer.fail(TypeError("message must be str or bytes"))
         return self.publish_key(key, message)
+
+    def control(self, payload: bytes) -> Deferred[Any]:
+        """Publish a control command (:mod:`sockdrawer.core.control`) to every node, this one included."""
+        return defer.maybeDeferred(self.broker.publish, CONTROL_KEY, payload)
 
     def publish_key(self, key: bytes, message: bytes) -> Deferred[int]:
         """:meth:`publish` for an already validated channel key."""

@@ -93,7 +93,7 @@ class EventStream:
     ``send_buffer`` bytes queued in Twisted's buffer closes the stream.
     """
 
-    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "_sock", "open", "session", "id", "expiry")
+    __slots__ = ("registry", "transport", "key", "peer", "_tcp", "_sock", "open", "session", "id", "expiry", "user")
 
     def __init__(self, registry: StreamRegistry, transport: Any, key: bytes | None, peer: str) -> None:
         self.registry = registry
@@ -111,6 +111,8 @@ class EventStream:
         self.id: str | None = None
         #: when its token expires, the stream ends
         self.expiry: Any = None
+        #: who a raw stream's token or connect proxy said it is
+        self.user: str | None = None
 
     def write(self, data: bytes) -> None:
         if not self.open:
@@ -259,6 +261,7 @@ def start_response(proto: Any, key: bytes | None, cors: list[tuple[str, str]], g
     closed with 4001): the browser comes back with a fresh one.
     """
     stream: EventStream = proto.stream_opened(key)
+    stream.user = grant.user if grant is not None else None
     factory = proto.factory
     if grant is not None and grant.expires != float("inf"):
         leeway = factory.verifier.leeway if factory.verifier is not None else 0.0

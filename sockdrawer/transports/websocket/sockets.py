@@ -13,12 +13,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
+from sockdrawer.core.control import CONTROL_KEY
 from sockdrawer.core.interfaces import IChannelHub
 from sockdrawer.core.subscriber import Source
 from sockdrawer.core.tokens import pattern_matches
 from sockdrawer.core.v1 import SessionHost, Subscription
 from sockdrawer.transports.sse.stream import StreamRegistry
 from sockdrawer.transports.sse.v1 import StreamFanout
+from sockdrawer.transports.websocket.control import ControlSink
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup, Encoders, EnvelopeGroup, FanoutStats
 from sockdrawer.transports.websocket.frames import MAX_WINDOW_BITS
 from sockdrawer.transports.websocket.options import WebSocketOptions
@@ -105,6 +107,9 @@ class SocketRegistry:
         self.streams.sessions.subscriptions_per_ip = self.sessions.subscriptions_per_ip
         # the v1 refresh op checks tokens as the handshake does
         self.sessions.verifier = self.streams.sessions.verifier = self.verifier
+        #: the app backend's commands to this node's connections (disconnect, unsubscribe), from every node
+        self.control = ControlSink(self)
+        hub.subscribe(CONTROL_KEY, self.control)
 
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""
