@@ -121,3 +121,44 @@ async def test_the_control_api_takes_the_api_key_and_an_unknown_user_is_no_error
         globalLogPublisher.removeObserver(events.append)
     lines = [e for e in events if e.get("log_namespace") == "sockdrawer.control"]
     assert len(lines) == 1 and lines[0]["count"] == 0 and lines[0]["target"] == "user 'nobody'"
+
+
+def get_channels(port: int, query: str = "") -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/channels{query}", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest_twisted.ensureDeferred
+async def test_channels_counts_connections_across_every_node(run_service: Any, redis_server: RedisServer) -> None:
+    """GET /channels adds up every node's connections by channel (raw and v1 sockets, event streams), this
+    node's live and the others' as of their last census; ?pattern= narrows it; a bad pattern gets 400; a
+    node that stops takes its counts with it."""
+    import socket
+
+    from test_sse import stream_request
+
+    first, second = await nodes(run_service, redis_server)
+    keep = [await connect(first.ws_port, f"/news?token={token('a')}") for _ in range(2)]
+    v1 = await connect(first.ws_port, f"/?token={token('a')}", subprotocols=["sockdrawer.v1"])
+    v1.send_json({"op": "subscribe", "channel": "chat"})
+    assert (await v1.next_json())["op"] == "subscribed"
+    keep.append(await connect(second.ws_port, f"/news?token={token('b')}"))
+    stream = socket.create_connection(("127.0.0.1", second.ws_port), timeout=5)
+    try:
+        stream.sendall(stream_request(f"/news?token={token('b')}"))
+        want = {"channels": {"chat": {"sockets": 1}, "news": {"sockets": 4}}}
+
+        async def counted(port: int, query: str, expected: dict[str, Any]) -> bool:
+            return await deferToThread(get_channels, port, query) == (200, expected)
+
+        await wait_for(lambda: counted(first.api_port, "", want))
+        assert await counted(first.api_port, "?pattern=news", {"channels": {"news": {"sockets": 4}}})
+        assert (await deferToThread(get_channels, first.api_port, "?pattern=a*b"))[0] == 400
+        await second.stopService()
+        await wait_for(lambda: counted(first.api_port, "", {"channels": {"chat": {"sockets": 1},
+                                                                          "news": {"sockets": 2}}}))
+    finally:
+        stream.close()

@@ -29,6 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from sockdrawer import _private
 from sockdrawer.core.channels import ChannelNameError, channel_from_path, printable
 from sockdrawer.core.control import command, encode
+from sockdrawer.core.tokens import check_pattern
 
 
 class NodeView(Protocol):
@@ -48,6 +49,9 @@ class NodeView(Protocol):
 
     def control(self, payload: bytes) -> Any:
         """Publish a checked control command to every node (a Deferred)."""
+
+    def channels(self, pattern: str | None) -> Any:
+        """A Deferred of ``{channel: connections}`` across every node."""
 
     @property
     def broker_description(self) -> str:
@@ -184,6 +188,11 @@ class ApiResource(Resource):
                 request.setHeader(b"allow", b"POST")
                 return _respond(request, 405, {"error": "use POST"})
             return self._publish(request)
+        if path == b"/channels":
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                return _respond(request, 405, {"error": "use GET"})
+            return self._channels(request)
         if path in (b"/disconnect", b"/unsubscribe"):
             if request.method != b"POST":
                 request.setHeader(b"allow", b"POST")
@@ -195,6 +204,33 @@ class ApiResource(Resource):
                 return _respond(request, 405, {"error": "use GET"})
             return self._presence(request)
         return _respond(request, 404, {"error": "not found; use POST /publish/<channel>"})
+
+    def _channels(self, request: Request) -> Any:
+        # GET /channels[?pattern=news/*]: connections by channel across every node
+        given = (request.args or {}).get(b"pattern")
+        pattern = given[0].decode("utf-8", "replace") if given else None
+        if pattern is not None:
+            try:
+                check_pattern(pattern)
+            except ValueError as e:
+                return _respond(request, 400, {"error": str(e)})
+        finished: list[bool] = []
+        request.notifyFinish().addErrback(lambda f: finished.append(True))
+
+        def done(counts: dict[str, int]) -> None:
+            if not finished:
+                request.write(_respond(request, 200, {"channels": {c: {"sockets": n} for c, n in counts.items()}}))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.warn("GET /channels failed: {error}", error=failure.getErrorMessage())
+            if not finished:
+                request.write(_respond(request, 503, {"error": "broker unavailable",
+                                                      "broker": self._node.broker_description}))
+                request.finish()
+
+        self._node.channels(pattern).addCallbacks(done, failed)
+        return NOT_DONE_YET
 
     def _control(self, request: Request, op: str) -> Any:
         # the control API: a command for every node's connections of a user (or a client)

@@ -32,6 +32,7 @@ from sockdrawer.core.v1 import PresenceService
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
 from sockdrawer.http.proxy import ConnectProxy
+from sockdrawer.node.census import Census
 from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 from sockdrawer.transports.websocket.options import WebSocketOptions
 
@@ -299,6 +300,10 @@ class SockDrawerService(MultiService):
             if settings.history_size:
                 # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket
                 host.history = history_reader(self.broker, PAGE_MESSAGES)
+        #: connections by channel across every node (GET /channels)
+        self.census = Census(self.factory.census, self.broker if isinstance(self.broker, RedisLink) else None,
+                             self.namespace.name, reactor)
+        self.census.setServiceParent(self)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
             drain_window=settings.drain_window, close_code=settings.drain_close_code,
@@ -402,6 +407,11 @@ class SockDrawerService(MultiService):
         elif not isinstance(message, bytes):
             return defer.fail(TypeError("message must be str or bytes"))
         return self.publish_key(key, message)
+
+    def channels(self, pattern: str | None) -> Deferred[dict[str, int]]:
+        """Connections by channel across every node, for the channels matching ``pattern``."""
+        d: Deferred[dict[str, int]] = self.census.read(pattern)
+        return d
 
     def control(self, payload: bytes) -> Deferred[Any]:
         """Publish a control command (:mod:`sockdrawer.core.control`) to every node, this one included."""

@@ -192,6 +192,19 @@ class SocketRegistry:
                     count += len(group)
         return count
 
+    def census(self) -> dict[bytes, int]:
+        """This server's connections by channel: raw and v1 sockets, raw and v1 event streams."""
+        counts: dict[bytes, int] = {}
+        parts: list[tuple[bytes, int]] = [(key, len(g)) for key, g in self.groups.items()]
+        parts += [(key, len(g)) for (key, _), g in self.deflate_groups.items()]
+        parts += [(key, len(g.members)) for (key, _), g in self.v1_groups.items()]
+        parts += [(key, len(g.streams)) for key, g in self.streams.groups.items()]
+        parts += [(key, len(g.members)) for key, g in self.streams.sessions.fanout.groups.items()]
+        for key, count in parts:
+            if count:
+                counts[key] = counts.get(key, 0) + count
+        return counts
+
     def when_all_closed(self) -> Deferred[None]:
         """A Deferred that fires once no connection is left."""
         if not self.connections:

@@ -1,0 +1,102 @@
+"""
+Which channels have connections, across every node (``GET /channels``):
+each node on Redis writes its own counts into a hash of its own every
+:data:`INTERVAL` seconds (expiring after three), and a read adds up every
+node's hash, this node's live counts in place of its own.  Counts from the
+other nodes are as of their last write; on the embedded broker there is only
+this node.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from sockdrawer.core.tokens import pattern_matches
+
+_log = Logger(namespace="sockdrawer")
+
+#: seconds between a node's writes of its counts
+INTERVAL = 2.0
+
+#: replaces a node's hash with its counts and sets it to expire (KEYS[1]; ARGV: ttl, then field, value, ...)
+_WRITE = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+
+class Census(Service):
+    """
+    :param local: this node's connections by channel key.
+    :param redis: the Redis link (``execute`` and ``eval``), or ``None`` on the embedded broker.
+    :param namespace: the namespace name (the hashes are ``<namespace>:census:<node>``).
+    :param clock: the reactor.
+    """
+
+    def __init__(self, local: Callable[[], dict[bytes, int]], redis: Any, namespace: str, clock: Any) -> None:
+        self.local = local
+        self.redis = redis
+        self.prefix = f"{namespace}:census:"
+        self.key = self.prefix + f"{socket.gethostname()}:{secrets.token_hex(4)}"
+        self._loop = LoopingCall(self._write)
+        self._loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        if self.redis is not None:
+            self._loop.start(INTERVAL, now=True)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        if self.redis is not None:
+            return self.redis.execute("DEL", self.key).addErrback(lambda f: None)
+        return None
+
+    def _write(self) -> Deferred[Any]:
+        args: list[Any] = [int(INTERVAL * 3)]
+        for key, count in self.local().items():
+            args += [key, count]
+        d: Deferred[Any] = self.redis.eval(_WRITE, [self.key], args)
+        d.addErrback(lambda f: _log.debug("could not write the channel census: {e}", e=f.getErrorMessage()))
+        return d
+
+    @inlineCallbacks
+    def read(self, pattern: str | None) -> Any:
+        """``{channel: connections}`` across every node, for the channels matching ``pattern``."""
+        totals: dict[str, int] = {}
+
+        def add(key: bytes | str, count: int) -> None:
+            name = key.decode("utf-8") if isinstance(key, bytes) else key
+            if pattern is None or pattern_matches(pattern, name):
+                totals[name] = totals.get(name, 0) + count
+
+        for key, count in self.local().items():
+            add(key, count)
+        if self.redis is not None:
+            cursor: Any = b"0"
+            while True:
+                cursor, keys = yield self.redis.execute("SCAN", cursor, "MATCH", self.prefix + "*", "COUNT", 1000)
+                for name in keys:
+                    if (name.decode() if isinstance(name, bytes) else name) == self.key:
+                        continue
+                    fields = yield self.redis.execute("HGETALL", name)
+                    pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
+                    for channel, count in pairs:
+                        add(channel, int(count))
+                if cursor in (0, b"0", "0"):
+                    break
+        return dict(sorted(totals.items()))
