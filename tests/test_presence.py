@@ -88,7 +88,7 @@ async def test_health_and_metrics_count_channels_not_presence_keys(run_service: 
     svc = await run_service(auth_secret=SECRET)
     alice = await v1(svc, "alice")
     await subscribe_with_presence(alice, "room/1")
-    assert len(svc.hub.channels()) == 2  # room/1 and its presence events' key
+    assert len(svc.hub.channels()) == 3  # room/1, its presence events' key, and the nodes' control key
     assert svc.state()["channels"] == 1
     from prometheus_client import generate_latest
 

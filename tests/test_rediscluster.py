@@ -167,8 +167,9 @@ class LocalCluster:
         return found
 
     def shard_channels(self, port: int) -> list[bytes]:
+        """The shard channels subscribed on a master, sorted (not the nodes' control key)."""
         with self.client(port) as r:
-            return sorted(r.execute_command("PUBSUB", "SHARDCHANNELS"))
+            return sorted(c for c in r.execute_command("PUBSUB", "SHARDCHANNELS") if not c.endswith(b"//control"))
 
     def spublish(self, channel: str, message: str) -> int:
         with self.client(self.owner(channel)) as r:
@@ -342,10 +343,10 @@ async def test_each_master_holds_exactly_the_channels_it_owns(cluster: LocalClus
     channels = [f"c/{i}" for i in range(12)]
     sockets = {ch: [await connect(svc.ws_port, f"/{ch}") for _ in range(2)] for ch in channels}
     await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "own", channels))
-    assert svc.broker.subscriptions == 24
+    assert svc.broker.subscriptions == 26  # with the control key's two
     # one command per slot and turn, never one per socket: Redis counted what the link counted
     assert await deferToThread(command_calls, cluster, "ssubscribe") - before == svc.broker.subscribe_commands
-    assert svc.broker.subscribe_commands <= 24
+    assert svc.broker.subscribe_commands <= 26  # 24, and the control key on its shard
     for ch in channels[:6]:
         sockets[ch][0].close()
         await sockets[ch][0].wait_closed()
@@ -355,10 +356,10 @@ async def test_each_master_holds_exactly_the_channels_it_owns(cluster: LocalClus
         sockets[ch][1].abort()
         await sockets[ch][1].wait_closed()
     await deferToThread(wait_shard_channels, cluster, by_owner(cluster, "own", channels[6:]))
-    await wait_for(lambda: svc.broker.subscriptions == 12)
+    await wait_for(lambda: svc.broker.subscriptions == 14)
     assert svc.broker.unsubscribe_commands >= 1
     body = (await deferToThread(http_get, svc.api_port, "/metrics")).decode()
-    assert "sockdrawer_redis_subscriptions 12.0" in body
+    assert "sockdrawer_redis_subscriptions 14.0" in body
     assert "sockdrawer_redis_connected 1.0" in body
     assert 'sockdrawer_redis_cluster_masters{state="subscribed"} 3.0' in body
     assert 'sockdrawer_redis_cluster_masters{state="down"} 0.0' in body

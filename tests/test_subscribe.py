@@ -382,9 +382,10 @@ def test_when_subscribed_by_pattern() -> None:
 
 
 def redis_channels(redis: Any, name: str) -> list[bytes]:
-    """The Redis channels of namespace ``name`` someone subscribes to, sorted."""
+    """The Redis channels of namespace ``name`` someone subscribes to, sorted (not the nodes' control key,
+    which every node holds: ``<name>//control`` and its history name)."""
     with redis.client() as r:
-        return sorted(r.pubsub_channels(f"{name}*"))
+        return sorted(c for c in r.pubsub_channels(f"{name}*") if not c.endswith(b"//control"))
 
 
 def numsub(redis: Any, *channels: str) -> list[int]:
@@ -411,7 +412,7 @@ async def test_redis_sees_exactly_the_nodes_channels(redis_server: Any, run_serv
     want = expected("interest", "echo", "rooms/lobby", "news", "rooms/1")
     await wait_for(lambda: redis_channels(redis_server, "interest") == want)
     assert numsub(redis_server, "interest/news", "interest#/news", "interest/rooms/1") == [1, 1, 1]
-    await wait_for(lambda: svc.broker.subscriptions == 8)
+    await wait_for(lambda: svc.broker.subscriptions == 10)  # with the control key's two
     for ws in news[:2]:
         ws.close()
         await ws.wait_closed()
@@ -422,9 +423,9 @@ async def test_redis_sees_exactly_the_nodes_channels(redis_server: Any, run_serv
     await news[2].wait_closed()
     await room.wait_closed()
     await wait_for(lambda: redis_channels(redis_server, "interest") == expected("interest", "echo", "rooms/lobby"))
-    await wait_for(lambda: svc.broker.subscriptions == 4)
+    await wait_for(lambda: svc.broker.subscriptions == 6)
     body = (await deferToThread(http_get, svc.api_port, "/metrics")).decode()
-    assert "sockdrawer_redis_subscriptions 4.0" in body
+    assert "sockdrawer_redis_subscriptions 6.0" in body
     assert 'sockdrawer_redis_commands_total{command="unsubscribe"}' in body
 
 

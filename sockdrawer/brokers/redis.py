@@ -376,7 +376,8 @@ class RedisLink(BatchedChannelChanges, MultiService):
             _log.info(
                 "{again}subscribed to {count} channel(s) of {name!r} on Redis at {url}",
                 again=again,
-                count=len(protocol.subscribed or ()) // 2,
+                # the nodes' own keys (control, presence events) are no channel of a user
+                count=sum(1 for c in protocol.subscribed or () if b"//" not in c) // 2,
                 name=self.namespace.name,
                 url=self.description,
             )

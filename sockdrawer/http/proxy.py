@@ -15,11 +15,19 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from sockdrawer.core.tokens import Grant, check_pattern
@@ -60,7 +68,8 @@ class _Capped(Protocol):
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         if self.done.called:
             return
-        if reason.check(ResponseDone):
+        # PotentialDataLoss: an HTTP/1.0 answer without Content-Length, ended by closing (as readBody takes it)
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self.parts))
         else:
             self.done.errback(ProxyRefused(503, f"connect proxy answer cut short: {reason.getErrorMessage()}"))
@@ -142,7 +151,7 @@ class ConnectProxy:
             if value is not None:
                 headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         self.in_flight += 1
-        d: Deferred[Any] = self._agent.request(b"POST", self.url, headers, FileBodyProducer(io.BytesIO(body)))
+        d = self._post(headers, body)
         d.addCallback(self._answered)
         d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_timed_out)
         d.addErrback(self._failed)
@@ -152,6 +161,25 @@ class ConnectProxy:
             return result
 
         d.addBoth(done)
+        return d
+
+    def _post(self, headers: Headers, body: bytes, again: bool = True) -> Deferred[Any]:
+        """
+        The request, on a kept-alive connection when one is free.  A server
+        may close an idle connection just as it is reused (Twisted retries
+        only idempotent requests): asking who a browser is has no side
+        effect, so a request that never got an answer on it goes once more.
+        """
+        d: Deferred[Any] = self._agent.request(b"POST", self.url, headers, FileBodyProducer(io.BytesIO(body)))
+        if again:
+            def retry(failure: Failure) -> Any:
+                failure.trap(ResponseNeverReceived, RequestTransmissionFailed)
+                reasons = getattr(failure.value, "reasons", [])
+                if any(r.check(CancelledError) for r in reasons):
+                    return failure  # cancelled (the timeout): no second try
+                return self._post(headers, body, again=False)
+
+            d.addErrback(retry)
         return d
 
     def _answered(self, response: Any) -> Deferred[Grant]:
