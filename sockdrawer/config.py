@@ -198,6 +198,9 @@ class Settings:
     max_connections_per_ip: int = option(
         1000, "most connections from one client address, open or in their handshake (more: HTTP 429); with "
         "--trust-x-forwarded-for, the forwarded address", part=WEBSOCKET, low=1)
+    max_connections_per_user: int = option(
+        0, "most open connections of one user (a token's sub, or the connect proxy's user) across every node; "
+        "more: HTTP 429 (0: no limit)", part=WEBSOCKET, low=0)
     api_timeout: float = option(
         10.0, "seconds an API request has to arrive whole, headers and body (slower: HTTP 408)", part=API,
         above=0, high=MAX_SECONDS)

@@ -162,3 +162,34 @@ async def test_channels_counts_connections_across_every_node(run_service: Any, r
                                                                           "news": {"sockets": 2}}}))
     finally:
         stream.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_per_user_counts_every_node(run_service: Any, redis_server: RedisServer) -> None:
+    """--max-connections-per-user 2: a user's third connection gets 429, counting the sockets and event
+    streams it holds on the other node (as that node's last census says); another user is not affected, and a
+    closed connection frees a place."""
+    import socket as sockets
+
+    from test_sse import raw_request, stream_request
+    from wsclient import connect_refused
+
+    first, second = await nodes(run_service, redis_server, max_connections_per_user=2)
+    one = await connect(first.ws_port, f"/news?token={token('alice')}")
+    stream = sockets.create_connection(("127.0.0.1", first.ws_port), timeout=5)
+    try:
+        stream.sendall(stream_request(f"/news?token={token('alice')}"))
+        await wait_for(lambda: first.factory.per_user.get("alice") == 2)
+        # the other node learns of them from the first's next census
+        await wait_for(lambda: second.census.others("alice").addCallback(lambda n: n == 2))
+        refused = await connect_refused(second.ws_port, f"/news?token={token('alice')}")
+        assert (refused.status, refused.reason) == (429, "too many connections for this user")
+        answer = await deferToThread(raw_request, second.ws_port, stream_request(f"/news?token={token('alice')}"))
+        assert answer.startswith(b"HTTP/1.1 429")
+        assert (await connect(second.ws_port, f"/news?token={token('bob')}")).ws.state.name == "OPEN"
+    finally:
+        stream.close()
+    await wait_for(lambda: first.factory.per_user.get("alice") == 1)
+    await wait_for(lambda: second.census.others("alice").addCallback(lambda n: n == 1))
+    again = await connect(second.ws_port, f"/news?token={token('alice')}")
+    assert again.ws.state.name == "OPEN" and one.ws.state.name == "OPEN"

@@ -324,6 +324,7 @@ DOCUMENTED_DEFAULTS = {
     "api_max_connections": 100, "history_size": 0, "history_ttl": 300.0, "max_subscriptions": 100,
     "workers": 1, "subscribe": "pattern", "presence_timeout": 30.0, "no_gc_freeze": False,
     "proxy_timeout": 5.0, "proxy_max_concurrent": 100, "proxy_header": ("Cookie", "Authorization"),
+    "max_connections_per_user": 0,
     "max_pending_handshakes_per_ip": 250, "max_subscriptions_per_ip": 10_000, "max_presence_joins_per_second": 5.0,
     "presence_join_burst": 20,
 }

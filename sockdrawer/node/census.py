@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -45,11 +45,18 @@ class Census(Service):
     :param clock: the reactor.
     """
 
-    def __init__(self, local: Callable[[], dict[bytes, int]], redis: Any, namespace: str, clock: Any) -> None:
+    def __init__(self, local: Callable[[], dict[bytes, int]], redis: Any, namespace: str, clock: Any,
+                 users: Callable[[], dict[str, int]] | None = None) -> None:
         self.local = local
         self.redis = redis
         self.prefix = f"{namespace}:census:"
-        self.key = self.prefix + f"{socket.gethostname()}:{secrets.token_hex(4)}"
+        node = f"{socket.gethostname()}:{secrets.token_hex(4)}"
+        self.key = self.prefix + node
+        #: open connections by user (--max-connections-per-user): this node's, and the hashes of the others
+        self.users = users
+        self.users_prefix = f"{namespace}:users:"
+        self.users_key = self.users_prefix + node
+        self._other_users: list[Any] = []
         self._loop = LoopingCall(self._write)
         self._loop.clock = clock
 
@@ -63,16 +70,45 @@ class Census(Service):
         if self._loop.running:
             self._loop.stop()
         if self.redis is not None:
-            return self.redis.execute("DEL", self.key).addErrback(lambda f: None)
+            return self.redis.execute("DEL", self.key, self.users_key).addErrback(lambda f: None)
         return None
 
-    def _write(self) -> Deferred[Any]:
-        args: list[Any] = [int(INTERVAL * 3)]
-        for key, count in self.local().items():
-            args += [key, count]
-        d: Deferred[Any] = self.redis.eval(_WRITE, [self.key], args)
-        d.addErrback(lambda f: _log.debug("could not write the channel census: {e}", e=f.getErrorMessage()))
-        return d
+    @inlineCallbacks
+    def _write(self) -> Any:
+        try:
+            args: list[Any] = [int(INTERVAL * 3)]
+            for key, count in self.local().items():
+                args += [key, count]
+            yield self.redis.eval(_WRITE, [self.key], args)
+            if self.users is not None:
+                args = [int(INTERVAL * 3)]
+                for user, count in self.users().items():
+                    args += [user, count]
+                yield self.redis.eval(_WRITE, [self.users_key], args)
+                self._other_users = [k for k in (yield self._scan(self.users_prefix))
+                                     if (k.decode() if isinstance(k, bytes) else k) != self.users_key]
+        except Exception as e:
+            _log.debug("could not write the census: {e}", e=e)
+
+    @inlineCallbacks
+    def _scan(self, prefix: str) -> Any:
+        found: list[Any] = []
+        cursor: Any = b"0"
+        while True:
+            cursor, keys = yield self.redis.execute("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
+            found += keys
+            if cursor in (0, b"0", "0"):
+                return found
+
+    @inlineCallbacks
+    def others(self, user: str) -> Any:
+        """A user's open connections on the other nodes, as their last census says (0 on the embedded broker)."""
+        total = 0
+        if self.redis is not None:
+            for key in self._other_users:
+                count = yield self.redis.execute("HGET", key, user)
+                total += int(count or 0)
+        return total
 
     @inlineCallbacks
     def read(self, pattern: str | None) -> Any:
@@ -87,16 +123,11 @@ class Census(Service):
         for key, count in self.local().items():
             add(key, count)
         if self.redis is not None:
-            cursor: Any = b"0"
-            while True:
-                cursor, keys = yield self.redis.execute("SCAN", cursor, "MATCH", self.prefix + "*", "COUNT", 1000)
-                for name in keys:
-                    if (name.decode() if isinstance(name, bytes) else name) == self.key:
-                        continue
-                    fields = yield self.redis.execute("HGETALL", name)
-                    pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
-                    for channel, count in pairs:
-                        add(channel, int(count))
-                if cursor in (0, b"0", "0"):
-                    break
+            for name in (yield self._scan(self.prefix)):
+                if (name.decode() if isinstance(name, bytes) else name) == self.key:
+                    continue
+                fields = yield self.redis.execute("HGETALL", name)
+                pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
+                for channel, count in pairs:
+                    add(channel, int(count))
         return dict(sorted(totals.items()))

@@ -283,7 +283,7 @@ class SockDrawerService(MultiService):
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
-            websocket_options(settings, self.connect_proxy),
+            websocket_options(settings, self.connect_proxy, lambda user: self.census.others(user)),
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
@@ -302,7 +302,8 @@ class SockDrawerService(MultiService):
                 host.history = history_reader(self.broker, PAGE_MESSAGES)
         #: connections by channel across every node (GET /channels)
         self.census = Census(self.factory.census, self.broker if isinstance(self.broker, RedisLink) else None,
-                             self.namespace.name, reactor)
+                             self.namespace.name, reactor,
+                             users=(lambda: dict(self.factory.per_user)) if settings.max_connections_per_user else None)
         self.census.setServiceParent(self)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
@@ -327,6 +328,8 @@ class SockDrawerService(MultiService):
 
     #: True from the start of a stop: /ready answers 503
     draining = False
+    #: connections by channel and by user across every node
+    census: Census
 
     def startService(self) -> None:
         self.draining = False
@@ -471,11 +474,12 @@ class SockDrawerService(MultiService):
         }
 
 
-def websocket_options(settings: Settings, proxy: ConnectProxy | None = None) -> WebSocketOptions:
+def websocket_options(settings: Settings, proxy: ConnectProxy | None = None,
+                      user_connections: Any = None) -> WebSocketOptions:
     """What the WebSocket transport reads of ``settings``, with the token verifier built once."""
     values = {name: getattr(settings, name) for name in WebSocketOptions.names()}
     return WebSocketOptions(verifier=settings.token_verifier(), connect_proxy=proxy.ask if proxy else None,
-                            **values)
+                            user_connections=user_connections, **values)
 
 
 def _node_name() -> str:

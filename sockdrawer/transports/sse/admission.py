@@ -10,6 +10,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -95,7 +96,31 @@ def _ask_proxy(proxy: Any, proto: Any, request: StreamRequest, key: bytes, v1: b
 
 def _admit(proto: Any, request: StreamRequest, key: bytes, v1: bool, since: list[str | None], grant: Grant | None,
            cors: list[tuple[str, str]]) -> None:
-    """The stream, once its grant (a token's, the connect proxy's, or none) is known."""
+    """The stream, once its grant (a token's, the connect proxy's, or none) is known, within its user's cap."""
+    proto.user = grant.user if grant is not None else None
+    try:
+        result = proto.within_user_cap(lambda: _admit_now(proto, request, key, v1, since, grant, cors))
+    except ConnectionDeny as e:
+        raise StreamRefused(e.code, e.reason or "refused") from None
+    if isinstance(result, Deferred):
+        def refused(failure: Failure) -> None:
+            error: Any = failure.value
+            if isinstance(error, (ConnectionDeny, StreamRefused)):
+                if proto.connected:
+                    refuse(proto, StreamRefused(getattr(error, "status", getattr(error, "code", 429)),
+                                                error.reason or "refused"), cors)
+                return
+            _log.failure("error while admitting a stream from {peer}", failure, peer=proto.peer)
+            if proto.connected:
+                refuse(proto, StreamRefused(500, "Internal Server Error"), cors)
+
+        result.addErrback(refused)
+
+
+def _admit_now(proto: Any, request: StreamRequest, key: bytes, v1: bool, since: list[str | None],
+               grant: Grant | None, cors: list[tuple[str, str]]) -> None:
+    if not proto.connected:
+        return
     if v1:
         start_v1_stream(proto, request.query("channel"), since, grant, request.query("presence") == ["1"], cors)
         return

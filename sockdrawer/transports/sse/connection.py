@@ -6,7 +6,7 @@ request over as soon as its head is complete (before Autobahn parses it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sockdrawer.transports.sse.admission import answer_post, answer_preflight, open_stream
 from sockdrawer.transports.sse.stream import EventStream, StreamRequest, event_stream_request
@@ -70,6 +70,7 @@ class StreamingConnection:
         self._handshake_over()
         self._opened = True
         self.factory.open_sockets += 1
+        self.count_user()
         self.stream = EventStream(self.factory.streams, self.transport, key, getattr(self, "peer", ""))
         return self.stream
 
@@ -85,6 +86,9 @@ class StreamingConnection:
 
     def _handshake_over(self) -> None:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # the WebSocket protocol's (its admission mixin)
+        def count_user(self) -> None: ...
 
     _opened: bool
     _token: str | None

@@ -8,6 +8,7 @@ node hands in the asking function, the transport never imports the HTTP side).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -47,6 +48,49 @@ class Admission:
             self.failHandshake(self._own_reason, 429)
             return False
         return True
+
+    #: the user counted against --max-connections-per-user while open
+    _counted_user: str | None = None
+
+    def count_user(self) -> None:
+        """An open connection of its user (``--max-connections-per-user``)."""
+        user = self.user
+        if user is not None and self.factory.options.max_connections_per_user:
+            per_user = self.factory.per_user
+            per_user[user] = per_user.get(user, 0) + 1
+            self._counted_user = user
+
+    def uncount_user(self) -> None:
+        user, self._counted_user = self._counted_user, None
+        if user is not None:
+            per_user = self.factory.per_user
+            left = per_user.get(user, 1) - 1
+            if left > 0:
+                per_user[user] = left
+            else:
+                per_user.pop(user, None)
+
+    def within_user_cap(self, then: Callable[[], Any]) -> Any:
+        """
+        ``then()``, once the connection's user has fewer than
+        ``--max-connections-per-user`` open connections on every node (this
+        node's counted here, the others' as their last census says); else 429.
+        """
+        cap = self.factory.options.max_connections_per_user
+        user = self.user
+        if not cap or user is None:
+            return then()
+
+        def decide(elsewhere: int) -> Any:
+            if self.factory.per_user.get(user, 0) + elsewhere >= cap:
+                self._deny(429, "too many connections for this user")
+            return then()
+
+        others = self.factory.options.user_connections
+        if others is None:
+            return decide(0)
+        d: Deferred[int] = others(user)
+        return d.addCallback(decide)
 
     def _deny(self, code: int, reason: str) -> NoReturn:
         self._own_reason = reason

@@ -37,6 +37,7 @@ class WebSocketOptions:
     auto_ping_timeout: float = 10.0
     max_connections: int = 50_000
     max_connections_per_ip: int = 1000
+    max_connections_per_user: int = 0
     max_pending_handshakes: int = 1000
     max_pending_handshakes_per_ip: int = 250
     max_frames_per_second: float = 100.0
@@ -52,6 +53,8 @@ class WebSocketOptions:
     #: asks the app's backend about a handshake without a token: ``(request, headers) -> Deferred[Grant]``,
     #: failing with a ``status`` to refuse it (``None``: no connect proxy)
     connect_proxy: Any = None
+    #: a user's open connections on the other nodes: ``user -> Deferred[int]`` (``None``: this node only)
+    user_connections: Any = None
 
     def session_limits(self) -> SessionLimits:
         """What its sockdrawer.v1 sessions obey."""
@@ -60,4 +63,5 @@ class WebSocketOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The fields that are options of the same name (all but the parts the node builds)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("verifier", "connect_proxy"))
+        built = ("verifier", "connect_proxy", "user_connections")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in built)

@@ -88,8 +88,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
     _token: str | None = None
     _head = b""  # the request head as received so far, until its blank line
     _head_complete = False
-    #: the ``sub`` of the token this socket presented
-    user: str | None = None
+    user: str | None = None  # the ``sub`` of its token, or the connect proxy's user
     _expiry: IDelayedCall | None = None
     #: the client address counted against --max-connections-per-ip
     _counted_ip: str | None = None
@@ -100,8 +99,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
     #: token bucket for frames from the client: tokens left, as of when
     _bucket = -1.0
     _bucket_at = 0.0
-    #: frames in the message being received
-    _fragments = 0
+    _fragments = 0  # frames in the message being received
     #: what this socket's token allows (``None``: no token)
     grant: Grant | None = None
     #: the sockdrawer.v1 state, for a socket that speaks it
@@ -205,6 +203,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
         if self._opened:
             self._opened = False
             factory.open_sockets -= 1
+            self.uncount_user()
         ip = self._counted_ip
         if ip is not None:
             self._counted_ip = None
@@ -256,6 +255,9 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
         return self._admitted(request, key, v1)  # type: ignore[no-any-return]
 
     def _admitted(self, request: ConnectionRequest, key: bytes, v1: bool) -> Any:
+        return self.within_user_cap(lambda: self._open_as(request, key, v1))
+
+    def _open_as(self, request: ConnectionRequest, key: bytes, v1: bool) -> Any:
         factory = self.factory
         _private.set_extension_offers(self, acceptable_offers(request.extensions, factory.compression))
         self.key = key
@@ -312,6 +314,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
         self._handshake_over()
         self._opened = True
         factory.open_sockets += 1
+        self.count_user()
         if factory.freezer is not None:
             factory.freezer.opened()
         expires = getattr(self, "_expires_at", None)

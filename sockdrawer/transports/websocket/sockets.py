@@ -68,6 +68,8 @@ class SocketRegistry:
         self.pending = 0
         self.open_sockets = 0
         self.per_ip: dict[str, int] = {}
+        #: open connections by user (with --max-connections-per-user)
+        self.per_user: dict[str, int] = {}
         #: connections in their opening handshake, and v1 subscriptions, by client address
         self.pending_per_ip: dict[str, int] = {}
         self.max_pending_per_ip = min(settings.max_pending_handshakes_per_ip,
