@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import RedisServer, wait_for, wait_subscribed
+from test_production import scrape
 from twisted.internet.threads import deferToThread
 from wsclient import connect
 
@@ -106,7 +107,7 @@ async def test_bad_commands_get_400_and_touch_nothing(run_service: Any, path: st
 @pytest_twisted.ensureDeferred
 async def test_the_control_api_takes_the_api_key_and_an_unknown_user_is_no_error(run_service: Any) -> None:
     """With --api-key the control calls need it (401 without); a disconnect for a user no node knows is
-    accepted (202) and closes nothing, with one log line per node saying so."""
+    accepted (202) and closes nothing, with one log line per node saying so, and counted in the metrics."""
     from twisted.logger import globalLogPublisher
 
     svc = await run_service(auth_secret=SECRET, api_key="k" * 24)
@@ -121,6 +122,9 @@ async def test_the_control_api_takes_the_api_key_and_an_unknown_user_is_no_error
         globalLogPublisher.removeObserver(events.append)
     lines = [e for e in events if e.get("log_namespace") == "sockdrawer.control"]
     assert len(lines) == 1 and lines[0]["count"] == 0 and lines[0]["target"] == "user 'nobody'"
+    samples = await deferToThread(scrape, svc.api_port, {"Authorization": "Bearer " + "k" * 24})
+    assert samples["sockdrawer_control_commands_total{op=disconnect}"] == 1
+    assert samples["sockdrawer_control_connections_total"] == 0
 
 
 def get_channels(port: int, query: str = "") -> tuple[int, dict[str, Any]]:

@@ -98,6 +98,14 @@ class ServiceCollector(Collector):
             yield answers
             yield GaugeMetricFamily(f"sockdrawer_{kind}_proxy_in_flight", f"{kind.capitalize()} proxy requests "
                                     "waiting for an answer", value=proxy.in_flight)
+        control = factory.control
+        commands = CounterMetricFamily("sockdrawer_control_commands", "Control commands this node acted on, by op",
+                                       labels=["op"])
+        for op in ("disconnect", "unsubscribe"):
+            commands.add_metric([op], control.commands.get(op, 0))
+        yield commands
+        yield CounterMetricFamily("sockdrawer_control_connections", "Connections of this node the control "
+                                  "commands reached", value=control.affected)
         streams = factory.streams
         yield GaugeMetricFamily("sockdrawer_event_streams", "Open Server-Sent Events streams (in sockdrawer_sockets "
                                 "too)", value=streams.open_streams)
