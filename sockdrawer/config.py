@@ -181,6 +181,19 @@ class Settings:
     proxy_header: tuple[str, ...] = option(
         ("Cookie", "Authorization"), "browser request header forwarded to the connect proxy (repeatable)",
         part=AUTH)
+    webhook: str | None = option(
+        None, "URL the nodes POST lifecycle events to (connect, disconnect, channel_occupied, channel_vacated), "
+        "one JSON object per request, at least once: queued in Redis first (in memory on the embedded broker)",
+        part=SERVICE)
+    webhook_secret: str | None = option(
+        None, "signs each webhook request: X-Sockdrawer-Signature: sha256=<hex HMAC-SHA256 of the body>",
+        part=SERVICE, secret=True)
+    webhook_timeout: float = option(
+        10.0, "seconds a webhook request may take (then it counts as failed and is tried again)", part=SERVICE,
+        above=0, high=MAX_SECONDS)
+    webhook_queue_max: int = option(
+        100_000, "most webhook events waiting to be delivered, across the nodes; beyond, new events are "
+        "dropped (logged and counted)", part=SERVICE, low=1, high=100_000_000)
     max_frames_per_second: float = option(
         100.0, "frames a socket may send per second, on average (more: close 1008)", part=WEBSOCKET, above=0,
         high=1e9)
@@ -278,6 +291,10 @@ class Settings:
             raise ValueError(f"--connect-proxy must be an http:// or https:// URL, not {self.connect_proxy!r}")
         if self.subscribe_proxy is not None and not str(self.subscribe_proxy).startswith(("http://", "https://")):
             raise ValueError(f"--subscribe-proxy must be an http:// or https:// URL, not {self.subscribe_proxy!r}")
+        if self.webhook is not None and not str(self.webhook).startswith(("http://", "https://")):
+            raise ValueError(f"--webhook must be an http:// or https:// URL, not {self.webhook!r}")
+        if self.webhook_secret is not None and not self.webhook_secret:
+            raise ValueError("--webhook-secret must not be empty")
         if not all(isinstance(h, str) and h and ":" not in h for h in self.proxy_header):
             raise ValueError("--proxy-header values must be header names")
         if self.drain_close_code not in (1001, 1012):

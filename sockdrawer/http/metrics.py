@@ -41,6 +41,8 @@ class MetricsSource(Protocol):
     #: the connect and subscribe proxies (``answers`` by outcome, ``in_flight``), or ``None``
     connect_proxy: Any
     subscribe_proxy: Any
+    #: the webhook sender (``sent``, ``failures``, ``queued``, ``queue.dropped``), or ``None``
+    webhook: Any
 
     def channel_count(self) -> int:
         """Channels with sockets or listeners."""
@@ -98,6 +100,16 @@ class ServiceCollector(Collector):
             yield answers
             yield GaugeMetricFamily(f"sockdrawer_{kind}_proxy_in_flight", f"{kind.capitalize()} proxy requests "
                                     "waiting for an answer", value=proxy.in_flight)
+        hook = svc.webhook
+        if hook is not None:
+            yield CounterMetricFamily("sockdrawer_webhook_sent", "Lifecycle events this node delivered to --webhook",
+                                      value=hook.sent)
+            yield CounterMetricFamily("sockdrawer_webhook_failures", "Webhook requests that failed (the event is "
+                                      "tried again)", value=hook.failures)
+            yield CounterMetricFamily("sockdrawer_webhook_dropped", "Lifecycle events not queued: the queue was "
+                                      "at --webhook-queue-max", value=hook.queue.dropped)
+            yield GaugeMetricFamily("sockdrawer_webhook_queue", "Lifecycle events waiting in the queue (all nodes', "
+                                    "as last read)", value=hook.queued)
         control = factory.control
         commands = CounterMetricFamily("sockdrawer_control_commands", "Control commands this node acted on, by op",
                                        labels=["op"])

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sockdrawer.brokers.cluster import ClusterLink
+from sockdrawer.brokers.eventqueue import RedisEventQueue
 from sockdrawer.brokers.redis import RedisLink
 from sockdrawer.brokers.sentinel import SentinelMaster
 from sockdrawer.brokers.url import RedisURL
@@ -26,12 +27,14 @@ from sockdrawer.core.control import CONTROL_KEY
 from sockdrawer.core.history import PAGE_MESSAGES, MemoryHistory
 from sockdrawer.core.hub import EmbeddedBroker, MemoryChannelHub, history_reader
 from sockdrawer.core.interfaces import IBroker, IChannelHub
+from sockdrawer.core.lifecycle import Lifecycle, MemoryEventQueue
 from sockdrawer.core.listeners import ListenerRegistry, redis_claim
 from sockdrawer.core.presence import MemoryPresence, RedisPresence
 from sockdrawer.core.v1 import PresenceService
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
 from sockdrawer.http.proxy import ConnectProxy
+from sockdrawer.http.webhooks import WebhookSender
 from sockdrawer.node.census import Census
 from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 from sockdrawer.transports.websocket.options import WebSocketOptions
@@ -280,10 +283,25 @@ class SockDrawerService(MultiService):
         self.connect_proxy = (ConnectProxy(settings.connect_proxy, settings.proxy_timeout,
                                            settings.proxy_max_concurrent, settings.proxy_header, reactor)
                               if settings.connect_proxy else None)
+        #: lifecycle events (--webhook): told by the transports, queued (in Redis, or here), posted by the sender
+        self.lifecycle: Lifecycle | None = None
+        self.webhook: WebhookSender | None = None
+        if settings.webhook:
+            queue: Any
+            if isinstance(self.broker, (RedisLink, ClusterLink)):
+                queue = RedisEventQueue(self.broker, settings.name, settings.webhook_queue_max, reactor,
+                                        snapshot=lambda: self.lifecycle.snapshot() if self.lifecycle else [])
+                queue.setServiceParent(self)
+            else:
+                queue = MemoryEventQueue(settings.webhook_queue_max)
+            self.lifecycle = Lifecycle(queue, reactor)
+            self.webhook = WebhookSender(queue, settings.webhook, settings.webhook_secret, settings.webhook_timeout,
+                                         reactor)
+            self.webhook.setServiceParent(self)
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
-            websocket_options(settings, self.connect_proxy, lambda user: self.census.others(user)),
+            websocket_options(settings, self.connect_proxy, lambda user: self.census.others(user), self.lifecycle),
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
@@ -365,6 +383,8 @@ class SockDrawerService(MultiService):
         # the sockets first: the API answers (/ready with 503) until they are closed, then
         # stops with the rest (MultiService would stop every part at once)
         yield defer.maybeDeferred(self.websocket.stopService)
+        if self.lifecycle is not None and isinstance(self.lifecycle.queue, RedisEventQueue):
+            yield self.lifecycle.queue.close()  # the sockets' disconnect events into Redis, before the link stops
         yield super().stopService()
         self.listeners.detach(self.hub)
         if self.factory.freezer is not None:
@@ -475,11 +495,11 @@ class SockDrawerService(MultiService):
 
 
 def websocket_options(settings: Settings, proxy: ConnectProxy | None = None,
-                      user_connections: Any = None) -> WebSocketOptions:
+                      user_connections: Any = None, lifecycle: Lifecycle | None = None) -> WebSocketOptions:
     """What the WebSocket transport reads of ``settings``, with the token verifier built once."""
     values = {name: getattr(settings, name) for name in WebSocketOptions.names()}
     return WebSocketOptions(verifier=settings.token_verifier(), connect_proxy=proxy.ask if proxy else None,
-                            user_connections=user_connections, **values)
+                            user_connections=user_connections, lifecycle=lifecycle, **values)
 
 
 def _node_name() -> str:

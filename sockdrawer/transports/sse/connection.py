@@ -70,6 +70,7 @@ class StreamingConnection:
         self._handshake_over()
         self._opened = True
         self.factory.open_sockets += 1
+        self._stream_key = key
         self.count_user()
         self.stream = EventStream(self.factory.streams, self.transport, key, getattr(self, "peer", ""))
         return self.stream
@@ -92,3 +93,5 @@ class StreamingConnection:
 
     _opened: bool
     _token: str | None
+    #: the raw stream's channel (``None`` for a v1 stream)
+    _stream_key: bytes | None = None

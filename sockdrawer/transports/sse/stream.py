@@ -203,6 +203,8 @@ class StreamRegistry:
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._interval = heartbeat
+        #: told of channels' first and last connections (--webhook; the server's registry sets it)
+        self.lifecycle: Any = None
 
     @property
     def open_streams(self) -> int:
@@ -217,6 +219,8 @@ class StreamRegistry:
                 group = self.groups[key] = StreamGroup(key, self)
                 self.hub.subscribe(key, group)
             group.streams[stream] = None
+            if self.lifecycle is not None:
+                self.lifecycle.joined(key)
         self.streams[stream] = None
         stream.open = True
         self.opened += 1
@@ -240,6 +244,8 @@ class StreamRegistry:
         group = self.groups.get(key) if key is not None else None
         if group is not None and stream in group.streams:
             del group.streams[stream]
+            if self.lifecycle is not None:
+                self.lifecycle.left(group.key)
             if not group.streams:
                 del self.groups[group.key]
                 self.hub.unsubscribe(group.key, group)

@@ -137,6 +137,9 @@ class StreamFanout:
         if group is None:
             group = self.groups[sub.key] = StreamEnvelopeGroup(sub.key, self.registry)
             self.registry.hub.subscribe(sub.key, group)
+        lifecycle = self.registry.lifecycle
+        if lifecycle is not None and sub not in group.members:
+            lifecycle.joined(sub.key)
         group.members[sub] = None
         sub.group = group
 
@@ -145,7 +148,8 @@ class StreamFanout:
         sub.group = None
         if group is None:
             return
-        group.members.pop(sub, None)
+        if group.members.pop(sub, 0) is None and self.registry.lifecycle is not None:
+            self.registry.lifecycle.left(group.key)
         if not group.members and self.groups.get(group.key) is group:
             del self.groups[group.key]
             self.registry.hub.unsubscribe(group.key, group)
@@ -162,6 +166,7 @@ def start_v1_stream(proto: Any, channels: list[str], since: list[str | None], gr
     stream.write(b"event: stream\ndata: " + json.dumps({"id": stream.id}).encode() + b"\n\n")
     peer = Peer(proto.peer, grant.user if grant is not None else None, grant, proto._counted_ip)
     session = V1Session(registry.sessions, StreamOutbox(stream, channels, since), peer)
+    session._client = proto.client_id  # the id of its webhook events, if any
     stream.session = session
     for channel, offset in zip(channels, since, strict=True):
         if not stream.open:

@@ -8,6 +8,7 @@ node hands in the asking function, the transport never imports the HTTP side).
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -18,6 +19,15 @@ from twisted.python.failure import Failure
 from sockdrawer.core.tokens import Grant
 from sockdrawer.core.v1 import SUBPROTOCOL
 from sockdrawer.transports.websocket.handshake import _address
+
+
+def uncount(counts: dict[str, int], key: str) -> None:
+    """One fewer in ``counts[key]``; at none, the key goes."""
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 class Admission:
@@ -52,23 +62,39 @@ class Admission:
     #: the user counted against --max-connections-per-user while open
     _counted_user: str | None = None
 
+    #: the connection's id in webhook events (and the control API's ``client``), with --webhook
+    client_id: str | None = None
+
     def count_user(self) -> None:
-        """An open connection of its user (``--max-connections-per-user``)."""
+        """
+        An open connection of its user (``--max-connections-per-user``), and
+        its ``connect`` event (``--webhook``).
+        """
         user = self.user
+        lifecycle = self.factory.lifecycle
+        if lifecycle is not None:
+            self.client_id = secrets.token_urlsafe(9)
+            lifecycle.connected(self.client_id, user, *self._lifecycle_where())
         if user is not None and self.factory.options.max_connections_per_user:
             per_user = self.factory.per_user
             per_user[user] = per_user.get(user, 0) + 1
             self._counted_user = user
 
+    def _lifecycle_where(self) -> tuple[str, bytes | None]:
+        """The transport and raw channel of this connection's webhook events."""
+        if getattr(self, "streaming", False):
+            return "sse", getattr(self, "_stream_key", None)
+        return "websocket", None if getattr(self, "_v1", False) else getattr(self, "key", None)
+
     def uncount_user(self) -> None:
+        """The connection closed: no longer counted against its user; its ``disconnect`` event."""
+        client = self.client_id
+        if client is not None:
+            self.client_id = None
+            self.factory.lifecycle.disconnected(client, self.user, *self._lifecycle_where())
         user, self._counted_user = self._counted_user, None
         if user is not None:
-            per_user = self.factory.per_user
-            left = per_user.get(user, 1) - 1
-            if left > 0:
-                per_user[user] = left
-            else:
-                per_user.pop(user, None)
+            uncount(self.factory.per_user, user)
 
     def within_user_cap(self, then: Callable[[], Any]) -> Any:
         """

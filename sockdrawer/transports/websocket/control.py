@@ -63,7 +63,9 @@ class ControlSink:
             if "user" in cmd:
                 hit = user == cmd["user"]
             else:
-                hit = session is not None and session._client == cmd["client"]
+                # a v1 session's id, or (with --webhook) any connection's id from its events
+                hit = cmd["client"] in (getattr(proto, "client_id", None),
+                                        session._client if session is not None else None)
             if hit:
                 count += 1
                 _close(proto, cmd["code"], cmd["reason"])

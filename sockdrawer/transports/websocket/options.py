@@ -55,6 +55,9 @@ class WebSocketOptions:
     connect_proxy: Any = None
     #: a user's open connections on the other nodes: ``user -> Deferred[int]`` (``None``: this node only)
     user_connections: Any = None
+    #: told each connection and each channel's first and last connection on this node
+    #: (a :class:`~sockdrawer.core.lifecycle.Lifecycle`; ``None``: no --webhook)
+    lifecycle: Any = None
 
     def session_limits(self) -> SessionLimits:
         """What its sockdrawer.v1 sessions obey."""
@@ -63,5 +66,5 @@ class WebSocketOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The fields that are options of the same name (all but the parts the node builds)."""
-        built = ("verifier", "connect_proxy", "user_connections")
+        built = ("verifier", "connect_proxy", "user_connections", "lifecycle")
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in built)

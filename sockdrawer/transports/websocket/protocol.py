@@ -23,7 +23,7 @@ from sockdrawer.core.subscriber import SOCKET, Source
 from sockdrawer.core.tokens import Grant, TokenRefused
 from sockdrawer.core.v1 import SUBPROTOCOL, Peer, V1Session
 from sockdrawer.transports.sse.connection import StreamingConnection
-from sockdrawer.transports.websocket.admission import Admission
+from sockdrawer.transports.websocket.admission import Admission, uncount
 from sockdrawer.transports.websocket.compression import acceptable_offers
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup
 from sockdrawer.transports.websocket.frames import TEXT, reply_frame
@@ -204,14 +204,9 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
             self._opened = False
             factory.open_sockets -= 1
             self.uncount_user()
-        ip = self._counted_ip
+        ip, self._counted_ip = self._counted_ip, None
         if ip is not None:
-            self._counted_ip = None
-            left = factory.per_ip.get(ip, 1) - 1
-            if left > 0:
-                factory.per_ip[ip] = left
-            else:
-                factory.per_ip.pop(ip, None)
+            uncount(factory.per_ip, ip)
         factory._forget(self)
         _private.break_close_cycle(self)
 
@@ -343,6 +338,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
             # Twisted's buffer (deliver_queued checks), else through it, in order
             peer = Peer(self.peer, self.user, self.grant, self._counted_ip)
             self._session = V1Session(factory.sessions, self, peer)
+            self._session._client = self.client_id  # its webhook events' id (if any)
             return
         self.factory.join(key, self)
 

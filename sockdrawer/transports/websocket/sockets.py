@@ -112,6 +112,8 @@ class SocketRegistry:
         #: the app backend's commands to this node's connections (disconnect, unsubscribe), from every node
         self.control = ControlSink(self)
         hub.subscribe(CONTROL_KEY, self.control)
+        #: told of connections and of channels' first and last ones (--webhook)
+        self.lifecycle = self.streams.lifecycle = settings.lifecycle
 
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""
@@ -136,6 +138,8 @@ class SocketRegistry:
             group = groups[index] = ChannelGroup(key, encoding, self.encoders.get(encoding), self.stats)
             self.hub.subscribe(key, group)
         group.add(proto)
+        if self.lifecycle is not None:
+            self.lifecycle.joined(key)
 
     def leave(self, proto: Any) -> None:
         """Take a socket out of its group; the last one out unsubscribes the group."""
@@ -143,9 +147,11 @@ class SocketRegistry:
         if group is None:
             return
         group.remove(proto)
+        key = group.key
+        if self.lifecycle is not None:
+            self.lifecycle.left(key)
         if len(group):
             return
-        key = group.key
         groups, index = self._groups_of(key, group.encoding)
         if groups.get(index) is group:
             del groups[index]
@@ -164,6 +170,8 @@ class SocketRegistry:
             group = self.v1_groups[index] = EnvelopeGroup(sub.key, encoding, self.encoders.deflater(encoding),
                                                           self.stats)
             self.hub.subscribe(sub.key, group)
+        if self.lifecycle is not None and sub not in group.members:
+            self.lifecycle.joined(sub.key)
         group.members[sub] = None
         sub.group = group
 
@@ -172,7 +180,8 @@ class SocketRegistry:
         sub.group = None
         if group is None:
             return
-        group.members.pop(sub, None)
+        if group.members.pop(sub, 0) is None and self.lifecycle is not None:
+            self.lifecycle.left(group.key)
         index = (group.key, group.encoding)
         if not group.members and self.v1_groups.get(index) is group:
             del self.v1_groups[index]
