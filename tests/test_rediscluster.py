@@ -1125,3 +1125,25 @@ def test_a_map_change_is_a_gap_only_when_it_moves_the_nodes_channels(fake: FakeN
     fake.confirm(conns[7000][0], b"sunsubscribe", [raw])
     fake.confirm(conns[7001][0], b"ssubscribe", [raw])
     assert gaps == [1] and fake.link.reconnects == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_lifecycle_webhooks_on_the_cluster(cluster: LocalCluster, run_service: Any) -> None:
+    """--webhook on a cluster: the queue's keys share one hash tag (one slot), so its scripts run there; two
+    nodes post one channel_occupied and one channel_vacated for a channel with sockets on both, and each
+    socket's connect and disconnect."""
+    from test_webhooks import HOOK_SECRET, start_receiver
+
+    receiver, url = await start_receiver()
+    a = await start_node(run_service, cluster, name="hooks", webhook=url, webhook_secret=HOOK_SECRET)
+    b = await start_node(run_service, cluster, name="hooks", webhook=url, webhook_secret=HOOK_SECRET)
+    first = await connect(a.ws_port, "/news")
+    await wait_for(lambda: receiver.of("channel_occupied", channel="news"))
+    second = await connect(b.ws_port, "/news")
+    await wait_for(lambda: len(receiver.of("connect")) == 2)
+    first.close()
+    await wait_for(lambda: len(receiver.of("disconnect")) == 1)
+    second.close()
+    await wait_for(lambda: receiver.of("channel_vacated", channel="news") and len(receiver.of("disconnect")) == 2)
+    assert len(receiver.of("channel_occupied")) == 1 and len(receiver.of("channel_vacated")) == 1
+    assert receiver.bad_signatures == 0
