@@ -36,6 +36,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sockdrawer.core.lifecycle import IEventQueue
@@ -146,10 +147,10 @@ end
 return out
 """
 
-#: KEYS: stream; ARGV: group, id
+#: KEYS: stream; ARGV: group, ids...
 _DONE = """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('XACK', KEYS[1], unpack(ARGV))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
 """
 
 #: KEYS: stream; ARGV: group, consumer, ids...
@@ -207,6 +208,8 @@ class RedisEventQueue(Service):
         self._writing: Deferred[Any] | None = None
         self._later: Any = None
         self._failing = False
+        #: events delivered this reactor turn, and what fires once they are acknowledged
+        self._done: list[tuple[str, Deferred[Any]]] = []
         self._beat = LoopingCall(self._beat_and_sweep)
         self._beat.clock = clock
 
@@ -330,8 +333,24 @@ class RedisEventQueue(Service):
         return d
 
     def done(self, event_id: str) -> Deferred[Any]:
-        d: Deferred[Any] = self.link.eval(_DONE, [self.stream], [_GROUP, event_id])
+        """Acknowledged with the others delivered in the same reactor turn (one script for them all)."""
+        if not self._done:
+            self.clock.callLater(0, self._acknowledge)
+        d: Deferred[Any] = Deferred()
+        self._done.append((event_id, d))
         return d
+
+    def _acknowledge(self) -> None:
+        done, self._done = self._done, []
+
+        def tell(result: Any) -> None:
+            for _, d in done:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        self.link.eval(_DONE, [self.stream], [_GROUP, *(i for i, _ in done)]).addBoth(tell)
 
     def length(self) -> Deferred[int]:
         d: Deferred[int] = self.link.eval("return redis.call('XLEN', KEYS[1])", [self.stream], [])

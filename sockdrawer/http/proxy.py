@@ -127,7 +127,10 @@ class ConnectProxy:
         self.max_concurrent = max_concurrent
         self.headers = tuple(h.lower() for h in headers)
         self._reactor = reactor
-        self._agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        # keep-alive connections kept for the next handshakes (2 by default: the others would connect anew)
+        pool.maxPersistentPerHost = min(max_concurrent, 16)
+        self._agent = Agent(reactor, pool=pool)
         self.in_flight = 0
         #: answers by outcome: "admitted", "401", "403", "unavailable" (timeouts, errors, bad answers, busy)
         self.answers: dict[str, int] = {}

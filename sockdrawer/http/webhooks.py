@@ -74,7 +74,9 @@ class WebhookSender(Service):
         self.secret = secret.encode("utf-8") if secret else None
         self.timeout = timeout
         self._reactor = reactor
-        self._agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = self.concurrency  # (2 by default: the others would connect anew each time)
+        self._agent = Agent(reactor, pool=pool)
         #: events taken and not yet delivered: id -> body
         self.in_flight: dict[str, bytes] = {}
         #: those that failed, waiting for the next try
