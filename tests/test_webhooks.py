@@ -256,3 +256,25 @@ async def test_the_embedded_broker_posts_events_too(run_service: Any, quick: Non
         await deferToThread(c.disconnect, client=client, code=4009, reason="bye")
     assert await raw.wait_closed() == (4009, "bye")
     await wait_for(lambda: receiver.of("disconnect", client=client) and receiver.of("channel_vacated"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_node_is_presumed_lost_then_tells_again(run_service: Any, own_redis: RedisServer,
+                                                                quick: None) -> None:
+    """A node that stops beating (frozen) is swept by another: its socket's disconnect ("node lost") and its
+    channel's channel_vacated are posted; when it beats again, it queues its open socket's connect and the
+    channel's channel_occupied again, so the receiver's picture is right once more."""
+    receiver, url = await start_receiver()
+    frozen = await run_service(redis=own_redis.url, webhook=url, webhook_secret=HOOK_SECRET)
+    await run_service(redis=own_redis.url, webhook=url, webhook_secret=HOOK_SECRET)
+    sock = await connect(frozen.ws_port, "/news")
+    await wait_for(lambda: receiver.of("connect") and receiver.of("channel_occupied"))
+    queue = frozen.lifecycle.queue
+    queue._beat.stop()
+    await wait_for(lambda: receiver.of("disconnect", reason="node lost") and receiver.of("channel_vacated"))
+    queue._beat.start(queue.beat_interval, now=True)
+    await wait_for(lambda: len(receiver.of("connect")) == 2 and len(receiver.of("channel_occupied")) == 2)
+    first, again = receiver.of("connect")
+    assert again["client"] == first["client"] and again["id"] != first["id"]
+    sock.close()
+    await wait_for(lambda: len(receiver.of("disconnect")) == 2 and len(receiver.of("channel_vacated")) == 2)
