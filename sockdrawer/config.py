@@ -181,6 +181,14 @@ class Settings:
     proxy_header: tuple[str, ...] = option(
         ("Cookie", "Authorization"), "browser request header forwarded to the connect proxy (repeatable)",
         part=AUTH)
+    pusher_app_id: str | None = option(
+        None, "turns on the Pusher Channels protocol: the app id the Pusher server libraries use (HTTP API "
+        "/apps/<id>/...); with --pusher-key and --pusher-secret-file", part=AUTH)
+    pusher_key: str | None = option(
+        None, "the Pusher app key: SDKs connect to ws://host:port/app/<key>", part=AUTH)
+    pusher_secret_file: str | None = option(
+        None, "file holding the Pusher app secret (signs private and presence channel auths and API requests)",
+        part=AUTH)
     webhook: str | None = option(
         None, "URL the nodes POST lifecycle events to (connect, disconnect, channel_occupied, channel_vacated), "
         "one JSON object per request, at least once: queued in Redis first (in memory on the embedded broker)",
@@ -291,6 +299,9 @@ class Settings:
             raise ValueError(f"--connect-proxy must be an http:// or https:// URL, not {self.connect_proxy!r}")
         if self.subscribe_proxy is not None and not str(self.subscribe_proxy).startswith(("http://", "https://")):
             raise ValueError(f"--subscribe-proxy must be an http:// or https:// URL, not {self.subscribe_proxy!r}")
+        pusher = (self.pusher_app_id, self.pusher_key, self.pusher_secret_file)
+        if any(pusher) and not all(pusher):
+            raise ValueError("--pusher-app-id, --pusher-key and --pusher-secret-file go together: give all three")
         if self.webhook is not None and not str(self.webhook).startswith(("http://", "https://")):
             raise ValueError(f"--webhook must be an http:// or https:// URL, not {self.webhook!r}")
         if self.webhook_secret is not None and not self.webhook_secret:
@@ -321,6 +332,7 @@ class Settings:
             except ValueError as e:
                 raise ValueError(f"--public-channel: {e}") from None
         self.token_verifier()
+        self.pusher_app()
         for seed in self.redis_cluster:
             from sockdrawer.brokers.url import RedisURL
 
@@ -393,6 +405,21 @@ class Settings:
                                  leeway=self.auth_leeway)
         except ValueError as e:
             raise ValueError(f"--auth: {e}") from None
+
+    def pusher_app(self) -> Any:
+        """
+        The :class:`~sockdrawer.core.pusher.PusherApp` of the Pusher options, or ``None`` without them.
+
+        :raises ValueError: for an unreadable or empty secret file.
+        """
+        if not (self.pusher_app_id and self.pusher_key and self.pusher_secret_file):
+            return None
+        from sockdrawer.core.pusher import PusherApp
+
+        secret = _read_key_file("--pusher-secret-file", self.pusher_secret_file).strip()
+        if not secret:
+            raise ValueError(f"--pusher-secret-file: {self.pusher_secret_file} is empty")
+        return PusherApp(str(self.pusher_app_id), str(self.pusher_key), secret)
 
     @property
     def api_enabled(self) -> bool:

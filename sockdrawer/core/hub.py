@@ -4,6 +4,7 @@ The default channel hub: plain, Deferred-free fan-out lists per channel.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import implementer
 
 from sockdrawer.core.channels import printable
+from sockdrawer.core.events import unwrap
 from sockdrawer.core.history import HistoryReset, MemoryHistory, Replay
 from sockdrawer.core.interfaces import Batch, IBroker, IChannelHub, IChannelObserver, ISink
 from sockdrawer.core.logs import NamedLogger
@@ -50,6 +52,8 @@ class MemoryChannelHub:
         self._pending: dict[bytes, list[bytes]] = {}
         #: per channel with pending messages that have offsets: one per message
         self._offsets: dict[bytes, list[str | None]] = {}
+        #: the same for messages with meta (sockdrawer.core.events)
+        self._meta: dict[bytes, list[bytes | None]] = {}
         self.messages = 0
         self.deliveries = 0
         #: see IChannelHub.broker_whole
@@ -103,6 +107,9 @@ class MemoryChannelHub:
         if sinks is None:
             return 0
         self.messages += 1
+        meta = None
+        if message[:1] == b"\x00":  # perhaps a named event: its data goes out, its meta beside
+            message, meta = unwrap(message)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = [message]
@@ -113,6 +120,11 @@ class MemoryChannelHub:
             if offsets is None:
                 offsets = self._offsets[key] = [None] * (len(pending) - 1)
             offsets.append(offset)
+        if meta is not None or key in self._meta:
+            metas = self._meta.get(key)
+            if metas is None:
+                metas = self._meta[key] = [None] * (len(pending) - 1)
+            metas.append(meta)
         if not self._held:
             self._flush()
         return len(sinks)
@@ -137,8 +149,9 @@ class MemoryChannelHub:
             while self._pending:
                 pending, self._pending = self._pending, {}
                 offsets, self._offsets = self._offsets, {}
+                metas, self._meta = self._meta, {}
                 for key, messages in pending.items():
-                    self._fan_out(key, messages, offsets.get(key))
+                    self._fan_out(key, messages, offsets.get(key), metas.get(key) if metas else None)
         finally:
             self._held -= 1
             self.turns.observe(perf_counter() - started)
@@ -172,14 +185,15 @@ class MemoryChannelHub:
                     except Exception:
                         self._log.failure(failed, sink=sink)
 
-    def _fan_out(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None) -> None:
+    def _fan_out(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None,
+                 meta: list[bytes | None] | None = None) -> None:
         fanout = self._fanout.get(key)
         if fanout is None:
             sinks = self._sinks.get(key)
             if not sinks:
                 return
             fanout = self._fanout[key] = tuple(sink.receive for sink in sinks)
-        batch = Batch(key, messages, offsets)
+        batch = Batch(key, messages, offsets, meta)
         self.deliveries += len(fanout) * len(messages)
         for receive in fanout:
             try:
@@ -204,12 +218,19 @@ def history_reader(broker: IBroker, limit: int) -> Callable[[bytes, str | None],
         wait = getattr(broker, "when_subscribed", None)
         if wait is None or not broker.is_connected():
             # down: the read fails now, as it always did, instead of waiting
-            return maybeDeferred(broker.replay, key, since, limit)
+            return maybeDeferred(broker.replay, key, since, limit).addCallback(_data_only)
         d: Deferred[Any] = wait(key)
         d.addCallback(lambda _: broker.replay(key, since, limit))
-        return d
+        return d.addCallback(_data_only)
 
     return replay
+
+
+def _data_only(replay: Replay) -> Replay:
+    """History holds named events whole (:mod:`sockdrawer.core.events`): a replay gives their data."""
+    if not any(message[:1] == b"\x00" for _, message in replay.messages):
+        return replay
+    return dataclasses.replace(replay, messages=tuple((o, unwrap(m)[0]) for o, m in replay.messages))
 
 
 @implementer(IBroker)

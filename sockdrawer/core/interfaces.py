@@ -31,14 +31,18 @@ class Batch:
         needs one.
     :ivar offsets: the history offset of each message (``None`` for a
         message without history), or ``None`` when no message has one.
+    :ivar meta: each message's meta JSON (:mod:`sockdrawer.core.events`:
+        a Pusher event's name, its sender), or ``None`` when no message has any.
     """
 
-    __slots__ = ("key", "messages", "encoded", "encodings", "offsets")
+    __slots__ = ("key", "messages", "encoded", "encodings", "offsets", "meta")
 
-    def __init__(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None) -> None:
+    def __init__(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None,
+                 meta: list[bytes | None] | None = None) -> None:
         self.key = key
         self.messages = messages
         self.offsets = offsets
+        self.meta = meta
         self.encoded: bytes | None = None
         self.encodings: dict[Any, bytes] | None = None
 

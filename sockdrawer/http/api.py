@@ -66,6 +66,8 @@ class ApiOptions:
     metrics_public: bool = False
     max_channel_length: int = 256
     max_publish_size: int = 1024 * 1024
+    #: the Pusher HTTP API (``/apps/<id>/...``, signed by the app's secret, not the API key), if on
+    pusher: Any = None
 
 
 _log = Logger(namespace="sockdrawer.api")
@@ -178,6 +180,8 @@ class ApiResource(Resource):
             return self._client_js(request)
         if path == b"/metrics" and self._options.metrics_public:
             return self._metrics(request)
+        if path.startswith(b"/apps/") and self._options.pusher is not None:
+            return self._options.pusher.render(request)  # signed with the Pusher app's secret
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="sockdrawer"')
             return _respond(request, 401, {"error": "missing or wrong API key"})

@@ -34,6 +34,7 @@ from sockdrawer.core.v1 import PresenceService
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
 from sockdrawer.http.proxy import ConnectProxy
+from sockdrawer.http.pusher_api import PusherApi
 from sockdrawer.http.webhooks import WebhookSender
 from sockdrawer.node.census import Census
 from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
@@ -301,7 +302,8 @@ class SockDrawerService(MultiService):
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
-            websocket_options(settings, self.connect_proxy, lambda user: self.census.others(user), self.lifecycle),
+            websocket_options(settings, self.connect_proxy, lambda user: self.census.others(user), self.lifecycle,
+                              publish=lambda key, message: self.publish_key(key, message)),
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
@@ -331,9 +333,13 @@ class SockDrawerService(MultiService):
         self.api: ListeningService | None = None
         if settings.api_enabled:
             assert settings.api is not None
+            pusher = self.factory.pusher
             options = ApiOptions(api_key=settings.api_key, metrics_public=settings.metrics_public,
                                  max_channel_length=settings.max_channel_length,
-                                 max_publish_size=settings.max_publish_size)
+                                 max_publish_size=settings.max_publish_size,
+                                 pusher=PusherApi(pusher.app, self, reactor, settings.max_channel_length,
+                                                  members=pusher.presence.members if pusher.presence else None)
+                                 if pusher is not None else None)
             registry = self.metrics
             site = ApiSite(ApiResource(self, options, lambda: render(registry)), settings.max_publish_size,
                            settings.api_timeout, clock=reactor)
@@ -495,11 +501,13 @@ class SockDrawerService(MultiService):
 
 
 def websocket_options(settings: Settings, proxy: ConnectProxy | None = None,
-                      user_connections: Any = None, lifecycle: Lifecycle | None = None) -> WebSocketOptions:
+                      user_connections: Any = None, lifecycle: Lifecycle | None = None,
+                      publish: Any = None) -> WebSocketOptions:
     """What the WebSocket transport reads of ``settings``, with the token verifier built once."""
     values = {name: getattr(settings, name) for name in WebSocketOptions.names()}
     return WebSocketOptions(verifier=settings.token_verifier(), connect_proxy=proxy.ask if proxy else None,
-                            user_connections=user_connections, lifecycle=lifecycle, **values)
+                            user_connections=user_connections, lifecycle=lifecycle,
+                            pusher=settings.pusher_app(), publish=publish, **values)
 
 
 def _node_name() -> str:

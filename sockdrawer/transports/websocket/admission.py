@@ -84,7 +84,8 @@ class Admission:
         """The transport and raw channel of this connection's webhook events."""
         if getattr(self, "streaming", False):
             return "sse", getattr(self, "_stream_key", None)
-        return "websocket", None if getattr(self, "_v1", False) else getattr(self, "key", None)
+        session_only = getattr(self, "_v1", False) or getattr(self, "_pusher_open", None) is not None
+        return "websocket", None if session_only else getattr(self, "key", None)
 
     def uncount_user(self) -> None:
         """The connection closed: no longer counted against its user; its ``disconnect`` event."""

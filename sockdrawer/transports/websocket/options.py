@@ -58,6 +58,10 @@ class WebSocketOptions:
     #: told each connection and each channel's first and last connection on this node
     #: (a :class:`~sockdrawer.core.lifecycle.Lifecycle`; ``None``: no --webhook)
     lifecycle: Any = None
+    #: the Pusher app (a :class:`~sockdrawer.core.pusher.PusherApp`; ``None``: no Pusher door), and how its
+    #: sessions publish: ``(key, message) -> Deferred``, through the node's broker
+    pusher: Any = None
+    publish: Any = None
 
     def session_limits(self) -> SessionLimits:
         """What its sockdrawer.v1 sessions obey."""
@@ -66,5 +70,5 @@ class WebSocketOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The fields that are options of the same name (all but the parts the node builds)."""
-        built = ("verifier", "connect_proxy", "user_connections", "lifecycle")
+        built = ("verifier", "connect_proxy", "user_connections", "lifecycle", "pusher", "publish")
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in built)

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall
 from sockdrawer import _private
 from sockdrawer.core.channels import ChannelNameError, channel_from_path, printable
 from sockdrawer.core.logs import NamedLogger
+from sockdrawer.core.pusher import PusherSession
 from sockdrawer.core.subscriber import SOCKET, Source
 from sockdrawer.core.tokens import Grant, TokenRefused
 from sockdrawer.core.v1 import SUBPROTOCOL, Peer, V1Session
@@ -28,6 +29,8 @@ from sockdrawer.transports.websocket.compression import acceptable_offers
 from sockdrawer.transports.websocket.fanout import PLAIN, ChannelGroup
 from sockdrawer.transports.websocket.frames import TEXT, reply_frame
 from sockdrawer.transports.websocket.handshake import _address, merge_extension_headers, take_token
+from sockdrawer.transports.websocket.pusherdoor import PATH as PUSHER_PATH
+from sockdrawer.transports.websocket.pusherdoor import PusherDoor
 from sockdrawer.transports.websocket.sockets import SocketRegistry
 from sockdrawer.transports.websocket.timers import BufferWatch
 
@@ -45,7 +48,7 @@ _STATE_OPEN = _private.GuardedServerProtocol.STATE_OPEN
 _HIGH_WATER = 64 * 1024
 
 
-class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[misc]
+class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # type: ignore[misc]
                                _private.GuardedServerProtocol):
     """
     One browser connection on one channel, a member of that channel's
@@ -102,8 +105,8 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
     _fragments = 0  # frames in the message being received
     #: what this socket's token allows (``None``: no token)
     grant: Grant | None = None
-    #: the sockdrawer.v1 state, for a socket that speaks it
-    _session: V1Session | None = None
+    #: the sockdrawer.v1 (or Pusher) session, for a socket that speaks it
+    _session: V1Session | PusherSession | None = None
     _v1 = False
 
     # -- Twisted
@@ -141,11 +144,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
             factory.pending -= 1
         ip = state.pop("_pending_ip", None)
         if ip is not None:
-            left = factory.pending_per_ip.get(ip, 1) - 1
-            if left > 0:
-                factory.pending_per_ip[ip] = left
-            else:
-                factory.pending_per_ip.pop(ip, None)
+            uncount(factory.pending_per_ip, ip)
 
     # -- the outbox of its sockdrawer.v1 session (sockdrawer.core.v1.host.Outbox)
 
@@ -231,6 +230,8 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
                 raise ConnectionDeny(429, self._own_reason or "")
         if factory.open_sockets >= factory.options.max_connections:
             self._deny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
+        if factory.pusher is not None and target.startswith(PUSHER_PATH):
+            return self.admit_pusher(request, target)  # type: ignore[no-any-return]
         channel = key.decode("utf-8")
         v1 = SUBPROTOCOL in request.protocols and key == b""
         proxy = factory.options.connect_proxy
@@ -333,6 +334,9 @@ class SockDrawerServerProtocol(StreamingConnection, Admission,  # type: ignore[m
                 self._watched = True
             except RuntimeError:  # a producer is registered already (under a Site)
                 pass
+        if self._pusher_open is not None:
+            self.open_pusher()
+            return
         if self._v1:
             # v1 frames go straight to the kernel too while nothing waits in
             # Twisted's buffer (deliver_queued checks), else through it, in order

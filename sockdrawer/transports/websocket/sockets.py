@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from sockdrawer.core.control import CONTROL_KEY
 from sockdrawer.core.interfaces import IChannelHub
+from sockdrawer.core.pusher import PusherHost
 from sockdrawer.core.subscriber import Source
 from sockdrawer.core.tokens import pattern_matches
 from sockdrawer.core.v1 import SessionHost, Subscription
@@ -114,6 +115,13 @@ class SocketRegistry:
         hub.subscribe(CONTROL_KEY, self.control)
         #: told of connections and of channels' first and last ones (--webhook)
         self.lifecycle = self.streams.lifecycle = settings.lifecycle
+        #: the Pusher sessions' shared parts (--pusher-key; ``None``: no Pusher door)
+        self.pusher: PusherHost | None = None
+        if settings.pusher is not None:
+            self.pusher = PusherHost(settings.pusher, hub, settings.publish, self.stats, settings.max_subscriptions,
+                                     settings.max_channel_length,
+                                     public=(lambda c: self.verifier is None or self.is_public(c)))
+            self.pusher.lifecycle = self.lifecycle
 
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""
@@ -211,6 +219,8 @@ class SocketRegistry:
         parts += [(key, len(g.members)) for (key, _), g in self.v1_groups.items()]
         parts += [(key, len(g.streams)) for key, g in self.streams.groups.items()]
         parts += [(key, len(g.members)) for key, g in self.streams.sessions.fanout.groups.items()]
+        if self.pusher is not None:
+            parts += [(key, len(g.members)) for key, g in self.pusher.groups.items()]
         for key, count in parts:
             if count:
                 counts[key] = counts.get(key, 0) + count

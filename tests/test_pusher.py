@@ -1,0 +1,231 @@
+"""
+The Pusher Channels protocol beside sockdrawer.v1, tried with the real
+libraries, unchanged: ``pusher-js`` (its Node build) for connections, and the
+``pusher`` server library for Python for channel auths and the HTTP API,
+against a ``twistd sockdrawer`` node with ``--pusher-*``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pusher
+import pytest
+from childnode import ChildNode
+from conftest import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = ROOT / "tests" / "clients"
+APP_ID, KEY, SECRET = "4242", "sd-key", "sd-secret"
+
+
+class AuthApp:
+    """The app's channel-auth endpoint, signing with the pusher library as a Pusher app's backend does."""
+
+    def __init__(self, server: pusher.Pusher) -> None:
+        app = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("content-length", 0))
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                channel, socket_id = form["channel_name"][0], form["socket_id"][0]
+                client = form.get("client", ["?"])[0]
+                app.asked.append((client, channel))
+                if channel == "private-forbidden":
+                    self.send_response(403)
+                    self.end_headers()
+                    return
+                custom = ({"user_id": f"user-{client}", "user_info": {"name": client}}
+                          if channel.startswith("presence-") else None)
+                body = json.dumps(server.authenticate(channel, socket_id, custom)).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.asked: list[tuple[str, str]] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/pusher/auth"
+
+
+class PusherJs:
+    """tests/clients/pusher_client.js: pusher-js connections driven by JSON lines."""
+
+    def __init__(self, port: int, auth_url: str) -> None:
+        node = shutil.which("node")
+        if node is None:
+            pytest.fail("node is missing: run `bash .ci/setup` (installs nodejs and the Node test clients)",
+                        pytrace=False)
+        self.proc = subprocess.Popen([node, str(CLIENTS / "pusher_client.js"), str(port), KEY, auth_url],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=CLIENTS)
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.expect(lambda line: line.get("ready"))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """The first line (seen already, or to come) that ``predicate`` accepts."""
+        for line in self.seen:
+            if predicate(line):
+                self.seen.remove(line)
+                return line
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no such line from pusher-js; seen: {self.seen[-20:]}")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if predicate(line):
+                return line
+            self.seen.append(line)
+
+    def none(self, predicate: Any, wait: float = 0.5) -> None:
+        """No line that ``predicate`` accepts arrives (checked after a marker event, see the callers)."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                self.seen.append(self.lines.get(timeout=0.05))
+            except queue.Empty:
+                pass
+        assert not [line for line in self.seen if predicate(line)], self.seen
+
+    def connect(self, cid: str) -> str:
+        self.send(op="connect", id=cid)
+        return str(self.expect(lambda line: line.get("id") == cid and "connected" in line)["connected"])
+
+    def subscribe(self, cid: str, channel: str) -> dict[str, Any]:
+        self.send(op="subscribe", id=cid, channel=channel)
+        return self.expect(lambda line: line.get("id") == cid and (line.get("subscribed") == channel or (
+            line.get("channel") == channel and "subscription_error" in line)))
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def pusher_node(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[ChildNode, pusher.Pusher, AuthApp]]:
+    secret = tmp_path / "pusher.secret"
+    secret.write_text(SECRET + "\n")
+    name = f"pusher{os.getpid()}{time.monotonic_ns() % 10**6}"
+    node = ChildNode(tmp_path, ["--redis", redis_server.url, "--name", name, "--pusher-app-id", APP_ID,
+                                "--pusher-key", KEY, "--pusher-secret-file", str(secret)])
+    node.start()
+    assert node.api_port is not None
+    server = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host="127.0.0.1", port=node.api_port, ssl=False)
+    try:
+        yield node, server, AuthApp(server)
+    finally:
+        node.stop()
+
+
+def test_pusher_js_public_channel_gets_sockdrawer_messages_and_triggered_events(
+        pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp]) -> None:
+    """pusher-js connects with its defaults for a self-hosted server (wsHost, wsPort, forceTLS off), gets a
+    socket id, subscribes to a public channel; a message published by sockdrawer arrives as the event
+    "message", an event triggered by the pusher library arrives with its name and data (and raw sockets on
+    the channel get its data alone)."""
+    from websockets.sync.client import connect
+
+    node, server, auth = pusher_node
+    js = PusherJs(node.ws_port, auth.url)
+    try:
+        socket_id = js.connect("a")
+        assert socket_id.count(".") == 1
+        assert js.subscribe("a", "news") == {"id": "a", "subscribed": "news", "members": None, "me": None}
+        with connect(f"ws://127.0.0.1:{node.ws_port}/news") as raw:
+            node.publish("news", "hello")
+            assert js.expect(lambda line: line.get("event") == "message")["data"] == "hello"
+            assert raw.recv(timeout=10) == "hello"
+            server.trigger("news", "greet", {"text": "hi"})
+            line = js.expect(lambda line: line.get("event") == "greet")
+            assert line == {"id": "a", "channel": "news", "event": "greet", "data": {"text": "hi"}}
+            assert json.loads(raw.recv(timeout=10)) == {"text": "hi"}
+    finally:
+        js.close()
+
+
+def test_private_channels_and_client_events(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp]) -> None:
+    """A private channel is joined with the auth the app's endpoint signs with the pusher library; a refused
+    auth (403 from the endpoint) is a subscription error; a client event reaches the other client and not
+    the sender; a client event on a public channel is refused; the trigger's socket_id is excluded."""
+    node, server, auth = pusher_node
+    js = PusherJs(node.ws_port, auth.url)
+    try:
+        a, b = js.connect("a"), js.connect("b")
+        assert js.subscribe("a", "private-room")["subscribed"] == "private-room"
+        assert js.subscribe("b", "private-room")["subscribed"] == "private-room"
+        assert ("a", "private-room") in auth.asked
+        refused = js.subscribe("a", "private-forbidden")
+        assert refused["subscription_error"]["status"] == 403
+        js.send(op="trigger", id="a", channel="private-room", event="client-typing", data={"who": "a"})
+        got = js.expect(lambda line: line.get("event") == "client-typing")
+        assert got["id"] == "b" and got["data"] == {"who": "a"}
+        server.trigger("private-room", "notice", "for b only", socket_id=a)
+        assert js.expect(lambda line: line.get("event") == "notice")["id"] == "b"
+        server.trigger("private-room", "marker", "end")
+        js.expect(lambda line: line.get("event") == "marker" and line["id"] == "a")
+        js.expect(lambda line: line.get("event") == "marker" and line["id"] == "b")
+        js.none(lambda line: line.get("id") == "a" and line.get("event") in ("client-typing", "notice"))
+        assert b != a
+    finally:
+        js.close()
+
+
+def test_the_http_api_with_the_pusher_library(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp]) -> None:
+    """channels_info, channel_info and terminate_user_connections from the pusher library; trigger_batch;
+    a request signed with another secret gets 401."""
+    node, server, auth = pusher_node
+    js = PusherJs(node.ws_port, auth.url)
+    try:
+        js.connect("a")
+        js.subscribe("a", "private-room")
+        js.subscribe("a", "news")
+        deadline = time.monotonic() + 10
+        while "private-room" not in server.channels_info()["channels"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert set(server.channels_info(prefix_filter="private-")["channels"]) == {"private-room"}
+        info = server.channel_info("news", ["subscription_count"])
+        assert info == {"occupied": True, "subscription_count": 1}
+        assert server.channel_info("empty") == {"occupied": False}
+        server.trigger_batch([{"channel": "news", "name": "one", "data": "1"},
+                              {"channel": "private-room", "name": "two", "data": "2"}])
+        js.expect(lambda line: line.get("event") == "one")
+        js.expect(lambda line: line.get("event") == "two")
+        forged = pusher.Pusher(app_id=APP_ID, key=KEY, secret="wrong", host="127.0.0.1", port=node.api_port,
+                               ssl=False)
+        with pytest.raises(pusher.errors.PusherBadAuth):
+            forged.trigger("news", "x", "y")
+    finally:
+        js.close()
