@@ -47,7 +47,8 @@ class AuthApp:
                     self.send_response(403)
                     self.end_headers()
                     return
-                custom = ({"user_id": f"user-{client}", "user_info": {"name": client}}
+                # "b" and "b2" are two connections of one user
+                custom = ({"user_id": f"user-{client[0]}", "user_info": {"name": client[0]}}
                           if channel.startswith("presence-") else None)
                 body = json.dumps(server.authenticate(channel, socket_id, custom)).encode()
                 self.send_response(200)
@@ -119,8 +120,8 @@ class PusherJs:
                 pass
         assert not [line for line in self.seen if predicate(line)], self.seen
 
-    def connect(self, cid: str) -> str:
-        self.send(op="connect", id=cid)
+    def connect(self, cid: str, port: int | None = None) -> str:
+        self.send(op="connect", id=cid, port=port)
         return str(self.expect(lambda line: line.get("id") == cid and "connected" in line)["connected"])
 
     def subscribe(self, cid: str, channel: str) -> dict[str, Any]:
@@ -229,3 +230,40 @@ def test_the_http_api_with_the_pusher_library(pusher_node: tuple[ChildNode, push
             forged.trigger("news", "x", "y")
     finally:
         js.close()
+
+
+def test_presence_channels_across_two_nodes(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp],
+                                            tmp_path: Path, redis_server: RedisServer) -> None:
+    """Presence on two nodes: each subscriber gets the members (itself with them, its user as "me"), the
+    others member_added once per user (a second connection of a user adds no member and its leaving removes
+    none), member_removed when a user's last connection goes; the pusher library's users_info and
+    channel_info(user_count) count users."""
+    node, server, auth = pusher_node
+    other = ChildNode(tmp_path / "second", node.args)
+    (tmp_path / "second").mkdir()
+    other.start()
+    js = PusherJs(node.ws_port, auth.url)
+    try:
+        js.connect("a")
+        js.connect("b", port=other.ws_port)
+        js.connect("b2", port=other.ws_port)
+        first = js.subscribe("a", "presence-room")
+        assert first["members"] == ["user-a"] and first["me"] == "user-a"
+        second = js.subscribe("b", "presence-room")
+        assert second["members"] == ["user-a", "user-b"] and second["me"] == "user-b"
+        added = js.expect(lambda line: line.get("id") == "a" and "member_added" in line)
+        assert added == {"id": "a", "channel": "presence-room", "member_added": "user-b", "info": {"name": "b"}}
+        assert js.subscribe("b2", "presence-room")["members"] == ["user-a", "user-b"]
+        users = server.users_info("presence-room")["users"]
+        assert sorted(u["id"] for u in users) == ["user-a", "user-b"]
+        assert server.channel_info("presence-room", ["user_count"])["user_count"] == 2
+        js.send(op="disconnect", id="b2")
+        server.trigger("presence-room", "marker", "1")
+        js.expect(lambda line: line.get("id") == "a" and line.get("event") == "marker")
+        js.none(lambda line: line.get("id") == "a" and ("member_removed" in line or "member_added" in line))
+        js.send(op="disconnect", id="b")
+        removed = js.expect(lambda line: line.get("id") == "a" and "member_removed" in line)
+        assert removed["member_removed"] == "user-b"
+    finally:
+        js.close()
+        other.stop()

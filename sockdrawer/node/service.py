@@ -30,6 +30,7 @@ from sockdrawer.core.interfaces import IBroker, IChannelHub
 from sockdrawer.core.lifecycle import Lifecycle, MemoryEventQueue
 from sockdrawer.core.listeners import ListenerRegistry, redis_claim
 from sockdrawer.core.presence import MemoryPresence, RedisPresence
+from sockdrawer.core.pusher.presence import PusherPresence
 from sockdrawer.core.v1 import PresenceService
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
@@ -320,6 +321,8 @@ class SockDrawerService(MultiService):
             if settings.history_size:
                 # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket
                 host.history = history_reader(self.broker, PAGE_MESSAGES)
+        if self.factory.pusher is not None:  # Pusher presence channels on the same presence
+            self.factory.pusher.presence = PusherPresence(self.presence, self.hub, reactor)
         #: connections by channel across every node (GET /channels)
         self.census = Census(self.factory.census, self.broker if isinstance(self.broker, RedisLink) else None,
                              self.namespace.name, reactor,

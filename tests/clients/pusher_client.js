@@ -9,10 +9,10 @@ const [port, key, authEndpoint] = process.argv.slice(2);
 const clients = {};
 const out = (line) => process.stdout.write(JSON.stringify(line) + "\n");
 
-function connect(id) {
+function connect(id, onPort) {
   // what a user of a self-hosted Pusher-compatible server configures: host, port, no TLS, ws only
   const pusher = new Pusher(key, {
-    cluster: "mt1", wsHost: "127.0.0.1", wsPort: Number(port), forceTLS: false,
+    cluster: "mt1", wsHost: "127.0.0.1", wsPort: Number(onPort || port), forceTLS: false,
     enabledTransports: ["ws"], disableStats: true,
     channelAuthorization: { endpoint: authEndpoint, transport: "ajax", params: { client: id } },
   });
@@ -39,7 +39,7 @@ function subscribe(id, name) {
 
 readline.createInterface({ input: process.stdin }).on("line", (line) => {
   const cmd = JSON.parse(line);
-  if (cmd.op === "connect") connect(cmd.id);
+  if (cmd.op === "connect") connect(cmd.id, cmd.port);
   else if (cmd.op === "subscribe") subscribe(cmd.id, cmd.channel);
   else if (cmd.op === "unsubscribe") clients[cmd.id].unsubscribe(cmd.channel);
   else if (cmd.op === "trigger") out({ id: cmd.id, triggered: clients[cmd.id].channel(cmd.channel).trigger(cmd.event, cmd.data) });
