@@ -40,8 +40,11 @@ class AuthApp:
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("content-length", 0))
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
-                channel, socket_id = form["channel_name"][0], form["socket_id"][0]
                 client = form.get("client", ["?"])[0]
+                if self.path.endswith("/user-auth"):
+                    self.answer(server.authenticate_user(form["socket_id"][0], {"id": f"user-{client[0]}"}))
+                    return
+                channel, socket_id = form["channel_name"][0], form["socket_id"][0]
                 app.asked.append((client, channel))
                 if channel == "private-forbidden":
                     self.send_response(403)
@@ -50,7 +53,10 @@ class AuthApp:
                 # "b" and "b2" are two connections of one user
                 custom = ({"user_id": f"user-{client[0]}", "user_info": {"name": client[0]}}
                           if channel.startswith("presence-") else None)
-                body = json.dumps(server.authenticate(channel, socket_id, custom)).encode()
+                self.answer(server.authenticate(channel, socket_id, custom))
+
+            def answer(self, value: Any) -> None:
+                body = json.dumps(value).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -267,3 +273,100 @@ def test_presence_channels_across_two_nodes(pusher_node: tuple[ChildNode, pusher
     finally:
         js.close()
         other.stop()
+
+
+def test_terminate_connections_of_a_signed_in_user(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp]) -> None:
+    """pusher-js signs in (the app's user-auth endpoint signs with the pusher library); the library's
+    send_to_user reaches it; terminate_user_connections closes that user's connections (and only theirs)."""
+    node, server, auth = pusher_node
+    js = PusherJs(node.ws_port, auth.url)
+    try:
+        js.connect("a")
+        js.connect("b")
+        js.send(op="signin", id="a")
+        assert js.expect(lambda line: "signed_in" in line) == {"id": "a", "signed_in": "user-a"}
+        deadline = time.monotonic() + 10
+        while True:  # pusher-js subscribes to the user's own channel after the sign-in
+            server.send_to_user("user-a", "note", {"n": 1})
+            try:
+                line = js.expect(lambda line: line.get("event") == "note", timeout=0.5)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline
+        assert line["id"] == "a" and line["data"] == {"n": 1}
+        server.terminate_user_connections("user-a")
+        js.expect(lambda line: line.get("id") == "a" and line.get("state") in ("disconnected", "failed",
+                                                                                 "unavailable"))
+        js.subscribe("b", "news")
+        node.publish("news", "still here")
+        assert js.expect(lambda line: line.get("event") == "message")["id"] == "b"
+    finally:
+        js.close()
+
+
+def test_bad_input_gets_pushers_error_codes(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp]) -> None:
+    """With the websockets client: an unknown app key gets pusher:error 4001 and a close with 4001, a
+    missing protocol 4008; a frame that is not JSON gets a pusher:error and the socket stays (ping still
+    pongs); channel_data over 2 KiB, an auth signed for another socket id, and a client event on a public
+    channel are refused; an API request signed 700 s ago gets 401; another socket is unaffected."""
+    import hashlib
+    import hmac
+    import urllib.error
+    import urllib.request
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    node, server, auth = pusher_node
+    base = f"ws://127.0.0.1:{node.ws_port}/app/"
+
+    def closed_with(url: str) -> tuple[dict[str, Any], int | None]:
+        with connect(url) as ws:
+            error = json.loads(ws.recv(timeout=10))
+            with pytest.raises(ConnectionClosed) as e:
+                ws.recv(timeout=10)
+            return error, e.value.rcvd.code if e.value.rcvd else None
+
+    error, code = closed_with(base + "nope?protocol=7")
+    assert error["event"] == "pusher:error" and error["data"]["code"] == 4001 and code == 4001
+    error, code = closed_with(base + KEY)
+    assert error["data"]["code"] == 4008 and code == 4008
+
+    def sign(text: str) -> str:
+        return KEY + ":" + hmac.new(SECRET.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+    with connect(base + KEY + "?protocol=7&client=py") as ws, connect(base + KEY + "?protocol=7") as bystander:
+        established = json.loads(ws.recv(timeout=10))
+        socket_id = json.loads(established["data"])["socket_id"]
+        json.loads(bystander.recv(timeout=10))
+        bystander.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": "news"}}))
+        assert json.loads(bystander.recv(timeout=10))["event"] == "pusher_internal:subscription_succeeded"
+        ws.send("{not json")
+        assert json.loads(ws.recv(timeout=10))["event"] == "pusher:error"
+        ws.send(json.dumps({"event": "pusher:ping", "data": {}}))
+        assert json.loads(ws.recv(timeout=10)) == {"event": "pusher:pong", "data": {}}
+        big = json.dumps({"user_id": "u", "user_info": {"x": "y" * 3000}})
+        ws.send(json.dumps({"event": "pusher:subscribe", "data": {
+            "channel": "presence-big", "channel_data": big, "auth": sign(f"{socket_id}:presence-big:{big}")}}))
+        answer = json.loads(ws.recv(timeout=10))
+        assert answer["event"] == "pusher:subscription_error" and answer["data"]["status"] == 413
+        ws.send(json.dumps({"event": "pusher:subscribe", "data": {
+            "channel": "private-x", "auth": sign("1234.5678:private-x")}}))  # signed for another socket
+        answer = json.loads(ws.recv(timeout=10))
+        assert answer["event"] == "pusher:subscription_error" and answer["data"]["status"] == 401
+        ws.send(json.dumps({"event": "client-hi", "channel": "news", "data": {}}))
+        assert json.loads(ws.recv(timeout=10))["event"] == "pusher:error"
+        node.publish("news", "fine")
+        assert json.loads(bystander.recv(timeout=10))["data"] == "fine"
+
+    body = json.dumps({"name": "x", "data": "y", "channels": ["news"]}).encode()
+    params = {"auth_key": KEY, "auth_timestamp": str(int(time.time()) - 700), "auth_version": "1.0",
+              "body_md5": hashlib.md5(body).hexdigest()}
+    query = "&".join(f"{k}={params[k]}" for k in sorted(params))
+    path = f"/apps/{APP_ID}/events"
+    signature = hmac.new(SECRET.encode(), f"POST\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()
+    request = urllib.request.Request(f"http://127.0.0.1:{node.api_port}{path}?{query}&auth_signature={signature}",
+                                     data=body, method="POST", headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401 and b"auth_timestamp" in refused.value.read()

@@ -180,7 +180,7 @@ class ApiResource(Resource):
             return self._client_js(request)
         if path == b"/metrics" and self._options.metrics_public:
             return self._metrics(request)
-        if path.startswith(b"/apps/") and self._options.pusher is not None:
+        if path.startswith((b"/apps/", b"/users/")) and self._options.pusher is not None:
             return self._options.pusher.render(request)  # signed with the Pusher app's secret
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="sockdrawer"')

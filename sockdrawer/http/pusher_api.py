@@ -30,6 +30,7 @@ from sockdrawer.core.channels import ChannelNameError, validate_channel
 from sockdrawer.core.control import encode
 from sockdrawer.core.events import wrap
 from sockdrawer.core.pusher.auth import CHANNEL_NAME, SOCKET_ID, PusherApp
+from sockdrawer.core.pusher.session import USER_CHANNEL
 
 _log = Logger(namespace="sockdrawer.pusher")
 
@@ -76,7 +77,9 @@ class PusherApi:
 
     def render(self, request: Request) -> Any:
         path = request.path
-        if not path.startswith(self.prefix):
+        # the Python server library calls /users/<id>/terminate_connections without the app's prefix
+        prefix = self.prefix if not path.startswith(b"/users/") else b"/"
+        if not path.startswith(prefix):
             return _send(request, 404, {"error": "unknown app id"})
         body = request.content.read() if request.content is not None else b""
         query = {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items()}
@@ -86,7 +89,7 @@ class PusherApi:
             self._count("401")
             _log.info("refused a Pusher API request to {path}: {why}", path=path.decode("utf-8", "replace"), why=why)
             return _send(request, 401, {"error": why})
-        rest = unquote(path[len(self.prefix):].decode("utf-8", "replace"))
+        rest = unquote(path[len(prefix):].decode("utf-8", "replace"))
         try:
             if method == "POST" and rest == "events":
                 return self._events(request, [self._event(_json_object(body))])
@@ -101,6 +104,13 @@ class PusherApi:
                 return self._users(request, rest[len("channels/"):-len("/users")])
             if method == "GET" and rest.startswith("channels/"):
                 return self._channel(request, rest[len("channels/"):], query)
+            if method == "POST" and rest.startswith("users/") and rest.endswith("/events"):
+                user = rest[len("users/"):-len("/events")]
+                fields = _json_object(body)
+                if not user:
+                    raise BadRequest("a user id is needed")
+                keys, message = self._event({**fields, "channel": USER_CHANNEL + user}, single=True)
+                return self._events(request, [(keys, message)])
             if method == "POST" and rest.startswith("users/") and rest.endswith("/terminate_connections"):
                 return self._terminate(request, rest[len("users/"):-len("/terminate_connections")])
         except BadRequest as e:
@@ -109,7 +119,8 @@ class PusherApi:
         return _send(request, 404, {"error": "not found"})
 
     def _key(self, channel: Any) -> bytes:
-        if not isinstance(channel, str) or not CHANNEL_NAME.fullmatch(channel):
+        user_channel = isinstance(channel, str) and channel.startswith(USER_CHANNEL)
+        if not isinstance(channel, str) or not (user_channel or CHANNEL_NAME.fullmatch(channel)):
             raise BadRequest(f"invalid channel name {str(channel)[:80]!r}")
         try:
             return validate_channel(channel, self.max_channel_length)

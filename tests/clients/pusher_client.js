@@ -9,13 +9,20 @@ const [port, key, authEndpoint] = process.argv.slice(2);
 const clients = {};
 const out = (line) => process.stdout.write(JSON.stringify(line) + "\n");
 
+const userEndpoint = authEndpoint.replace(/auth$/, "user-auth");
+
 function connect(id, onPort) {
   // what a user of a self-hosted Pusher-compatible server configures: host, port, no TLS, ws only
   const pusher = new Pusher(key, {
     cluster: "mt1", wsHost: "127.0.0.1", wsPort: Number(onPort || port), forceTLS: false,
     enabledTransports: ["ws"], disableStats: true,
     channelAuthorization: { endpoint: authEndpoint, transport: "ajax", params: { client: id } },
+    userAuthentication: { endpoint: userEndpoint, transport: "ajax", params: { client: id } },
   });
+  pusher.bind_global((event, data) => {
+    if (event === "pusher:signin_success") out({ id, signed_in: JSON.parse(data.user_data).id });
+  });
+  pusher.user.bind_global((event, data) => out({ id, channel: "#user", event, data }));
   pusher.connection.bind("state_change", (s) => out({ id, state: s.current }));
   pusher.connection.bind("connected", () => out({ id, connected: pusher.connection.socket_id }));
   pusher.connection.bind("error", (e) => out({ id, error: (e && e.data) || String(e && e.type) }));
@@ -44,6 +51,7 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   else if (cmd.op === "unsubscribe") clients[cmd.id].unsubscribe(cmd.channel);
   else if (cmd.op === "trigger") out({ id: cmd.id, triggered: clients[cmd.id].channel(cmd.channel).trigger(cmd.event, cmd.data) });
   else if (cmd.op === "disconnect") clients[cmd.id].disconnect();
+  else if (cmd.op === "signin") clients[cmd.id].signin();
   else if (cmd.op === "exit") process.exit(0);
 });
 out({ ready: true });

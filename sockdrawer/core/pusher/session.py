@@ -35,6 +35,8 @@ MESSAGE_EVENT = "message"
 PROTOCOLS = range(5, 8)
 #: seconds of silence after which a client pings (told at connection_established)
 ACTIVITY_TIMEOUT = 120
+#: the channel of a signed-in user's own events (the HTTP API's send-to-user)
+USER_CHANNEL = "#server-to-user-"
 #: the most bytes of a presence channel's channel_data
 MAX_CHANNEL_DATA = 2048
 
@@ -255,6 +257,9 @@ class PusherSession:
 
     def subscribe(self, data: dict[str, Any]) -> None:
         channel = data.get("channel")
+        if isinstance(channel, str) and channel.startswith(USER_CHANNEL):
+            self.user_channel(channel)
+            return
         if not isinstance(channel, str) or not CHANNEL_NAME.fullmatch(channel):
             self.error(None, "Invalid channel name")
             return
@@ -302,6 +307,17 @@ class PusherSession:
         if member is not None and self.host.presence is not None:
             self.host.presence.join(self, key, channel, member)
             return
+        self.send("pusher_internal:subscription_succeeded", "{}", channel)
+
+    def user_channel(self, channel: str) -> None:
+        """``#server-to-user-<id>``: what the API's send-to-user reaches; the signed-in user's own only."""
+        if self.peer.user is None or channel != USER_CHANNEL + self.peer.user:
+            self.subscription_error(channel, 403, "only the signed-in user's own channel")
+            return
+        key = channel.encode("utf-8")
+        if key not in self.channels:
+            self.channels[key] = None
+            self.host.join(self, key)
         self.send("pusher_internal:subscription_succeeded", "{}", channel)
 
     def subscription_error(self, channel: str, status: int, message: str) -> None:
