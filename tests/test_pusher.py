@@ -370,3 +370,43 @@ def test_bad_input_gets_pushers_error_codes(pusher_node: tuple[ChildNode, pusher
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 401 and b"auth_timestamp" in refused.value.read()
+
+
+def node_library(node: ChildNode, call: str, secret: str = SECRET, **args: Any) -> dict[str, Any]:
+    """One call of the pusher server library for Node (tests/clients/pusher_server.js)."""
+    out = subprocess.run(["node", str(CLIENTS / "pusher_server.js"), str(node.api_port), APP_ID, KEY, secret, call,
+                          json.dumps(args)], capture_output=True, text=True, timeout=30, cwd=CLIENTS, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_the_node_server_library(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp]) -> None:
+    """The pusher library for Node: trigger (with socket_id excluded), triggerBatch, GET channels, a channel's
+    info and a presence channel's users, terminateUserConnections; a wrong secret gets 401."""
+    node, server, auth = pusher_node
+    js = PusherJs(node.ws_port, auth.url)
+    try:
+        a = js.connect("a")
+        js.connect("b")
+        js.subscribe("a", "news")
+        js.subscribe("b", "news")
+        assert js.subscribe("a", "presence-lobby")["members"] == ["user-a"]
+        assert node_library(node, "trigger", channels=["news"], event="hello", data={"x": 1},
+                            params={"socket_id": a}) == {"status": 200, "body": {}}
+        assert js.expect(lambda line: line.get("event") == "hello") == {
+            "id": "b", "channel": "news", "event": "hello", "data": {"x": 1}}
+        batch = node_library(node, "triggerBatch", batch=[{"channel": "news", "name": "b1", "data": "1"}])
+        assert batch["status"] == 200
+        js.expect(lambda line: line.get("event") == "b1" and line["id"] == "a")
+        channels = node_library(node, "channels", params={"filter_by_prefix": "presence-", "info": "user_count"})
+        assert channels["body"] == {"channels": {"presence-lobby": {"user_count": 1}}}
+        info = node_library(node, "channel", channel="news", params={"info": "subscription_count"})
+        assert info["body"] == {"occupied": True, "subscription_count": 2}
+        assert node_library(node, "users", channel="presence-lobby")["body"] == {"users": [{"id": "user-a"}]}
+        js.send(op="signin", id="b")
+        js.expect(lambda line: line.get("signed_in") == "user-b")
+        assert node_library(node, "terminate", user="user-b")["status"] == 200
+        js.expect(lambda line: line.get("id") == "b" and line.get("state") in ("disconnected", "failed",
+                                                                                 "unavailable"))
+        assert node_library(node, "trigger", secret="wrong", channels=["news"], event="x", data="y")["status"] == 401
+    finally:
+        js.close()
