@@ -24,6 +24,8 @@ import pusher
 import pytest
 from childnode import ChildNode
 from conftest import RedisServer
+from test_clients import chromium, serve  # noqa: F401  (fixtures)
+from test_production import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = ROOT / "tests" / "clients"
@@ -48,6 +50,7 @@ class AuthApp:
                 app.asked.append((client, channel))
                 if channel == "private-forbidden":
                     self.send_response(403)
+                    self.send_header("access-control-allow-origin", "*")
                     self.end_headers()
                     return
                 # "b" and "b2" are two connections of one user
@@ -58,6 +61,7 @@ class AuthApp:
             def answer(self, value: Any) -> None:
                 body = json.dumps(value).encode()
                 self.send_response(200)
+                self.send_header("access-control-allow-origin", "*")  # a page on another port asks
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
@@ -210,8 +214,8 @@ def test_private_channels_and_client_events(pusher_node: tuple[ChildNode, pusher
 
 
 def test_the_http_api_with_the_pusher_library(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp]) -> None:
-    """channels_info, channel_info and terminate_user_connections from the pusher library; trigger_batch;
-    a request signed with another secret gets 401."""
+    """channels_info, channel_info and trigger_batch from the pusher library; a request signed with another
+    secret gets 401; /metrics counts Pusher connections and API requests by outcome."""
     node, server, auth = pusher_node
     js = PusherJs(node.ws_port, auth.url)
     try:
@@ -234,6 +238,10 @@ def test_the_http_api_with_the_pusher_library(pusher_node: tuple[ChildNode, push
                                ssl=False)
         with pytest.raises(pusher.errors.PusherBadAuth):
             forged.trigger("news", "x", "y")
+        metrics = scrape(node.api_port)
+        assert metrics["sockdrawer_pusher_connections"] == 1
+        assert metrics["sockdrawer_pusher_api_requests_total{outcome=401}"] == 1
+        assert metrics["sockdrawer_pusher_api_requests_total{outcome=ok}"] >= 4
     finally:
         js.close()
 
@@ -410,3 +418,60 @@ def test_the_node_server_library(pusher_node: tuple[ChildNode, pusher.Pusher, Au
         assert node_library(node, "trigger", secret="wrong", channels=["news"], event="x", data="y")["status"] == 401
     finally:
         js.close()
+
+
+BROWSER_PAGE = """<!doctype html>
+<script src="pusher.min.js"></script>
+<script src="echo.iife.js"></script>
+<script>
+window.seen = [];
+// a self-hosted server's settings, as the migration page gives them
+var settings = {cluster: "mt1", wsHost: "127.0.0.1", wsPort: %(port)d, forceTLS: false,
+                enabledTransports: ["ws"], disableStats: true};
+var pusher = new Pusher("%(key)s", Object.assign({channelAuthorization: {endpoint: "%(auth)s"}}, settings));
+pusher.connection.bind("connected", function () { seen.push(["connected", pusher.connection.socket_id]); });
+pusher.subscribe("news").bind("message", function (data) { seen.push(["pusher-js", data]); });
+window.Pusher = Pusher;
+var echo = new Echo.default(Object.assign({broadcaster: "pusher", key: "%(key)s", authEndpoint: "%(auth)s"},
+                                          settings));
+echo.channel("orders").listen(".shipped", function (e) { seen.push(["echo", e]); });
+echo.private("room").listen(".said", function (e) { seen.push(["echo-private", e]); })
+  .subscribed(function () { seen.push(["echo-subscribed", "private-room"]); });
+</script>
+"""
+
+
+def test_pusher_js_and_laravel_echo_in_chromium(pusher_node: tuple[ChildNode, pusher.Pusher, AuthApp],
+                                                tmp_path: Path, chromium: Any, serve: Any) -> None:  # noqa: F811
+    """pusher-js's browser build and Laravel Echo's Pusher connector (both unchanged) in headless Chromium:
+    pusher-js gets a sockdrawer message as "message"; Echo listens to an event the pusher library triggers
+    on a public channel and on a private one it authorised through the app's endpoint."""
+    node, server, auth = pusher_node
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(CLIENTS / "node_modules" / "pusher-js" / "dist" / "web" / "pusher.min.js", site)
+    shutil.copy(CLIENTS / "node_modules" / "laravel-echo" / "dist" / "echo.iife.js", site)
+    (site / "index.html").write_text(BROWSER_PAGE % {"port": node.ws_port, "key": KEY, "auth": auth.url})
+
+    def seen(kind: str) -> list[Any]:
+        deadline = time.monotonic() + 15
+        while True:
+            got = [entry for entry in chromium.execute_script("return window.seen || []") if entry[0] == kind]
+            if got:
+                return got
+            assert time.monotonic() < deadline, chromium.execute_script("return window.seen")
+            time.sleep(0.05)
+
+    chromium.get(serve(site) + "/index.html")
+    seen("connected")
+    seen("echo-subscribed")
+    deadline = time.monotonic() + 10
+    while "orders" not in server.channels_info()["channels"]:  # Echo's public subscription reached the node
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    node.publish("news", "from sockdrawer")
+    assert seen("pusher-js") == [["pusher-js", "from sockdrawer"]]
+    server.trigger("orders", "shipped", {"order": 7})
+    assert seen("echo") == [["echo", {"order": 7}]]
+    server.trigger("private-room", "said", {"text": "hi"})
+    assert seen("echo-private") == [["echo-private", {"text": "hi"}]]

@@ -43,6 +43,8 @@ class MetricsSource(Protocol):
     subscribe_proxy: Any
     #: the webhook sender (``sent``, ``failures``, ``queued``, ``queue.dropped``), or ``None``
     webhook: Any
+    #: the Pusher HTTP API (``requests`` by outcome), or ``None``
+    pusher_api: Any
 
     def channel_count(self) -> int:
         """Channels with sockets or listeners."""
@@ -100,6 +102,17 @@ class ServiceCollector(Collector):
             yield answers
             yield GaugeMetricFamily(f"sockdrawer_{kind}_proxy_in_flight", f"{kind.capitalize()} proxy requests "
                                     "waiting for an answer", value=proxy.in_flight)
+        pusher = factory.pusher
+        if pusher is not None:
+            yield GaugeMetricFamily("sockdrawer_pusher_connections", "Open Pusher protocol connections (in "
+                                    "sockdrawer_sockets too)", value=len(pusher.sessions))
+            api = svc.pusher_api
+            if api is not None:
+                requests = CounterMetricFamily("sockdrawer_pusher_api_requests", "Pusher HTTP API requests, by "
+                                               "outcome", labels=["outcome"])
+                for outcome in ("ok", "400", "401", "503"):
+                    requests.add_metric([outcome], api.requests.get(outcome, 0))
+                yield requests
         hook = svc.webhook
         if hook is not None:
             yield CounterMetricFamily("sockdrawer_webhook_sent", "Lifecycle events this node delivered to --webhook",

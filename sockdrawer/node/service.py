@@ -337,12 +337,12 @@ class SockDrawerService(MultiService):
         if settings.api_enabled:
             assert settings.api is not None
             pusher = self.factory.pusher
+            if pusher is not None:
+                self.pusher_api = PusherApi(pusher.app, self, reactor, settings.max_channel_length,
+                                            members=pusher.presence.members if pusher.presence else None)
             options = ApiOptions(api_key=settings.api_key, metrics_public=settings.metrics_public,
                                  max_channel_length=settings.max_channel_length,
-                                 max_publish_size=settings.max_publish_size,
-                                 pusher=PusherApi(pusher.app, self, reactor, settings.max_channel_length,
-                                                  members=pusher.presence.members if pusher.presence else None)
-                                 if pusher is not None else None)
+                                 max_publish_size=settings.max_publish_size, pusher=self.pusher_api)
             registry = self.metrics
             site = ApiSite(ApiResource(self, options, lambda: render(registry)), settings.max_publish_size,
                            settings.api_timeout, clock=reactor)
@@ -355,6 +355,8 @@ class SockDrawerService(MultiService):
 
     #: True from the start of a stop: /ready answers 503
     draining = False
+    #: the Pusher HTTP API (with --pusher-key and the API on)
+    pusher_api: PusherApi | None = None
     #: connections by channel and by user across every node
     census: Census
 
