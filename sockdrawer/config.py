@@ -189,6 +189,10 @@ class Settings:
     pusher_secret_file: str | None = option(
         None, "file holding the Pusher app secret (signs private and presence channel auths and API requests)",
         part=AUTH)
+    pusher_webhook: str | None = option(
+        None, "URL the nodes POST Pusher's webhooks to (channel_occupied, channel_vacated, member_added, "
+        "member_removed, client_event), signed with X-Pusher-Key and X-Pusher-Signature, at least once as "
+        "--webhook's events are", part=AUTH)
     webhook: str | None = option(
         None, "URL the nodes POST lifecycle events to (connect, disconnect, channel_occupied, channel_vacated), "
         "one JSON object per request, at least once: queued in Redis first (in memory on the embedded broker)",
@@ -302,6 +306,10 @@ class Settings:
         pusher = (self.pusher_app_id, self.pusher_key, self.pusher_secret_file)
         if any(pusher) and not all(pusher):
             raise ValueError("--pusher-app-id, --pusher-key and --pusher-secret-file go together: give all three")
+        if self.pusher_webhook is not None and not all(pusher):
+            raise ValueError("--pusher-webhook needs --pusher-app-id, --pusher-key and --pusher-secret-file")
+        if self.pusher_webhook is not None and not str(self.pusher_webhook).startswith(("http://", "https://")):
+            raise ValueError(f"--pusher-webhook must be an http:// or https:// URL, not {self.pusher_webhook!r}")
         if self.webhook is not None and not str(self.webhook).startswith(("http://", "https://")):
             raise ValueError(f"--webhook must be an http:// or https:// URL, not {self.webhook!r}")
         if self.webhook_secret is not None and not self.webhook_secret:

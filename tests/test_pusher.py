@@ -475,3 +475,76 @@ def test_pusher_js_and_laravel_echo_in_chromium(pusher_node: tuple[ChildNode, pu
     assert seen("echo") == [["echo", {"order": 7}]]
     server.trigger("private-room", "said", {"text": "hi"})
     assert seen("echo-private") == [["echo-private", {"text": "hi"}]]
+
+
+def test_pushers_webhooks(tmp_path: Path, redis_server: RedisServer) -> None:
+    """--pusher-webhook: the receiver validates each request with the pusher library's validate_webhook
+    (X-Pusher-Key, X-Pusher-Signature) and gets channel_occupied, member_added, client_event (with the
+    sender's socket_id and user_id), member_removed once per user, and channel_vacated."""
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    invalid: list[bytes] = []
+    checker = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
+
+    class Hooks(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["content-length"]))
+            valid = checker.validate_webhook(self.headers.get("x-pusher-key"),
+                                             self.headers.get("x-pusher-signature"), body.decode())
+            if valid is None:
+                invalid.append(body)
+            else:
+                for event in valid["events"]:
+                    events.put(event)
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    secret = tmp_path / "pusher.secret"
+    secret.write_text(SECRET)
+    node = ChildNode(tmp_path, ["--redis", redis_server.url, "--name", f"hooks{os.getpid()}",
+                                "--pusher-app-id", APP_ID, "--pusher-key", KEY, "--pusher-secret-file", str(secret),
+                                "--pusher-webhook", f"http://127.0.0.1:{receiver.server_address[1]}/pusher"])
+    node.start()
+    server = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET, host="127.0.0.1", port=node.api_port, ssl=False)
+    auth = AuthApp(server)
+    js = PusherJs(node.ws_port, auth.url)
+    got: list[dict[str, Any]] = []
+
+    def wait(name: str, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + 15
+        while True:
+            for event in got:
+                if event["name"] == name and all(event.get(k) == v for k, v in fields.items()):
+                    return event
+            try:
+                got.append(events.get(timeout=max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"no {name} webhook; got {got}") from None
+
+    try:
+        a = js.connect("a")
+        js.connect("b")
+        js.subscribe("a", "presence-room")
+        wait("channel_occupied", channel="presence-room")
+        wait("member_added", channel="presence-room", user_id="user-a")
+        js.subscribe("b", "presence-room")
+        wait("member_added", channel="presence-room", user_id="user-b")
+        js.send(op="trigger", id="a", channel="presence-room", event="client-wave", data={"hi": 1})
+        event = wait("client_event", channel="presence-room")
+        assert event["event"] == "client-wave" and event["socket_id"] == a and event["user_id"] == "user-a"
+        assert json.loads(event["data"]) == {"hi": 1}
+        js.send(op="disconnect", id="a")
+        wait("member_removed", channel="presence-room", user_id="user-a")
+        js.send(op="disconnect", id="b")
+        wait("channel_vacated", channel="presence-room")
+        assert not invalid
+        assert [e["name"] for e in got].count("channel_occupied") == 1
+    finally:
+        js.close()
+        node.stop()
+        receiver.shutdown()

@@ -278,3 +278,31 @@ async def test_a_frozen_node_is_presumed_lost_then_tells_again(run_service: Any,
     assert again["client"] == first["client"] and again["id"] != first["id"]
     sock.close()
     await wait_for(lambda: len(receiver.of("disconnect")) == 2 and len(receiver.of("channel_vacated")) == 2)
+
+
+def test_the_sweep_of_a_lost_node_removes_its_members_and_channels(own_redis: RedisServer) -> None:
+    """The sweep script, on a real Redis, for a node silent too long: its presence members (the Pusher
+    webhooks' member names) get member_removed with channel and user, its channels channel_vacated, its
+    connections disconnect "node lost"; a channel another node still holds is not vacated."""
+    from sockdrawer.brokers.eventqueue import _SWEEP
+    from sockdrawer.core.lifecycle import member_name
+
+    tag = "{t:hooks}"
+    with own_redis.client() as r:
+        r.zadd(f"{tag}:nodes", {"dead": 0, "alive": 10**13})
+        member = member_name("presence-room", "u1")
+        r.sadd(f"{tag}:node:dead:channels", member, "news", "shared")
+        r.hset(f"{tag}:channels", mapping={member: 1, "news": 1, "shared": 2})
+        r.hset(f"{tag}:node:dead:clients", "c1", json.dumps({"event": "connect", "time": 1, "user": "u1",
+                                                              "client": "c1", "channel": None}))
+        lost, queued, dropped = r.eval(_SWEEP, 3, f"{tag}:events", f"{tag}:channels", f"{tag}:nodes",
+                                       100, 15000, f"{tag}:node:")
+        assert (lost, queued, dropped) == (1, 3, 0)
+        bodies = [json.loads(fields[b"e"]) for _, fields in r.xrange(f"{tag}:events")]
+        assert r.zrange(f"{tag}:nodes", 0, -1) == [b"alive"] and r.hgetall(f"{tag}:channels") == {b"shared": b"1"}
+    by_event = {b["event"]: b for b in bodies}
+    assert by_event["disconnect"]["client"] == "c1" and by_event["disconnect"]["reason"] == "node lost"
+    assert {k: by_event["member_removed"][k] for k in ("channel", "user_id")} == {"channel": "presence-room",
+                                                                                    "user_id": "u1"}
+    assert by_event["channel_vacated"]["channel"] == "news"
+    assert [b["event"] for b in bodies].count("channel_vacated") == 1

@@ -81,6 +81,8 @@ for i = 3, #ARGV, 3 do
         add(body)
       end
     end
+  elseif op == 'e' then
+    add(body)
   end
 end
 return {queued, dropped}
@@ -105,7 +107,12 @@ for _, node in ipairs(dead) do
   for _, ch in ipairs(redis.call('SMEMBERS', chans)) do
     if redis.call('HINCRBY', KEYS[2], ch, -1) <= 0 then
       redis.call('HDEL', KEYS[2], ch)
-      add(cjson.encode({event = 'channel_vacated', time = now, channel = ch}))
+      local channel, user = string.match(ch, '^%zm%z(.-)%z(.*)$')
+      if channel then
+        add(cjson.encode({event = 'member_removed', time = now, channel = channel, user_id = user}))
+      else
+        add(cjson.encode({event = 'channel_vacated', time = now, channel = ch}))
+      end
     end
   end
   redis.call('DEL', chans, clients)
@@ -187,13 +194,13 @@ class RedisEventQueue(Service):
     retry_delay = 1.0
 
     def __init__(self, link: Any, namespace: str, bound: int, clock: Any,
-                 snapshot: Callable[[], list[tuple[str, str, bytes]]] = list) -> None:
+                 snapshot: Callable[[], list[tuple[str, str, bytes]]] = list, kind: str = "hooks") -> None:
         self.link = link
         self.bound = bound
         self.clock = clock
         self.snapshot = snapshot
         self.node = f"{socket.gethostname()}:{secrets.token_hex(4)}"
-        tag = "{" + namespace + ":hooks}"
+        tag = "{" + namespace + ":" + kind + "}"  # "hooks", or "pusher-hooks" for the Pusher webhooks
         self.stream = f"{tag}:events"
         self.channels = f"{tag}:channels"
         self.nodes = f"{tag}:nodes"

@@ -29,8 +29,14 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
 #: the queue's operations: a connection opened or closed (named by its client id), a channel with a
-#: first connection on this node or without its last one (named by its key)
-CONNECT, DISCONNECT, OCCUPY, VACATE = "c", "d", "o", "v"
+#: first connection on this node or without its last one (named by its key; a presence member's name is
+#: ``member_name(channel, user)``), an event queued as it is
+CONNECT, DISCONNECT, OCCUPY, VACATE, EVENT = "c", "d", "o", "v", "e"
+
+
+def member_name(channel: str, user: str) -> str:
+    """The name a presence member is counted under (no channel name holds a NUL)."""
+    return f"\x00m\x00{channel}\x00{user}"
 
 
 class IEventQueue(Interface):
@@ -123,6 +129,8 @@ class Lifecycle:
         self.channels: dict[bytes, int] = {}
         #: this node's open connections: client id -> the body of its connect event
         self.clients: dict[str, bytes] = {}
+        #: presence members by :func:`member_name` on this node (the Pusher webhooks)
+        self.members: dict[str, int] = {}
 
     def _body(self, event: str, **fields: Any) -> bytes:
         fields = {"event": event, "time": int(self.clock.seconds() * 1000), **fields}
@@ -165,4 +173,46 @@ class Lifecycle:
         ops = [(OCCUPY, _text(key) or "", self._body("channel_occupied", channel=_text(key)))
                for key in self.channels]
         ops += [(CONNECT, client, body) for client, body in self.clients.items()]
+        return ops
+
+
+class PusherLifecycle(Lifecycle):
+    """
+    What the Pusher webhooks tell (``--pusher-webhook``): a channel's first and
+    last Pusher subscription across every node, a presence channel's first and
+    last connection of a user, and client events.
+    """
+
+    def connected(self, client: str, user: str | None, transport: str, channel: bytes | None) -> None:
+        pass  # not a Pusher webhook
+
+    def disconnected(self, client: str, user: str | None, transport: str, channel: bytes | None) -> None:
+        pass
+
+    def member_joined(self, key: bytes, user: str) -> None:
+        name = member_name(key.decode("utf-8"), user)
+        count = self.members.get(name, 0)
+        self.members[name] = count + 1
+        if not count:
+            self.queue.add(OCCUPY, name, self._body("member_added", channel=_text(key), user_id=user))
+
+    def member_left(self, key: bytes, user: str) -> None:
+        name = member_name(key.decode("utf-8"), user)
+        count = self.members.get(name, 0) - 1
+        if count > 0:
+            self.members[name] = count
+        elif self.members.pop(name, None) is not None:
+            self.queue.add(VACATE, name, self._body("member_removed", channel=_text(key), user_id=user))
+
+    def client_event(self, key: bytes, event: str, data: str, socket_id: str, user: str | None) -> None:
+        fields = {"channel": _text(key), "event_name": event, "data": data, "socket_id": socket_id}
+        if user is not None:
+            fields["user_id"] = user
+        self.queue.add(EVENT, "", self._body("client_event", **fields))
+
+    def snapshot(self) -> list[tuple[str, str, bytes]]:
+        ops = super().snapshot()
+        for name in self.members:
+            _, _, channel, user = name.split("\x00", 3)
+            ops.append((OCCUPY, name, self._body("member_added", channel=channel, user_id=user)))
         return ops

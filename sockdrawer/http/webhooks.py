@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import json
 import random
 from typing import Any
 
@@ -152,14 +153,21 @@ class WebhookSender(Service):
 
     def _send(self, event_id: str, body: bytes) -> None:
         self.in_flight[event_id] = body
-        payload = with_id(event_id, body)
+        payload = self.payload(event_id, body)
         headers = Headers({b"content-type": [b"application/json"], b"user-agent": [b"sockdrawer-webhook"]})
-        if self.secret is not None:
-            headers.addRawHeader(SIGNATURE_HEADER, signature(self.secret, payload).encode("ascii"))
+        self.sign(headers, payload)
         d: Deferred[Any] = self._agent.request(b"POST", self.url, headers, FileBodyProducer(io.BytesIO(payload)))
         d.addCallback(self._answered)
         d.addTimeout(self.timeout, self._reactor)
         d.addCallbacks(self._delivered, self._failed, callbackArgs=(event_id,), errbackArgs=(event_id,))
+
+    def payload(self, event_id: str, body: bytes) -> bytes:
+        """The request body of a queued event: the event with its ``id``."""
+        return with_id(event_id, body)
+
+    def sign(self, headers: Headers, payload: bytes) -> None:
+        if self.secret is not None:
+            headers.addRawHeader(SIGNATURE_HEADER, signature(self.secret, payload).encode("ascii"))
 
     def _answered(self, response: Any) -> Deferred[Any]:
         # the body is read (and dropped) so that the connection can be kept alive
@@ -218,6 +226,34 @@ class WebhookSender(Service):
         event_id = next(iter(self._retry))
         self._probe = event_id
         self._send(event_id, self._retry.pop(event_id))
+
+
+class PusherWebhookSender(WebhookSender):
+    """
+    Pusher's webhooks (``--pusher-webhook``): each request is ``{"time_ms": ..., "events": [{"name": ...,
+    "channel": ..., ...}]}``, signed as Pusher signs them (``X-Pusher-Key``, and ``X-Pusher-Signature``: the
+    hex HMAC-SHA256 of the body with the app's secret), so the server libraries' ``validate_webhook`` takes it.
+
+    :param app_key: the Pusher app's key; ``secret``: its secret.
+    """
+
+    def __init__(self, queue: Any, url: str, app_key: str, secret: bytes, timeout: float, reactor: Any) -> None:
+        super().__init__(queue, url, None, timeout, reactor)
+        self.app_key = app_key.encode("utf-8")
+        self.app_secret = secret
+
+    def payload(self, event_id: str, body: bytes) -> bytes:
+        fields = json.loads(body)
+        time_ms = fields.pop("time", 0)
+        event = {"name": fields.pop("event"), **fields}
+        if "event_name" in event:  # a client event's own name
+            event["event"] = event.pop("event_name")
+        return json.dumps({"time_ms": time_ms, "events": [event]}, separators=(",", ":")).encode()
+
+    def sign(self, headers: Headers, payload: bytes) -> None:
+        headers.addRawHeader(b"X-Pusher-Key", self.app_key)
+        headers.addRawHeader(b"X-Pusher-Signature",
+                             hmac.new(self.app_secret, payload, hashlib.sha256).hexdigest().encode("ascii"))
 
 
 class _Drain(Protocol):

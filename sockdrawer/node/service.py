@@ -27,7 +27,7 @@ from sockdrawer.core.control import CONTROL_KEY
 from sockdrawer.core.history import PAGE_MESSAGES, MemoryHistory
 from sockdrawer.core.hub import EmbeddedBroker, MemoryChannelHub, history_reader
 from sockdrawer.core.interfaces import IBroker, IChannelHub
-from sockdrawer.core.lifecycle import Lifecycle, MemoryEventQueue
+from sockdrawer.core.lifecycle import Lifecycle, MemoryEventQueue, PusherLifecycle
 from sockdrawer.core.listeners import ListenerRegistry, redis_claim
 from sockdrawer.core.presence import MemoryPresence, RedisPresence
 from sockdrawer.core.pusher.presence import PusherPresence
@@ -36,7 +36,7 @@ from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimi
 from sockdrawer.http.metrics import registry_for, render
 from sockdrawer.http.proxy import ConnectProxy
 from sockdrawer.http.pusher_api import PusherApi
-from sockdrawer.http.webhooks import WebhookSender
+from sockdrawer.http.webhooks import PusherWebhookSender, WebhookSender
 from sockdrawer.node.census import Census
 from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 from sockdrawer.transports.websocket.options import WebSocketOptions
@@ -288,8 +288,8 @@ class SockDrawerService(MultiService):
         #: lifecycle events (--webhook): told by the transports, queued (in Redis, or here), posted by the sender
         self.lifecycle: Lifecycle | None = None
         self.webhook: WebhookSender | None = None
+        queue: Any
         if settings.webhook:
-            queue: Any
             if isinstance(self.broker, (RedisLink, ClusterLink)):
                 queue = RedisEventQueue(self.broker, settings.name, settings.webhook_queue_max, reactor,
                                         snapshot=lambda: self.lifecycle.snapshot() if self.lifecycle else [])
@@ -300,11 +300,28 @@ class SockDrawerService(MultiService):
             self.webhook = WebhookSender(queue, settings.webhook, settings.webhook_secret, settings.webhook_timeout,
                                          reactor)
             self.webhook.setServiceParent(self)
+        #: Pusher's webhooks (--pusher-webhook): the same machinery, another queue, Pusher's format and signature
+        self.pusher_hooks: PusherLifecycle | None = None
+        self.pusher_webhook: PusherWebhookSender | None = None
+        app = settings.pusher_app()
+        if settings.pusher_webhook and app is not None:
+            if isinstance(self.broker, (RedisLink, ClusterLink)):
+                queue = RedisEventQueue(self.broker, settings.name, settings.webhook_queue_max, reactor,
+                                        snapshot=lambda: self.pusher_hooks.snapshot() if self.pusher_hooks else [],
+                                        kind="pusher-hooks")
+                queue.setServiceParent(self)
+            else:
+                queue = MemoryEventQueue(settings.webhook_queue_max)
+            self.pusher_hooks = PusherLifecycle(queue, reactor)
+            self.pusher_webhook = PusherWebhookSender(queue, settings.pusher_webhook, app.key, app.secret,
+                                                      settings.webhook_timeout, reactor)
+            self.pusher_webhook.setServiceParent(self)
         self.factory = SockDrawerServerFactory(
             self.hub,
             self.listeners.dispatch if self.listeners.channels() else None,
             websocket_options(settings, self.connect_proxy, lambda user: self.census.others(user), self.lifecycle,
-                              publish=lambda key, message: self.publish_key(key, message)),
+                              publish=lambda key, message: self.publish_key(key, message),
+                              pusher_hooks=self.pusher_hooks),
             clock=reactor,
             authorize=self.listeners.authorize if self.listeners.has_authorizers() else None,
         )
@@ -394,8 +411,9 @@ class SockDrawerService(MultiService):
         # the sockets first: the API answers (/ready with 503) until they are closed, then
         # stops with the rest (MultiService would stop every part at once)
         yield defer.maybeDeferred(self.websocket.stopService)
-        if self.lifecycle is not None and isinstance(self.lifecycle.queue, RedisEventQueue):
-            yield self.lifecycle.queue.close()  # the sockets' disconnect events into Redis, before the link stops
+        for hooks in (self.lifecycle, self.pusher_hooks):
+            if hooks is not None and isinstance(hooks.queue, RedisEventQueue):
+                yield hooks.queue.close()  # the sockets' last events into Redis, before the link stops
         yield super().stopService()
         self.listeners.detach(self.hub)
         if self.factory.freezer is not None:
@@ -507,12 +525,12 @@ class SockDrawerService(MultiService):
 
 def websocket_options(settings: Settings, proxy: ConnectProxy | None = None,
                       user_connections: Any = None, lifecycle: Lifecycle | None = None,
-                      publish: Any = None) -> WebSocketOptions:
+                      publish: Any = None, pusher_hooks: Any = None) -> WebSocketOptions:
     """What the WebSocket transport reads of ``settings``, with the token verifier built once."""
     values = {name: getattr(settings, name) for name in WebSocketOptions.names()}
     return WebSocketOptions(verifier=settings.token_verifier(), connect_proxy=proxy.ask if proxy else None,
                             user_connections=user_connections, lifecycle=lifecycle,
-                            pusher=settings.pusher_app(), publish=publish, **values)
+                            pusher=settings.pusher_app(), publish=publish, pusher_hooks=pusher_hooks, **values)
 
 
 def _node_name() -> str:

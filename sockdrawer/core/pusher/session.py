@@ -74,6 +74,9 @@ class PusherHost:
         self.presence: Any = None
         #: told of each channel's first and last connection on this node (--webhook; set by the transport)
         self.lifecycle: Any = None
+        #: told what Pusher's webhooks tell (a :class:`~sockdrawer.core.lifecycle.PusherLifecycle`;
+        #: --pusher-webhook, set by the transport)
+        self.hooks: Any = None
 
     def new_socket_id(self) -> str:
         while True:
@@ -89,6 +92,8 @@ class PusherHost:
         group.members[session] = None
         if self.lifecycle is not None:
             self.lifecycle.joined(key)
+        if self.hooks is not None:
+            self.hooks.joined(key)
 
     def leave(self, session: PusherSession, key: bytes) -> None:
         group = self.groups.get(key)
@@ -96,6 +101,8 @@ class PusherHost:
             return
         if self.lifecycle is not None:
             self.lifecycle.left(key)
+        if self.hooks is not None:
+            self.hooks.left(key)
         if not group.members:
             del self.groups[key]
             self.hub.unsubscribe(key, group)
@@ -304,6 +311,8 @@ class PusherSession:
             return
         self.channels[key] = member
         self.host.join(self, key)
+        if member is not None and self.host.hooks is not None:
+            self.host.hooks.member_joined(key, member[0])
         if member is not None and self.host.presence is not None:
             self.host.presence.join(self, key, channel, member)
             return
@@ -328,6 +337,8 @@ class PusherSession:
         if key not in self.channels:
             return
         member = self.channels.pop(key)
+        if member is not None and self.host.hooks is not None:
+            self.host.hooks.member_left(key, member[0])
         self.host.leave(self, key)
         if member is not None and self.host.presence is not None:
             self.host.presence.leave(self, key, member)
@@ -359,6 +370,8 @@ class PusherSession:
         if member is not None:
             meta["user_id"] = member[0]
         body = data.encode("utf-8") if isinstance(data, str) else json.dumps(data, separators=(",", ":")).encode()
+        if self.host.hooks is not None:
+            self.host.hooks.client_event(key, event, body.decode("utf-8"), self.socket_id, meta.get("user_id"))
         d = self.host.publish(key, wrap(meta, body))
         d.addErrback(lambda f: self.error(None, f"Client event rejected - {f.getErrorMessage()[:200]}"))
 

@@ -62,6 +62,8 @@ class WebSocketOptions:
     #: sessions publish: ``(key, message) -> Deferred``, through the node's broker
     pusher: Any = None
     publish: Any = None
+    #: told what the Pusher webhooks tell (``--pusher-webhook``; ``None``: none)
+    pusher_hooks: Any = None
 
     def session_limits(self) -> SessionLimits:
         """What its sockdrawer.v1 sessions obey."""
@@ -70,5 +72,5 @@ class WebSocketOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The fields that are options of the same name (all but the parts the node builds)."""
-        built = ("verifier", "connect_proxy", "user_connections", "lifecycle", "pusher", "publish")
+        built = ("verifier", "connect_proxy", "user_connections", "lifecycle", "pusher", "publish", "pusher_hooks")
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in built)

@@ -122,6 +122,7 @@ class SocketRegistry:
                                      settings.max_channel_length,
                                      public=(lambda c: self.verifier is None or self.is_public(c)))
             self.pusher.lifecycle = self.lifecycle
+            self.pusher.hooks = settings.pusher_hooks
 
     def is_public(self, channel: str) -> bool:
         """Whether ``channel`` needs no token (``--public-channel``)."""
