@@ -77,6 +77,15 @@ DEFAULT_SERVER_CMD = (
 PROBE_PREFIX = "{python} {bench}/probe.py -- "
 DEFAULT_BASELINE_CMD = "{python} bench/baseline_autobahn.py --port {port} --redis-port {redis_port}"
 FLOOR_CMD = "{python} bench/floor_server.py --port {port} --redis-port {redis_port}"
+#: the peers (--peer): other servers a user might pick, fed by one ioredis PSUBSCRIBE, versions locked in
+#: bench/peers/package-lock.json (installed with `npm ci --prefix bench/peers` when missing)
+PEERS = {
+    "bun": "{bench}/peers/node_modules/@oven/bun-linux-x64/bin/bun {bench}/peers/bun_server.js "
+           "--port {port} --redis-port {redis_port}",
+    "node-ws": "node {bench}/peers/node_ws_server.js --port {port} --redis-port {redis_port}",
+}
+#: labels of the servers that are not sockdrawer builds (they speak neither sockdrawer.v1 nor event streams)
+OTHERS = ("baseline", "floor", *PEERS)
 
 P99_LIMIT_MS = 250.0
 DEFLATE_SUFFIX = "+deflate"
@@ -460,6 +469,13 @@ def start_redis(env: Env, tag: str) -> tuple[int, subprocess.Popen[bytes], Path]
                 time.sleep(0.05)
         env.children.stop(p)
     raise BenchError("could not start redis-server")
+
+
+def install_peers() -> None:
+    """The peers' packages, exactly as locked, unless installed already."""
+    if not (BENCH / "peers" / "node_modules" / "@oven" / "bun-linux-x64" / "bin" / "bun").exists():
+        subprocess.run(["npm", "ci", "--prefix", str(BENCH / "peers"), "--no-audit", "--no-fund",
+                        "--loglevel=error"], check=True)
 
 
 def start_server(env: Env, cmd: str, redis_port: int, tag: str, pythonpath: str | None = None
@@ -1618,6 +1634,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-cmd", default=DEFAULT_BASELINE_CMD, help="baseline command template")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not measure the baseline (with --from-json: leave its runs out)")
+    p.add_argument("--peer", action="append", choices=sorted(PEERS), default=[],
+                   help="also measure a peer server (repeatable): bun (Bun's WebSocket server and topics) or "
+                        "node-ws (Node's ws); both fed by ioredis, versions locked in bench/peers")
     p.add_argument("--floor", action="store_true",
                    help="also measure bench/floor_server.py, the least a Python process can do (raw sockets, "
                         "no WebSocket library): what sockdrawer costs above that is its own")
@@ -1723,10 +1742,14 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(Server("baseline", args.baseline_cmd, None, tree_git))
     if args.floor:
         servers.append(Server("floor", FLOOR_CMD, None, tree_git))
+    if args.peer:
+        install_peers()
+    for peer in args.peer:
+        servers.append(Server(peer, PEERS[peer], None, tree_git))
     git = servers[0].git or tree_git
     builds = ", ".join(dict.fromkeys(
         f"{sv.git['commit']}{' (sockdrawer/ modified)' if sv.git.get('dirty') else ''}"
-        for sv in servers if sv.git and sv.label not in ("baseline", "floor")))
+        for sv in servers if sv.git and sv.label not in OTHERS))
     print(f"sockdrawer benchmark {run_id}: build {builds or git['commit']}, "
           f"{machine['cpu_model']} x{machine['nproc']}, kernel {machine['kernel']}; logs in {logdir}")
     busy = machine_busy()
@@ -1788,7 +1811,7 @@ def main(argv: list[str] | None = None) -> int:
                 sc.sockets = args.sockets
                 if name == "channels":
                     sc.channels = args.sockets
-            these = [sv for sv in servers if not ((sc.v1 or sc.sse) and sv.label in ("baseline", "floor"))]
+            these = [sv for sv in servers if not ((sc.v1 or sc.sse) and sv.label in OTHERS)]
             if args.interleave and sc.start_rate:
                 t0 = time.monotonic()
                 for server, (res, error) in zip(these, run_interleaved(env, these, sc), strict=True):

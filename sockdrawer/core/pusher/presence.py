@@ -89,6 +89,9 @@ class MemberGroup:
         """Wait for the snapshot ``joining`` fires with (None: ask the store) and the marker ``nonce``."""
         if joining is None:
             self.begin(nonce)
+            # this node's entries first (Redis may have restarted empty): the snapshot has them
+            for renewal in self.presence.store.refresh([self.key]):
+                renewal.addErrback(lambda f: None)
             joining = maybeDeferred(self.presence.store.sync, self.key, nonce)
         d = joining
         d.addCallbacks(self._got_snapshot, self._failed, callbackArgs=(nonce,))

@@ -158,14 +158,19 @@ class PresenceGroup:
             return
         nonce = secrets.token_hex(8)
         self._asking += 1
+        # this node's entries first (Redis may have restarted empty, and a renewal asked at the gap may have
+        # failed with the connection still down): the same connection runs both in order, so the snapshot
+        # has them
+        for renewal in self.service.store.refresh([self.key]):
+            renewal.addErrback(lambda f: None)  # the snapshot's failure is reported
         d = maybeDeferred(self.service.store.sync, self.key, nonce)
         d.addCallbacks(self._snapshot, self._snapshot_failed, callbackArgs=(nonce,))
 
     def gap(self) -> None:
         """
         The broker may have lost events (and Redis its entries, if it
-        restarted): put this node's entries back, then take a new snapshot
-        (the same connection runs both in order, so the snapshot has them).
+        restarted): take a new snapshot, this node's entries put back first
+        (see :meth:`resync`).
         """
         if self.closed:
             return
@@ -179,8 +184,6 @@ class PresenceGroup:
             self._flush_call.cancel()
         self._flush_call = None
         self._out.clear()
-        for d in self.service.store.refresh([self.key]):
-            d.addErrback(lambda f: None)  # the snapshot's failure is reported
         self.resync()
 
     def _sync_at(self, index: int) -> None:
