@@ -119,6 +119,58 @@ async def test_twisted_tcp_connection_hands_out_its_socket() -> None:
         await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_twisted_tcp_connection_works_compacted() -> None:
+    """Twisted's tcp.Connection has dataBuffer, offset, producer and streamingProducer as class attributes
+    with the defaults compact_transport assumes, and Server reads hostname only while it is built: a
+    compacted connection (those gone, its dict rebuilt) still reports its addresses, writes, lets its producer
+    go, and closes."""
+    for name, default in (("dataBuffer", b""), ("offset", 0), ("producer", None), ("streamingProducer", False)):
+        assert getattr(tcp.Server, name) == default, name
+    made: defer.Deferred[Any] = defer.Deferred()
+    factory = protocol.Factory.forProtocol(_Hold)
+    factory.made = made  # type: ignore[attr-defined]
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    received: list[bytes] = []
+
+    class Reader(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        protocol.Factory.forProtocol(Reader))
+    try:
+        server = await made
+        conn = server.transport
+        # as on an open socket: a producer registered, a first write sent (the dict grew key by key)
+        conn.registerProducer(_Producer(), True)
+        conn.write(b"hello")
+        await wait_for(lambda: b"".join(received) == b"hello")
+        _private.compact_transport(conn)
+        assert "hostname" not in conn.__dict__ and "dataBuffer" not in conn.__dict__ and "offset" not in conn.__dict__
+        assert conn.getPeer().port == client.transport.getHost().port and conn.getHost().port == port.getHost().port
+        assert repr(conn).startswith("<_Hold #")
+        conn.write(b" again")
+        await wait_for(lambda: b"".join(received) == b"hello again")
+        conn.unregisterProducer()
+        conn.loseConnection()
+        await wait_for(lambda: not conn.connected)
+    finally:
+        client.transport.abortConnection()
+        await port.stopListening()
+
+
+class _Producer:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def test_twisted_tls_wrapper_keeps_the_tcp_connection_as_transport() -> None:
     """A TLS wrapper protocol (TLSMemoryBIOProtocol) sits on the TCP connection as its .transport, so the fast
     path finds the buffer under TLS and never sends around it; a startTLS connection provides ISSLTransport."""
@@ -182,13 +234,15 @@ def test_autobahn_handshake_state_attributes_exist_after_the_handshake() -> None
 
 
 def test_autobahn_reads_no_handshake_state_once_open() -> None:
-    """After compact() drops the handshake state, the open connection still echoes, pings and closes."""
+    """After compact() drops the handshake state (the transport details among it), the open connection still
+    echoes, pings and closes, and its transport_details reads None."""
     proto, transport = open_connection()
     _private.install_compact_defaults(Recording)
     proto.onMessage = lambda payload, binary: proto.sendMessage(payload, binary)
     _private.compact(proto)
     for name in _private.HANDSHAKE_STATE:
         assert name not in proto.__dict__
+    assert proto.transport_details is None
     transport.clear()
     mask = b"\x00\x00\x00\x00"
     proto.dataReceived(b"\x81\x82" + mask + b"hi")

@@ -41,6 +41,7 @@ from sockdrawer._private.of_autobahn import (
 )
 from sockdrawer._private.of_twisted import (
     QuietClientService,
+    compact_transport,
     handling_request,
     has_write_backlog,
     restart_pending,
@@ -65,6 +66,7 @@ __all__ = [
     "running_processes",
     "watch_process_end",
     "handling_request",
+    "compact_transport",
     "has_write_backlog",
     "tcp_connection",
     "write_backlog",

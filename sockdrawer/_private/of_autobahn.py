@@ -28,6 +28,8 @@ HANDSHAKE_STATE = (
     "websocket_extensions",
     "websocket_origin",
     "_wskey",
+    # the server reads it in _onOpen (TLS details) and never after; transport_details reads None then
+    "_transport_details",
     "http_response_data",
     "websocket_extensions_in_use",  # only read while negotiating
 )
@@ -151,6 +153,7 @@ def install_compact_defaults(cls: type) -> None:
         setattr(cls, name, default)
     for name, (default, _) in LAZY_STATE.items():
         setattr(cls, name, default)
+    cls._transport_details = None  # type: ignore[attr-defined]  # dropped with the handshake state
 
 
 def compact(proto: Any) -> None:

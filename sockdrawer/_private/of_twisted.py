@@ -31,6 +31,35 @@ def has_write_backlog(conn: tcp.Connection) -> bool:
     return bool(conn._tempDataLen or conn.dataBuffer)
 
 
+#: attributes of a Twisted TCP connection that hold their class default while it idles
+#: (nothing waits in its buffer), and the one only ``__init__`` reads
+_TRANSPORT_DEFAULTS = (("dataBuffer", b""), ("offset", 0), ("producer", None), ("streamingProducer", False))
+_TRANSPORT_INIT_ONLY = ("hostname",)
+
+
+def compact_transport(conn: tcp.Connection) -> None:
+    """
+    Shrink an open TCP connection's instance dict: drop the attributes that
+    hold their class defaults and the one read only while it was built, then
+    rebuild the dict (it grew one key at a time: a rebuilt one is about half
+    the size).
+
+    Assumptions (Twisted ``abstract.FileDescriptor`` and ``tcp.Server``):
+    ``dataBuffer``, ``offset``, ``producer`` and ``streamingProducer`` are
+    class attributes with these defaults, which instance values shadow only
+    while set; ``hostname`` is read only in ``Server.__init__`` (for
+    ``logstr``).
+    """
+    state = conn.__dict__
+    for name, default in _TRANSPORT_DEFAULTS:
+        value = state.get(name, default)
+        if type(value) is type(default) and value == default:
+            state.pop(name, None)
+    for name in _TRANSPORT_INIT_ONLY:
+        state.pop(name, None)
+    conn.__dict__ = dict(state)
+
+
 def handling_request(channel: Any) -> bool:
     """
     Whether an HTTP connection has a whole request in hand (received, its

@@ -285,8 +285,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
         factory.refusals[code] = factory.refusals.get(code, 0) + 1
         headers = [h for h in (responseHeaders or []) if h[0].lower() != "sec-websocket-version"]
         if code == 426 or len(headers) != len(responseHeaders or []):
-            # an unsupported version: RFC 6455 4.4, and only 13 (version 8
-            # would be refused too)
+            # an unsupported version: RFC 6455 4.4, and only 13 (version 8 would be refused too)
             code = 426
             responseHeaders = [*headers, ("Sec-WebSocket-Version", "13")]
         # a 500 was logged with its traceback already
@@ -320,8 +319,10 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
                                                    self._token_expired)
         conn, direct = _private.tcp_connection(self.transport)
         self._tcp = conn
-        if conn is not None and direct:
-            self._sock = conn.getHandle()
+        if conn is not None:
+            _private.compact_transport(conn)
+            if direct:
+                self._sock = conn.getHandle()
         deflate = _private.negotiated_deflate(self)
         if deflate is not None:
             self.encoding = deflate.server_max_window_bits
@@ -428,8 +429,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
             group.demote(self)
         super().sendData(data, sync, chopsize)
         if (group is not None and self._group is group) or self._session is not None:
-            # pongs and replies to a client that sends but never reads
-            # count against its limits too
+            # pongs and replies to a client that sends but never reads count against its limits too
             self._check_backlog(len(data))
 
     def closing(self) -> None:
