@@ -12,6 +12,7 @@ from typing import Any
 import autobahn.twisted.websocket
 import autobahn.websocket.protocol
 import autobahn.websocket.types
+import pytest
 import pytest_twisted
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -634,3 +635,90 @@ def test_twisted_process_monitor_keeps_protocols_restarts_and_processended() -> 
     assert ended == [42] and _private.running_processes(monitor) == 0
     assert _private.restart_pending(monitor, "w") is not None and _private.restart_pending(monitor, "w").active()
     monitor.stopService()
+
+
+class _Both(_private.GuardedServerProtocol):
+    """Autobahn's protocol with the fast path: records what onConnect is given, and the messages."""
+
+    def onMessage(self, payload: bytes, is_binary: bool) -> None:
+        self.got = payload
+
+    def onConnect(self, request: Any) -> Any:
+        self.given = (request.peer, request.headers, request.host, request.path, request.params, request.version,
+                      request.origin, request.protocols, request.extensions)
+        return request.protocols[0] if request.protocols else None
+
+
+_STATE = ("http_request_data", "http_status_line", "http_headers", "http_request_uri", "http_request_path",
+          "http_request_params", "http_request_host", "websocket_version", "websocket_protocols", "websocket_origin",
+          "websocket_extensions", "_wskey", "http_response_data", "state", "data")
+
+
+def _answer(request: bytes, fast: bool) -> Any:
+    factory = WebSocketServerFactory()
+    factory.protocol = _Both
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, allowedOrigins=["*"])
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4242))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    if fast:
+        assert proto.fast_handshake(request)
+    else:
+        proto.dataReceived(request)
+    return proto, transport.value()
+
+
+@pytest.mark.parametrize("extra", [
+    b"",
+    b"Origin: https://app.example.com:8443\r\n",
+    b"Sec-WebSocket-Protocol: sockdrawer.v1, other\r\n",
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    b"User-Agent: x\r\nX-Other:  spaced  \r\n",
+])
+@pytest.mark.parametrize("target, host", [(b"/news?token=a&b=1", b"127.0.0.1:8020"), (b"/", b"[::1]:80"),
+                                          (b"/a/b%20c", b"example.com")])
+def test_autobahn_fast_handshake_leaves_what_processhandshake_leaves(target: bytes, host: bytes,
+                                                                     extra: bytes) -> None:
+    """For a request the fast path takes, onConnect is given the same request, the same 101 goes out (byte for
+    byte), and the connection holds the same handshake state as after Autobahn's processHandshake; the early
+    frame after the head is kept for the open connection."""
+    request = (b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nUpgrade: websocket\r\n"
+               b"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n" + extra + b"\r\n" + b"\x81\x82\x00\x00\x00\x00hi")
+    slow, slow_bytes = _answer(request, fast=False)
+    fast, fast_bytes = _answer(request, fast=True)
+    assert fast_bytes == slow_bytes and fast_bytes.startswith(b"HTTP/1.1 101 ")
+    assert fast.given == slow.given and fast.got == slow.got == b"hi"
+    for name in _STATE:
+        assert getattr(fast, name) == getattr(slow, name), name
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a:x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: short==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nOrigin: ::bad\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /#f HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+])
+def test_autobahn_fast_handshake_leaves_the_rest_to_the_full_path(request_bytes: bytes) -> None:
+    """A request the fast path does not take (another method or version, a repeated or folded header, a bad
+    port, key, version, origin or target) is left untouched: nothing sent, the connection still connecting."""
+    factory = WebSocketServerFactory()
+    factory.protocol = _Both
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, allowedOrigins=["*"])
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4242))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert not proto.fast_handshake(request_bytes)
+    assert transport.value() == b"" and proto.state == proto.STATE_CONNECTING and not hasattr(proto, "given")

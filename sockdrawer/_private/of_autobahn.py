@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pprint
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,9 @@ import autobahn.websocket.protocol
 import autobahn.websocket.utf8validator
 from autobahn import util
 from autobahn.exception import PayloadExceededError
-from twisted.internet.defer import succeed
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 
 #: Attributes Autobahn's server keeps from the opening handshake and never
 #: reads once the socket is open.
@@ -142,6 +145,8 @@ LAZY_STATE: dict[str, tuple[Any, Callable[[Any], bool]]] = {
 
 
 _HANDSHAKE_NAMES = frozenset(HANDSHAKE_STATE)
+#: what a Sec-WebSocket-Key may hold before its "==" (Autobahn's own list)
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 #: every default is a hashable constant (False, None, 0, b""), of a type no
 #: other type's value compares equal to except bool and int (never mixed here)
 _COMPACT_ITEMS = frozenset(COMPACT_DEFAULTS.items())
@@ -441,6 +446,116 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
             super().processHandshake()
         except Exception:
             self.handshake_error()
+
+    def fast_handshake(self, data: bytes) -> bool:
+        """
+        Answer a plain opening handshake without Autobahn's ``processHandshake``
+        (its header parser, ``urlparse`` and the Deferred it calls ``onConnect``
+        in): ``data`` starts with a complete request head.  Only a request
+        that passes every check of ``processHandshake`` as it stands is taken,
+        and the state it would leave is set the same way; then ``onConnect``
+        runs and Autobahn's own ``succeedHandshake`` (or ``failHandshake``)
+        answers.  Anything else (another method or version, a header repeated
+        or folded, non-ASCII bytes, a port or origin to check, a forwarded
+        address to trust, an extension header it cannot parse) returns False,
+        untouched, for the full path.
+
+        Assumptions (Autobahn's ``processHandshake``, pinned in
+        ``tests/test_private.py``): the checks and state listed here are all it
+        does before ``onConnect`` for such a request; ``_url_to_origin`` is
+        its origin parser; ``_parseExtensionsHeader`` its extension parser;
+        with ``allowedOrigins == ["*"]`` every parsable origin is allowed.
+        """
+        options: Any = self  # Autobahn's options, class attributes of the protocol (options_as_class)
+        end = data.find(b"\r\n\r\n")
+        try:
+            lines = data[:end].decode("ascii").split("\r\n")
+        except UnicodeDecodeError:
+            return False
+        request = lines[0].split(" ")
+        if end < 0 or len(request) != 3 or request[0] != "GET" or request[2] != "HTTP/1.1":
+            return False
+        target = request[1]
+        if not target.startswith("/") or "#" in target or ";" in target or target.startswith("//"):
+            return False
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            key = name.lower()
+            if not colon or not name or name != name.strip() or key in headers:
+                return False
+            headers[key] = value.strip()
+        host = headers.get("host")
+        if not host or (options.trustXForwardedFor and "x-forwarded-for" in headers):
+            return False
+        if ":" in host and not host.endswith("]"):
+            host, _, port = host.rpartition(":")
+            if self.factory.externalPort or not port.strip().isdigit():
+                return False
+        if "websocket" not in [u.strip().lower() for u in headers.get("upgrade", "").split(",")]:
+            return False
+        if "upgrade" not in [c.strip().lower() for c in headers.get("connection", "").split(",")]:
+            return False
+        if headers.get("sec-websocket-version") != "13" or 13 not in options.versions:
+            return False
+        key = headers.get("sec-websocket-key", "")
+        if len(key) != 24 or key[-2:] != "==" or not _KEY_CHARS.issuperset(key[:-2]):
+            return False
+        protocols: list[str] = []
+        if "sec-websocket-protocol" in headers:
+            protocols = [p.strip() for p in headers["sec-websocket-protocol"].split(",")]
+            if len(set(protocols)) != len(protocols):
+                return False
+        origin = headers.get("origin", "")
+        if origin:
+            if list(options.allowedOrigins) != ["*"]:
+                return False
+            try:
+                autobahn.websocket.protocol._url_to_origin(origin)
+            except ValueError:
+                return False
+        extensions: list[Any] = []
+        if "sec-websocket-extensions" in headers:
+            try:
+                extensions = self._parseExtensionsHeader(headers["sec-websocket-extensions"])
+            except Exception:
+                return False
+        if options.maxConnections > 0:
+            return False
+        path, _, query = target.partition("?")
+        params = urllib.parse.parse_qs(query) if query else {}
+        self.http_request_data = data[: end + 4]
+        self.http_status_line = lines[0]
+        self.http_headers = headers
+        self.http_request_uri = target
+        self.http_request_path = path
+        self.http_request_params = params
+        self.http_request_host = host
+        self.websocket_version = 13
+        self.websocket_protocols = protocols
+        self.websocket_origin = origin
+        self.websocket_extensions = extensions
+        self.data = data[end + 4:]
+        self._wskey = key
+        connection = ConnectionRequest(self.peer, headers, host, path, params, 13, origin, protocols, extensions)
+        try:
+            result = self.onConnect(connection)
+        except Exception:
+            self._connect_failed(Failure())
+            return True
+        if isinstance(result, Deferred):
+            result.addCallbacks(self.succeedHandshake, self._connect_failed)
+        else:
+            self.succeedHandshake(result)
+        return True
+
+    def _connect_failed(self, failure: Failure) -> None:
+        """``onConnect`` refused or raised: as Autobahn's ``forward_error`` answers it."""
+        if isinstance(failure.value, ConnectionDeny):
+            self.failHandshake(str(failure.value.reason), failure.value.code)
+        else:
+            self.log.warn("Unexpected exception in onConnect ['{err.value}']", err=failure)
+            self.failHandshake(f"Internal server error: {failure.value}", ConnectionDeny.INTERNAL_SERVER_ERROR)
 
     def succeedHandshake(self, res: Any) -> None:
         try:

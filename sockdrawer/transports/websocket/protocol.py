@@ -189,6 +189,8 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
                 return
             if head.lower().count(b"\r\nsec-websocket-extensions:", 0, end + 2) > 1:
                 head = merge_extension_headers(head)
+            elif self.fast_handshake(head):  # the common request, without Autobahn's parser
+                return
             data = head
         _private.feed(self, data)
 
@@ -354,8 +356,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
         super().onMessageBegin(isBinary)
 
     def onMessageFrameBegin(self, length: int) -> None:
-        # every frame counts, before any of it reaches a listener: an endless
-        # message of empty fragments is as costly as a flood of messages
+        # every frame counts, before any reaches a listener: endless empty fragments cost as a flood does
         if self.state == _STATE_OPEN:
             if not self._take_frame():
                 return  # failed: Autobahn ignores the rest of the frame
@@ -421,9 +422,8 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
         self._leave()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        # Everything Autobahn sends (handshake, pings, pongs, close frames)
-        # and every reply goes through Twisted's buffer; until that has
-        # drained, the group must not write past it.
+        # Everything Autobahn sends (handshake, pings, pongs, close frames) and every reply goes
+        # through Twisted's buffer; until that has drained, the group must not write past it.
         group = self._group
         if group is not None:
             group.demote(self)
