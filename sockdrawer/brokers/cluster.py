@@ -374,6 +374,12 @@ class ClusterLink(FollowsSlotMap, BatchedChannelChanges, MultiService):
         return self.library.publish(fcall, self.eval, [tag, message, b"", b"", channel],
                                     [stream, epoch], [channel, message, size, max(1, int(ttl))])
 
+    def tail(self, key: bytes, count: int) -> Deferred[list[tuple[str, bytes]]]:
+        """As :meth:`sockdrawer.brokers.redis.RedisLink.tail`, on the cluster's history keys."""
+        d: Deferred[Any] = self.eval(history.TAIL_SCRIPT, list(_slots.history_keys(self.namespace.name, key)),
+                                     [count])
+        return d.addCallback(history.tail_from_script)
+
     def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[history.Replay]:
         """As :meth:`sockdrawer.brokers.redis.RedisLink.replay`, on the cluster's history keys."""
         return read_history(lambda keys, args: self.eval(history.REPLAY_SCRIPT, keys, args),

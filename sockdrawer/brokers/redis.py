@@ -295,6 +295,12 @@ class RedisLink(BatchedChannelChanges, MultiService):
         d.addTimeout(self.timeout, self._clock)
         return d
 
+    def tail(self, key: bytes, count: int) -> Deferred[list[tuple[str, bytes]]]:
+        """The last ``count`` messages of ``key``'s history with their offsets, oldest first (the admin page)."""
+        d: Deferred[Any] = self.eval(history.TAIL_SCRIPT, list(history.redis_keys(self.namespace.name, key)),
+                                     [count], self._read)
+        return d.addCallback(history.tail_from_script)
+
     def replay(self, key: bytes, since: str | None, limit: int) -> Deferred[history.Replay]:
         """
         The latest offset of ``key``'s history and, with ``since``, a page of

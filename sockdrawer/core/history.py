@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 #: appends ARGV[2] to the stream KEYS[1] (capped at ARGV[3] entries, both
 #: keys expiring after ARGV[4] seconds), creating the epoch KEYS[2] when the
@@ -352,6 +353,13 @@ class MemoryHistory:
         ring.last = self._clock()
         return f"{ring.epoch}:{position}"
 
+    def tail(self, key: bytes, count: int) -> list[tuple[str, bytes]]:
+        """The last ``count`` messages kept for ``key``, oldest first, with their offsets."""
+        ring = self._ring(key, False)
+        if ring is None or not ring.entries:
+            return []
+        return [(f"{ring.epoch}:{p}", m) for p, m in list(ring.entries)[-count:]]
+
     def replay(self, key: bytes, since: str | None, limit: int = PAGE_MESSAGES,
                max_bytes: int = PAGE_BYTES) -> Replay:
         """
@@ -390,3 +398,27 @@ class MemoryHistory:
             page.append((f"{ring.epoch}:{p}", message))
             size += len(message)
         return Replay(latest, tuple(page))
+
+
+#: KEYS: stream, epoch key; ARGV: count.  The epoch, then the last entries newest first (id, payload, ...)
+TAIL_SCRIPT = """
+local out = {redis.call('GET', KEYS[2]) or ''}
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', tonumber(ARGV[1]))) do
+  table.insert(out, entry[1])
+  table.insert(out, entry[2][2])
+end
+return out
+"""
+
+
+def tail_from_script(reply: Any) -> list[tuple[str, bytes]]:
+    """:data:`TAIL_SCRIPT`'s reply as ``(offset, message)``, oldest first (none without an epoch)."""
+    epoch = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0] or "")
+    if not epoch:
+        return []
+    out = []
+    for i in range(1, len(reply) - 1, 2):
+        entry = reply[i].decode() if isinstance(reply[i], bytes) else str(reply[i])
+        payload = reply[i + 1] if isinstance(reply[i + 1], bytes) else str(reply[i + 1]).encode("utf-8")
+        out.append((f"{epoch}:{entry}", payload))
+    return out[::-1]

@@ -271,6 +271,10 @@ class EmbeddedBroker:
     def is_connected(self) -> bool:
         return True
 
+    def tail(self, key: bytes, count: int) -> Deferred[list[tuple[str, bytes]]]:
+        """The last ``count`` messages of ``key``'s history (see :meth:`MemoryHistory.tail`)."""
+        return succeed(self._history.tail(key, count) if self._history is not None else [])
+
     def when_subscribed(self, key: bytes) -> Deferred[None]:
         """Fires at once: every delivery reaches the hub (see ``RedisLink.when_subscribed``)."""
         return succeed(None)

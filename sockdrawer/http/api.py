@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -30,6 +31,7 @@ from sockdrawer import _private
 from sockdrawer.core.channels import ChannelNameError, channel_from_path, printable
 from sockdrawer.core.control import command, encode
 from sockdrawer.core.tokens import check_pattern
+from sockdrawer.http.admin import ASSETS, serve_asset
 
 
 class NodeView(Protocol):
@@ -43,6 +45,12 @@ class NodeView(Protocol):
 
     def publish_key(self, key: bytes, message: bytes) -> Any:
         """Publish on a validated channel; a Deferred firing with the count or the offset."""
+
+    def history_tail(self, key: bytes, count: int) -> Any:
+        """The last ``count`` messages kept for ``key`` (``(offset, message)``, oldest first)."""
+
+    def connections(self, user: str | None, client: str | None) -> list[dict[str, Any]]:
+        """This node's connections of ``user`` or with id ``client``."""
 
     def presence_entries(self, key: bytes) -> Any:
         """A Deferred firing with the presence entries of a channel."""
@@ -68,12 +76,15 @@ class ApiOptions:
     max_publish_size: int = 1024 * 1024
     #: the Pusher HTTP API (``/apps/<id>/...``, signed by the app's secret, not the API key), if on
     pusher: Any = None
+    #: the admin page's feed (:class:`~sockdrawer.http.admin.AdminFeed`; ``None``: no admin page)
+    admin: Any = None
 
 
 _log = Logger(namespace="sockdrawer.api")
 
 _PUBLISH_PREFIX = b"/publish/"
 _PRESENCE_PREFIX = b"/presence/"
+_HISTORY_PREFIX = b"/history/"
 
 
 def client_js() -> bytes:
@@ -180,6 +191,8 @@ class ApiResource(Resource):
             return self._client_js(request)
         if path == b"/metrics" and self._options.metrics_public:
             return self._metrics(request)
+        if path in ASSETS and self._options.admin is not None:
+            return serve_asset(request, path)  # the page and its files; what it shows needs the key
         if path.startswith((b"/apps/", b"/users/")) and self._options.pusher is not None:
             return self._options.pusher.render(request)  # signed with the Pusher app's secret
         if not self._authorized(request):
@@ -187,6 +200,8 @@ class ApiResource(Resource):
             return _respond(request, 401, {"error": "missing or wrong API key"})
         if path == b"/metrics":
             return self._metrics(request)
+        if path == b"/admin/stream" and self._options.admin is not None:
+            return self._options.admin.open(request)
         if path.startswith(_PUBLISH_PREFIX) or path == _PUBLISH_PREFIX[:-1]:
             if request.method != b"POST":
                 request.setHeader(b"allow", b"POST")
@@ -202,6 +217,11 @@ class ApiResource(Resource):
                 request.setHeader(b"allow", b"POST")
                 return _respond(request, 405, {"error": "use POST"})
             return self._control(request, path[1:].decode("ascii"))
+        if path.startswith(_HISTORY_PREFIX) or path == b"/connections":
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                return _respond(request, 405, {"error": "use GET"})
+            return self._history(request) if path != b"/connections" else self._connections(request)
         if path.startswith(_PRESENCE_PREFIX):
             if request.method not in (b"GET", b"HEAD"):
                 request.setHeader(b"allow", b"GET, HEAD")
@@ -265,6 +285,41 @@ class ApiResource(Resource):
 
         self._node.control(encode(cmd)).addCallbacks(done, failed)
         return NOT_DONE_YET
+
+    def _history(self, request: Request) -> Any:
+        # GET /history/<channel>[?limit=20]: the last messages kept for a channel, with their offsets
+        raw_channel = request.path[len(_HISTORY_PREFIX) - 1:] or b"/"
+        try:
+            key = channel_from_path(raw_channel.decode("ascii", "replace"), self._options.max_channel_length)
+            limit = int((request.args or {}).get(b"limit", [b"20"])[0])
+            if not 1 <= limit <= 100:
+                raise ValueError("limit must be from 1 to 100")
+        except (ChannelNameError, ValueError) as e:
+            return _respond(request, 400, {"error": str(e)})
+        d = maybeDeferred(self._node.history_tail, key, limit)
+
+        def done(messages: list[tuple[str, bytes]]) -> None:
+            request.write(_respond(request, 200, {"channel": key.decode("utf-8"), "messages": [
+                {"offset": offset, "data": data.decode("utf-8", "replace")} for offset, data in messages]}))
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            request.write(_respond(request, 503, {"error": "history unavailable"}))
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _connections(self, request: Request) -> Any:
+        # GET /connections?user=<id> or ?client=<id>: this node's connections of a user, or with a client id
+        args = request.args or {}
+        user = args.get(b"user", [None])[0]
+        client = args.get(b"client", [None])[0]
+        if (user is None) == (client is None):
+            return _respond(request, 400, {"error": "give one of user or client"})
+        found = self._node.connections(user.decode("utf-8", "replace") if user is not None else None,
+                                       client.decode("utf-8", "replace") if client is not None else None)
+        return _respond(request, 200, {"connections": found})
 
     def _presence(self, request: Request) -> Any:
         # who is on a channel (v1 presence): GET /presence/<channel>

@@ -9,6 +9,7 @@ this node.
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 from collections.abc import Callable
@@ -46,7 +47,8 @@ class Census(Service):
     """
 
     def __init__(self, local: Callable[[], dict[bytes, int]], redis: Any, namespace: str, clock: Any,
-                 users: Callable[[], dict[str, int]] | None = None) -> None:
+                 users: Callable[[], dict[str, int]] | None = None,
+                 info: Callable[[], dict[str, Any]] | None = None) -> None:
         self.local = local
         self.redis = redis
         self.prefix = f"{namespace}:census:"
@@ -57,6 +59,10 @@ class Census(Service):
         self.users_prefix = f"{namespace}:users:"
         self.users_key = self.users_prefix + node
         self._other_users: list[Any] = []
+        #: this node's figures for the admin page (written as ``<namespace>:nodeinfo:<node>``, expiring)
+        self.info = info
+        self.node = node
+        self.info_prefix = f"{namespace}:nodeinfo:"
         self._loop = LoopingCall(self._write)
         self._loop.clock = clock
 
@@ -70,7 +76,8 @@ class Census(Service):
         if self._loop.running:
             self._loop.stop()
         if self.redis is not None:
-            return self.redis.execute("DEL", self.key, self.users_key).addErrback(lambda f: None)
+            return self.redis.execute("DEL", self.key, self.users_key, self.info_prefix + self.node).addErrback(
+                lambda f: None)
         return None
 
     @inlineCallbacks
@@ -80,6 +87,9 @@ class Census(Service):
             for key, count in self.local().items():
                 args += [key, count]
             yield self.redis.eval(_WRITE, [self.key], args)
+            if self.info is not None:
+                yield self.redis.execute("SET", self.info_prefix + self.node, json.dumps(self.info()), "EX",
+                                         int(INTERVAL * 3))
             if self.users is not None:
                 args = [int(INTERVAL * 3)]
                 for user, count in self.users().items():
@@ -99,6 +109,23 @@ class Census(Service):
             found += keys
             if cursor in (0, b"0", "0"):
                 return found
+
+    @inlineCallbacks
+    def nodes(self) -> Any:
+        """The other nodes' figures, as they last wrote them (none on the embedded broker)."""
+        found: list[dict[str, Any]] = []
+        if self.redis is not None:
+            mine = self.info_prefix + self.node
+            for key in (yield self._scan(self.info_prefix)):
+                if (key.decode() if isinstance(key, bytes) else key) == mine:
+                    continue
+                value = yield self.redis.execute("GET", key)
+                if value:
+                    try:
+                        found.append(json.loads(value))
+                    except ValueError:
+                        continue
+        return found
 
     @inlineCallbacks
     def others(self, user: str) -> Any:

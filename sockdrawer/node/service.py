@@ -32,12 +32,14 @@ from sockdrawer.core.listeners import ListenerRegistry, redis_claim
 from sockdrawer.core.presence import MemoryPresence, RedisPresence
 from sockdrawer.core.pusher.presence import PusherPresence
 from sockdrawer.core.v1 import PresenceService
+from sockdrawer.http.admin import AdminFeed
 from sockdrawer.http.api import ApiOptions, ApiResource, ApiSite, ConnectionLimit
 from sockdrawer.http.metrics import registry_for, render
 from sockdrawer.http.proxy import ConnectProxy
 from sockdrawer.http.pusher_api import PusherApi
 from sockdrawer.http.webhooks import PusherWebhookSender, WebhookSender
 from sockdrawer.node.census import Census
+from sockdrawer.transports.websocket.control import matching
 from sockdrawer.transports.websocket.factory import SockDrawerServerFactory
 from sockdrawer.transports.websocket.options import WebSocketOptions
 
@@ -343,7 +345,8 @@ class SockDrawerService(MultiService):
         #: connections by channel across every node (GET /channels)
         self.census = Census(self.factory.census, self.broker if isinstance(self.broker, RedisLink) else None,
                              self.namespace.name, reactor,
-                             users=(lambda: dict(self.factory.per_user)) if settings.max_connections_per_user else None)
+                             users=(lambda: dict(self.factory.per_user)) if settings.max_connections_per_user else None,
+                             info=(lambda: self.admin.last if self.admin is not None else {}))
         self.census.setServiceParent(self)
         self.websocket = WebSocketService(
             endpoint_string(settings.port, settings.backlog), self.factory, settings.shutdown_timeout, reactor,
@@ -351,7 +354,11 @@ class SockDrawerService(MultiService):
         )
         self.metrics = registry_for(self)
         self.api: ListeningService | None = None
+        #: what the admin page (GET /admin on the API port) shows, a second at a time
+        self.admin: AdminFeed | None = None
         if settings.api_enabled:
+            self.admin = AdminFeed(self.admin_figures, self.census.nodes, lambda: self.channels(None), reactor)
+            self.admin.setServiceParent(self)
             assert settings.api is not None
             pusher = self.factory.pusher
             if pusher is not None:
@@ -359,7 +366,8 @@ class SockDrawerService(MultiService):
                                             members=pusher.presence.members if pusher.presence else None)
             options = ApiOptions(api_key=settings.api_key, metrics_public=settings.metrics_public,
                                  max_channel_length=settings.max_channel_length,
-                                 max_publish_size=settings.max_publish_size, pusher=self.pusher_api)
+                                 max_publish_size=settings.max_publish_size, pusher=self.pusher_api,
+                                 admin=self.admin)
             registry = self.metrics
             site = ApiSite(ApiResource(self, options, lambda: render(registry)), settings.max_publish_size,
                            settings.api_timeout, clock=reactor)
@@ -379,6 +387,7 @@ class SockDrawerService(MultiService):
 
     def startService(self) -> None:
         self.draining = False
+        self._started = self._reactor.seconds()
         claim = None
         if isinstance(self.broker, (RedisLink, ClusterLink)) and self.listeners.has_once_handlers():
             # once handlers: the nodes race for each broker message in Redis
@@ -418,6 +427,22 @@ class SockDrawerService(MultiService):
         self.listeners.detach(self.hub)
         if self.factory.freezer is not None:
             self.factory.freezer.stop()  # the collector walks everything again
+
+    def admin_figures(self) -> dict[str, Any]:
+        """This node's figures for the admin page (totals; the page's feed makes rates of them)."""
+        factory = self.factory
+        return {
+            "node": self.census.node, "uptime": self._reactor.seconds() - self._started,
+            "sockets": factory.open_sockets, "channels": self.channel_count(),
+            "subscriptions": sum(len(g.members) for g in factory.v1_groups.values()),
+            "deliveries": factory.stats.deliveries + factory.streams.stats.deliveries,
+            "messages": getattr(self.hub, "messages", 0),
+            "broker": self.broker.description, "broker_connected": self.broker.is_connected(),
+            "history_size": self.settings.history_size, "history_ttl": self.settings.history_ttl,
+            "presence_timeout": self.settings.presence_timeout,
+        }
+
+    _started = 0.0
 
     def ready(self) -> tuple[bool, str]:
         """
@@ -493,6 +518,18 @@ class SockDrawerService(MultiService):
         ws = yield self.websocket.when_listening()
         api = (yield self.api.when_listening()) if self.api is not None else None
         return {"websocket": ws, "api": api}
+
+    def history_tail(self, key: bytes, count: int) -> Deferred[list[tuple[str, bytes]]]:
+        """The last ``count`` messages kept for channel ``key`` (none without ``--history-size``)."""
+        if not self.settings.history_size:
+            return defer.succeed([])
+        broker: Any = self.broker  # every broker has tail() (not in IBroker: only the admin page reads it)
+        d: Deferred[list[tuple[str, bytes]]] = defer.maybeDeferred(broker.tail, key, count)
+        return d
+
+    def connections(self, user: str | None, client: str | None) -> list[dict[str, Any]]:
+        """This node's open connections of ``user``, or with id ``client`` (GET /connections)."""
+        return matching(self.factory, user, client)
 
     def presence_entries(self, key: bytes) -> Deferred[list[dict[str, Any]]]:
         """The presence entries of channel ``key`` (for ``GET /presence/<channel>``)."""

@@ -29,6 +29,33 @@ def _who(proto: Any) -> tuple[Any, str | None]:
     return None, (stream.user if stream is not None else proto.user)
 
 
+def describe(proto: Any) -> dict[str, Any]:
+    """One connection as the admin page lists it: its ids, user, transport, channels and address."""
+    session, user = _who(proto)
+    client = getattr(proto, "client_id", None) or (session._client if session is not None else None)
+    stream = getattr(proto, "stream", None)
+    if session is not None:
+        channels = sorted(k.decode("utf-8", "replace") for k in session.subscriptions)
+    else:
+        key = stream.key if stream is not None else proto.key
+        channels = [key.decode("utf-8", "replace")] if key is not None else []
+    kind = "pusher" if hasattr(session, "socket_id") else "v1" if session is not None else "raw"
+    return {"client": client, "user": user, "transport": "sse" if stream is not None else "websocket",
+            "protocol": kind, "channels": channels, "peer": getattr(proto, "peer", None)}
+
+
+def matching(registry: Any, user: str | None, client: str | None) -> list[dict[str, Any]]:
+    """This node's open connections of ``user`` (or with id ``client``), described."""
+    found = []
+    for proto in list(registry.connections):
+        if not getattr(proto, "_opened", False):
+            continue
+        entry = describe(proto)
+        if (user is not None and entry["user"] == user) or (client is not None and entry["client"] == client):
+            found.append(entry)
+    return found
+
+
 @implementer(ISink)
 class ControlSink:
     """Acts on the commands published on the control key, for the connections of ``registry``."""
