@@ -80,8 +80,8 @@ def test_the_page_in_chromium(admin_node: ChildNode, chromium: Any) -> None:  # 
     """In Chromium: without the key the page asks for it; with it, it shows this node and a socket the test
     opens (its channel among the busiest); a message published from the page reaches that socket and is then
     in the channel's history; a payload and a channel name holding HTML are shown as text and run nothing; the
-    user's connections are listed, and "disconnect" for that user (confirmed) closes the socket. Screenshots
-    go to docs/_static/admin-*.png."""
+    user's connections are listed; a refused handshake shows among the last warnings; "disconnect" for that
+    user (confirmed) closes the socket. Screenshots go to docs/_static/admin-*.png."""
     from websockets.sync.client import connect
 
     static = ROOT / "docs" / "_static"
@@ -124,6 +124,10 @@ def test_the_page_in_chromium(admin_node: ChildNode, chromium: Any) -> None:  # 
         chromium.find_element(By.ID, "find").click()
         wait_until(chromium, "return [...document.querySelectorAll('#connections td')]"
                              ".some(td => td.textContent === 'news')")
+        with pytest.raises(Exception):  # a refused handshake is among the last warnings
+            connect(f"ws://127.0.0.1:{admin_node.ws_port}/a//b")
+        wait_until(chromium, "return [...document.querySelectorAll('#warnings li')]"
+                             ".some(li => li.textContent.includes('refused a WebSocket handshake'))")
         time.sleep(1.5)  # the chart and the tables take their next feed event for the screenshot
         chromium.save_screenshot(str(static / "admin.png"))
         assert chromium.execute_script("return window.pwned") is None

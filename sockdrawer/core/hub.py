@@ -10,6 +10,7 @@ from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from sockdrawer.core.channels import printable
@@ -54,6 +55,8 @@ class MemoryChannelHub:
         self._offsets: dict[bytes, list[str | None]] = {}
         #: the same for messages with meta (sockdrawer.core.events)
         self._meta: dict[bytes, list[bytes | None]] = {}
+        #: messages fanned out per channel, counted once someone reads (and empties) them: the admin page
+        self.per_channel: dict[bytes, int] | None = None
         self.messages = 0
         self.deliveries = 0
         #: see IChannelHub.broker_whole
@@ -195,6 +198,9 @@ class MemoryChannelHub:
             fanout = self._fanout[key] = tuple(sink.receive for sink in sinks)
         batch = Batch(key, messages, offsets, meta)
         self.deliveries += len(fanout) * len(messages)
+        per_channel = self.per_channel
+        if per_channel is not None:
+            per_channel[key] = per_channel.get(key, 0) + len(messages)
         for receive in fanout:
             try:
                 receive(batch)
@@ -203,7 +209,13 @@ class MemoryChannelHub:
                                   sink=receive, channel=printable(key))
 
 
-def history_reader(broker: IBroker, limit: int) -> Callable[[bytes, str | None], Deferred[Replay]]:
+#: a history read that fails while the broker is connected (a shard failing over, a timeout) is tried again
+#: this many times, after 0.2 s, then twice as long each time (6 s in all), before the subscription fails
+READ_RETRIES = 5
+READ_RETRY_DELAY = 0.2
+
+
+def history_reader(broker: IBroker, limit: int, clock: Any = None) -> Callable[[bytes, str | None], Deferred[Replay]]:
     """
     What ``sockdrawer.v1`` subscriptions read history with: ``broker.replay``
     with ``limit``, once the broker's subscription covers the channel
@@ -214,14 +226,24 @@ def history_reader(broker: IBroker, limit: int) -> Callable[[bytes, str | None],
     reaches neither the history read nor the socket.
     """
 
-    def replay(key: bytes, since: str | None) -> Deferred[Replay]:
+    def read(key: bytes, since: str | None, tries: int) -> Deferred[Replay]:
         wait = getattr(broker, "when_subscribed", None)
         if wait is None or not broker.is_connected():
             # down: the read fails now, as it always did, instead of waiting
-            return maybeDeferred(broker.replay, key, since, limit).addCallback(_data_only)
+            return maybeDeferred(broker.replay, key, since, limit)
         d: Deferred[Any] = wait(key)
         d.addCallback(lambda _: broker.replay(key, since, limit))
-        return d.addCallback(_data_only)
+        if clock is not None and tries < READ_RETRIES:
+            d.addErrback(again, key, since, tries)
+        return d
+
+    def again(failure: Any, key: bytes, since: str | None, tries: int) -> Any:
+        if failure.check(HistoryReset):
+            return failure
+        return deferLater(clock, READ_RETRY_DELAY * 2 ** tries, read, key, since, tries + 1)
+
+    def replay(key: bytes, since: str | None) -> Deferred[Replay]:
+        return read(key, since, 0).addCallback(_data_only)
 
     return replay
 

@@ -88,11 +88,15 @@ class AdminFeed(Service):
     :param nodes: ``() -> Deferred[list of dict]``: every other node's last figures (empty without Redis).
     :param channels: ``() -> Deferred[{channel: connections}]`` across every node.
     :param clock: the reactor.
+    :param per_channel: messages fanned out per channel key on this node, counting (the hub's dict).
     """
 
     def __init__(self, figures: Callable[[], dict[str, Any]], nodes: Callable[[], Any],
-                 channels: Callable[[], Any], clock: Any) -> None:
+                 channels: Callable[[], Any], clock: Any, per_channel: dict[bytes, int] | None = None) -> None:
         self.figures = figures
+        self.per_channel = per_channel
+        #: messages per second by channel on this node, over the last second
+        self.rates: dict[str, float] = {}
         self.nodes = nodes
         self.channels = channels
         self.clock = clock
@@ -147,6 +151,11 @@ class AdminFeed(Service):
             sample["messages_per_s"] = max(0, figures["messages"] - previous["messages"]) / span
         self.samples.append(sample)
         self.last = {**figures, **sample}
+        if self.per_channel is not None:
+            # the counts since the last tick, then emptied: the dict holds only the channels of one second
+            span = now - previous["at"] if previous is not None and now > previous["at"] else 1.0
+            self.rates = {k.decode("utf-8", "replace"): n / span for k, n in self.per_channel.items()}
+            self.per_channel.clear()
         if self.streams:
             self._send()
 
@@ -160,7 +169,8 @@ class AdminFeed(Service):
 
         def with_channels(counts: dict[str, int]) -> None:
             busiest = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:20]
-            state["channels"] = [{"channel": c, "sockets": n} for c, n in busiest]
+            state["channels"] = [{"channel": c, "sockets": n, "messages_per_s": round(self.rates.get(c, 0.0), 1)}
+                                 for c, n in busiest]
             self._write(state)
 
         d.addCallback(with_nodes).addCallback(with_channels).addErrback(lambda f: self._write(state))

@@ -339,7 +339,7 @@ class SockDrawerService(MultiService):
             host.presence = self.presence
             if settings.history_size:
                 # a replay reads pages of this many messages (and PAGE_BYTES), one at a time per socket
-                host.history = history_reader(self.broker, PAGE_MESSAGES)
+                host.history = history_reader(self.broker, PAGE_MESSAGES, clock=reactor)
         if self.factory.pusher is not None:  # Pusher presence channels on the same presence
             self.factory.pusher.presence = PusherPresence(self.presence, self.hub, reactor)
         #: connections by channel across every node (GET /channels)
@@ -357,7 +357,10 @@ class SockDrawerService(MultiService):
         #: what the admin page (GET /admin on the API port) shows, a second at a time
         self.admin: AdminFeed | None = None
         if settings.api_enabled:
-            self.admin = AdminFeed(self.admin_figures, self.census.nodes, lambda: self.channels(None), reactor)
+            if isinstance(self.hub, MemoryChannelHub):
+                self.hub.per_channel = {}
+            self.admin = AdminFeed(self.admin_figures, self.census.nodes, lambda: self.channels(None), reactor,
+                                   per_channel=getattr(self.hub, "per_channel", None))
             self.admin.setServiceParent(self)
             assert settings.api is not None
             pusher = self.factory.pusher

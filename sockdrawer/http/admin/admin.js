@@ -69,7 +69,8 @@
     if (series.length > 900) series = series.slice(series.length - 900);
     const nodes = [state.node].concat(state.nodes || []).filter(Boolean);
     fill($("nodes").tBodies[0], nodes.map(nodeRow));
-    fill($("channels").tBodies[0], (state.channels || []).map((c) => [c.channel, c.sockets]), openChannel);
+    fill($("channels").tBodies[0], (state.channels || []).map((c) => [c.channel, c.sockets, c.messages_per_s]),
+         openChannel);
     const list = $("warnings");
     list.replaceChildren();
     for (const w of (state.warnings || []).slice().reverse()) {
