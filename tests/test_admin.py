@@ -82,6 +82,7 @@ def test_the_page_in_chromium(admin_node: ChildNode, chromium: Any) -> None:  # 
     in the channel's history; a payload and a channel name holding HTML are shown as text and run nothing; the
     user's connections are listed; a refused handshake shows among the last warnings; "disconnect" for that
     user (confirmed) closes the socket. Screenshots go to docs/_static/admin-*.png."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
     from websockets.sync.client import connect
 
     static = ROOT / "docs" / "_static"
@@ -124,7 +125,7 @@ def test_the_page_in_chromium(admin_node: ChildNode, chromium: Any) -> None:  # 
         chromium.find_element(By.ID, "find").click()
         wait_until(chromium, "return [...document.querySelectorAll('#connections td')]"
                              ".some(td => td.textContent === 'news')")
-        with pytest.raises(Exception):  # a refused handshake is among the last warnings
+        with pytest.raises(InvalidStatus):  # a refused handshake is among the last warnings
             connect(f"ws://127.0.0.1:{admin_node.ws_port}/a//b")
         wait_until(chromium, "return [...document.querySelectorAll('#warnings li')]"
                              ".some(li => li.textContent.includes('refused a WebSocket handshake'))")
@@ -135,7 +136,7 @@ def test_the_page_in_chromium(admin_node: ChildNode, chromium: Any) -> None:  # 
         chromium.find_element(By.CSS_SELECTOR, "#disconnect button[type=submit]").click()
         chromium.switch_to.alert.accept()
         wait_until(chromium, "return document.getElementById('disconnected').textContent === 'sent to every node'")
-        with pytest.raises(Exception) as closed:
+        with pytest.raises(ConnectionClosed) as closed:
             socket.recv(timeout=10)
-        assert "4000" in str(closed.value)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
         odd.send("still open")

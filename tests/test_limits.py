@@ -87,19 +87,28 @@ async def test_frame_flood_closes_with_1008(run_service: Any) -> None:
 async def test_frame_burst_is_exact_and_counted(run_service: Any) -> None:
     """With --frame-burst 3 and next to no refill, exactly 3 frames reach the listener and the 4th closes the socket
     with 1008; frames after it are not handed on; the counters say 4 frames received and 1 socket rate-limited,
-    per socket."""
+    per socket, and each closed socket is one log line (which the admin page lists among its warnings)."""
     from listeners import SEEN, Echo
+    from twisted.logger import globalLogPublisher
 
     SEEN.clear()
     svc = await run_service(listeners=(Echo,), max_frames_per_second=0.001, frame_burst=3)
     clients = [await connect(svc.ws_port, "/echo") for _ in range(2)]
     await wait_for(lambda: svc.factory.sockets(b"echo") == 2)
-    for client in clients:
-        client.send_raw(masked(0x81, b"x") * 6)
-        code, reason = await client.wait_closed()
-        assert (code, reason) == (1008, "rate limit")
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        for client in clients:
+            client.send_raw(masked(0x81, b"x") * 6)
+            code, reason = await client.wait_closed()
+            assert (code, reason) == (1008, "rate limit")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
     assert len([s for s in SEEN if s[0] == "Echo"]) == 2 * 3
     assert (svc.factory.frames_received, svc.factory.rate_limited) == (2 * 4, 2)
+    lines = [e for e in logged if "frame rate limit" in e.get("log_format", "")]
+    assert len(lines) == 2 and svc.admin is not None
+    assert sum("over the frame rate limit" in w["text"] for w in svc.admin.warnings) == 2
 
 
 @pytest_twisted.ensureDeferred

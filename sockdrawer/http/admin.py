@@ -40,7 +40,7 @@ HISTORY = 900
 #: warnings kept for the page
 WARNINGS = 50
 #: log lines below warn that the page lists too (refusals, cut-offs)
-_NOTABLE = ("refused a WebSocket handshake", "cutting off a slow reader", "rate limit", "refused a Pusher API")
+_NOTABLE = ("refused a WebSocket handshake", "cutting off a slow reader", "frame rate limit", "refused a Pusher API")
 
 
 def _installed_version() -> str:

@@ -16,6 +16,7 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from sockdrawer import _private
 from sockdrawer.core.tokens import Grant
 from sockdrawer.core.v1 import SUBPROTOCOL
 from sockdrawer.transports.websocket.handshake import _address
@@ -39,6 +40,7 @@ class Admission:
     _own_reason: str | None
     grant: Grant | None
     user: str | None
+    _log: Any
 
     if TYPE_CHECKING:  # the protocol's own (Autobahn's, and its admission's last steps)
         def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None: ...
@@ -118,6 +120,12 @@ class Admission:
             return decide(0)
         d: Deferred[int] = others(user)
         return d.addCallback(decide)
+
+    def over_rate_limit(self) -> None:
+        """Too many frames from the client: counted, one log line (the admin page lists it), closed with 1008."""
+        self.factory.rate_limited += 1
+        self._log.info("closing a socket from {peer}: over the frame rate limit (1008)", peer=self.peer)
+        _private.fail_connection(self, 1008, "rate limit")
 
     def _deny(self, code: int, reason: str) -> NoReturn:
         self._own_reason = reason

@@ -387,8 +387,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
         self._bucket_at = now
         if tokens < 1:
             self._bucket = tokens
-            self.factory.rate_limited += 1
-            _private.fail_connection(self, CLOSE_POLICY_VIOLATION, "rate limit")
+            self.over_rate_limit()
             return False
         self._bucket = tokens - 1
         return True
