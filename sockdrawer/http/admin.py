@@ -88,13 +88,14 @@ class AdminFeed(Service):
     :param nodes: ``() -> Deferred[list of dict]``: every other node's last figures (empty without Redis).
     :param channels: ``() -> Deferred[{channel: connections}]`` across every node.
     :param clock: the reactor.
-    :param per_channel: messages fanned out per channel key on this node, counting (the hub's dict).
+    :param hub: the hub, whose ``per_channel`` counts this feed turns on while a page watches (``None``:
+        no per-channel rates).
     """
 
     def __init__(self, figures: Callable[[], dict[str, Any]], nodes: Callable[[], Any],
-                 channels: Callable[[], Any], clock: Any, per_channel: dict[bytes, int] | None = None) -> None:
+                 channels: Callable[[], Any], clock: Any, hub: Any = None) -> None:
         self.figures = figures
-        self.per_channel = per_channel
+        self.hub = hub
         #: messages per second by channel on this node, over the last second
         self.rates: dict[str, float] = {}
         self.nodes = nodes
@@ -151,11 +152,16 @@ class AdminFeed(Service):
             sample["messages_per_s"] = max(0, figures["messages"] - previous["messages"]) / span
         self.samples.append(sample)
         self.last = {**figures, **sample}
-        if self.per_channel is not None:
+        counts = getattr(self.hub, "per_channel", None)
+        if counts is not None:
             # the counts since the last tick, then emptied: the dict holds only the channels of one second
             span = now - previous["at"] if previous is not None and now > previous["at"] else 1.0
-            self.rates = {k.decode("utf-8", "replace"): n / span for k, n in self.per_channel.items()}
-            self.per_channel.clear()
+            self.rates = {k.decode("utf-8", "replace"): n / span for k, n in counts.items()}
+            counts.clear()
+        if self.hub is not None and bool(self.streams) != (counts is not None):
+            # the hub counts per channel only while a page watches (a dict lookup per batch otherwise saved)
+            self.hub.per_channel = {} if self.streams else None
+            self.rates = {}
         if self.streams:
             self._send()
 

@@ -357,10 +357,8 @@ class SockDrawerService(MultiService):
         #: what the admin page (GET /admin on the API port) shows, a second at a time
         self.admin: AdminFeed | None = None
         if settings.api_enabled:
-            if isinstance(self.hub, MemoryChannelHub):
-                self.hub.per_channel = {}
             self.admin = AdminFeed(self.admin_figures, self.census.nodes, lambda: self.channels(None), reactor,
-                                   per_channel=getattr(self.hub, "per_channel", None))
+                                   hub=self.hub if isinstance(self.hub, MemoryChannelHub) else None)
             self.admin.setServiceParent(self)
             assert settings.api is not None
             pusher = self.factory.pusher
