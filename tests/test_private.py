@@ -654,13 +654,19 @@ _STATE = ("http_request_data", "http_status_line", "http_headers", "http_request
           "websocket_extensions", "_wskey", "http_response_data", "state", "data")
 
 
-def _answer(request: bytes, fast: bool) -> Any:
+def _connecting() -> tuple[Any, StringTransport]:
+    """A _Both connection over a StringTransport, before any byte of its handshake."""
     factory = WebSocketServerFactory()
     factory.protocol = _Both
     factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, allowedOrigins=["*"])
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4242))
     transport = StringTransport()
     proto.makeConnection(transport)
+    return proto, transport
+
+
+def _answer(request: bytes, fast: bool) -> Any:
+    proto, transport = _connecting()
     if fast:
         assert proto.fast_handshake(request)
     else:
@@ -714,11 +720,6 @@ def test_autobahn_fast_handshake_leaves_what_processhandshake_leaves(target: byt
 def test_autobahn_fast_handshake_leaves_the_rest_to_the_full_path(request_bytes: bytes) -> None:
     """A request the fast path does not take (another method or version, a repeated or folded header, a bad
     port, key, version, origin or target) is left untouched: nothing sent, the connection still connecting."""
-    factory = WebSocketServerFactory()
-    factory.protocol = _Both
-    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, allowedOrigins=["*"])
-    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4242))
-    transport = StringTransport()
-    proto.makeConnection(transport)
+    proto, transport = _connecting()
     assert not proto.fast_handshake(request_bytes)
     assert transport.value() == b"" and proto.state == proto.STATE_CONNECTING and not hasattr(proto, "given")
