@@ -123,7 +123,7 @@ class MemoryChannelHub:
             if offsets is None:
                 offsets = self._offsets[key] = [None] * (len(pending) - 1)
             offsets.append(offset)
-        if meta is not None or key in self._meta:
+        if meta is not None or (self._meta and key in self._meta):  # no lookup per message while none has meta
             metas = self._meta.get(key)
             if metas is None:
                 metas = self._meta[key] = [None] * (len(pending) - 1)

@@ -129,8 +129,6 @@ class Lifecycle:
         self.channels: dict[bytes, int] = {}
         #: this node's open connections: client id -> the body of its connect event
         self.clients: dict[str, bytes] = {}
-        #: presence members by :func:`member_name` on this node (the Pusher webhooks)
-        self.members: dict[str, int] = {}
 
     def _body(self, event: str, **fields: Any) -> bytes:
         fields = {"event": event, "time": int(self.clock.seconds() * 1000), **fields}
@@ -182,6 +180,11 @@ class PusherLifecycle(Lifecycle):
     last Pusher subscription across every node, a presence channel's first and
     last connection of a user, and client events.
     """
+
+    def __init__(self, queue: Any, clock: Any) -> None:
+        super().__init__(queue, clock)
+        #: presence members by :func:`member_name` on this node
+        self.members: dict[str, int] = {}
 
     def connected(self, client: str, user: str | None, transport: str, channel: bytes | None) -> None:
         pass  # not a Pusher webhook
