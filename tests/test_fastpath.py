@@ -297,3 +297,30 @@ async def test_v1_envelopes_go_direct_and_stay_in_order_with_pings(run_service: 
     data = [g.get("data") if "encoding" not in g else None for g in got]
     assert [d for d in data if d is not None] == [str(i) for i in range(sent) if i % 4], "reordered or lost"
     assert sends, "no envelope went straight to the socket"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_socket_keeps_little(run_service: Any) -> None:
+    """An open idle socket (raw and sockdrawer.v1): its 101 went straight to the kernel (Twisted's buffer never
+    held it), its protocol and its transport each keep at most 10 attributes of their own (a dict of 272
+    bytes, not 464), its channel holds its group alone (no dict of sinks), and it still receives, pings and
+    closes."""
+    svc = await run_service(auto_ping_interval=0)
+    raw = await connect(svc.ws_port, "/idle")
+    v1 = await connect(svc.ws_port, "/", subprotocols=["sockdrawer.v1"])
+    await wait_for(lambda: len(svc.factory.connections) == 2)
+    for proto in svc.factory.connections:
+        conn = proto.transport
+        assert len(proto.__dict__) <= 10, sorted(proto.__dict__)
+        assert len(conn.__dict__) <= 10, sorted(conn.__dict__)
+        assert not {"dataBuffer", "_tempDataBuffer", "logstr"} & set(conn.__dict__)
+        assert conn.producer is proto  # the socket hears of its buffer filling and draining itself
+    assert svc.hub.sinks(b"idle") == [svc.factory.group(b"idle")]
+    burst(svc, b"idle", 0, 3)
+    assert [await raw.next_message() for _ in range(3)] == expected(0, 3)
+    raw.ping(b"x")
+    await wait_for(lambda: raw.pongs_received == 1)
+    for client in (raw, v1):
+        client.close()
+        assert (await client.wait_closed())[0] == 1000
+    await wait_for(lambda: not svc.factory.connections)

@@ -123,9 +123,11 @@ async def test_twisted_tcp_connection_hands_out_its_socket() -> None:
 @pytest_twisted.ensureDeferred
 async def test_twisted_tcp_connection_works_compacted() -> None:
     """Twisted's tcp.Connection has dataBuffer, offset, producer and streamingProducer as class attributes
-    with the defaults compact_transport assumes, and Server reads hostname only while it is built: a
-    compacted connection (those gone, its dict rebuilt) still reports its addresses, writes, lets its producer
-    go, and closes."""
+    with the defaults compact_transport assumes, and Server reads hostname only while it is built; a Server
+    builds logstr and repr from its session number, client host and port, holds its socket's fileno, and
+    deletes both at the close: a compacted connection (those gone, a compact class, its dict rebuilt) reads
+    the same strings and fileno, reports its addresses, writes, lets its producer go, closes, and answers -1
+    for fileno after."""
     for name, default in (("dataBuffer", b""), ("offset", 0), ("producer", None), ("streamingProducer", False)):
         assert getattr(tcp.Server, name) == default, name
     made: defer.Deferred[Any] = defer.Deferred()
@@ -147,15 +149,25 @@ async def test_twisted_tcp_connection_works_compacted() -> None:
         conn.registerProducer(_Producer(), True)
         conn.write(b"hello")
         await wait_for(lambda: b"".join(received) == b"hello")
+        before = (conn.logstr, conn.logPrefix(), repr(conn), conn.fileno(), conn.connected, conn._tempDataLen)
+        assert type(conn) is tcp.Server and conn.__dict__["fileno"].__self__ is conn.socket
         _private.compact_transport(conn)
-        assert "hostname" not in conn.__dict__ and "dataBuffer" not in conn.__dict__ and "offset" not in conn.__dict__
+        dropped = {"hostname", "dataBuffer", "offset", "logstr", "repstr", "fileno", "connected", "_tempDataLen",
+                   "_tempDataBuffer"}
+        assert not dropped & set(conn.__dict__), dropped & set(conn.__dict__)
+        assert isinstance(conn, tcp.Server) and type(conn) is not tcp.Server
+        # each reads as Twisted's own did
+        assert (conn.logstr, conn.logPrefix(), repr(conn), conn.fileno(), conn.connected, conn._tempDataLen) == before
+        assert before[0].startswith("_Hold,") and before[2].startswith("<_Hold #")
         assert conn.getPeer().port == client.transport.getHost().port and conn.getHost().port == port.getHost().port
-        assert repr(conn).startswith("<_Hold #")
-        conn.write(b" again")
+        conn.write(b" again")  # through Twisted's buffer: a list of its own
         await wait_for(lambda: b"".join(received) == b"hello again")
+        assert type(conn)._tempDataBuffer is not conn._tempDataBuffer  # the descriptor made one for it
         conn.unregisterProducer()
         conn.loseConnection()
         await wait_for(lambda: not conn.connected)
+        # Twisted deleted the socket and its fileno at the close: FileDescriptor's own answers -1
+        assert not hasattr(conn, "socket") and conn.fileno() == -1 and conn.connected == 0
     finally:
         client.transport.abortConnection()
         await port.stopListening()
@@ -352,6 +364,31 @@ def test_autobahn_negotiates_from_websocket_extensions() -> None:
     proto, transport = open_connection(offer, compression=True, replace_offers=[])
     assert b"sec-websocket-extensions" not in transport.value().lower()
     assert _private.negotiated_deflate(proto) is None
+
+
+def _waiting(d: defer.Deferred[Any]) -> int:
+    """How many callbacks wait on ``d`` (Twisted 25.5 renamed the list and deprecated the old name)."""
+    own = getattr(d, "_callbacks", None)
+    if own is None:
+        own = d.callbacks
+    return len(own)
+
+
+def test_autobahn_server_adds_nothing_to_is_open_or_is_closed() -> None:
+    """On an open server connection Autobahn's is_open has fired with None and is_closed is pending, neither
+    with a callback waiting: compact() may drop both (LAZY_STATE), and a compacted connection still fires a
+    fresh is_closed, with itself, at the close."""
+    proto, _ = open_connection()
+    assert proto.is_open.called and proto.is_open.result is None and not _waiting(proto.is_open)
+    assert not proto.is_closed.called and not _waiting(proto.is_closed)
+    _private.install_compact_defaults(Recording)
+    _private.compact(proto)
+    assert "is_open" not in proto.__dict__ and "is_closed" not in proto.__dict__
+    assert proto.is_open.called
+    proto.connectionLost(Failure(ConnectionDone()))
+    results: list[Any] = []
+    proto.is_closed.addCallback(results.append)
+    assert results == [proto]
 
 
 def test_autobahn_is_closed_fires_with_the_protocol() -> None:

@@ -153,7 +153,7 @@ def test_changes_of_one_turn_are_one_command(node: Node) -> None:
     assert commands(transport.value()) == [[b"SUBSCRIBE", *names(*keys)]]
     transport.clear()
     for key in keys:
-        for sink in list(node.hub._sinks[key]):
+        for sink in node.hub.sinks(key):
             node.hub.unsubscribe(key, sink)
     node.turn()
     assert commands(transport.value()) == [[b"UNSUBSCRIBE", *names(*keys)]]

@@ -17,6 +17,8 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
+from sockdrawer.core.logs import lazy_text
+
 #: Attributes Autobahn's server keeps from the opening handshake and never
 #: reads once the socket is open.
 HANDSHAKE_STATE = (
@@ -55,13 +57,14 @@ COMPACT_DEFAULTS.update(
         "_perMessageCompress", "trackedTimings", "wasNotCleanReason", "localCloseCode",
         "localCloseReason", "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall",
         "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending", "autoPingPendingSent",
-        "websocket_protocol_in_use", "current_frame",
+        "websocket_protocol_in_use", "current_frame", "autoPingPendingCall",
     )
 )
 COMPACT_DEFAULTS.update(
     send_state=autobahn.websocket.protocol.WebSocketProtocol.SEND_STATE_GROUND,
     autoPingPendingSeq=0,
     data=b"",
+    websocket_version=13,
 )
 
 
@@ -126,6 +129,18 @@ def _no_listeners_events(value: Any) -> bool:
     return type(value) is list and value == ["message"]
 
 
+def _fired_with_none(value: Any) -> bool:
+    return type(value) is Deferred and value.called and value.result is None
+
+
+def _pending(value: Any) -> bool:
+    return type(value) is Deferred and not value.called
+
+
+def _opened() -> Deferred[None]:
+    return succeed(None)
+
+
 #: Per-connection objects Autobahn makes in ``_connectionMade`` that an
 #: idle socket never uses, each with when it may be dropped from an open
 #: connection: a class attribute then makes a fresh one on first use.
@@ -133,15 +148,21 @@ def _no_listeners_events(value: Any) -> bool:
 #: sends; ``trafficStats`` only counts (nothing reads it); ``utf8validator``
 #: is reset at the start of each incoming text message; ``_valid_events``
 #: and ``_results`` are the same ``["message"]`` and ``{"message": None}``
-#: on every connection until someone calls ``.on()``.
+#: on every connection until someone calls ``.on()``; ``is_open`` has fired
+#: (with ``None``) once the connection is open, and ``is_closed`` fires only
+#: at the close: nobody waits on either on a server connection (Autobahn's
+#: server side adds no callbacks, only its client's ``connectWS`` does, and
+#: sockdrawer adds none), so a fresh one on first use (a fired one, a
+#: pending one) is the same to whoever reads it.
 LAZY_STATE: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+    "is_open": (_Lazy("is_open", _opened), _fired_with_none),
+    "is_closed": (_Lazy("is_closed", Deferred), _pending),
     "send_queue": (_SendQueue(), _pristine_queue),
     "trafficStats": (_Lazy("trafficStats", autobahn.websocket.protocol.TrafficStats), _any),
     "utf8validator": (_Lazy("utf8validator", autobahn.websocket.utf8validator.Utf8Validator), _any),
     "_results": (_Lazy("_results", lambda: {"message": None}), _no_listeners_results),
     "_valid_events": (("message",), _no_listeners_events),
 }
-
 
 
 _HANDSHAKE_NAMES = frozenset(HANDSHAKE_STATE)
@@ -165,9 +186,12 @@ def compact(proto: Any) -> None:
     """
     Shrink an open connection's instance dict: drop the opening handshake
     (:data:`HANDSHAKE_STATE`, never read again once open), every attribute
-    that holds its class default (:data:`COMPACT_DEFAULTS`), and the per-connection
-    objects of :data:`LAZY_STATE` an idle socket does not use; then rebuild
-    the dict (deleting keys never shrinks one).
+    that holds its class default (:data:`COMPACT_DEFAULTS`, and the factory
+    when the class holds it), and the per-connection objects of
+    :data:`LAZY_STATE` an idle socket does not use; then rebuild the dict
+    (deleting keys never shrinks one).  Called once the handshake is over
+    (after Autobahn has fired ``is_open``), so nothing Autobahn sets while
+    opening comes back.
 
     Assumption: Autobahn reads none of :data:`HANDSHAKE_STATE` after the
     opening handshake, falls back to class attributes for the others, and
@@ -176,6 +200,8 @@ def compact(proto: Any) -> None:
     state = proto.__dict__
     for name in _HANDSHAKE_NAMES & state.keys():
         del state[name]
+    if "factory" in state and state["factory"] is getattr(type(proto), "factory", None):
+        del state["factory"]  # the class holds it (options_as_class)
     # (name, value) pairs equal to a default: one lookup per default, in C
     for name, _ in state.items() & _COMPACT_ITEMS:
         del state[name]
@@ -189,8 +215,8 @@ def compact(proto: Any) -> None:
 def options_as_class(base: type, factory: Any) -> type:
     """
     A subclass of the protocol class ``base`` that holds the factory's
-    current protocol options as class attributes, with nothing to copy per
-    connection.
+    current protocol options, and the factory, as class attributes, with
+    nothing to copy per connection.
 
     Assumption: Autobahn's ``_connectionMade`` copies each name in the
     protocol's ``CONFIG_ATTRS`` from the factory onto the connection; an
@@ -203,6 +229,7 @@ def options_as_class(base: type, factory: Any) -> type:
         value = getattr(factory, name)
         options[name] = staticmethod(value) if callable(value) else value
     options["CONFIG_ATTRS"] = ()
+    options["factory"] = factory  # each connection's too (buildProtocol): compact() drops the copy
     return type(base.__name__, (base,), options)
 
 
@@ -327,39 +354,6 @@ def break_close_cycle(proto: Any) -> None:
         proto.is_closed = succeed(None)
 
 
-class _LazyText:
-    __slots__ = ("_func", "_args", "_kwargs")
-
-    def __init__(self, func: Callable[..., str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._func = func
-        self._args = args
-        self._kwargs = kwargs
-
-    def __str__(self) -> str:
-        return self._func(*self._args, **self._kwargs)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
-    def __repr__(self) -> str:
-        return str(self)
-
-    def __add__(self, other: str) -> str:
-        return str(self) + other
-
-    def __radd__(self, other: str) -> str:
-        return other + str(self)
-
-
-def _lazy(func: Callable[..., str]) -> Callable[..., Any]:
-    def lazy(*args: Any, **kwargs: Any) -> _LazyText:
-        return _LazyText(func, args, kwargs)
-
-    lazy.__sockdrawer_lazy__ = True  # type: ignore[attr-defined]
-    lazy.__wrapped__ = func  # type: ignore[attr-defined]
-    return lazy
-
-
 #: the Autobahn modules whose debug-log arguments are made lazy
 LAZY_LOG_MODULES = (autobahn.websocket.protocol, autobahn.twisted.websocket)
 
@@ -388,7 +382,7 @@ def make_log_arguments_lazy() -> None:
         for name in ("hltype", "hlval"):
             current = getattr(module, name, None)
             if current is not None and not getattr(current, "__sockdrawer_lazy__", False):
-                setattr(module, name, _lazy(getattr(util, name)))
+                setattr(module, name, lazy_text(getattr(util, name)))
     protocol = autobahn.websocket.protocol
     if getattr(protocol, "pformat", None) is pprint.pformat:
         protocol.pformat = _pformat  # type: ignore[attr-defined,assignment]
@@ -398,8 +392,6 @@ def _pformat(value: Any, *args: Any, **kwargs: Any) -> str:
     if type(value) is list and not value:
         return "[]"
     return pprint.pformat(value, *args, **kwargs)
-
-
 
 
 class _QuietLog:
@@ -414,6 +406,7 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
 
 
 _QUIET: Any = _QuietLog()
+_STATE_OPEN = autobahn.websocket.protocol.WebSocketProtocol.STATE_OPEN
 
 
 class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
@@ -562,6 +555,9 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
             super().succeedHandshake(res)
         except Exception:
             self.handshake_error()
+            return
+        if self.state == _STATE_OPEN:
+            self.handshake_done()
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         reason, code, responseHeaders = self.refusing(reason, code, responseHeaders)
@@ -579,6 +575,9 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
 
     def handshake_error(self) -> None:
         """Answering the opening handshake raised (the exception is being handled)."""
+
+    def handshake_done(self) -> None:
+        """The opening handshake is over and the connection open: ``onOpen`` ran, ``is_open`` fired."""
 
     def refusing(self, reason: str, code: int, headers: Any) -> tuple[str, int, Any]:
         """The handshake is refused: return the reason, status and headers to send."""

@@ -29,10 +29,12 @@ class MemoryChannelHub:
     Keeps sinks per channel in memory and hands each batch to them in the
     calling thread (the reactor's).
 
-    Membership is an insertion-ordered ``dict`` per channel, so a mass
-    disconnect removes each socket in constant time; the fan-out itself runs
-    over a tuple of the sinks' ``receive`` methods, built when membership
-    changes and reused for every message until it changes again.
+    A channel with one sink (the usual case: a channel's sockets are one
+    group) keeps that sink alone, with no container; a second sink makes it
+    an insertion-ordered ``dict``, so a mass disconnect removes each sink in
+    constant time.  The fan-out over several sinks runs over a tuple of their
+    ``receive`` methods, built when membership changes and reused for every
+    message until it changes again.
 
     :ivar messages: messages handed to :meth:`deliver` for a channel with sinks.
     :ivar deliveries: messages times sinks, fanned out so far (a channel's
@@ -47,7 +49,8 @@ class MemoryChannelHub:
     _log = NamedLogger(namespace="sockdrawer.hub.MemoryChannelHub")
 
     def __init__(self) -> None:
-        self._sinks: dict[bytes, dict[ISink, None]] = {}
+        #: per channel: its only sink, or a dict of its sinks (sinks are never dicts)
+        self._sinks: dict[bytes, ISink | dict[ISink, None]] = {}
         self._fanout: dict[bytes, tuple[_Receive, ...]] = {}
         self._held = 0
         self._pending: dict[bytes, list[bytes]] = {}
@@ -86,24 +89,41 @@ class MemoryChannelHub:
     def subscribe(self, key: bytes, sink: ISink) -> None:
         sinks = self._sinks.get(key)
         if sinks is None:
-            self._sinks[key] = {sink: None}
-            self._fanout.pop(key, None)
+            self._sinks[key] = sink
             if self._observers:
                 self._tell(True, key)
+        elif not isinstance(sinks, dict):
+            if sinks is not sink:
+                self._sinks[key] = {sinks: None, sink: None}
+                self._fanout.pop(key, None)
         elif sink not in sinks:
             sinks[sink] = None
             self._fanout.pop(key, None)
 
     def unsubscribe(self, key: bytes, sink: ISink) -> None:
         sinks = self._sinks.get(key)
-        if sinks is None or sink not in sinks:
+        if isinstance(sinks, dict):
+            if sink not in sinks:
+                return
+            del sinks[sink]
+            self._fanout.pop(key, None)
+            if len(sinks) > 1:
+                return
+            if sinks:
+                self._sinks[key] = next(iter(sinks))
+                return
+        elif sinks is None or sinks is not sink:
             return
-        del sinks[sink]
-        self._fanout.pop(key, None)
-        if not sinks:
-            del self._sinks[key]
-            if self._observers:
-                self._tell(False, key)
+        del self._sinks[key]
+        if self._observers:
+            self._tell(False, key)
+
+    def sinks(self, key: bytes) -> list[ISink]:
+        """The sinks of channel ``key``, in the order they subscribed."""
+        sinks = self._sinks.get(key)
+        if sinks is None:
+            return []
+        return list(sinks) if isinstance(sinks, dict) else [sinks]
 
     def deliver(self, key: bytes, message: bytes, offset: str | None = None) -> int:
         sinks = self._sinks.get(key)
@@ -130,7 +150,7 @@ class MemoryChannelHub:
             metas.append(meta)
         if not self._held:
             self._flush()
-        return len(sinks)
+        return len(sinks) if isinstance(sinks, dict) else 1
 
     def hold(self) -> None:
         self._held += 1
@@ -161,11 +181,12 @@ class MemoryChannelHub:
 
     def subscribers(self, key: bytes) -> int:
         sinks = self._sinks.get(key)
-        return 0 if sinks is None else len(sinks)
+        if sinks is None:
+            return 0
+        return len(sinks) if isinstance(sinks, dict) else 1
 
     def receivers(self, key: bytes) -> int:
-        sinks = self._sinks.get(key)
-        return 0 if sinks is None else sum(getattr(sink, "receivers", 1) for sink in sinks)
+        return sum(getattr(sink, "receivers", 1) for sink in self.sinks(key))
 
     def channels(self) -> list[bytes]:
         return list(self._sinks)
@@ -179,8 +200,8 @@ class MemoryChannelHub:
         self._tell_sinks("gap", "sink {sink!r} failed to recover a gap")
 
     def _tell_sinks(self, name: str, failed: str) -> None:
-        for sinks in list(self._sinks.values()):
-            for sink in list(sinks):
+        for key in list(self._sinks):
+            for sink in self.sinks(key):
                 method = getattr(sink, name, None)
                 if method is not None:
                     try:
@@ -190,12 +211,15 @@ class MemoryChannelHub:
 
     def _fan_out(self, key: bytes, messages: list[bytes], offsets: list[str | None] | None = None,
                  meta: list[bytes | None] | None = None) -> None:
-        fanout = self._fanout.get(key)
-        if fanout is None:
-            sinks = self._sinks.get(key)
-            if not sinks:
-                return
-            fanout = self._fanout[key] = tuple(sink.receive for sink in sinks)
+        sinks = self._sinks.get(key)
+        if sinks is None:
+            return
+        if not isinstance(sinks, dict):
+            fanout: tuple[_Receive, ...] = (sinks.receive,)
+        else:
+            fanout = self._fanout.get(key)  # type: ignore[assignment]
+            if fanout is None:
+                fanout = self._fanout[key] = tuple(sink.receive for sink in sinks)
         batch = Batch(key, messages, offsets, meta)
         self.deliveries += len(fanout) * len(messages)
         per_channel = self.per_channel

@@ -6,13 +6,10 @@ send to the listeners; a request for an event stream goes to the SSE side.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
@@ -31,24 +28,20 @@ from sockdrawer.transports.websocket.frames import TEXT, reply_frame
 from sockdrawer.transports.websocket.handshake import _address, merge_extension_headers, take_token
 from sockdrawer.transports.websocket.pusherdoor import PATH as PUSHER_PATH
 from sockdrawer.transports.websocket.pusherdoor import PusherDoor
+from sockdrawer.transports.websocket.sendpath import SendPath
 from sockdrawer.transports.websocket.sockets import SocketRegistry
-from sockdrawer.transports.websocket.timers import BufferWatch
 
 _private.make_log_arguments_lazy()
 
 CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
 #: the socket's token expired; the client should reconnect with a fresh one
 CLOSE_TOKEN_EXPIRED = 4001
 _STATE_OPEN = _private.GuardedServerProtocol.STATE_OPEN
-#: Twisted's write-buffer size above which a socket counts as "too slow"
-#: while the ``slow_timeout`` clock runs
-_HIGH_WATER = 64 * 1024
 
 
-class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # type: ignore[misc]
+class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendPath,  # type: ignore[misc]
                                _private.GuardedServerProtocol):
     """
     One browser connection on one channel, a member of that channel's
@@ -74,17 +67,6 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
     encoding = PLAIN
     #: the channel's group while this socket is a member
     _group: ChannelGroup | None = None
-    #: the socket, when the transport is a plain TCP or UNIX connection whose
-    #: buffer the fast path may bypass (not TLS)
-    _sock: socket.socket | None = None
-    #: the Twisted TCP connection whose write buffer holds this socket's
-    #: backlog (the transport itself, or the one under TLS)
-    _tcp: tcp.Connection | None = None
-    _slow_timer: IDelayedCall | None = None
-    #: set when cutting off a slow reader: no waiting for its buffer to drain
-    _abort_on_close = False
-    #: whether a producer registered with the transport hears of its buffer filling and draining
-    _watched = False
     #: the reason of a refusal sockdrawer chose itself (fixed text, safe for the status line)
     _own_reason: str | None = None
     #: the token of a handshake in progress (taken out before Autobahn sees it: never logged)
@@ -107,7 +89,11 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
     grant: Grant | None = None
     #: the sockdrawer.v1 (or Pusher) session, for a socket that speaks it
     _session: V1Session | PusherSession | None = None
-    _v1 = False
+
+    @property
+    def _v1(self) -> bool:
+        """Whether this socket speaks sockdrawer.v1 (its handshake chose the subprotocol)."""
+        return bool(self.websocket_protocol_in_use == SUBPROTOCOL)
 
     # -- Twisted
 
@@ -260,8 +246,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
         _private.set_extension_offers(self, acceptable_offers(request.extensions, factory.compression))
         self.key = key
         if v1:
-            self._v1 = True
-            return SUBPROTOCOL
+            return SUBPROTOCOL  # Autobahn keeps it (websocket_protocol_in_use): _v1
         if factory.authorize is not None:
             decision = factory.authorize(Source(SOCKET, key.decode("utf-8"), self.peer, self.user))
             if decision is not None:
@@ -319,24 +304,11 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
             del self._expires_at
             self._expiry = factory.clock.callLater(max(0.0, expires - factory.clock.seconds()),
                                                    self._token_expired)
-        conn, direct = _private.tcp_connection(self.transport)
-        self._tcp = conn
-        if conn is not None:
-            _private.compact_transport(conn)
-            if direct:
-                self._sock = conn.getHandle()
+        self.attach_send_path()
         deflate = _private.negotiated_deflate(self)
         if deflate is not None:
             self.encoding = deflate.server_max_window_bits
             _private.bound_inflation(deflate)
-        _private.compact(self)
-        register = getattr(self.transport, "registerProducer", None)
-        if register is not None:
-            try:
-                register(BufferWatch(self), True)
-                self._watched = True
-            except RuntimeError:  # a producer is registered already (under a Site)
-                pass
         if self._pusher_open is not None:
             self.open_pusher()
             return
@@ -421,6 +393,8 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
         self._leave()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        if self.state == self.STATE_CONNECTING and not (sync or chopsize) and self._answer_now(data):
+            return
         # Everything Autobahn sends (handshake, pings, pongs, close frames) and every reply goes
         # through Twisted's buffer; until that has drained, the group must not write past it.
         group = self._group
@@ -442,85 +416,6 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
             # reader, whose backlog may never drain)
             self.dropConnection(abort=self._abort_on_close)
 
-    # -- delivery, driven by the ChannelGroup (fanout.Member)
-
-    def direct_send(self) -> Callable[[bytes], int] | None:
-        sock, conn = self._sock, self._tcp
-        if sock is None or conn is None or _private.has_write_backlog(conn):
-            return None
-        return sock.send
-
-    def deliver_queued(self, data: bytes) -> None:
-        if self.state != _STATE_OPEN:
-            return
-        send = self.direct_send()
-        if send is not None:
-            # Twisted's buffer has drained: back to direct sends
-            try:
-                sent = send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                group = self._group
-                if group is not None:
-                    group.promote(self)
-                return
-            if sent:
-                data = data[sent:]
-        self.transport.write(data)
-        self._check_backlog(len(data))
-
-    def backlog(self, rest: bytes) -> None:
-        group = self._group
-        if group is not None:
-            group.demote(self)
-        self.transport.write(rest)
-        self._check_backlog(len(rest))
-
-    def _check_backlog(self, just_queued: int) -> None:
-        """
-        Enforce the slow-reader limits after ``just_queued`` bytes went into
-        Twisted's buffer: over ``send_buffer`` bytes queued *before* them
-        means the socket fell that far behind; above the high-water mark
-        starts (or keeps) the ``slow_timeout`` clock.
-        """
-        buffered = self._buffered()
-        if buffered > _HIGH_WATER:
-            factory = self.factory
-            if buffered - just_queued > factory.send_buffer:
-                self._cut_off("queued too much")
-            elif self._slow_timer is None and factory.slow_timeout > 0 and not self._watched:
-                # no producer registered (a transport without producer
-                # support): time from here, check at the end
-                self._slow_timer = factory.clock.callLater(factory.slow_timeout, self._check_slow)
-
-    # -- Twisted's producer API: the buffer went over bufferSize / drained
-
-    def buffer_full(self) -> None:
-        """Twisted's write buffer went over its limit (64 KiB): start the ``slow_timeout`` clock."""
-        factory = self.factory
-        if self._slow_timer is None and factory.slow_timeout > 0 and self.state == _STATE_OPEN:
-            self._slow_timer = factory.clock.callLater(factory.slow_timeout, self._stayed_slow)
-
-    def buffer_drained(self) -> None:
-        """Twisted's write buffer is empty again: the socket kept up."""
-        self._cancel_slow_timer()
-
-    def _stayed_slow(self) -> None:
-        self._slow_timer = None
-        if self._group is not None or self._session is not None:
-            self._cut_off("stayed too slow")
-
-    def _buffered(self) -> int:
-        """Bytes waiting in Twisted for this socket."""
-        conn = self._tcp
-        return 0 if conn is None else _private.write_backlog(conn)
-
-    def _check_slow(self) -> None:
-        self._slow_timer = None
-        if (self._group is not None or self._session is not None) and self._buffered() > _HIGH_WATER:
-            self._cut_off("stayed too slow")
-
     # -- own
 
     def close_for_shutdown(self, code: int = CLOSE_SERVICE_RESTART) -> None:
@@ -533,22 +428,6 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
         elif self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
 
-    def _cut_off(self, why: str) -> None:
-        self._cancel_slow_timer()
-        if self.state != self.STATE_OPEN:
-            return
-        self._log.info(
-            "cutting off a slow reader on {channel!r} from {peer}: {why}",
-            channel=printable(self.key),
-            peer=self.peer,
-            why=why,
-        )
-        self.factory.slow_cut_offs += 1
-        # a slow reader's backlog may never drain: without a close
-        # handshake timer, abort instead of waiting for it
-        self._abort_on_close = True
-        self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow reader", isReply=False)
-
     def _token_expired(self) -> None:
         self._expiry = None
         if self.state == self.STATE_OPEN:
@@ -556,11 +435,6 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor,  # ty
 
     def _cancel_expiry(self) -> None:
         timer, self._expiry = self._expiry, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _cancel_slow_timer(self) -> None:
-        timer, self._slow_timer = self._slow_timer, None
         if timer is not None and timer.active():
             timer.cancel()
 

@@ -13,7 +13,6 @@ next bucket: a timer fires at most ``bucket`` seconds late, never early.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -183,31 +182,3 @@ class CollectorFreeze:
         self._since = 0
         if self.freezes:
             self._gc.unfreeze()
-
-
-class BufferWatch:
-    """
-    A streaming producer for Twisted's ``registerProducer``: Twisted pauses
-    it when a socket's write buffer grows past ``bufferSize`` (64 KiB) and
-    resumes it when the buffer has drained, which is exactly the "too slow,
-    for how long" that the ``slow_timeout`` limit needs.
-    """
-
-    __slots__ = ("_proto",)
-
-    def __init__(self, proto: Any) -> None:
-        # weak: the transport holds this, and the protocol the transport
-        self._proto = weakref.ref(proto)
-
-    def pauseProducing(self) -> None:
-        proto = self._proto()
-        if proto is not None:
-            proto.buffer_full()
-
-    def resumeProducing(self) -> None:
-        proto = self._proto()
-        if proto is not None:
-            proto.buffer_drained()
-
-    def stopProducing(self) -> None:
-        pass
