@@ -142,8 +142,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendP
         """A text frame of ``payload`` in this socket's encoding."""
         return self.factory.encoders.frame(self.encoding, payload, TEXT)
 
-    def write(self, data: bytes) -> None:
-        self.deliver_queued(data)
+    write = SendPath.deliver_queued
 
     def expires(self, when: float) -> None:
         """A refreshed token: closed with 4001 at its expiry, not the old one's."""

@@ -108,13 +108,19 @@ class SendPath:
         return sock.send
 
     def deliver_queued(self, data: bytes) -> None:
+        """
+        Deliver ``data`` through Twisted's buffer, or directly when nothing
+        waits there (then back to direct sends from the group, if any).  Also
+        the outbox's ``write`` of a sockdrawer.v1 session: its frames take the
+        same path, one call from the fan-out.
+        """
         if self.state != _STATE_OPEN:
             return
-        send = self.direct_send()
-        if send is not None:
+        sock = self._sock
+        if sock is not None and not _private.has_write_backlog(self.transport):
             # Twisted's buffer has drained: back to direct sends
             try:
-                sent = send(data)
+                sent = sock.send(data)
             except OSError:
                 sent = 0
             if sent == len(data):

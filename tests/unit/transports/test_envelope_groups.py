@@ -110,3 +110,20 @@ def test_a_subscription_made_while_the_broker_is_not_whole_waits_for_its_gap() -
     assert reads == [None, None]
     assert outbox.out[1:] == [{"op": "reset", "channel": "c"}, {"op": "subscribed", "channel": "c", "offset": "e:1-0"}]
     assert sub.state is State.LIVE and sub.last == "e:1-0"
+
+
+def test_the_groups_live_path_writes_what_deliver_writes() -> None:
+    """For a live subscription past its replay the group writes the batch's shared frames itself: the same
+    bytes, and the same last offset (the batch's last message that has one), as Subscription.deliver."""
+    by_group, sub_a, group, _ = _v1_subscription([])
+    by_deliver, sub_b, _, _ = _v1_subscription([])
+    for sub in (sub_a, sub_b):
+        sub.go_live(Replay(None), reset=False)
+    batches = [Batch(b"c", [b"one", b"two"], ["e:1-0", "e:2-0"]), Batch(b"c", [b"three", b"plain"], ["e:3-0", None]),
+               Batch(b"c", [b"no offset"])]
+    for batch in batches:
+        group.receive(batch)
+        sub_b.deliver(batch, group.frames(batch))
+        assert sub_a.last == sub_b.last
+    assert by_group.out == by_deliver.out and sub_a.last == "e:3-0"
+    assert _data(by_group.out)[-3:] == [group.frames(b) for b in batches]
