@@ -169,6 +169,47 @@ async def test_channels_counts_connections_across_every_node(run_service: Any, r
 
 
 @pytest_twisted.ensureDeferred
+async def test_census_writes_thousands_of_channels_and_then_only_changes(run_service: Any,
+                                                                         redis_server: RedisServer) -> None:
+    """A node's census hash holds all of 6,000 channels (more than one Lua unpack takes); the next write sends
+    only what changed (one count, one channel gone, one new) and the hash matches again; a hash that vanished
+    (expired while Redis was away) is written whole on the next write."""
+    import redis as redis_py
+
+    from sockdrawer.node.census import HashWriter
+
+    svc = await run_service(redis=redis_server.url)
+    await wait_subscribed(svc, redis_server)
+    sent: list[int] = []
+    link = svc.broker
+
+    class Counting:
+        def eval(self, script: str, keys: list[Any], args: list[Any]) -> Any:
+            sent.append(len(args))
+            return link.eval(script, keys, args)
+
+    writer = HashWriter(Counting(), "test:census:big", 6)
+    counts = {b"c%d" % i: 1 for i in range(6000)}
+    await writer.write(counts)
+    plain = redis_py.Redis.from_url(redis_server.url)
+
+    def held() -> dict[bytes, int]:
+        return {k: int(v) for k, v in plain.hgetall("test:census:big").items()}
+
+    assert await deferToThread(held) == counts and 0 < plain.ttl("test:census:big") <= 6
+    counts = {**counts, b"c1": 3, b"new": 2}
+    del counts[b"c2"]
+    sent.clear()
+    await writer.write(counts)
+    assert sent == [3 + 1 + 4]  # ttl, flag, one deletion and its field, two field/value pairs
+    assert await deferToThread(held) == counts
+    plain.delete("test:census:big")
+    await writer.write(counts)
+    assert await deferToThread(held) == counts
+    plain.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_max_connections_per_user_counts_every_node(run_service: Any, redis_server: RedisServer) -> None:
     """--max-connections-per-user 2: a user's third connection gets 429, counting the sockets and event
     streams it holds on the other node (as that node's last census says); another user is not affected, and a
