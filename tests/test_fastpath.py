@@ -244,21 +244,28 @@ async def test_pings_and_pongs_during_bursts(run_service: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_queued_socket_returns_to_direct_sends(run_service: Any) -> None:
-    """A socket whose writes were queued (after a pong) goes back to direct sends once Twisted's buffer drains."""
+    """A pong goes straight to the kernel too while nothing is queued (the socket stays direct); a socket whose
+    writes were queued (a frame Autobahn sent through Twisted's buffer) goes back to direct sends once that
+    buffer drains, and every frame arrives in order."""
     svc = await run_service()
     client = await connect(svc.ws_port, "/q")
     group = svc.factory.group(b"q")
     assert group is not None
+    (proto,) = svc.factory.connections
     burst(svc, b"q", 0, 1)
     await wait_for(lambda: client.pending() == 1)
     burst(svc, b"q", 1, 1)  # buffer drained: this one goes direct
     assert group.direct == 1
     client.ping(b"x")
     await wait_for(lambda: client.pongs_received == 1)
-    assert group.queued == 1  # Autobahn wrote the pong through Twisted
+    assert group.direct == 1 and "dataBuffer" not in proto.transport.__dict__  # the pong went direct
+    proto.sendMessage(b"queued", sync=True)  # Autobahn's own queue, then Twisted's buffer
+    assert group.queued == 1
+    await wait_for(lambda: client.pending() == 3)
     burst(svc, b"q", 2, 1)
     assert group.direct == 1
-    assert [await client.next_message() for _ in range(3)] == expected(0, 3)
+    got = [await client.next_message() for _ in range(4)]
+    assert got == [*expected(0, 2), (Opcode.TEXT, b"queued"), *expected(2, 1)]
 
 
 @pytest_twisted.ensureDeferred
@@ -301,13 +308,17 @@ async def test_v1_envelopes_go_direct_and_stay_in_order_with_pings(run_service: 
 
 @pytest_twisted.ensureDeferred
 async def test_an_idle_socket_keeps_little(run_service: Any) -> None:
-    """An open idle socket (raw and sockdrawer.v1): its 101 went straight to the kernel (Twisted's buffer never
-    held it), its protocol and its transport each keep at most 10 attributes of their own (a dict of 272
-    bytes, not 464), its channel holds its group alone (no dict of sinks), and it still receives, pings and
-    closes."""
+    """An open idle socket (raw and sockdrawer.v1, each after it sent a frame: a ping, a subscribe): its 101
+    went straight to the kernel (Twisted's buffer never held it), its protocol and its transport each keep at
+    most 10 attributes of their own (a dict of 272 bytes, not 464), its channel holds its group alone (no
+    dict of sinks), and it still receives, pings and closes."""
     svc = await run_service(auto_ping_interval=0)
     raw = await connect(svc.ws_port, "/idle")
     v1 = await connect(svc.ws_port, "/", subprotocols=["sockdrawer.v1"])
+    v1.send_json({"op": "subscribe", "channel": "idle-v1"})
+    assert (await v1.next_json())["op"] == "subscribed"
+    raw.ping(b"early")  # frames received: what they leave is dropped after the read
+    await wait_for(lambda: raw.pongs_received == 1)
     await wait_for(lambda: len(svc.factory.connections) == 2)
     for proto in svc.factory.connections:
         conn = proto.transport
@@ -319,7 +330,7 @@ async def test_an_idle_socket_keeps_little(run_service: Any) -> None:
     burst(svc, b"idle", 0, 3)
     assert [await raw.next_message() for _ in range(3)] == expected(0, 3)
     raw.ping(b"x")
-    await wait_for(lambda: raw.pongs_received == 1)
+    await wait_for(lambda: raw.pongs_received == 2)
     for client in (raw, v1):
         client.close()
         assert (await client.wait_closed())[0] == 1000

@@ -313,6 +313,38 @@ def test_autobahn_works_on_a_connection_without_its_lazy_state() -> None:
     assert failed == [1007]
 
 
+def test_autobahn_sets_the_frame_state_before_it_reads_it() -> None:
+    """After settle() drops what the last frames left (FRAME_STATE) from a connection between frames, it still
+    takes text, binary, fragmented and control frames, refuses bad UTF-8 with 1007, and settles again; in the
+    middle of a fragmented message settle() leaves everything in place."""
+    proto, transport = open_connection()
+    _private.install_compact_defaults(Recording)
+    got: list[tuple[bytes, bool]] = []
+    proto.onMessage = lambda payload, binary: got.append((payload, binary))
+    _private.compact(proto)
+    mask = b"\x00\x00\x00\x00"
+    proto.dataReceived(b"\x81\x82" + mask + b"hi")
+    assert set(_private.FRAME_STATE) & set(proto.__dict__)
+    _private.settle(proto)
+    assert not set(_private.FRAME_STATE) & set(proto.__dict__)
+    proto.dataReceived(b"\x82\x83" + mask + b"bin")
+    _private.settle(proto)
+    proto.dataReceived(b"\x01\x82" + mask + b"ab")  # a fragmented text message: first part
+    _private.settle(proto)
+    assert proto.inside_message and "message_data" in proto.__dict__
+    proto.dataReceived(b"\x80\x82" + mask + b"cd")
+    _private.settle(proto)
+    transport.clear()
+    proto.dataReceived(b"\x89\x81" + mask + b"p")  # a ping: the pong goes out
+    assert transport.value() == b"\x8a\x01p"
+    _private.settle(proto)
+    assert got == [(b"hi", False), (b"bin", True), (b"abcd", False)]
+    failed: list[int] = []
+    proto._fail_connection = lambda code, reason: failed.append(code)
+    proto.dataReceived(b"\x81\x81" + mask + b"\xff")
+    assert failed == [1007]
+
+
 def test_autobahn_copies_config_attrs_onto_each_connection() -> None:
     """Autobahn's _connectionMade copies every name in CONFIG_ATTRS from the factory; with options as class
     attributes and an empty CONFIG_ATTRS it copies nothing, and function options stay plain functions."""

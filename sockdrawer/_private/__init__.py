@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from sockdrawer._private.of_autobahn import (
     COMPACT_DEFAULTS,
+    FRAME_STATE,
     HANDSHAKE_STATE,
     LAZY_LOG_MODULES,
     LAZY_STATE,
@@ -38,6 +39,7 @@ from sockdrawer._private.of_autobahn import (
     raw_request_target,
     set_connection_timer,
     set_extension_offers,
+    settle,
 )
 from sockdrawer._private.of_twisted import (
     QuietClientService,
@@ -60,6 +62,7 @@ from sockdrawer._private.of_txredisapi import (
 __all__ = [
     "QuietClientService",
     "COMPACT_DEFAULTS",
+    "FRAME_STATE",
     "LAZY_STATE",
     "GuardedServerProtocol",
     "restart_pending",
@@ -75,6 +78,7 @@ __all__ = [
     "bound_inflation",
     "break_close_cycle",
     "compact",
+    "settle",
     "fail_connection",
     "feed",
     "install_compact_defaults",

@@ -17,25 +17,16 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from sockdrawer.core.logs import lazy_text
+from sockdrawer.core.logs import QUIET, lazy_text
 
 #: Attributes Autobahn's server keeps from the opening handshake and never
 #: reads once the socket is open.
 HANDSHAKE_STATE = (
-    "http_headers",
-    "http_request_data",
-    "http_status_line",
-    "http_request_uri",
-    "http_request_path",
-    "http_request_params",
-    "http_request_host",
-    "websocket_protocols",
-    "websocket_extensions",
-    "websocket_origin",
-    "_wskey",
+    "http_headers", "http_request_data", "http_status_line", "http_request_uri", "http_request_path",
+    "http_request_params", "http_request_host", "websocket_protocols", "websocket_extensions", "websocket_origin",
+    "_wskey", "http_response_data",
     # the server reads it in _onOpen (TLS details) and never after; transport_details reads None then
     "_transport_details",
-    "http_response_data",
     "websocket_extensions_in_use",  # only read while negotiating
 )
 
@@ -179,6 +170,8 @@ def install_compact_defaults(cls: type) -> None:
         setattr(cls, name, default)
     for name, (default, _) in LAZY_STATE.items():
         setattr(cls, name, default)
+    for name in FRAME_STATE:
+        setattr(cls, name, None)
     cls._transport_details = None  # type: ignore[attr-defined]  # dropped with the handshake state
 
 
@@ -210,6 +203,39 @@ def compact(proto: Any) -> None:
             if LAZY_STATE[name][1](state[name]):
                 del state[name]
     proto.__dict__ = dict(state)
+
+
+#: What Autobahn keeps of the last frame and message it received: each is
+#: set again before it is read, when the next frame or message begins.
+FRAME_STATE = (
+    "current_frame_masker", "frame_length", "frame_data", "control_frame_data", "message_is_binary",
+    "message_data", "message_data_total_length", "_isMessageCompressed", "utf8validateIncomingCurrentMessage",
+    "utf8validateLast",
+)
+
+
+def settle(proto: Any, own: tuple[str, ...] = ()) -> None:
+    """
+    After a read: if the open connection is between frames (no frame or
+    message begun, nothing buffered) and holds what the last frame left
+    (:data:`FRAME_STATE`), drop it and compact again (:func:`compact`), so a
+    socket that sent a few messages (a subscribe, a pong) idles as small as
+    one that sent none.  ``own`` names the caller's per-message attributes
+    to drop with them.
+
+    Assumption: Autobahn sets each name of :data:`FRAME_STATE` at the start
+    of a frame (``current_frame_masker``, ``frame_length``, ``frame_data``,
+    ``control_frame_data``) or of a message (the others) before it reads it,
+    and ``current_frame`` is ``None``, ``inside_message`` false and ``data``
+    empty between frames.
+    """
+    state = proto.__dict__
+    if "current_frame_masker" not in state or state.get("current_frame") is not None or state.get("data") \
+            or state.get("inside_message"):
+        return
+    for name in FRAME_STATE + own:
+        state.pop(name, None)
+    compact(proto)
 
 
 def options_as_class(base: type, factory: Any) -> type:
@@ -394,18 +420,6 @@ def _pformat(value: Any, *args: Any, **kwargs: Any) -> str:
     return pprint.pformat(value, *args, **kwargs)
 
 
-class _QuietLog:
-    """A txaio logger that logs nothing (for the lines a refusal would repeat)."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return _nothing
-
-
-def _nothing(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-_QUIET: Any = _QuietLog()
 _STATE_OPEN = autobahn.websocket.protocol.WebSocketProtocol.STATE_OPEN
 
 
@@ -414,16 +428,14 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
     Autobahn's server protocol with four of its internal steps overridden,
     each handing over to a hook a subclass defines (no-ops here):
 
-    - ``processHandshake`` and ``succeedHandshake``: Autobahn runs the
-      second (and ``onOpen``) in a Deferred callback, where an exception
-      would die unseen and leave the client waiting for the handshake
-      timeout; either one that raises calls :meth:`handshake_error`.
-    - ``failHandshake(reason, code, responseHeaders)``: :meth:`refusing`
-      may change all three before Autobahn writes the response (its own
-      status lines carry request details and exception texts), and logs the
-      refusal: Autobahn's two lines for it (info "failing WebSocket opening
-      handshake", warn "dropping connection") are not logged, so one refused
-      request is one line.
+    - ``processHandshake`` and ``succeedHandshake`` (Autobahn runs the second,
+      and ``onOpen``, in a Deferred callback, where an exception would die
+      unseen): either one that raises calls :meth:`handshake_error`; a
+      ``succeedHandshake`` that opened calls :meth:`handshake_done`.
+    - ``failHandshake(reason, code, responseHeaders)``: :meth:`refusing` may
+      change all three before Autobahn writes the response (its status lines
+      carry request details and exception texts) and logs the refusal, so
+      one refused request is one line, not Autobahn's two.
     - ``sendCloseFrame(code, reasonUtf8, isReply)``: :meth:`closing` runs
       before it (no data frame may follow a close frame), :meth:`closed_frame`
       after it.
@@ -442,16 +454,14 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
 
     def fast_handshake(self, data: bytes) -> bool:
         """
-        Answer a plain opening handshake without Autobahn's ``processHandshake``
-        (its header parser, ``urlparse`` and the Deferred it calls ``onConnect``
-        in): ``data`` starts with a complete request head.  Only a request
-        that passes every check of ``processHandshake`` as it stands is taken,
-        and the state it would leave is set the same way; then ``onConnect``
-        runs and Autobahn's own ``succeedHandshake`` (or ``failHandshake``)
-        answers.  Anything else (another method or version, a header repeated
-        or folded, non-ASCII bytes, a port or origin to check, a forwarded
-        address to trust, an extension header it cannot parse) returns False,
-        untouched, for the full path.
+        Answer a plain opening handshake (``data`` starts with a whole request
+        head) without Autobahn's ``processHandshake`` (its parser, ``urlparse``,
+        the Deferred around ``onConnect``): only a request that passes each of
+        its checks is taken, its state set the same way, then ``onConnect`` and
+        Autobahn's ``succeedHandshake`` (or ``failHandshake``) run.  Anything
+        else (another method or version, a header repeated or folded, non-ASCII
+        bytes, a port or origin to check, a forwarded address, an extension
+        header it cannot parse) returns False, untouched, for the full path.
 
         Assumptions (Autobahn's ``processHandshake``, pinned in
         ``tests/test_private.py``): the checks and state listed here are all it
@@ -561,7 +571,7 @@ class GuardedServerProtocol(autobahn.twisted.websocket.WebSocketServerProtocol):
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         reason, code, responseHeaders = self.refusing(reason, code, responseHeaders)
-        log, self.log = self.log, _QUIET
+        log, self.log = self.log, QUIET
         try:
             super().failHandshake(reason, code, responseHeaders)
         finally:

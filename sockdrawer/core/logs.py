@@ -57,3 +57,17 @@ def lazy_text(func: Callable[..., str]) -> Callable[..., Any]:
     lazy.__sockdrawer_lazy__ = True  # type: ignore[attr-defined]
     lazy.__wrapped__ = func  # type: ignore[attr-defined]
     return lazy
+
+
+class _Quiet:
+    """A txaio-style logger that logs nothing (for the lines a refusal would repeat)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+QUIET: Any = _Quiet()

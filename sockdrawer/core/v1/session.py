@@ -256,8 +256,8 @@ class V1Session:
         self.peer = peer
         self.subscriptions: dict[bytes, Subscription] = {}
         self._client: str | None = None
-        #: history reads waiting for this session's one read in flight
-        self._reads: deque[tuple[Subscription, str | None, bool, bool]] = deque()
+        #: history reads waiting for this session's one read in flight (a deque only while some wait)
+        self._reads: deque[tuple[Subscription, str | None, bool, bool]] | None = None
         self._reading = False
         self._pumping = False
         #: the address its subscriptions are counted against (--max-subscriptions-per-ip)
@@ -476,11 +476,10 @@ class V1Session:
         (the next page of a replay goes first, so a subscription finishes
         before the next starts).
         """
-        entry = (sub, since, reset, announce)
-        if first:
-            self._reads.appendleft(entry)
-        else:
-            self._reads.append(entry)
+        reads = self._reads
+        if reads is None:
+            reads = self._reads = deque()
+        (reads.appendleft if first else reads.append)((sub, since, reset, announce))
         self._pump()
 
     def _pump(self) -> None:
@@ -493,6 +492,8 @@ class V1Session:
             history = self.host.history
             while not self._reading and self._reads and history is not None:
                 sub, since, reset, announce = self._reads.popleft()
+                if not self._reads:
+                    self._reads = None  # an idle session keeps no deque
                 if self.subscriptions.get(sub.key) is not sub:
                     continue  # unsubscribed meanwhile
                 self._reading = True

@@ -82,8 +82,9 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendP
     _pending_ip: str | None = None
     _opened = False
     #: token bucket for frames from the client: tokens left, as of when
-    _bucket = -1.0
-    _bucket_at = 0.0
+    #: the frame rate limit as a virtual schedule (GCRA, the token bucket's one-number form): when the next
+    #: frame is due if the client kept to the rate; up to frame_burst - 1 intervals ahead of now are allowed
+    _due = 0.0
     _fragments = 0  # frames in the message being received
     #: what this socket's token allows (``None``: no token)
     grant: Grant | None = None
@@ -178,6 +179,8 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendP
                 return
             data = head
         _private.feed(self, data)
+        if self.state == _STATE_OPEN and self._opened:
+            _private.settle(self, ("_fragments",))  # what the frames just read left behind, dropped
 
     def connectionLost(self, reason: Any = None) -> None:
         self.stream_lost()
@@ -344,23 +347,19 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendP
             super().onPing(payload)
 
     def _take_frame(self) -> bool:
-        """Take one frame from the socket's token bucket; close with 1008 when it is empty."""
+        """Take one frame from the socket's token bucket (``_due``); close with 1008 when it is empty."""
         if self.state != _STATE_OPEN:
             return False
         self.factory.frames_received += 1
         settings = self.factory.options
         now = self.factory.clock.seconds()
-        tokens = self._bucket
-        if tokens < 0:
-            tokens = settings.frame_burst
-        else:
-            tokens = min(settings.frame_burst, tokens + (now - self._bucket_at) * settings.max_frames_per_second)
-        self._bucket_at = now
-        if tokens < 1:
-            self._bucket = tokens
+        interval = 1.0 / settings.max_frames_per_second
+        due = max(self._due, now)
+        # the burst spent: over the rate (half an interval of slack for the sum's rounding)
+        if due - now > (settings.frame_burst - 0.5) * interval:
             self.over_rate_limit()
             return False
-        self._bucket = tokens - 1
+        self._due = due + interval
         return True
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -392,10 +391,13 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendP
         self._leave()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        if self.state == self.STATE_CONNECTING and not (sync or chopsize) and self._answer_now(data):
-            return
-        # Everything Autobahn sends (handshake, pings, pongs, close frames) and every reply goes
-        # through Twisted's buffer; until that has drained, the group must not write past it.
+        if not (sync or chopsize):
+            sent = self.send_now(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # What did not go straight to the kernel (the handshake's answer, pings, pongs, close frames,
+        # replies) goes through Twisted's buffer; until that has drained, the group must not write past it.
         group = self._group
         if group is not None:
             group.demote(self)

@@ -50,8 +50,9 @@ class SendPath:
     _slow_timer: IDelayedCall | None = None
     #: set when cutting off a slow reader: no waiting for its buffer to drain
     _abort_on_close = False
-    #: whether the transport took this socket as its producer (hears of its buffer filling and draining)
-    _watched = False
+    #: whether the transport took this socket as its producer (hears of its buffer filling and draining): the
+    #: usual case, so the class holds True and only a socket it failed for holds False (read once open)
+    _watched = True
     #: Twisted's BaseProtocol sets it to 1 in makeConnection and never back: as a class attribute it needs no
     #: room in each socket's dict (handshake_done drops the copy)
     connected = 1
@@ -64,12 +65,12 @@ class SendPath:
         elif conn is not None:
             self._tcp = conn
         register = getattr(self.transport, "registerProducer", None)
-        if register is not None:
-            try:
-                register(self, True)
-                self._watched = True
-            except RuntimeError:  # a producer is registered already (under a Site)
-                pass
+        try:
+            if register is None:
+                raise RuntimeError("no producer support")
+            register(self, True)
+        except RuntimeError:  # no producer support, or one registered already (under a Site)
+            self._watched = False
 
     def handshake_done(self) -> None:
         """Open, with everything the opening set: shrink what an idle socket keeps."""
@@ -80,24 +81,29 @@ class SendPath:
         if conn is not None:
             _private.compact_transport(conn)
 
-    def _answer_now(self, data: bytes) -> bool:
+    def send_now(self, data: bytes) -> int:
         """
-        Send the answer to the opening handshake straight to the kernel, when
+        Send what Autobahn sends (the answer to the opening handshake,
+        pings, pongs, close frames) and replies straight to the kernel while
         nothing waits in Twisted's buffer (plain TCP or UNIX): no write turn
-        of the reactor, and the buffer stays untouched.  Returns whether all
-        of it went; what did not goes the usual way.
+        of the reactor, and the buffer stays untouched (and small).  Returns
+        how many bytes went; the rest goes the usual way, behind them.
         """
-        conn, direct = _private.tcp_connection(self.transport)
-        if not direct or _private.has_write_backlog(conn) or len(self.send_queue):  # type: ignore[arg-type]
-            return False
+        sock = self._sock
+        if sock is None:
+            if self.state != self.STATE_CONNECTING:  # type: ignore[attr-defined]
+                return 0
+            conn, direct = _private.tcp_connection(self.transport)
+            if not direct:
+                return 0
+            sock = conn.getHandle()  # type: ignore[union-attr]
+        if _private.has_write_backlog(self.transport) or len(self.send_queue):
+            return 0
         try:
-            sent = conn.getHandle().send(data)  # type: ignore[union-attr]
+            sent: int = sock.send(data)
         except OSError:
-            return False
-        if sent == len(data):
-            return True
-        self.transport.write(data[sent:])
-        return True
+            return 0
+        return sent
 
     # -- delivery, driven by the ChannelGroup (fanout.Member)
 
