@@ -17,6 +17,9 @@ Scenarios:
   fanout    1 channel, 1,000 sockets, 100-byte messages, rate stepped up from 100 msg/s
   channels  10,000 sockets, one channel each, 100 B, rate stepped up from 5,000 msg/s
   idle      10,000 idle sockets: RSS per socket, connect rate, handshake CPU
+  idle-channels  the same with one channel per socket
+  idle-v1   the same with clients speaking sockdrawer.v1, one channel each (a subscribe each);
+            sockdrawer builds only
   large     1,000 sockets on 1 channel, 16 KiB messages, rate stepped up from 10 msg/s
   fanout-json  1 channel, 1,000 sockets, 1 KiB JSON messages, rate stepped up from 100 msg/s
   fanout-v1 fanout with clients speaking sockdrawer.v1 (path /, a subscribe, JSON envelopes);
@@ -113,6 +116,8 @@ SCENARIOS = {
     "fanout": Scenario("fanout", "1 channel, 1,000 sockets, 100 B", 1000, 1, 100, 100, 10_000),
     "channels": Scenario("channels", "10,000 sockets, 1 channel each, 100 B", 10_000, 10_000, 100, 5000, 200_000),
     "idle": Scenario("idle", "10,000 idle sockets", 10_000, 1),
+    "idle-channels": Scenario("idle-channels", "10,000 idle sockets, 1 channel each", 10_000, 10_000),
+    "idle-v1": Scenario("idle-v1", "10,000 idle sockdrawer.v1 sockets, 1 channel each", 10_000, 10_000, v1=True),
     "large": Scenario("large", "1 channel, 1,000 sockets, 16 KiB", 1000, 1, 16384, 10, 5000),
     "fanout-json": Scenario("fanout-json", "1 channel, 1,000 sockets, 1 KiB JSON", 1000, 1, 1024, 100, 10_000,
                             "json"),
@@ -125,12 +130,16 @@ QUICK = {
     "fanout": dict(sockets=200, start_rate=100),
     "channels": dict(sockets=1000, channels=1000, start_rate=2000),
     "idle": dict(sockets=1000),
+    "idle-channels": dict(sockets=1000, channels=1000),
+    "idle-v1": dict(sockets=1000, channels=1000),
     "large": dict(sockets=100, start_rate=20),
     "fanout-json": dict(sockets=200, start_rate=100),
     "fanout-v1": dict(sockets=200, start_rate=100),
     "fanout-sse": dict(sockets=200, start_rate=100),
 }
-ORDER = ["fanout", "channels", "idle", "large", "fanout-json", "fanout-v1", "fanout-sse"]
+ORDER = ["fanout", "channels", "idle", "idle-channels", "idle-v1", "large", "fanout-json", "fanout-v1", "fanout-sse"]
+#: the scenarios that only open sockets and measure them idle (no publishing)
+IDLE = ("idle", "idle-channels", "idle-v1")
 
 
 @dataclass
@@ -1293,7 +1302,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
             rows.append([scenario, name] + vals)
 
     for s in scen:
-        if s != "idle":
+        if s not in IDLE:
             row(s, f"highest rate held for the confirming window (no loss, p99 <= {P99_LIMIT_MS:.0f} ms), "
                    "deliveries/s",
                 held_text)
@@ -1316,7 +1325,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
             row(s, "lowest failing rate tried, msg/s (why)", fail_text)
             row(s, "steps disturbed by other processes",
                 lambda r: str(sum(1 for x in r["steps"] if x.get("noisy"))))
-        if s == "idle":
+        if s in IDLE:
             row(s, "RSS per idle socket, bytes", lambda r: num(conn_figs(r)["rss_per_socket"]))
             row(s, "time to open all sockets, s", lambda r: f"{conn_figs(r)['connect_s']:.2f}")
             row(s, "connections/s", lambda r: num(conn_figs(r)["conn_per_s"]))
@@ -1462,7 +1471,7 @@ def runs_of(runs: list[dict[str, Any]], scenario: str) -> list[dict[str, Any]]:
 
 def print_compare(runs: list[dict[str, Any]], rst: bool) -> None:
     for s in ORDER:
-        if s != "idle" and len(runs_of(runs, s)) > 1:
+        if s not in IDLE and len(runs_of(runs, s)) > 1:
             print()
             print(compare_text(runs, s))
             if rst:
@@ -1523,7 +1532,7 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scen = [s for s in ORDER if s != "idle" and any(r["scenario"] == s and r["steps"] for r in runs)]
+    scen = [s for s in ORDER if s not in IDLE and any(r["scenario"] == s and r["steps"] for r in runs)]
     if not scen:
         print("nothing to plot", file=sys.stderr)
         return
@@ -1660,7 +1669,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="do not measure: read runs from this JSON-lines file (the last invocation in it, "
                         "or --run-id) and print/plot them; repeatable, to put runs side by side")
     p.add_argument("--run-id", default=None, help="with --from-json: which invocation to show")
-    p.add_argument("--steps-table", default=None, choices=[s for s in ORDER if s != "idle"],
+    p.add_argument("--steps-table", default=None, choices=[s for s in ORDER if s not in IDLE],
                    help="with --from-json: also print an RST table of this scenario's steps, one column "
                         "per run: server CPU us/delivery and p99 latency at each rate")
     p.add_argument("--no-compare", action="store_true",
