@@ -288,7 +288,7 @@ class EnvelopeGroup(SubscriptionGroup):
     def __init__(self, key: bytes, encoding: int, deflater: Deflater | None, stats: FanoutStats) -> None:
         self.key = key
         self.encoding = encoding
-        self._channel_json = json.dumps(key.decode("utf-8"), ensure_ascii=False)
+        self._channel_json: str | None = None  # made at the first batch: an idle group keeps no string
         self._deflater = deflater
         self.stats = stats
         self.members: dict[Subscription, None] = {}
@@ -307,7 +307,10 @@ class EnvelopeGroup(SubscriptionGroup):
             offsets = batch.offsets or [None] * len(batch.messages)
             frame = self._deflater.encode_frame if self._deflater is not None else encode_frame
             pairs = zip(batch.messages, offsets, strict=True)
-            data = cache[cache_key] = b"".join(frame(envelope(self._channel_json, off, m), TEXT) for m, off in pairs)
+            channel = self._channel_json
+            if channel is None:
+                channel = self._channel_json = json.dumps(self.key.decode("utf-8"), ensure_ascii=False)
+            data = cache[cache_key] = b"".join(frame(envelope(channel, off, m), TEXT) for m, off in pairs)
         return data
 
 
