@@ -39,6 +39,10 @@ class RecordingOutbox:
         # one payload (the fake framing leaves it JSON), or a group's shared frames as they are
         self.out.append(json.loads(data) if data[:1] == b"{" else data)
 
+    def direct_send(self) -> Any:
+        """No socket to send to directly: every write goes through :meth:`write`."""
+        return None
+
 
 class RecordingFanout:
     """Records which subscriptions joined a fan-out group."""

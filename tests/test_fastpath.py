@@ -15,6 +15,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from websockets.frames import Opcode
 from wsclient import RawClient, connect
 
+from sockdrawer import _private
+
 
 async def reactor_turn() -> None:
     await task.deferLater(reactor, 0, lambda: None)
@@ -335,3 +337,38 @@ async def test_an_idle_socket_keeps_little(run_service: Any) -> None:
         client.close()
         assert (await client.wait_closed())[0] == 1000
     await wait_for(lambda: not svc.factory.connections)
+
+
+@pytest_twisted.ensureDeferred
+async def test_v1_socket_that_stops_reading_gets_every_channel_intact_and_in_order(run_service: Any) -> None:
+    """A sockdrawer.v1 socket on two channels stops reading while both get large bursts: its kernel buffer
+    fills and frames wait in Twisted's buffer, and then neither channel's group keeps sending straight to the
+    socket; when it reads again every frame is whole (websockets parses each), each channel's messages come
+    in order, and the next one goes direct again."""
+    import json
+
+    svc = await run_service(send_buffer=64 * 1024 * 1024, slow_timeout=0)
+    client = await connect(svc.ws_port, "/", subprotocols=["sockdrawer.v1"])
+    for channel in ("a", "b"):
+        client.send_json({"op": "subscribe", "channel": channel})
+        assert (await client.next_json())["op"] == "subscribed"
+    (proto,) = svc.factory.connections
+    client.transport.pauseProducing()
+    pad = "." * 20_000
+    for i in range(150):
+        for key in (b"a", b"b"):
+            svc.hub.deliver(key, b"%s %d %s" % (key, i, pad.encode()))
+        if i == 10:
+            await reactor_turn()
+    assert _private.write_backlog(proto.transport) > 0, "the kernel took it all: nothing was queued"
+    for sub in proto._session.subscriptions.values():  # neither channel's group may send past what waits
+        assert sub not in (sub.group._sends or {}), f"{sub.channel}'s group still sends straight to the socket"
+    client.transport.resumeProducing()
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for _ in range(300):
+        envelope = json.loads((await client.next_message(timeout=20))[1])
+        channel, number, _rest = envelope["data"].split(" ", 2)
+        got[envelope["channel"]].append(int(number))
+    assert got == {"a": list(range(150)), "b": list(range(150))}
+    svc.hub.deliver(b"a", b"after")  # drained: direct again
+    assert json.loads((await client.next_message())[1])["data"] == "after"

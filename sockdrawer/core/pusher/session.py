@@ -25,6 +25,7 @@ from zope.interface import implementer
 from sockdrawer.core.channels import ChannelNameError, validate_channel
 from sockdrawer.core.events import wrap
 from sockdrawer.core.interfaces import Batch, IChannelHub, ISink
+from sockdrawer.core.members import Members
 from sockdrawer.core.pusher.auth import CHANNEL_NAME, PusherApp
 
 _log = Logger(namespace="sockdrawer.pusher")
@@ -121,7 +122,7 @@ class PusherGroup:
         self.host = host
         self.key = key
         self.channel = key.decode("utf-8")
-        self.members: dict[PusherSession, None] = {}
+        self.members: Members[PusherSession] = Members()
 
     @property
     def receivers(self) -> int:

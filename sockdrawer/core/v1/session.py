@@ -70,25 +70,23 @@ class Subscription:
     live messages aside; then it sends the replay, the kept messages that
     came after it (never one twice), and goes live.
 
-    The replay is read on another Redis connection than the one live
-    messages arrive on, so a message the replay already held can still be
-    on its way on the subscriber connection when the subscription goes live:
-    until the first live message newer than the replay arrives, live
+    The replay is read on another Redis connection than live messages, so a
+    message the replay held can still be on its way when the subscription
+    goes live: until the first live message newer than the replay, live
     messages at or before the last offset sent are dropped (``_guard``).
 
     While the broker's subscription does not cover the channel (from the
     hub's ``broker_lost`` to its ``broker_gap``), live messages cannot be
-    taken as following the last one sent: some may be missing in between.
-    The subscription is ``SUSPENDED``: it keeps them aside, and at the gap it
-    reads history from its last offset, which holds them all, in order.
+    taken as following the last one sent: the subscription is
+    ``SUSPENDED``, keeps them aside, and at the gap reads history from its
+    last offset, which holds them all, in order.
     """
 
-    __slots__ = ("session", "key", "channel", "group", "state", "_kept", "last", "presence", "present", "_guard")
+    __slots__ = ("session", "key", "group", "state", "_kept", "last", "presence", "present", "_guard")
 
     def __init__(self, session: V1Session, key: bytes) -> None:
         self.session = session
         self.key = key
-        self.channel = key.decode("utf-8")
         #: the transport's fan-out group this subscription is a member of
         self.group: Any = None
         self.state = State.AUTHORIZING
@@ -102,6 +100,8 @@ class Subscription:
         self.present = False
         #: live since a replay, and no live message newer than it seen yet
         self._guard = False
+
+    channel = property(lambda self: self.key.decode("utf-8"), doc="The channel's name (made when read).")
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} {self.state.value}>"
@@ -243,11 +243,9 @@ class Subscription:
 class V1Session:
     """
     The v1 state of one connection: its subscriptions, and the handling of
-    the client's messages.
-
-    :param host: the node's parts (history, presence, hub, listeners, limits).
-    :param outbox: where its frames go.
-    :param peer: who is on the other end.
+    the client's messages.  ``host``: the node's parts (history, presence,
+    hub, listeners, limits); ``outbox``: where its frames go; ``peer``: who
+    is on the other end.
     """
 
     def __init__(self, host: SessionHost, outbox: Outbox, peer: Peer) -> None:

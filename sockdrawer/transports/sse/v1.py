@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from sockdrawer.core.channels import ChannelNameError, validate_channel
 from sockdrawer.core.interfaces import Batch, ISink
+from sockdrawer.core.members import Members
 from sockdrawer.core.v1 import Peer, V1Session
 from sockdrawer.core.v1.messages import envelope
 from sockdrawer.transports.sse.stream import EventStream, StreamRefused, StreamRequest, start_response
@@ -105,7 +106,7 @@ class StreamEnvelopeGroup(SubscriptionGroup):
     def __init__(self, key: bytes, registry: Any) -> None:
         self.key = key
         self._channel_json = json.dumps(key.decode("utf-8"), ensure_ascii=False)
-        self.members: dict[Any, None] = {}
+        self.members: Members[Any] = Members()
         self.registry = registry
         #: what the subscriptions take back from when they drop a replayed message
         self.stats = registry.stats

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from zope.interface import implementer
 
 from sockdrawer.core.interfaces import Batch, ISink
+from sockdrawer.core.members import Members
 from sockdrawer.core.v1.messages import envelope
 from sockdrawer.core.v1.session import State, Subscription
 from sockdrawer.transports.websocket.frames import TEXT, Deflater, encode_batch, encode_frame
@@ -262,7 +263,7 @@ class SubscriptionGroup:
 
     __slots__ = ()
 
-    members: dict[Subscription, None]
+    members: Members[Subscription]
 
     def gap(self) -> None:
         """The broker may have lost messages: every subscription catches up from history."""
@@ -280,10 +281,13 @@ class EnvelopeGroup(SubscriptionGroup):
     """
     The v1 subscriptions of one channel with one encoding, as one sink: each
     batch becomes envelope frames once, and the same bytes go to every
-    subscription.
+    subscription: through its socket's outbox, or, for a live subscription
+    whose socket had nothing waiting in Twisted's buffer at its last write,
+    straight to the socket's ``send`` (until the socket queues anything:
+    :meth:`forget`).
     """
 
-    __slots__ = ("key", "encoding", "_channel_json", "_deflater", "stats", "members", "__weakref__")
+    __slots__ = ("key", "encoding", "_channel_json", "_deflater", "stats", "members", "_sends", "__weakref__")
 
     def __init__(self, key: bytes, encoding: int, deflater: Deflater | None, stats: FanoutStats) -> None:
         self.key = key
@@ -291,11 +295,20 @@ class EnvelopeGroup(SubscriptionGroup):
         self._channel_json: str | None = None  # made at the first batch: an idle group keeps no string
         self._deflater = deflater
         self.stats = stats
-        self.members: dict[Subscription, None] = {}
+        self.members: Members[Subscription] = Members()
+        #: the socket's ``send`` of each live member whose Twisted buffer was empty at its last write through
+        #: it, until its socket queues anything (SendPath.queueing calls forget): frames go to those directly
+        self._sends: dict[Subscription, Callable[[bytes], int]] | None = None
 
     @property
     def receivers(self) -> int:
         return len(self.members)
+
+    def forget(self, sub: Subscription) -> None:
+        """``sub``'s socket queues bytes in Twisted, or ``sub`` leaves: no more direct sends to it."""
+        sends = self._sends
+        if sends is not None and sends.pop(sub, None) is not None and not sends:
+            self._sends = None
 
     def frames(self, batch: Batch) -> bytes:
         cache_key = ("v1", self.encoding)
@@ -322,11 +335,29 @@ class EnvelopeGroup(SubscriptionGroup):
         last = None
         if batch.offsets is not None:
             last = next((offset for offset in reversed(batch.offsets) if offset is not None), None)
+        size = len(data)
         for sub in members:
             # a live subscription past its replay (the usual case) takes the frames as they are: what
-            # Subscription.deliver would do, without its calls
+            # Subscription.deliver would do, without its calls; straight to the socket while nothing waits
+            # in its Twisted buffer
             if sub.state is _LIVE and not sub._guard:
-                sub.session.outbox.write(data)
+                sends = self._sends
+                send = sends.get(sub) if sends is not None else None
+                outbox: Any = sub.session.outbox  # a SockDrawerServerProtocol (transports.websocket.sendpath)
+                if send is not None:
+                    try:
+                        sent = send(data)
+                    except OSError:
+                        sent = 0
+                    if sent != size:
+                        outbox.backlog(data[sent:] if sent else data)  # which forgets it
+                else:
+                    outbox.write(data)
+                    send = outbox.direct_send()
+                    if send is not None and sub.group is self and outbox.can_send:
+                        if sends is None:
+                            sends = self._sends = {}
+                        sends[sub] = send
                 if last is not None:
                     sub.last = last
             else:

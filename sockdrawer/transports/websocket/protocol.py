@@ -399,8 +399,7 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendP
         # What did not go straight to the kernel (the handshake's answer, pings, pongs, close frames,
         # replies) goes through Twisted's buffer; until that has drained, the group must not write past it.
         group = self._group
-        if group is not None:
-            group.demote(self)
+        self.queueing()
         super().sendData(data, sync, chopsize)
         if (group is not None and self._group is group) or self._session is not None:
             # pongs and replies to a client that sends but never reads count against its limits too

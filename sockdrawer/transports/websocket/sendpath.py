@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall
 
 from sockdrawer import _private
 from sockdrawer.core.channels import printable
+from sockdrawer.core.v1 import V1Session
 
 CLOSE_POLICY_VIOLATION = 1008
 #: Twisted's write-buffer size above which a socket counts as "too slow"
@@ -136,15 +137,32 @@ class SendPath:
                 return
             if sent:
                 data = data[sent:]
+        self.queueing()
         self.transport.write(data)
         self._check_backlog(len(data))
 
     def backlog(self, rest: bytes) -> None:
+        self.queueing()
+        self.transport.write(rest)
+        self._check_backlog(len(rest))
+
+    def queueing(self) -> None:
+        """
+        Bytes are about to wait in Twisted's buffer: no group may send to
+        this socket directly until it has drained (a direct write would land
+        in the middle of what waits).  The channel group, and the envelope
+        groups of its sockdrawer.v1 subscriptions, stop; each finds out
+        again that the buffer drained when it next writes through it.
+        """
         group = self._group
         if group is not None:
             group.demote(self)
-        self.transport.write(rest)
-        self._check_backlog(len(rest))
+        session = self._session
+        if isinstance(session, V1Session):
+            for sub in session.subscriptions.values():
+                forget = getattr(sub.group, "forget", None)
+                if forget is not None:
+                    forget(sub)
 
     def _check_backlog(self, just_queued: int) -> None:
         """

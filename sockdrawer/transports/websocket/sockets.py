@@ -189,6 +189,7 @@ class SocketRegistry:
         sub.group = None
         if group is None:
             return
+        group.forget(sub)
         if group.members.pop(sub, 0) is None and self.lifecycle is not None:
             self.lifecycle.left(group.key)
         index = (group.key, group.encoding)

@@ -127,3 +127,54 @@ def test_the_groups_live_path_writes_what_deliver_writes() -> None:
         assert sub_a.last == sub_b.last
     assert by_group.out == by_deliver.out and sub_a.last == "e:3-0"
     assert _data(by_group.out)[-3:] == [group.frames(b) for b in batches]
+
+
+class DirectOutbox(RecordingOutbox):
+    """An outbox with a socket: direct sends are recorded apart, and take ``room`` bytes at most (then what is
+    left goes to ``backlog``, which, as the socket's does, makes every group forget it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.direct: list[bytes] = []
+        self.backlogged: list[bytes] = []
+        self.room = 1 << 20
+        self.group: Any = None
+        self.sub: Any = None
+
+    def direct_send(self) -> Any:
+        return None if self.backlogged else self._send
+
+    def _send(self, data: bytes) -> int:
+        taken = data[: self.room]
+        self.direct.append(taken)
+        return len(taken)
+
+    def backlog(self, rest: bytes) -> None:
+        self.backlogged.append(rest)
+        self.group.forget(self.sub)
+
+
+def test_a_live_subscription_gets_frames_straight_to_its_socket_until_it_queues() -> None:
+    """The first batch goes through the outbox; then, while nothing waits in the socket's buffer, the group
+    sends the frames itself; a partial send leaves the rest to the outbox's backlog and the group forgets the
+    socket (the next batch goes through the outbox again); a subscription that leaves is forgotten too."""
+    _, sub, group, _ = _v1_subscription([])
+    outbox = DirectOutbox()
+    sub.session.outbox = outbox
+    outbox.group, outbox.sub = group, sub
+    sub.go_live(Replay(None), reset=False)
+    outbox.out.clear()
+    first, second, third = (Batch(b"c", [b"%d" % i], [f"e:{i}-0"]) for i in (1, 2, 3))
+    group.receive(first)
+    assert outbox.out == [group.frames(first)] and outbox.direct == []
+    group.receive(second)
+    assert outbox.direct == [group.frames(second)] and sub.last == "e:2-0"
+    outbox.room = 3
+    group.receive(third)
+    frames = group.frames(third)
+    assert outbox.direct[-1] == frames[:3] and outbox.backlogged == [frames[3:]] and sub.last == "e:3-0"
+    fourth = Batch(b"c", [b"4"], ["e:4-0"])
+    group.receive(fourth)
+    assert outbox.out[-1] == group.frames(fourth)  # through the outbox, behind what waits
+    group.forget(sub)
+    assert group._sends is None
