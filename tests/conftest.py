@@ -50,6 +50,17 @@ def commands(data: bytes) -> list[list[bytes]]:
     return out
 
 
+#: every redis-server the tests started and have not stopped: killed when the run (or an xdist worker) ends
+_STARTED: set[subprocess.Popen[bytes]] = set()
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    for proc in list(_STARTED):
+        proc.kill()
+        proc.wait()
+    _STARTED.clear()
+
+
 class RedisServer:
     """A private redis-server child process on a free port, restartable."""
 
@@ -68,6 +79,7 @@ class RedisServer:
 
     def start(self, port: int | None = None) -> None:
         """Start it (again, on the same port when restarting)."""
+        self.stop()  # never two at once: the first would outlive the run
         for attempt in range(5):
             self.port = port or free_port()
             self.proc = subprocess.Popen(
@@ -76,6 +88,7 @@ class RedisServer:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
+            _STARTED.add(self.proc)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -94,6 +107,7 @@ class RedisServer:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            _STARTED.discard(self.proc)
             self.proc = None
 
     def client(self) -> redis_py.Redis:
