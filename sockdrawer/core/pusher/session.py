@@ -148,7 +148,7 @@ class PusherGroup:
                 out["user_id"] = extra
             payload = json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             frames: dict[int, bytes] = {}
-            for session in self.members:
+            for session in tuple(self.members):  # a slow reader cut off leaves the group meanwhile
                 outbox = session.outbox
                 if session.socket_id == exclude or not outbox.can_send:
                     continue
