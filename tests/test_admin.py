@@ -30,6 +30,20 @@ XSS = "<img src=x onerror=\"window.pwned=1\">"
 HTML_CHANNEL = "<b>bold<i>"
 
 
+def click_cell(driver: Any, table: str, text: str, tries: int = 20) -> None:
+    """Click the cell of ``table`` that reads ``text``; the page redraws its tables with each feed event (every
+    second), so a cell found just before a redraw is gone when clicked: find it again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for attempt in range(tries):
+        try:
+            driver.find_element(By.XPATH, f"//table[@id='{table}']//td[text()='{text}']").click()
+            return
+        except StaleElementReferenceException:
+            if attempt == tries - 1:
+                raise
+
+
 def wait_until(driver: Any, script: str, timeout: float = 15.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -108,7 +122,7 @@ def test_the_page_in_chromium(admin_node: ChildNode, chromium: Any) -> None:  # 
         # a channel named with HTML is a row of text
         assert wait_until(chromium, f"return [...document.querySelectorAll('#channels td')]"
                                     f".some(td => td.textContent === {json.dumps(HTML_CHANNEL)})")
-        chromium.find_element(By.XPATH, "//table[@id='channels']//td[text()='news']").click()
+        click_cell(chromium, "channels", "news")
         wait_until(chromium, "return document.getElementById('channel-name').textContent === 'news'")
         chromium.find_element(By.ID, "message").send_keys("hello from the admin page")
         chromium.find_element(By.CSS_SELECTOR, "#publish button").click()
@@ -118,7 +132,7 @@ def test_the_page_in_chromium(admin_node: ChildNode, chromium: Any) -> None:  # 
         chromium.find_element(By.CSS_SELECTOR, "#publish button").click()
         assert socket.recv(timeout=10) == XSS
         # the channel again: its history, the last message as text
-        chromium.find_element(By.XPATH, "//table[@id='channels']//td[text()='news']").click()
+        click_cell(chromium, "channels", "news")
         wait_until(chromium, f"return [...document.querySelectorAll('#history li')]"
                              f".some(li => li.textContent.endsWith({json.dumps(XSS)}))")
         chromium.find_element(By.ID, "target").send_keys("alice")
