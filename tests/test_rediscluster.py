@@ -53,6 +53,10 @@ from sockdrawer.testing import RecordingSink
 # -- the cluster
 
 
+class _PortTaken(Exception):
+    """A cluster node exited at once: its port or bus port was taken."""
+
+
 class LocalCluster:
     """Six redis-server processes in cluster mode on free ports: three masters, one replica each."""
 
@@ -69,11 +73,15 @@ class LocalCluster:
     def start(self) -> None:
         while len(self.ports) < 6:
             port, bus = free_port(), free_port()
-            if port != bus and port not in self.ports and port not in self.bus.values():
-                self.ports.append(port)
-                self.bus[port] = bus
-        for port in self.ports:
-            self.start_node(port)
+            if port == bus or port in self.ports or port in self.bus.values() or bus in self.ports:
+                continue
+            self.bus[port] = bus
+            try:
+                self.start_node(port)
+            except _PortTaken:  # another process took the port or its bus port meanwhile: other ports
+                del self.bus[port]
+                continue
+            self.ports.append(port)
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                         "--cluster-replicas", "1", "--cluster-yes"], check=True, timeout=60,
                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -89,7 +97,13 @@ class LocalCluster:
              "--cluster-node-timeout", "1000", "--appendonly", "no", "--save", "", "--dir", str(node_dir),
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._until(lambda: self._accepts(port), f"redis-server on {port} did not start")
+
+        def up() -> bool:
+            if self.procs[port].poll() is not None:  # it exited: it could not bind
+                raise _PortTaken(port)
+            return self._accepts(port)
+
+        self._until(up, f"redis-server on {port} did not start")
 
     def _accepts(self, port: int) -> bool:
         try:
