@@ -173,7 +173,8 @@ async def test_census_writes_thousands_of_channels_and_then_only_changes(run_ser
                                                                          redis_server: RedisServer) -> None:
     """A node's census hash holds all of 6,000 channels (more than one Lua unpack takes); the next write sends
     only what changed (one count, one channel gone, one new) and the hash matches again; a hash that vanished
-    (expired while Redis was away) is written whole on the next write."""
+    (expired while Redis was away) is written whole on the next write; after a write that failed (Redis may
+    have run it or not) the next one replaces the hash whole, stale fields and all."""
     import redis as redis_py
 
     from sockdrawer.node.census import HashWriter
@@ -184,11 +185,17 @@ async def test_census_writes_thousands_of_channels_and_then_only_changes(run_ser
     link = svc.broker
 
     class Counting:
+        fail = False
+
         def eval(self, script: str, keys: list[Any], args: list[Any]) -> Any:
+            if self.fail:
+                self.fail = False
+                raise ConnectionError("timed out")
             sent.append(len(args))
             return link.eval(script, keys, args)
 
-    writer = HashWriter(Counting(), "test:census:big", 6)
+    counting = Counting()
+    writer = HashWriter(counting, "test:census:big", 6)
     counts = {b"c%d" % i: 1 for i in range(6000)}
     await writer.write(counts)
     plain = redis_py.Redis.from_url(redis_server.url)
@@ -204,6 +211,12 @@ async def test_census_writes_thousands_of_channels_and_then_only_changes(run_ser
     assert sent == [3 + 1 + 4]  # ttl, flag, one deletion and its field, two field/value pairs
     assert await deferToThread(held) == counts
     plain.delete("test:census:big")
+    await writer.write(counts)
+    assert await deferToThread(held) == counts
+    plain.hset("test:census:big", "ghost", 1)  # what a write that failed on the node may have left in Redis
+    counting.fail = True
+    with pytest.raises(ConnectionError):
+        await writer.write(counts)
     await writer.write(counts)
     assert await deferToThread(held) == counts
     plain.close()

@@ -29,11 +29,15 @@ INTERVAL = 2.0
 
 #: brings a node's hash up to date and sets it to expire.  KEYS[1]: the hash; ARGV[1]: its ttl; ARGV[2]: "1" when
 #: the node wrote fields before (the hash must still be there: else it expired or Redis lost it, and the node
-#: answers 0 and writes everything again); ARGV[3]: how many fields to delete, those fields, then field, value
-#: pairs to set.  Lua's unpack takes a few thousand values at most: the fields go in chunks.
+#: answers 0 and writes everything again), "full" to replace the hash with what follows; ARGV[3]: how many
+#: fields to delete, those fields, then field, value pairs to set.  Lua's unpack takes a few thousand values at
+#: most: the fields go in chunks.
 _UPDATE = """
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
+end
+if ARGV[2] == 'full' then
+  redis.call('DEL', KEYS[1])
 end
 local dels = tonumber(ARGV[3])
 for i = 4, 3 + dels, 1000 do
@@ -48,6 +52,9 @@ end
 return 1
 """
 
+#: every this many writes the hash is replaced whole (a failover may have lost a write the node saw succeed)
+FULL_EVERY = 30
+
 
 class HashWriter:
     """
@@ -55,21 +62,28 @@ class HashWriter:
     only what changed since the last one (and renews the expiry), so a node
     with 10,000 channels sends nothing but the expiry while they stay as they
     are, instead of 20,000 values every time (which cost the reactor about
-    14 ms to encode and Redis a few ms to run, every two seconds).  A hash
-    that is gone (expired while Redis was away, or lost with it) is written
-    whole again.
+    14 ms to encode and Redis a few ms to run, every two seconds).  The hash
+    is replaced whole when it is gone (expired while Redis was away, or lost
+    with it), after a write that failed (Redis may have run it or not), and
+    every :data:`FULL_EVERY` writes (a failover may lose a write that
+    succeeded).
     """
 
     def __init__(self, redis: Any, key: str, ttl: int) -> None:
         self.redis = redis
         self.key = key
         self.ttl = ttl
-        #: what the hash holds, as of the last write that succeeded
-        self.written: dict[Any, int] = {}
+        #: what the hash holds, as of the last write that succeeded (``None``: not known, replace it whole)
+        self.written: dict[Any, int] | None = None
+        self._writes = 0
 
     @inlineCallbacks
     def write(self, counts: dict[Any, int]) -> Any:
-        written = self.written
+        written, self.written = self.written, None  # unknown until this write is known to have succeeded
+        self._writes += 1
+        if written is None or self._writes % FULL_EVERY == 0:
+            yield self._replace(counts)
+            return
         gone = [field for field in written if field not in counts]
         args: list[Any] = [self.ttl, "1" if written else "0", len(gone), *gone]
         for field, count in counts.items():
@@ -77,8 +91,13 @@ class HashWriter:
                 args += [field, count]
         done = yield self.redis.eval(_UPDATE, [self.key], args)
         if not int(done):
-            self.written = {}
-            done = yield self.redis.eval(_UPDATE, [self.key], [self.ttl, "0", 0, *_pairs(counts)])
+            yield self._replace(counts)
+            return
+        self.written = dict(counts)
+
+    @inlineCallbacks
+    def _replace(self, counts: dict[Any, int]) -> Any:
+        yield self.redis.eval(_UPDATE, [self.key], [self.ttl, "full", 0, *_pairs(counts)])
         self.written = dict(counts)
 
 

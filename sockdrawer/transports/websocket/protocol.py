@@ -355,8 +355,8 @@ class SockDrawerServerProtocol(StreamingConnection, Admission, PusherDoor, SendP
         now = self.factory.clock.seconds()
         interval = 1.0 / settings.max_frames_per_second
         due = max(self._due, now)
-        # the burst spent: over the rate (half an interval of slack for the sum's rounding)
-        if due - now > (settings.frame_burst - 0.5) * interval:
+        # the burst spent: over the rate (a millionth of an interval of slack for the sum's rounding)
+        if due - now > (settings.frame_burst - 1 + 1e-6) * interval:
             self.over_rate_limit()
             return False
         self._due = due + interval
